@@ -1,0 +1,135 @@
+// CPU implementations of the dalle_fast ops: argument checks, then a kernel call.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "common/mask.h"
+#include "cpu/schedule.h"
+#include "cpu/sparse_attention.h"
+
+namespace dalle_fast {
+namespace {
+
+// Tile sizes of the CPU kernels: 64 queries x 32 keys wastes little on row/column masks
+// (S = 32) while keeping the GEMMs large enough for the BLAS.
+constexpr int64_t CPU_BM = 64;
+constexpr int64_t CPU_BN = 32;
+constexpr int64_t CPU_MAX_HEAD_DIM = 256;
+
+LayoutParams checked_layout(int64_t kind, int64_t text_len, int64_t image_size, int64_t kernel_size,
+                            int64_t dilation) {
+  TORCH_CHECK(kind >= 0 && kind < kNumKinds, "dalle_fast: kind must be in [0, ", int(kNumKinds),
+              "), got ", kind);
+  TORCH_CHECK(text_len > 0, "dalle_fast: text_len must be positive, got ", text_len);
+  TORCH_CHECK(image_size > 0, "dalle_fast: image_size must be positive, got ", image_size);
+  TORCH_CHECK(kernel_size > 0, "dalle_fast: kernel_size must be positive, got ", kernel_size);
+  TORCH_CHECK(dilation > 0, "dalle_fast: dilation must be positive, got ", dilation);
+  TORCH_CHECK(kind != kConv || kernel_size % 2 == 1,
+              "dalle_fast: kernel_size must be odd for kind 'conv', got ", kernel_size);
+  return LayoutParams{static_cast<int>(kind), text_len, image_size, kernel_size, dilation};
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const LayoutParams& L) {
+  TORCH_CHECK(q.dim() == 4, "dalle_fast.sparse_attention: q must be (batch, heads, seq, head_dim), got ",
+              q.dim(), " dims");
+  TORCH_CHECK(k.sizes() == q.sizes(), "dalle_fast.sparse_attention: k must have q's shape ", q.sizes(),
+              ", got ", k.sizes());
+  TORCH_CHECK(v.sizes() == q.sizes(), "dalle_fast.sparse_attention: v must have q's shape ", q.sizes(),
+              ", got ", v.sizes());
+  for (const auto* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->device().is_cpu(), "dalle_fast.sparse_attention (cpu): tensors must be on the CPU, got ",
+                t->device());
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(),
+                "dalle_fast.sparse_attention: q, k, v must share a dtype, got ", q.scalar_type(), " and ",
+                t->scalar_type());
+  }
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "dalle_fast.sparse_attention (cpu): dtype must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(q.size(2) >= 1 && q.size(2) <= L.seq_len(), "dalle_fast.sparse_attention: seq (",
+              q.size(2), ") must be in [1, text_len + image_size**2 = ", L.seq_len(), "]");
+  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= CPU_MAX_HEAD_DIM,
+              "dalle_fast.sparse_attention (cpu): head_dim must be in [1, ", CPU_MAX_HEAD_DIM, "], got ",
+              q.size(3));
+}
+
+// float32, contiguous, sequence dim (2 of (B, H, N[, D])) in the schedule's processing order.
+at::Tensor to_slots(const at::Tensor& t, const at::Tensor& perm) {
+  at::Tensor r = t.to(at::kFloat);
+  if (perm.defined()) r = r.index_select(2, perm);
+  return r.contiguous();
+}
+
+// Inverse of to_slots along the sequence dim, cast to `dtype`.
+at::Tensor from_slots(const at::Tensor& t, const at::Tensor& perm, at::ScalarType dtype) {
+  at::Tensor r = t;
+  if (perm.defined()) r = at::empty_like(t).index_copy_(2, perm, t);
+  return r.to(dtype);
+}
+
+at::Tensor perm_tensor(const cpu::Schedule& s) {
+  if (s.identity) return at::Tensor();
+  return at::from_blob(const_cast<int32_t*>(s.perm.data()), {s.n}, at::kInt).to(at::kLong);
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v, int64_t kind,
+                                                            int64_t text_len, int64_t image_size,
+                                                            int64_t kernel_size, int64_t dilation,
+                                                            double scale) {
+  const LayoutParams L = checked_layout(kind, text_len, image_size, kernel_size, dilation);
+  check_qkv(q, k, v, L);
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
+  auto sched = cpu::get_schedule(L, N, CPU_BM, CPU_BN);
+  const at::Tensor perm = perm_tensor(*sched);
+  const at::Tensor qs = to_slots(q, perm), ks = to_slots(k, perm), vs = to_slots(v, perm);
+  at::Tensor out = at::empty({B, H, N, D}, q.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({B, H, N}, q.options().dtype(at::kFloat));
+  if (B * H > 0) {
+    cpu::sparse_attention_forward(*sched, cpu::AttnProblem{B * H, N, D, static_cast<float>(scale)},
+                                  qs.data_ptr<float>(), ks.data_ptr<float>(), vs.data_ptr<float>(),
+                                  out.data_ptr<float>(), lse.data_ptr<float>());
+  }
+  return {from_slots(out, perm, q.scalar_type()), from_slots(lse, perm, at::kFloat)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, int64_t kind, int64_t text_len, int64_t image_size,
+    int64_t kernel_size, int64_t dilation, double scale) {
+  const LayoutParams L = checked_layout(kind, text_len, image_size, kernel_size, dilation);
+  check_qkv(q, k, v, L);
+  TORCH_CHECK(grad_out.sizes() == q.sizes(), "dalle_fast.sparse_attention backward: grad_out must have shape ",
+              q.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK(out.sizes() == q.sizes(), "dalle_fast.sparse_attention backward: out must have shape ",
+              q.sizes(), ", got ", out.sizes());
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == N,
+              "dalle_fast.sparse_attention backward: lse must be (batch, heads, seq), got ", lse.sizes());
+  auto sched = cpu::get_schedule(L, N, CPU_BM, CPU_BN);
+  const at::Tensor perm = perm_tensor(*sched);
+  const at::Tensor qs = to_slots(q, perm), ks = to_slots(k, perm), vs = to_slots(v, perm);
+  const at::Tensor gs = to_slots(grad_out, perm);
+  const at::Tensor delta = to_slots((grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1), perm);
+  const at::Tensor ls = to_slots(lse, perm);
+  at::Tensor dq = at::empty({B, H, N, D}, q.options().dtype(at::kFloat));
+  at::Tensor dk = at::empty_like(dq), dv = at::empty_like(dq);
+  if (B * H > 0) {
+    cpu::sparse_attention_backward(*sched, cpu::AttnProblem{B * H, N, D, static_cast<float>(scale)},
+                                   qs.data_ptr<float>(), ks.data_ptr<float>(), vs.data_ptr<float>(),
+                                   gs.data_ptr<float>(), ls.data_ptr<float>(), delta.data_ptr<float>(),
+                                   dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>());
+  }
+  const auto dt = q.scalar_type();
+  return {from_slots(dq, perm, dt), from_slots(dk, perm, dt), from_slots(dv, perm, dt)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dalle_fast, CPU, m) {
+  m.impl("sparse_attention_fwd", &sparse_attention_fwd_cpu);
+  m.impl("sparse_attention_bwd", &sparse_attention_bwd_cpu);
+}
+
+}  // namespace dalle_fast

@@ -1,0 +1,55 @@
+"""Attention layer on dalle_fast.sparse_attention."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..masks import Layout
+from ..ops import sparse_attention
+
+
+class SparseAttention(nn.Module):
+    """Multi-head self-attention with a DALL-E layout: qkv projection, sparse attention, output projection.
+
+    Args:
+        dim: model width (input and output features).
+        heads: number of heads.
+        dim_head: features per head.
+        layout: the layer's :class:`dalle_fast.Layout`.
+        bias: whether the projections have biases.
+        backend: forced op backend (default: by device / ``$DALLE_FAST_BACKEND``).
+
+    Shapes: ``x (batch, seq, dim) -> (batch, seq, dim)`` with ``seq <= layout.seq_len``.
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, layout: Layout, *, bias: bool = False,
+                 backend: Optional[str] = None):
+        super().__init__()
+        for name, value in (("dim", dim), ("heads", heads), ("dim_head", dim_head)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(layout, Layout):
+            raise ValueError(f"layout must be a dalle_fast.Layout, got {type(layout).__name__}")
+        self.heads, self.dim_head, self.layout, self.backend = heads, dim_head, layout, backend
+        self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=bias)
+        self.to_out = nn.Linear(heads * dim_head, dim, bias=bias)
+
+    def qkv(self, x: torch.Tensor):
+        """Projects ``x (B, N, dim)`` to q, k, v, each ``(B, heads, N, dim_head)``."""
+        b, n, _ = x.shape
+        qkv = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3:
+            raise ValueError(f"x must be (batch, seq, dim), got shape {tuple(x.shape)}")
+        q, k, v = self.qkv(x)
+        out = sparse_attention(q, k, v, self.layout, backend=self.backend)
+        b, h, n, d = out.shape
+        return self.to_out(out.transpose(1, 2).reshape(b, n, h * d))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, dim_head={self.dim_head}, layout={self.layout}"

@@ -1,0 +1,1 @@
+"""Triton kernels of dalle_fast (installed as ``dalle_fast.kernels``)."""

@@ -1,0 +1,88 @@
+"""Build dalle_fast and its extension dalle_fast._C.
+
+The CPU sources are always built. The CUDA sources are built when torch has CUDA and nvcc is
+found, unless DALLE_FAST_SKIP_CUDA=1. TORCH_CUDA_ARCH_LIST is honoured (default "8.0;9.0a": Ampere
+and Hopper). The source list lives in csrc/sources.txt, shared with CMakeLists.txt.
+
+Environment:
+  DALLE_FAST_SKIP_CUDA=1       build the CPU part only
+  DALLE_FAST_CPU_ARCH=native   -march value for the CPU kernels ("none" for a portable build)
+  MAX_JOBS                     parallel compile jobs (ninja)
+"""
+
+import glob
+import os
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+
+
+def read_sources():
+    sources = {"cpu": [], "cuda": [], "python": []}
+    for line in (ROOT / "csrc" / "sources.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        tag, path = line.split()
+        if tag not in sources:
+            raise ValueError(f"csrc/sources.txt: unknown tag {tag!r} in line {line!r}")
+        sources[tag].append(path)
+    return sources
+
+
+def nvidia_include_dirs():
+    """CUDA library headers shipped in torch's nvidia pip packages (cusparse.h, cublas_v2.h, ...)."""
+    dirs = []
+    for entry in sys.path:
+        for inc in sorted(glob.glob(os.path.join(entry, "nvidia", "*", "include"))):
+            if os.path.isdir(inc) and inc not in dirs:
+                dirs.append(inc)
+    return dirs
+
+
+def extensions():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    src = read_sources()
+    skip_cuda = os.environ.get("DALLE_FAST_SKIP_CUDA", "0") not in ("", "0")
+    with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and not skip_cuda
+    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0a"
+
+    arch = os.environ.get("DALLE_FAST_CPU_ARCH", "native")
+    cxx = ["-O3", "-fopenmp", "-Wno-unknown-pragmas"]
+    if arch and arch != "none":
+        cxx.append(f"-march={arch}")
+    nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+    define_macros = [("WITH_CUDA", None)] if with_cuda else []
+    sources = src["cpu"] + src["python"] + (src["cuda"] if with_cuda else [])
+    include_dirs = [str(ROOT / "csrc")] + (nvidia_include_dirs() if with_cuda else [])
+    Ext = CUDAExtension if with_cuda else CppExtension
+    ext = Ext(
+        name="dalle_fast._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc} if with_cuda else {"cxx": cxx},
+        extra_link_args=["-fopenmp"],
+        py_limited_api=False,
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    packages=[
+        "dalle_fast",
+        "dalle_fast.kernels",
+        "dalle_fast.nn",
+    ],
+    package_dir={"dalle_fast": "dalle_fast", "dalle_fast.kernels": "kernels"},
+)
