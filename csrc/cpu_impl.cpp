@@ -61,16 +61,23 @@ at::Tensor to_slots(const at::Tensor& t, const at::Tensor& perm) {
   return r.contiguous();
 }
 
-// Inverse of to_slots along the sequence dim, cast to `dtype`.
-at::Tensor from_slots(const at::Tensor& t, const at::Tensor& perm, at::ScalarType dtype) {
-  at::Tensor r = t;
-  if (perm.defined()) r = at::empty_like(t).index_copy_(2, perm, t);
-  return r.to(dtype);
+// (B, H, N, D) -> contiguous (B, H, D, N).
+at::Tensor transposed(const at::Tensor& t) { return t.transpose(2, 3).contiguous(); }
+
+// Inverse of to_slots along the sequence dim (a gather with the inverse permutation), cast to
+// `dtype`.
+at::Tensor from_slots(const at::Tensor& t, const at::Tensor& inv_perm, at::ScalarType dtype) {
+  return (inv_perm.defined() ? t.index_select(2, inv_perm) : t).to(dtype);
 }
 
-at::Tensor perm_tensor(const cpu::Schedule& s) {
-  if (s.identity) return at::Tensor();
-  return at::from_blob(const_cast<int32_t*>(s.perm.data()), {s.n}, at::kInt).to(at::kLong);
+// The schedule's permutation (slot -> position) and its inverse as int64 tensors; undefined
+// tensors for the identity.
+std::pair<at::Tensor, at::Tensor> perm_tensors(const cpu::Schedule& s) {
+  if (s.identity) return {};
+  at::Tensor perm = at::from_blob(const_cast<int32_t*>(s.perm.data()), {s.n}, at::kInt).to(at::kLong);
+  at::Tensor inv = at::empty_like(perm);
+  inv.index_put_({perm}, at::arange(s.n, perm.options()));
+  return {perm, inv};
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
@@ -82,16 +89,18 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(const at::Tensor& q,
   check_qkv(q, k, v, L);
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
   auto sched = cpu::get_schedule(L, N, CPU_BM, CPU_BN);
-  const at::Tensor perm = perm_tensor(*sched);
-  const at::Tensor qs = to_slots(q, perm), ks = to_slots(k, perm), vs = to_slots(v, perm);
+  const auto [perm, inv_perm] = perm_tensors(*sched);
+  const at::Tensor qs = to_slots(q, perm).mul(scale);
+  const at::Tensor kt = transposed(to_slots(k, perm));
+  const at::Tensor vs = to_slots(v, perm);
   at::Tensor out = at::empty({B, H, N, D}, q.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({B, H, N}, q.options().dtype(at::kFloat));
   if (B * H > 0) {
-    cpu::sparse_attention_forward(*sched, cpu::AttnProblem{B * H, N, D, static_cast<float>(scale)},
-                                  qs.data_ptr<float>(), ks.data_ptr<float>(), vs.data_ptr<float>(),
-                                  out.data_ptr<float>(), lse.data_ptr<float>());
+    cpu::sparse_attention_forward(*sched, cpu::AttnProblem{B * H, N, D}, qs.data_ptr<float>(),
+                                  kt.data_ptr<float>(), vs.data_ptr<float>(), out.data_ptr<float>(),
+                                  lse.data_ptr<float>());
   }
-  return {from_slots(out, perm, q.scalar_type()), from_slots(lse, perm, at::kFloat)};
+  return {from_slots(out, inv_perm, q.scalar_type()), from_slots(lse, inv_perm, at::kFloat)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
@@ -108,21 +117,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == N,
               "dalle_fast.sparse_attention backward: lse must be (batch, heads, seq), got ", lse.sizes());
   auto sched = cpu::get_schedule(L, N, CPU_BM, CPU_BN);
-  const at::Tensor perm = perm_tensor(*sched);
-  const at::Tensor qs = to_slots(q, perm), ks = to_slots(k, perm), vs = to_slots(v, perm);
+  const auto [perm, inv_perm] = perm_tensors(*sched);
+  const at::Tensor qs = to_slots(q, perm).mul(scale), ks = to_slots(k, perm), vs = to_slots(v, perm);
   const at::Tensor gs = to_slots(grad_out, perm);
+  const at::Tensor qst = transposed(qs), kt = transposed(ks), vt = transposed(vs), gst = transposed(gs);
   const at::Tensor delta = to_slots((grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1), perm);
   const at::Tensor ls = to_slots(lse, perm);
   at::Tensor dq = at::empty({B, H, N, D}, q.options().dtype(at::kFloat));
   at::Tensor dk = at::empty_like(dq), dv = at::empty_like(dq);
   if (B * H > 0) {
-    cpu::sparse_attention_backward(*sched, cpu::AttnProblem{B * H, N, D, static_cast<float>(scale)},
-                                   qs.data_ptr<float>(), ks.data_ptr<float>(), vs.data_ptr<float>(),
-                                   gs.data_ptr<float>(), ls.data_ptr<float>(), delta.data_ptr<float>(),
-                                   dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>());
+    const cpu::BwdInputs in{qs.data_ptr<float>(),  qst.data_ptr<float>(), ks.data_ptr<float>(),
+                            kt.data_ptr<float>(),  vs.data_ptr<float>(),  vt.data_ptr<float>(),
+                            gs.data_ptr<float>(),  gst.data_ptr<float>(), ls.data_ptr<float>(),
+                            delta.data_ptr<float>()};
+    cpu::sparse_attention_backward(*sched, cpu::AttnProblem{B * H, N, D}, in, dq.data_ptr<float>(),
+                                   dk.data_ptr<float>(), dv.data_ptr<float>());
+    dq.mul_(scale);
   }
   const auto dt = q.scalar_type();
-  return {from_slots(dq, perm, dt), from_slots(dk, perm, dt), from_slots(dv, perm, dt)};
+  return {from_slots(dq, inv_perm, dt), from_slots(dk, inv_perm, dt), from_slots(dv, inv_perm, dt)};
 }
 
 }  // namespace

@@ -50,6 +50,8 @@ std::shared_ptr<const Schedule> build(const LayoutParams& L, int64_t n, int64_t 
       if (count != bm * bn) {  // partial (includes tiles cut by the sequence end)
         off = static_cast<int32_t>(s->masks.size());
         s->masks.insert(s->masks.end(), tile.begin(), tile.end());
+        for (int64_t b = 0; b < bn; ++b)
+          for (int64_t a = 0; a < bm; ++a) s->masks_t.push_back(tile[a * bn + b]);
       }
       s->q_tiles.push_back({static_cast<int32_t>(j), off});
       by_k[j].push_back({static_cast<int32_t>(i), off});

@@ -30,7 +30,8 @@ struct Schedule {
   std::vector<TileRef> q_tiles;              // key tiles of each query tile, ascending
   std::vector<int32_t> k_ptr;                // nk + 1
   std::vector<TileRef> k_tiles;              // query tiles of each key tile, ascending
-  std::vector<uint8_t> masks;                // BM * BN bytes per partial tile
+  std::vector<uint8_t> masks;                // BM x BN bytes per partial tile (query-major)
+  std::vector<uint8_t> masks_t;              // the same masks transposed (BN x BM, key-major)
   int64_t computed_pairs = 0;                // in-range score entries of all non-empty tiles
 };
 

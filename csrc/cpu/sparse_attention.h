@@ -1,6 +1,7 @@
 // CPU block-sparse attention kernels (flash-style, float32 compute).
 //
-// All arrays are float32, contiguous, shape (BH, N, D), rows in the schedule's permuted order.
+// Arrays are float32 and contiguous; "rows" arrays are (BH, N, D), "transposed" arrays (BH, D, N);
+// the sequence dim is in the schedule's processing (permuted) order.
 #pragma once
 
 #include <cstdint>
@@ -11,21 +12,25 @@ namespace dalle_fast {
 namespace cpu {
 
 struct AttnProblem {
-  int64_t bh;     // batch * heads
-  int64_t n;      // sequence length
-  int64_t d;      // head dim
-  float scale;    // softmax scale
+  int64_t bh;  // batch * heads
+  int64_t n;   // sequence length
+  int64_t d;   // head dim
 };
 
-// out = softmax(scale * q k^T + mask) v ; lse = log-sum-exp of each masked score row.
-void sparse_attention_forward(const Schedule& s, const AttnProblem& p, const float* q, const float* k,
+// Forward. qs = scale * q (rows), kt = k^T (transposed), v (rows).
+// out (rows) = softmax(qs k^T + mask) v ; lse (BH, N) = log-sum-exp of each masked score row.
+void sparse_attention_forward(const Schedule& s, const AttnProblem& p, const float* qs, const float* kt,
                               const float* v, float* out, float* lse);
 
-// Gradients given grad_out, the forward's lse and delta = rowsum(grad_out * out).
-// dq, dk, dv are written (not accumulated).
-void sparse_attention_backward(const Schedule& s, const AttnProblem& p, const float* q, const float* k,
-                               const float* v, const float* grad_out, const float* lse,
-                               const float* delta, float* dq, float* dk, float* dv);
+// Inputs of the backward: qs = scale * q in rows and transposed, k and v in rows and transposed,
+// grad_out in rows and transposed, the forward's lse and delta = rowsum(grad_out * out).
+struct BwdInputs {
+  const float *qs, *qst, *k, *kt, *v, *vt, *go, *got, *lse, *delta;
+};
+
+// Writes dq_unscaled (rows; the caller multiplies by scale), dk, dv (rows).
+void sparse_attention_backward(const Schedule& s, const AttnProblem& p, const BwdInputs& in,
+                               float* dq_unscaled, float* dk, float* dv);
 
 }  // namespace cpu
 }  // namespace dalle_fast
