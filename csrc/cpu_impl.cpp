@@ -87,16 +87,17 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(const at::Tensor& q,
                                                             double scale) {
   const LayoutParams L = checked_layout(kind, text_len, image_size, kernel_size, dilation);
   check_qkv(q, k, v, L);
+  TORCH_CHECK(scale > 0, "dalle_fast.sparse_attention: scale must be positive, got ", scale);
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
   auto sched = cpu::get_schedule(L, N, CPU_BM, CPU_BN);
   const auto [perm, inv_perm] = perm_tensors(*sched);
-  const at::Tensor qs = to_slots(q, perm).mul(scale);
+  const at::Tensor qs = to_slots(q, perm);
   const at::Tensor kt = transposed(to_slots(k, perm));
   const at::Tensor vs = to_slots(v, perm);
   at::Tensor out = at::empty({B, H, N, D}, q.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({B, H, N}, q.options().dtype(at::kFloat));
   if (B * H > 0) {
-    cpu::sparse_attention_forward(*sched, cpu::AttnProblem{B * H, N, D}, qs.data_ptr<float>(),
+    cpu::sparse_attention_forward(*sched, cpu::AttnProblem{B * H, N, D, static_cast<float>(scale)}, qs.data_ptr<float>(),
                                   kt.data_ptr<float>(), vs.data_ptr<float>(), out.data_ptr<float>(),
                                   lse.data_ptr<float>());
   }
@@ -130,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
                             kt.data_ptr<float>(),  vs.data_ptr<float>(),  vt.data_ptr<float>(),
                             gs.data_ptr<float>(),  gst.data_ptr<float>(), ls.data_ptr<float>(),
                             delta.data_ptr<float>()};
-    cpu::sparse_attention_backward(*sched, cpu::AttnProblem{B * H, N, D}, in, dq.data_ptr<float>(),
+    cpu::sparse_attention_backward(*sched, cpu::AttnProblem{B * H, N, D, static_cast<float>(scale)}, in, dq.data_ptr<float>(),
                                    dk.data_ptr<float>(), dv.data_ptr<float>());
     dq.mul_(scale);
   }

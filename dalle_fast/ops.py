@@ -22,10 +22,13 @@ import torch
 from . import reference
 from .masks import Layout
 
-__all__ = ["sparse_attention", "BACKENDS", "resolve_backend"]
+__all__ = ["sparse_attention", "BACKENDS", "resolve_backend", "computed_pairs"]
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 CPU_MAX_HEAD_DIM = 256
+#: (query, key) tile sizes each block-sparse backend computes with (csrc/cpu_impl.cpp for cpu);
+#: the triton backend sets its entry when it loads.
+TILE_SIZES: Dict[str, tuple] = {"cpu": (64, 32)}
 
 
 def _load_extension():
@@ -151,6 +154,15 @@ _SPARSE_ATTENTION: Dict[str, Callable] = {
 }
 
 
+def computed_pairs(layout: Layout, seq_len: int, backend: str) -> int:
+    """Score entries per (batch, head) that ``backend`` computes for ``layout`` over ``seq_len``
+    positions (the in-range part of every non-empty tile; ``seq_len**2`` for dense backends)."""
+    tiles = TILE_SIZES.get(backend)
+    if tiles is None:
+        return seq_len * seq_len
+    return layout.tile_table(seq_len, *tiles).computed_pairs()
+
+
 def sparse_attention(q, k, v, layout: Layout, *, scale: Optional[float] = None,
                      backend: Optional[str] = None) -> torch.Tensor:
     """Block-sparse masked attention (DALL-E masks), differentiable.
@@ -169,5 +181,7 @@ def sparse_attention(q, k, v, layout: Layout, *, scale: Optional[float] = None,
     """
     _check_attention_args(q, k, v, layout)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
     name = resolve_backend(backend, q.device)
     return _SPARSE_ATTENTION[name](q, k, v, layout, scale)

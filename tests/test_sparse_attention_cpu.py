@@ -202,6 +202,8 @@ def test_bad_inputs():
         dalle_fast.sparse_attention(wide, wide, wide, layout)
     with pytest.raises(ValueError, match="layout"):
         dalle_fast.sparse_attention(q, q, q, "row")
+    with pytest.raises(ValueError, match="scale"):
+        dalle_fast.sparse_attention(q, q, q, layout, scale=0.0)
     # the op itself checks too (TORCH_CHECK), naming the argument
     with pytest.raises(RuntimeError, match="kind"):
         torch.ops.dalle_fast.sparse_attention_fwd(q, q, q, 9, 4, 3, 11, 1, 1.0)

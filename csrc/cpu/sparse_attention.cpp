@@ -124,9 +124,10 @@ inline void parallel_tasks(int64_t ntasks, F&& body) {
 
 }  // namespace
 
-void sparse_attention_forward(const Schedule& s, const AttnProblem& p, const float* qs, const float* kt,
+void sparse_attention_forward(const Schedule& s, const AttnProblem& p, const float* q, const float* kt,
                               const float* v, float* out, float* lse) {
   const int64_t N = p.n, D = p.d, BM = s.bm, BN = s.bn;
+  const float scale = p.scale;
   const int64_t max_tiles = std::max<int64_t>(1, RUN_MAX / BN);
   const int64_t ntasks = p.bh * s.nq;
   parallel_tasks(ntasks, [&](auto next_task) {
@@ -134,7 +135,7 @@ void sparse_attention_forward(const Schedule& s, const AttnProblem& p, const flo
     for (int64_t task = next_task(); task < ntasks; task = next_task()) {
       const int64_t bh = task / s.nq, qi = task % s.nq;
       const int64_t q0 = qi * BM, mq = std::min(BM, N - q0);
-      const float* Q = qs + (bh * N + q0) * D;
+      const float* Q = q + (bh * N + q0) * D;
       const float* Kt = kt + bh * D * N;
       const float* Vh = v + bh * N * D;
       std::fill(acc.begin(), acc.end(), 0.f);
@@ -152,7 +153,10 @@ void sparse_attention_forward(const Schedule& s, const AttnProblem& p, const flo
           float* sr = Sp + r * klen;
           float mx = NEG_INF;
 #pragma omp simd reduction(max : mx)
-          for (int64_t c = 0; c < klen; ++c) mx = std::max(mx, sr[c]);
+          for (int64_t c = 0; c < klen; ++c) {
+            sr[c] *= scale;  // -inf stays -inf (scale > 0)
+            mx = std::max(mx, sr[c]);
+          }
           if (mx == NEG_INF) {  // nothing allowed for this row in this run
             std::fill(sr, sr + klen, 0.f);
             continue;

@@ -15,11 +15,12 @@ struct AttnProblem {
   int64_t bh;  // batch * heads
   int64_t n;   // sequence length
   int64_t d;   // head dim
+  float scale; // softmax scale (> 0)
 };
 
-// Forward. qs = scale * q (rows), kt = k^T (transposed), v (rows).
-// out (rows) = softmax(qs k^T + mask) v ; lse (BH, N) = log-sum-exp of each masked score row.
-void sparse_attention_forward(const Schedule& s, const AttnProblem& p, const float* qs, const float* kt,
+// Forward. q (rows), kt = k^T (transposed), v (rows).
+// out (rows) = softmax(scale q k^T + mask) v ; lse (BH, N) = log-sum-exp of each masked score row.
+void sparse_attention_forward(const Schedule& s, const AttnProblem& p, const float* q, const float* kt,
                               const float* v, float* out, float* lse);
 
 // Inputs of the backward: qs = scale * q in rows and transposed, k and v in rows and transposed,
@@ -28,7 +29,8 @@ struct BwdInputs {
   const float *qs, *qst, *k, *kt, *v, *vt, *go, *got, *lse, *delta;
 };
 
-// Writes dq_unscaled (rows; the caller multiplies by scale), dk, dv (rows).
+// Writes dq_unscaled (rows; the caller multiplies by scale), dk, dv (rows). p.scale is unused
+// (already folded into qs).
 void sparse_attention_backward(const Schedule& s, const AttnProblem& p, const BwdInputs& in,
                                float* dq_unscaled, float* dk, float* dv);
 

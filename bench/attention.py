@@ -1,0 +1,283 @@
+"""Benchmark dalle_fast.sparse_attention against the attention a user would pick instead.
+
+Providers (each skipped with a note when it cannot run here):
+    dalle_fast     dalle_fast.sparse_attention (cpu backend on CPU, triton on CUDA)
+    sdpa_mask      torch SDPA with the dense boolean mask
+    sdpa_causal    torch SDPA is_causal=True (FlashAttention-2 inside PyTorch on CUDA); computes
+                   less than the DALL-E mask needs, the speed to beat on GPU
+    flex128        torch.compile(flex_attention) with the same mask as a BlockMask, block 128
+    flex<best>     the same with its best smaller block size (64 or 32)
+    flash_attn     flash_attn_func(causal=True), when importable (CUDA)
+    xformers       xformers memory_efficient_attention with a causal mask, when importable (CUDA)
+
+Modes: fwd, bwd (backward alone), fwdbwd. Reports median ms, the ratio of each baseline's time to
+dalle_fast's, GFLOP/s (TFLOP/s on CUDA) on the tiles each provider computes, and peak memory on
+CUDA. Writes CSV and JSON next to the printed table.
+
+    python bench/attention.py                       # CPU defaults: B=1, H=8, D=64, T=256, S=32
+    python bench/attention.py --device cuda         # GPU defaults: B=8, H=16, bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+import dalle_fast  # noqa: E402
+from dalle_fast import Layout  # noqa: E402
+from dalle_fast.ops import computed_pairs  # noqa: E402
+
+
+def machine_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    name = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+# ------------------------------------------------------------------------------------ timing
+def time_ms(fn, device: str, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------------------------ providers
+class Skip(Exception):
+    pass
+
+
+def make_provider(name, layout: Layout, B, H, N, D, dtype, device):
+    """Returns (attn(q, k, v) -> out, computed score entries per (batch, head))."""
+    if name == "dalle_fast":
+        backend = "cpu" if device == "cpu" else "triton"
+        if device == "cuda":
+            try:
+                dalle_fast.sparse_attention(*(torch.zeros(1, 1, N, D, device=device, dtype=dtype),) * 3, layout)
+            except ValueError as e:
+                raise Skip(str(e))
+        return (lambda q, k, v: dalle_fast.sparse_attention(q, k, v, layout, backend=backend),
+                computed_pairs(layout, N, backend))
+    if name == "sdpa_mask":
+        mask = layout.dense_mask(N, device=device)
+        return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), N * N)
+    if name == "sdpa_causal":
+        return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), N * (N + 1) // 2)
+    if name.startswith("flex"):
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        except ImportError as e:
+            raise Skip(f"flex_attention unavailable: {e}")
+        block = int(name[4:])
+        dense = layout.dense_mask(N, device=device)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return dense[q_idx, kv_idx]
+
+        bm = create_block_mask(mask_mod, None, None, N, N, device=device, BLOCK_SIZE=block)
+        flex = torch.compile(flex_attention, dynamic=False)
+        # computed tiles: every non-empty block of the BlockMask
+        nblocks = int(bm.kv_num_blocks.sum()) + (int(bm.full_kv_num_blocks.sum())
+                                                if bm.full_kv_num_blocks is not None else 0)
+        return (lambda q, k, v: flex(q, k, v, block_mask=bm), min(nblocks * block * block, N * N))
+    if name == "flash_attn":
+        if device != "cuda":
+            raise Skip("CUDA only")
+        try:
+            from flash_attn import flash_attn_func
+        except ImportError:
+            raise Skip("flash_attn not importable")
+        return (lambda q, k, v: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                causal=True).transpose(1, 2), N * (N + 1) // 2)
+    if name == "xformers":
+        if device != "cuda":
+            raise Skip("CUDA only")
+        try:
+            import xformers.ops as xops
+        except ImportError:
+            raise Skip("xformers not importable")
+        bias = xops.LowerTriangularMask()
+        return (lambda q, k, v: xops.memory_efficient_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias).transpose(1, 2),
+            N * (N + 1) // 2)
+    raise ValueError(f"unknown provider {name!r}")
+
+
+def run_case(provider, layout, args, mode, B, H, N, D, dtype, device):
+    attn, pairs = make_provider(provider, layout, B, H, N, D, dtype, device)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(B, H, N, D, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
+    if mode == "fwd":
+        def fn():
+            with torch.no_grad():
+                attn(q, k, v)
+        flop = 4 * pairs * D * B * H
+    else:
+        q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+        grad = torch.randn(B, H, N, D, generator=gen).to(device=device, dtype=dtype)
+        if mode == "fwdbwd":
+            def fn():
+                torch.autograd.grad(attn(q, k, v), (q, k, v), grad)
+            flop = 14 * pairs * D * B * H  # 2 forward GEMMs + 5 backward GEMMs
+        else:  # backward alone: time fwd+bwd minus fwd (a retained graph would skew memory)
+            out = attn(q, k, v)
+
+            def fn():
+                torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)
+            flop = 10 * pairs * D * B * H
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    ms = time_ms(fn, device, args.warmup, args.repeats)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    return ms, flop / ms / 1e6, peak  # GFLOP/s
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--batch", type=int, default=None, help="default 1 on CPU, 8 on CUDA")
+    p.add_argument("--heads", type=int, default=None, help="default 8 on CPU, 16 on CUDA")
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--text-len", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--kinds", default="row,col,conv,full")
+    p.add_argument("--modes", default="fwd,fwdbwd", help="comma list of fwd, bwd, fwdbwd")
+    p.add_argument("--providers", default=None, help="comma list; default: all for the device")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs (median reported)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default=str(ROOT / "bench" / "out"), help="directory for CSV/JSON")
+    args = p.parse_args(argv)
+
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cpu = device == "cpu"
+    dtype = getattr(torch, args.dtype or ("float32" if cpu else "bfloat16"))
+    B = args.batch or (1 if cpu else 8)
+    H = args.heads or (8 if cpu else 16)
+    D = args.head_dim
+    args.repeats = args.repeats or (10 if cpu else 50)
+    args.warmup = args.warmup or (3 if cpu else 10)
+    providers = (args.providers.split(",") if args.providers else
+                 ["dalle_fast", "sdpa_mask", "sdpa_causal", "flex128", "flex64", "flex32"]
+                 + ([] if cpu else ["flash_attn", "xformers"]))
+    kinds = args.kinds.split(",")
+    modes = args.modes.split(",")
+    unit = "GFLOP/s" if cpu else "TFLOP/s"
+    div = 1.0 if cpu else 1e3
+
+    machine = machine_name(device)
+    print(f"# dalle_fast {dalle_fast.__version__} attention benchmark on {machine}")
+    print(f"# torch {torch.__version__}, {dtype}, B={B} H={H} D={D} T={args.text_len} "
+          f"S={args.image_size} (N={args.text_len + args.image_size ** 2})")
+
+    rows, notes = [], []
+    for kind in kinds:
+        layout = Layout(kind, args.text_len, args.image_size)
+        N = layout.seq_len
+        for mode in modes:
+            for prov in providers:
+                if cpu and prov.startswith("flex") and mode != "fwd":
+                    notes.append(f"{prov} {mode}: skipped (FlexAttention has no CPU backward)")
+                    continue
+                try:
+                    ms, rate, peak = run_case(prov, layout, args, mode, B, H, N, D, dtype, device)
+                except Skip as e:
+                    notes.append(f"{prov} {kind} {mode}: skipped ({e})")
+                    continue
+                except Exception as e:  # a baseline failing must not hide the others
+                    notes.append(f"{prov} {kind} {mode}: failed ({type(e).__name__}: {str(e)[:200]})")
+                    continue
+                rows.append(dict(kind=kind, mode=mode, provider=prov, ms=ms, rate=rate / div,
+                                 peak_mib=peak))
+
+    # best smaller Flex block size per (kind, mode): keep flex128 and the faster of 64/32
+    best = {}
+    for r in rows:
+        if r["provider"] in ("flex64", "flex32"):
+            key = (r["kind"], r["mode"])
+            if key not in best or r["ms"] < best[key]["ms"]:
+                best[key] = r
+    rows = [r for r in rows if r["provider"] not in ("flex64", "flex32") or best[(r["kind"], r["mode"])] is r]
+
+    ours = {(r["kind"], r["mode"]): r["ms"] for r in rows if r["provider"] == "dalle_fast"}
+    for r in rows:
+        base = ours.get((r["kind"], r["mode"]))
+        r["speedup_of_dalle_fast"] = (r["ms"] / base) if base and r["provider"] != "dalle_fast" else None
+
+    header = f"{'kind':<10}{'mode':<8}{'provider':<13}{'ms':>10}{unit:>10}{'dalle_fast x':>14}"
+    if not cpu:
+        header += f"{'peak MiB':>10}"
+    print(header)
+    for r in rows:
+        sp = f"{r['speedup_of_dalle_fast']:.2f}x" if r["speedup_of_dalle_fast"] else "-"
+        line = f"{r['kind']:<10}{r['mode']:<8}{r['provider']:<13}{r['ms']:>10.3f}{r['rate']:>10.1f}{sp:>14}"
+        if not cpu:
+            line += f"{r['peak_mib']:>10.0f}"
+        print(line)
+    for mode in modes:
+        if ("row", mode) in ours and ("col", mode) in ours:
+            print(f"# col / row time ({mode}): {ours[('col', mode)] / ours[('row', mode)]:.2f}")
+    for n in notes:
+        print(f"# {n}")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"attention_{device}"
+    meta = dict(machine=machine, torch=torch.__version__, dalle_fast=dalle_fast.__version__, dtype=str(dtype),
+                batch=B, heads=H, head_dim=D, text_len=args.text_len, image_size=args.image_size,
+                rate_unit=unit, notes=notes)
+    with open(f"{stem}.json", "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    with open(f"{stem}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else ["kind"])
+        w.writeheader()
+        w.writerows(rows)
+    print(f"# wrote {stem}.csv and {stem}.json")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
