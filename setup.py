@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 
@@ -79,10 +79,11 @@ ext_modules, cmdclass = extensions()
 setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    packages=[
-        "dalle_fast",
-        "dalle_fast.kernels",
-        "dalle_fast.nn",
-    ],
+    # kernels/ (top level, DESIGN.md) is installed as dalle_fast.kernels; in a checkout the
+    # symlink dalle_fast/kernels -> ../kernels gives the same import path.
+    packages=sorted(
+        {"dalle_fast", "dalle_fast.kernels"}
+        | {f"dalle_fast.{p}" for p in find_packages("dalle_fast") if not p.startswith("kernels")}
+    ),
     package_dir={"dalle_fast": "dalle_fast", "dalle_fast.kernels": "kernels"},
 )

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Creates (or reuses) a virtual environment and installs torch, the test tools and dalle_fast
+# (built from this checkout, CUDA kernels included when torch has CUDA and nvcc is found).
+#
+#   bash scripts/setup.sh [VENV_DIR]          default .venv
+#
+# Environment: TORCH_SPEC (default torch==2.14.1), DALLE_FAST_EDITABLE=1 for an editable install,
+# MAX_JOBS (parallel compile jobs), DALLE_FAST_SKIP_CUDA=1 (CPU only).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${1:-$root/.venv}"
+python="${PYTHON:-python3}"
+
+if [ ! -x "$venv/bin/python" ]; then
+  "$python" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip)
+"${pip[@]}" install -q --upgrade pip setuptools wheel ninja
+"${pip[@]}" install -q "${TORCH_SPEC:-torch==2.14.1}"
+"${pip[@]}" install -q -r "$root/requirements.txt"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+if [ "${DALLE_FAST_EDITABLE:-0}" = "1" ]; then
+  "${pip[@]}" install -q --no-build-isolation --no-deps -e "$root"
+else
+  "${pip[@]}" install -q --no-build-isolation --no-deps "$root"
+fi
+"$venv/bin/python" -c "import dalle_fast, torch; print('dalle_fast', dalle_fast.__version__, 'on torch', torch.__version__)"
