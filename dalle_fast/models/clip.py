@@ -138,12 +138,33 @@ class ImageEncoder(nn.Module):
         return self.proj(self.ln(x.mean(1)))
 
 
+class _AllGather(torch.autograd.Function):
+    """Concatenate equal-sized (B, D) tensors of all ranks along dim 0; the backward pass sums the
+    gradients of every rank and returns this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size(), 0)[dist.get_rank()]
+
+
 def _gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """All-gather (with autograd) along dim 0 across ranks; returns (gathered, offset of this rank)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    from torch.distributed.nn.functional import all_gather
-    return torch.cat(all_gather(x), 0), dist.get_rank() * x.shape[0]
+    return _AllGather.apply(x), dist.get_rank() * x.shape[0]
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """L2-normalise the last dim in at least float32 (features may come out of bf16 autocast)."""
+    return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)
 
 
 class CLIP(nn.Module):
@@ -177,12 +198,12 @@ class CLIP(nn.Module):
     def encode_text(self, text_ids: torch.Tensor) -> torch.Tensor:
         """(B, text_len) ids -> (B, embed_dim) unit vectors."""
         self._check(text_ids, None)
-        return F.normalize(self.text(text_ids.long()).float(), dim=-1)
+        return _unit(self.text(text_ids.long()))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) in [0, 1] -> (B, embed_dim) unit vectors."""
         self._check(None, images)
-        return F.normalize(self.image(images).float(), dim=-1)
+        return _unit(self.image(images))
 
     @torch.no_grad()
     def score(self, text_ids: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
