@@ -47,7 +47,7 @@ def test_scores_are_cosines_and_ignore_padding_ids():
 def test_clip_learns_to_rank_matching_pairs():
     cfg = CLIPConfig.for_tokenizer(TOK, "tiny")
     tc = TrainConfig(steps=120, batch_size=32, lr=2e-3, warmup_steps=10, checkpoint_every=1000, progress=False, seed=0)
-    model = train_clip(cfg, TOK, tc, DATA).model.eval()
+    model = train_clip(cfg, TOK, tc, DATA, device="cpu").model.eval()
     # held-out scenes (other seed): the matching caption should beat the others
     test = ShapesDataset(size=32, length=32, seed=123, max_shapes=1)
     batch = TokenizingCollate(TOK)([test[i] for i in range(32)])

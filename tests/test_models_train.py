@@ -26,7 +26,7 @@ def micro_trainer(out_dir, steps, **kw):
                       progress=False, seed=7, log_every=1, **kw)
     # 10 items / batch 4 -> 2 steps per epoch, so runs cross epoch boundaries
     return Trainer(DVAE(MICRO), dvae_loss, ShapesDataset(size=16, length=10, seed=1), cfg, out_dir,
-                   collate_fn=image_collate, model_type="dvae", model_config=MICRO)
+                   collate_fn=image_collate, model_type="dvae", model_config=MICRO, device="cpu")
 
 
 def test_lr_schedule():
@@ -194,7 +194,8 @@ def test_cli_registry_and_help():
 
 def test_cli_train_vae_smoke(tmp_path, capsys):
     argv = ["train-vae", "--preset", "tiny", "--image-size", "16", "--steps", "4", "--batch-size", "4",
-            "--shapes-length", "16", "--out", str(tmp_path), "--checkpoint-every", "2", "--no-progress"]
+            "--shapes-length", "16", "--out", str(tmp_path), "--checkpoint-every", "2", "--no-progress",
+            "--device", "cpu"]
     assert main(argv) == 0
     assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["checkpoint-00000002.json", "checkpoint-00000004.json"]
     model = ck.load_model(tmp_path)
@@ -208,7 +209,7 @@ def test_cli_train_vae_smoke(tmp_path, capsys):
 
 def test_cli_train_clip_smoke(tmp_path):
     argv = ["train-clip", "--steps", "2", "--batch-size", "4", "--shapes-length", "16", "--out", str(tmp_path),
-            "--vocab-size", "400", "--text-len", "32", "--no-progress"]
+            "--vocab-size", "400", "--text-len", "32", "--no-progress", "--device", "cpu"]
     assert main(argv) == 0
     assert (tmp_path / "tokenizer.json").is_file()
     assert isinstance(ck.load_model(tmp_path), CLIP)
