@@ -12,6 +12,7 @@ from dalle_fast.tokenizer import Tokenizer, TruncationWarning
 CORPUS = ShapesDataset(length=300, seed=0).captions() + [
     "The quick brown fox jumps over the lazy dog.", "An armchair in the shape of an avocado.",
     "A painting of a cat wearing a hat, in the style of van Gogh!"] * 5
+_TOK = Tokenizer.train(CORPUS, vocab_size=600, text_len=32)
 
 
 @pytest.fixture(scope="module")

@@ -117,6 +117,19 @@ def test_exact_resume(tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(straight.model.state_dict().values(), fresh.model.state_dict().values()))
 
 
+def test_loader_workers_and_bf16(tmp_path):
+    a = micro_trainer(None, steps=4)
+    a.fit()
+    b = micro_trainer(None, steps=4, num_workers=2)  # worker processes load the same batches
+    b.fit()
+    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+    c = micro_trainer(None, steps=3, precision="bf16")  # forced bf16 autocast (off by default on CPU)
+    assert c.use_bf16 and not a.use_bf16
+    history = c.fit()
+    assert all(np.isfinite(r["loss"]) for r in history)
+    assert not all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), c.model.state_dict().values()))
+
+
 def test_data_order_is_a_function_of_seed_and_epoch(tmp_path):
     t = micro_trainer(tmp_path, steps=4)
     seen = [sorted(t.local_indices(s)) for s in range(4)]
