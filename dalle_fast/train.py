@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -234,7 +235,6 @@ class Trainer:
         seed = self.config.seed * 1000 + self.rank
         torch.manual_seed(seed)
         np.random.seed(seed % 2 ** 32)
-        import random
         random.seed(seed)
 
     # -- loop ----------------------------------------------------------------------------------

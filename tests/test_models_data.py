@@ -7,8 +7,15 @@ import torch
 from PIL import Image
 
 from dalle_fast.data.folder import ImageFolderDataset, SkippedFileWarning
-from dalle_fast.data.shapes import (COLOURS, Description, ObjectSpec, ShapesDataset, parse_caption, parse_holdout,
-                                    perturb, render, score)
+from dalle_fast.data.shapes import (
+    COLOURS,
+    ShapesDataset,
+    parse_caption,
+    parse_holdout,
+    perturb,
+    render,
+    score,
+)
 from dalle_fast.data.shards import shard_dataset, write_shards
 
 

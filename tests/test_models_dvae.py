@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dalle_fast.models.dvae import DVAE, DVAEConfig, codebook_usage, logit_laplace_nll, map_pixels
+from dalle_fast.models.dvae import DVAE, DVAEConfig, codebook_usage, logit_laplace_nll
 
 torch.set_num_threads(1)
 

@@ -13,7 +13,7 @@ from dalle_fast.cli import SUBCOMMANDS, build_parser, main
 from dalle_fast.data.shapes import ShapesDataset
 from dalle_fast.models.clip import CLIP, CLIPConfig
 from dalle_fast.models.dvae import DVAE, DVAEConfig
-from dalle_fast.train import Trainer, TrainConfig, clip_loss, dvae_loss, image_collate, lr_at, TokenizingCollate
+from dalle_fast.train import TokenizingCollate, TrainConfig, Trainer, clip_loss, dvae_loss, image_collate, lr_at
 
 torch.set_num_threads(1)
 MICRO = DVAEConfig(image_size=16, vocab_size=64, n_hid=16, n_init=16, n_blk_per_group=1, group_count=2,
