@@ -1,0 +1,170 @@
+"""The ``dalle-fast`` command line.
+
+Subcommands live in :data:`SUBCOMMANDS`; other modules add theirs with :func:`register_subcommand`
+(``train``, ``generate``, ``demo`` later)::
+
+    dalle-fast train-vae --preset tiny --steps 2000 --out runs/dvae            # built-in shapes data
+    dalle-fast train-vae --preset paper --data /data/images --out runs/dvae     # image folder
+    torchrun --nproc-per-node 8 -m dalle_fast.cli train-vae ...                 # DDP
+    dalle-fast train-clip --preset tiny --steps 2000 --out runs/clip --resume auto
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """``configure(parser)`` adds the arguments; ``run(args)`` executes and returns an exit code."""
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def register_subcommand(name: str, help: str, configure: Callable[[argparse.ArgumentParser], None],
+                        run: Callable[[argparse.Namespace], int | None]) -> None:
+    """Add (or replace) the subcommand ``name``."""
+    SUBCOMMANDS[name] = Subcommand(help, configure, run)
+
+
+# -- shared options --------------------------------------------------------------------------------
+def add_training_arguments(p: argparse.ArgumentParser, presets: Sequence[str], default_preset: str,
+                           default_lr: float) -> None:
+    """Options every training subcommand shares (data, schedule, checkpoints, devices)."""
+    p.add_argument("--preset", choices=list(presets), default=default_preset, help="model size preset")
+    p.add_argument("--data", type=Path, default=None,
+                   help="image folder (name.png + name.txt); default: the built-in shapes dataset")
+    p.add_argument("--shapes-length", type=int, default=20_000, help="number of built-in shapes samples")
+    p.add_argument("--holdout", action="append", default=[],
+                   help="attribute combination to hold out of the shapes data, e.g. 'green triangle' (repeatable)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=32, help="global batch size (all ranks)")
+    p.add_argument("--lr", type=float, default=default_lr)
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--out", type=Path, required=True, help="output directory (checkpoints, metrics.jsonl)")
+    p.add_argument("--resume", default=None, help="checkpoint file or directory, or 'auto' (newest in --out)")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--keep-checkpoints", type=int, default=3)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: CUDA if available)")
+    p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from .train import TrainConfig
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+                       weight_decay=args.weight_decay, grad_clip=args.grad_clip or None, seed=args.seed,
+                       precision=args.precision, checkpoint_every=args.checkpoint_every,
+                       keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
+                       num_workers=args.num_workers, progress=not args.no_progress)
+
+
+def dataset_from_args(args: argparse.Namespace, image_size: int):
+    """The image folder of ``--data`` or the built-in shapes dataset, at ``image_size``."""
+    if args.data is not None:
+        from .data.folder import ImageFolderDataset
+        return ImageFolderDataset(args.data, size=image_size, seed=args.seed)
+    from .data.shapes import ShapesDataset
+    return ShapesDataset(size=image_size, length=args.shapes_length, seed=args.seed, holdout=args.holdout)
+
+
+def _report(trainer, out: Path) -> int:
+    from .checkpoint import latest_checkpoint
+    if trainer.rank == 0:
+        last = trainer.history[-1] if trainer.history else {}
+        print(f"done: step {trainer.step}, loss {last.get('loss', float('nan')):.4f}, "
+              f"checkpoint {latest_checkpoint(out)}")
+    return 0
+
+
+# -- train-vae -------------------------------------------------------------------------------------
+def _configure_train_vae(p: argparse.ArgumentParser) -> None:
+    from .models.dvae import DVAE_PRESETS
+    add_training_arguments(p, sorted(DVAE_PRESETS), "tiny", 1e-3)
+    p.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
+
+
+def _run_train_vae(args: argparse.Namespace) -> int:
+    from .models.dvae import DVAEConfig
+    from .train import init_distributed, train_dvae
+    init_distributed()
+    overrides = {"image_size": args.image_size} if args.image_size else {}
+    cfg = DVAEConfig.preset(args.preset, **overrides)
+    dataset = dataset_from_args(args, cfg.image_size)
+    trainer = train_dvae(cfg, train_config_from_args(args), dataset, args.out, resume=args.resume, device=args.device)
+    return _report(trainer, args.out)
+
+
+# -- train-clip ------------------------------------------------------------------------------------
+def _configure_train_clip(p: argparse.ArgumentParser) -> None:
+    from .models.clip import CLIP_PRESETS
+    add_training_arguments(p, sorted(CLIP_PRESETS), "tiny", 5e-4)
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="tokenizer JSON; default: OUT/tokenizer.json, trained on the captions if missing")
+    p.add_argument("--vocab-size", type=int, default=16384, help="vocabulary size when training a tokenizer")
+    p.add_argument("--text-len", type=int, default=256, help="text positions when training a tokenizer")
+
+
+def _run_train_clip(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from .models.clip import CLIPConfig
+    from .tokenizer import Tokenizer
+    from .train import init_distributed, train_clip
+    rank, world, _ = init_distributed()
+    cfg = CLIPConfig.preset(args.preset)
+    dataset = dataset_from_args(args, cfg.image_size)
+    path = args.tokenizer or args.out / "tokenizer.json"
+    if not path.is_file() and rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Tokenizer.train(dataset.captions(), vocab_size=args.vocab_size, text_len=args.text_len).save(path)
+    if world > 1:
+        dist.barrier()
+    tokenizer = Tokenizer.load(path)
+    if rank == 0 and path.resolve() != (args.out / "tokenizer.json").resolve():
+        args.out.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(args.out / "tokenizer.json")  # keep the tokenizer beside the checkpoints
+    cfg = CLIPConfig.for_tokenizer(tokenizer, args.preset)
+    trainer = train_clip(cfg, tokenizer, train_config_from_args(args), dataset, args.out, resume=args.resume,
+                         device=args.device)
+    return _report(trainer, args.out)
+
+
+register_subcommand("train-vae", "train the discrete VAE (stage 1)", _configure_train_vae, _run_train_vae)
+register_subcommand("train-clip", "train the CLIP reranker", _configure_train_clip, _run_train_clip)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dalle-fast", description="dalle_fast: DALL-E training and sampling")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cmd in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        cmd.configure(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dalle-fast`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except ValueError as err:  # bad user input: one line, not a traceback
+        print(f"dalle-fast {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

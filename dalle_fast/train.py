@@ -1,0 +1,355 @@
+"""Generic training loop (dVAE, CLIP, and later the transformer) with exact resume and DDP.
+
+:class:`Trainer` takes a model, a loss function ``loss_fn(model, batch, step) -> dict`` (with a
+``"loss"`` scalar; other scalars are logged) and a map-style dataset. It runs AdamW with linear
+warmup + cosine decay, optional bf16 autocast, gradient clipping, a tqdm progress bar (loss, images/s),
+and atomic safetensors checkpoints (:mod:`dalle_fast.checkpoint`).
+
+Determinism / exact resume: the global batch of step ``t`` is a pure function of
+``(seed, epoch = t // steps_per_epoch, t)`` (a seeded permutation per epoch); checkpoints hold the
+step, the optimizer state and every rank's RNG states, so ``N`` steps straight and ``N/2`` steps +
+resume + ``N/2`` give the same weights. The learning rate is recomputed from the step.
+
+Distributed: launch with ``torchrun``; :func:`init_distributed` reads its environment and the
+trainer wraps the model in DistributedDataParallel. ``batch_size`` is global: rank ``r`` takes the
+``r``-th contiguous slice of each global batch, and gradients are averaged, so a DDP step equals a
+single-process step on the whole batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, default_collate
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt_lib
+
+LossFn = Callable[[nn.Module, Any, int], Mapping[str, torch.Tensor]]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping settings. ``batch_size`` is the global batch (all ranks)."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    precision: str = "auto"  # "auto" (bf16 on CUDA with bf16 support), "bf16", "fp32"
+    checkpoint_every: int = 1000
+    keep_checkpoints: int | None = 3
+    log_every: int = 10
+    num_workers: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.warmup_steps < 0 or self.num_workers < 0:
+            raise ValueError("warmup_steps and num_workers must be >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        self.betas = tuple(self.betas)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimisation step ``step`` (0-based): linear warmup, then cosine to ``min_lr_ratio * lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Initialise ``torch.distributed`` from torchrun's environment (``WORLD_SIZE``, ``RANK``,
+    ``LOCAL_RANK``) when ``WORLD_SIZE > 1``: NCCL on CUDA, gloo otherwise. Returns (rank, world, local_rank)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), local_rank
+    return 0, 1, 0
+
+
+def default_device() -> torch.device:
+    """This process's CUDA device under torchrun (``LOCAL_RANK``), CUDA 0, or CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    """Move every tensor in a nested dict/list/tuple to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The data order of ``epoch``: a permutation of ``range(n)`` determined by (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class Trainer:
+    """Training loop. ``fit()`` trains to ``config.steps`` and returns the logged metrics.
+
+    ``model`` must produce the loss in its ``forward`` (called by ``loss_fn`` as ``model(...)``) so
+    that DDP sees the forward pass. ``dataset`` is map-style; ``collate_fn`` turns a list of items
+    into a batch. ``out_dir`` (rank 0 writes) receives checkpoints and ``metrics.jsonl``.
+    ``model_type``/``model_config`` are stored in checkpoints for :func:`dalle_fast.checkpoint.load_model`.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, dataset: Dataset, config: TrainConfig,
+                 out_dir: str | Path | None = None, *, collate_fn: Callable = default_collate,
+                 model_type: str = "model", model_config: Any = None, extra_meta: dict | None = None,
+                 device: str | torch.device | None = None) -> None:
+        self.config = config
+        self.rank, self.world, _ = (dist.get_rank(), dist.get_world_size(), 0) if dist.is_initialized() else (0, 1, 0)
+        if config.batch_size % self.world:
+            raise ValueError(f"batch_size {config.batch_size} is not divisible by the world size {self.world}")
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise ValueError("dataset must be map-style (define __len__ and __getitem__)")
+        self.local_batch = config.batch_size // self.world
+        self.steps_per_epoch = len(dataset) // config.batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"dataset has {len(dataset)} items, fewer than one batch of {config.batch_size}")
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = model.to(self.device)
+        self.loss_fn, self.dataset, self.collate_fn = loss_fn, dataset, collate_fn
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.model_type, self.model_config, self.extra_meta = model_type, model_config, extra_meta or {}
+        self.optimizer = self._make_optimizer()
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.use_bf16 = config.precision == "bf16" or (
+            config.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        self._ddp: nn.Module | None = None
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        cfg = self.config
+        return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+
+    # -- data ----------------------------------------------------------------------------------
+    def local_indices(self, step: int) -> list[int]:
+        """Dataset indices this rank trains on at ``step``."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        perm = epoch_permutation(len(self.dataset), self.config.seed, epoch)
+        start = k * self.config.batch_size + self.rank * self.local_batch
+        return perm[start:start + self.local_batch].tolist()
+
+    def _batches(self, start: int):
+        """Yield (step, batch) from ``start`` to ``config.steps``, one DataLoader per epoch."""
+        step = start
+        while step < self.config.steps:
+            epoch = step // self.steps_per_epoch
+            end = min(self.config.steps, (epoch + 1) * self.steps_per_epoch)
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(epoch)
+            loader = DataLoader(self.dataset, batch_sampler=[self.local_indices(s) for s in range(step, end)],
+                                collate_fn=self.collate_fn, num_workers=self.config.num_workers,
+                                pin_memory=self.device.type == "cuda",
+                                generator=torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch))
+            for batch in loader:
+                yield step, move_to(batch, self.device)
+                step += 1
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _all_rng_states(self) -> list[dict]:
+        state = ckpt_lib.get_rng_state()
+        if self.world == 1:
+            return [state]
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, state)
+        return gathered
+
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (rank 0 writes; all ranks must call)."""
+        rng = self._all_rng_states()
+        path = None
+        if self.rank == 0 and self.out_dir is not None:
+            extra = {"train_config": dataclasses.asdict(self.config), "world_size": self.world, **self.extra_meta}
+            path = ckpt_lib.save_checkpoint(self.out_dir, self.step, self.model, self.optimizer,
+                                            model_type=self.model_type, model_config=self.model_config,
+                                            rng=rng, extra=extra, keep=self.config.keep_checkpoints)
+        if self.world > 1:
+            dist.barrier()
+        return path
+
+    def load(self, path: str | Path) -> None:
+        """Restore weights, optimizer, step and RNG states from a checkpoint (file or directory)."""
+        ck = ckpt_lib.load_checkpoint(path)
+        self.model.load_state_dict(ck.model_state)
+        if ck.optimizer_state is not None:
+            self.optimizer.load_state_dict(move_to(ck.optimizer_state, self.device))
+        self.step = ck.step
+        saved = ck.meta.get("extra", {}).get("train_config", {})
+        for key in ("seed", "batch_size"):
+            if key in saved and saved[key] != getattr(self.config, key):
+                warnings.warn(f"resuming with {key}={getattr(self.config, key)} but the checkpoint used "
+                              f"{saved[key]}: the data order differs from the original run", stacklevel=2)
+        rng = ck.meta.get("rng") or []
+        if len(rng) == self.world:
+            ckpt_lib.set_rng_state(rng[self.rank])
+        else:
+            warnings.warn(f"checkpoint has RNG states of {len(rng)} ranks, running {self.world}: reseeding", stacklevel=2)
+            self._seed()
+
+    def _seed(self) -> None:
+        seed = self.config.seed * 1000 + self.rank
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2 ** 32)
+        random.seed(seed)
+
+    # -- loop ----------------------------------------------------------------------------------
+    def fit(self, resume: str | Path | None = None) -> list[dict[str, float]]:
+        """Train until ``config.steps``. ``resume``: a checkpoint path/directory, or ``"auto"`` for the
+        newest checkpoint in ``out_dir`` if there is one. Returns the logged metrics of this call."""
+        if resume == "auto":
+            resume = ckpt_lib.latest_checkpoint(self.out_dir) if self.out_dir is not None else None
+        if resume is not None:
+            self.load(resume)
+        else:
+            self._seed()
+        model = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            if self._ddp is None:
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                self._ddp = DistributedDataParallel(self.model, device_ids=ids)
+            model = self._ddp
+        model.train()
+        cfg = self.config
+        history: list[dict[str, float]] = []
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress or self.rank != 0,
+                   dynamic_ncols=True, desc=self.model_type)
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.use_bf16
+                    else contextlib.nullcontext())
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        t0, images0 = time.perf_counter(), 0
+        for step, batch in self._batches(self.step):
+            lr = lr_at(step, cfg)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            with autocast:
+                out = self.loss_fn(model, batch, step)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else None
+            self.optimizer.step()
+            self.step = step + 1
+            images0 += cfg.batch_size
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                elapsed = time.perf_counter() - t0
+                record = {"step": self.step, "lr": lr, "images_per_s": images0 / max(elapsed, 1e-9),
+                          **{k: float(torch.as_tensor(v).detach()) for k, v in out.items()}}
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                history.append(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+                if self.rank == 0 and self.out_dir is not None:
+                    self.out_dir.mkdir(parents=True, exist_ok=True)
+                    with open(self.out_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save()
+        bar.close()
+        self.history.extend(history)
+        return history
+
+
+# -- model-specific entry points ------------------------------------------------------------------
+def dvae_loss(model: nn.Module, batch: Mapping[str, Any], step: int) -> Mapping[str, torch.Tensor]:
+    """Loss of a (possibly DDP-wrapped) :class:`~dalle_fast.models.dvae.DVAE` on ``batch["image"]``."""
+    return model(batch["image"], step=step)
+
+
+def clip_loss(model: nn.Module, batch: Mapping[str, Any], step: int) -> Mapping[str, torch.Tensor]:
+    """Loss of a (possibly DDP-wrapped) :class:`~dalle_fast.models.clip.CLIP` on ``batch["text_ids"]``, ``batch["image"]``."""
+    return model(batch["text_ids"], batch["image"])
+
+
+class TokenizingCollate:
+    """Collate items and add ``text_ids`` (B, text_len) from their captions (picklable for workers)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: list[dict]) -> dict:
+        captions = [it["caption"] for it in items]
+        ids, truncated = self.tokenizer.encode(captions, return_truncated=True)
+        if truncated:
+            warnings.warn(f"{len(truncated)} captions in a batch were truncated to {self.tokenizer.text_len} tokens",
+                          stacklevel=2)
+        return {**image_collate(items), "caption": captions, "text_ids": ids}
+
+
+def image_collate(items: list[dict]) -> dict:
+    """Keep only the images of the items: ``{"image": (B, C, H, W)}``."""
+    return {"image": torch.stack([it["image"] for it in items])}
+
+
+def train_dvae(config, train_config: TrainConfig, dataset: Dataset, out_dir: str | Path | None = None,
+               resume: str | Path | None = None, device: str | torch.device | None = None) -> Trainer:
+    """Train a :class:`~dalle_fast.models.dvae.DVAE` (``config``: DVAEConfig) on items with an ``image``."""
+    from .models.dvae import DVAE
+    torch.manual_seed(train_config.seed)
+    trainer = Trainer(DVAE(config), dvae_loss, dataset, train_config, out_dir, collate_fn=image_collate,
+                      model_type="dvae", model_config=config, device=device)
+    trainer.fit(resume)
+    return trainer
+
+
+def train_clip(config, tokenizer, train_config: TrainConfig, dataset: Dataset, out_dir: str | Path | None = None,
+               resume: str | Path | None = None, device: str | torch.device | None = None) -> Trainer:
+    """Train a :class:`~dalle_fast.models.clip.CLIP` (``config``: CLIPConfig matching ``tokenizer``)
+    on items with ``image`` and ``caption``."""
+    from .models.clip import CLIP
+    if (config.vocab_size, config.pad_base, config.text_len) != (tokenizer.vocab_size, tokenizer.pad_base, tokenizer.text_len):
+        raise ValueError("config does not match the tokenizer's vocab_size/pad_base/text_len "
+                         "(build it with CLIPConfig.for_tokenizer)")
+    torch.manual_seed(train_config.seed)
+    trainer = Trainer(CLIP(config), clip_loss, dataset, train_config, out_dir, collate_fn=TokenizingCollate(tokenizer),
+                      model_type="clip", model_config=config, device=device)
+    trainer.fit(resume)
+    return trainer

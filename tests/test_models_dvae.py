@@ -1,0 +1,173 @@
+"""dVAE: shapes, input validation, short training, OpenAI converter equivalence."""
+import pytest
+import torch
+
+from dalle_fast.models.dvae import DVAE, DVAEConfig, codebook_usage, logit_laplace_nll
+
+torch.set_num_threads(1)
+
+
+def tiny(**kw):
+    return DVAE(DVAEConfig.preset("tiny", **kw))
+
+
+def test_presets():
+    assert DVAEConfig.preset("paper").latent_size == 32
+    assert DVAEConfig.preset("paper").vocab_size == 8192
+    assert DVAEConfig.preset("small").latent_size == 16
+    assert DVAEConfig.preset("tiny").latent_size == 8
+    with pytest.raises(ValueError, match="preset"):
+        DVAEConfig.preset("huge")
+    with pytest.raises(ValueError, match="image_size"):
+        DVAEConfig(image_size=100, group_count=4)
+
+
+def test_encode_decode_shapes():
+    torch.manual_seed(0)
+    m = tiny().eval()
+    x = torch.rand(2, 3, 32, 32)
+    codes = m.encode(x)
+    assert codes.shape == (2, 8, 8) and codes.dtype == torch.int64
+    assert int(codes.min()) >= 0 and int(codes.max()) < 512
+    y = m.decode(codes)
+    assert y.shape == (2, 3, 32, 32)
+    assert float(y.min()) >= 0 and float(y.max()) <= 1
+
+
+def test_decode_codes_equals_one_hot_decoder():
+    torch.manual_seed(0)
+    m = tiny().eval()
+    codes = torch.randint(0, 512, (2, 8, 8))
+    one_hot = torch.nn.functional.one_hot(codes, 512).permute(0, 3, 1, 2).float()
+    torch.testing.assert_close(m.decoder.forward_codes(codes), m.decoder(one_hot), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.rand(2, 1, 32, 32), "channels"),
+    (torch.rand(2, 3, 16, 16), "16x16"),
+    (torch.rand(3, 32, 32), "4-d"),
+    (torch.rand(1, 3, 32, 32) * 2, r"\[0, 1\]"),
+    (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "floating"),
+])
+def test_encode_rejects_bad_images(bad, match):
+    with pytest.raises(ValueError, match=match):
+        tiny().encode(bad)
+
+
+def test_decode_rejects_bad_codes():
+    m = tiny()
+    with pytest.raises(ValueError, match="codes must lie"):
+        m.decode(torch.full((1, 8, 8), 512))
+    with pytest.raises(ValueError, match="codes must lie"):
+        m.decode(torch.full((1, 8, 8), -1))
+    with pytest.raises(ValueError, match="shape"):
+        m.decode(torch.zeros(1, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="int64"):
+        m.decode(torch.zeros(1, 8, 8))
+
+
+def test_logit_laplace_is_a_density():
+    # integrate p(x | mu, b) over (0, 1) numerically: must be ~1 (up to the mass outside the grid)
+    x = torch.linspace(1e-6, 1 - 1e-6, 200_001, dtype=torch.float64)
+    for mu, log_b in [(0.0, -1.0), (1.5, -2.0), (-0.7, 0.0)]:
+        p = torch.exp(-logit_laplace_nll(x, torch.full_like(x, mu), torch.full_like(x, log_b)))
+        assert abs(float(torch.trapezoid(p, x)) - 1) < 2e-3
+
+
+def test_schedule_endpoints():
+    m = tiny()
+    tau0, beta0 = m.schedule(0)
+    tau1, beta1 = m.schedule(10**9)
+    assert tau0 == 1.0 and beta0 == 0.0
+    assert tau1 == pytest.approx(1 / 16) and beta1 == pytest.approx(6.6)
+    taus = [m.schedule(s)[0] for s in range(0, 2001, 100)]
+    assert all(a >= b for a, b in zip(taus, taus[1:]))
+
+
+def test_codebook_usage():
+    assert codebook_usage(torch.arange(8), 16) == {"perplexity": pytest.approx(8.0), "codes_used": 8}
+    assert codebook_usage(torch.zeros(10, dtype=torch.long), 16)["perplexity"] == pytest.approx(1.0)
+
+
+def _train_briefly(kl_weight, steps):
+    from dalle_fast.data.shapes import ShapesDataset
+    torch.manual_seed(0)
+    # K = 128: the 32x32 shapes data has only a few hundred distinct 4x4 patches per 64 images, so a
+    # quarter of a 512-entry codebook would be close to one code per distinct patch
+    cfg = DVAEConfig.preset("tiny", vocab_size=128, tau_anneal_steps=30, kl_warmup_steps=30, kl_weight=kl_weight)
+    m = DVAE(cfg)
+    data = ShapesDataset(size=32, length=128, seed=0)
+    images = torch.stack([data[i]["image"] for i in range(128)])
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for step in range(steps):
+        out = m(images[torch.randint(0, 128, (16,), generator=gen)], step=step)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(float(out["loss"].detach()))
+    m.eval()
+    return m, images, losses, codebook_usage(m.encode(images[:64]), cfg.vocab_size)
+
+
+def test_short_training_lowers_loss_and_uses_codebook():
+    m, images, losses, usage = _train_briefly(kl_weight=6.6, steps=80)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0  # nats per dimension
+    assert usage["codes_used"] > m.config.vocab_size // 4, usage
+    assert usage["perplexity"] > 5, usage
+    err = (m.decode(m.encode(images)) - images).abs().mean()
+    assert err < 0.2, err
+    # the KL term against the uniform prior is what keeps the codebook in use
+    _, _, _, no_kl = _train_briefly(kl_weight=0.0, steps=40)
+    assert no_kl["codes_used"] < usage["codes_used"] / 2, (no_kl, usage)
+
+
+def test_openai_converter_equivalence():
+    dall_e = pytest.importorskip("dall_e", reason="the 'dall-e' package (pip install --no-deps dall-e) is not installed")
+    from dalle_fast.models.dvae_openai import from_openai
+    torch.manual_seed(0)
+    enc = dall_e.Encoder(n_hid=64, n_blk_per_group=1, vocab_size=512)
+    dec = dall_e.Decoder(n_init=32, n_hid=64, n_blk_per_group=1, vocab_size=512)
+    # the released weights have non-zero biases; randomise them so the test covers them
+    for p in list(enc.parameters()) + list(dec.parameters()):
+        if p.dim() == 1:
+            p.data.normal_(std=0.1)
+    m = from_openai(enc, dec, image_size=32).eval()
+    assert m.config.n_hid == 64 and m.config.vocab_size == 512 and m.config.n_init == 32
+    assert m.config.latent_size == 4
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        ref_logits = enc(dall_e.map_pixels(x))
+        torch.testing.assert_close(m.logits(x), ref_logits, rtol=1e-5, atol=1e-5)
+        codes = ref_logits.argmax(1)
+        z = torch.nn.functional.one_hot(codes, 512).permute(0, 3, 1, 2).float()
+        ref_stats = dec(z).float()
+        torch.testing.assert_close(m.decoder(z), ref_stats, rtol=1e-5, atol=1e-5)
+        ref_img = dall_e.unmap_pixels(torch.sigmoid(ref_stats[:, :3]))
+        torch.testing.assert_close(m.decode(m.encode(x)), ref_img, rtol=1e-5, atol=1e-5)
+
+
+def test_openai_converter_paper_sizes():
+    """The released model's sizes (n_hid 256, 2 blocks per group, K 8192), run on a small input."""
+    dall_e = pytest.importorskip("dall_e", reason="the 'dall-e' package (pip install --no-deps dall-e) is not installed")
+    from dalle_fast.models.dvae_openai import from_openai
+    torch.manual_seed(1)
+    enc, dec = dall_e.Encoder(), dall_e.Decoder()
+    m = from_openai(enc, dec, image_size=32).eval()
+    paper = DVAEConfig.preset("paper")
+    assert m.config == DVAEConfig.preset("paper", image_size=32)
+    assert m.config.vocab_size == paper.vocab_size == 8192
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        logits = enc(dall_e.map_pixels(x))
+        torch.testing.assert_close(m.logits(x), logits, rtol=1e-4, atol=1e-4)
+        codes = logits.argmax(1)
+        ref = dall_e.unmap_pixels(torch.sigmoid(dec(torch.nn.functional.one_hot(codes, 8192).permute(0, 3, 1, 2).float())[:, :3]))
+        torch.testing.assert_close(m.decode(codes), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_openai_converter_rejects_foreign_state_dict():
+    from dalle_fast.models.dvae_openai import from_openai
+    with pytest.raises(ValueError, match="missing"):
+        from_openai({"foo": torch.zeros(1)}, {"bar": torch.zeros(1)})
