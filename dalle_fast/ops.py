@@ -171,3 +171,12 @@ def sparse_attention(q, k, v, layout: Layout, *, scale: Optional[float] = None,
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     name = resolve_backend(backend, q.device)
     return _SPARSE_ATTENTION[name](q, k, v, layout, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# optional backends
+# ---------------------------------------------------------------------------------------------
+from . import _triton_ops  # noqa: E402  (registers dalle_fast::triton_sparse_attention_*; no triton import)
+
+if _triton_ops.triton_available():
+    _SPARSE_ATTENTION["triton"] = _triton_ops.triton_sparse_attention
