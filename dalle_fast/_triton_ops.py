@@ -13,7 +13,7 @@ the interpreter can be switched on before the kernels are defined.
 from __future__ import annotations
 
 import importlib.util
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -72,15 +72,16 @@ def _fwd_fake(q, k, v, kind, text_len, image_size, kernel_size, dilation, scale)
 
 @torch.library.custom_op("dalle_fast::triton_sparse_attention_bwd", mutates_args=())
 def triton_sparse_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                                kind: int, text_len: int, image_size: int, kernel_size: int, dilation: int,
-                                scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """-> (dq, dk, dv), each ``(B, H, N, D)`` contiguous in q's dtype."""
+                                grad_lse: Optional[Tensor], kind: int, text_len: int, image_size: int,
+                                kernel_size: int, dilation: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> (dq, dk, dv), each ``(B, H, N, D)`` contiguous in q's dtype. ``grad_lse`` (B, H, N) or None:
+    gradient of the forward's lse output."""
     layout = _layout(kind, text_len, image_size, kernel_size, dilation)
-    return kernels().attention_backward(grad_out, q, k, v, out, lse, layout, scale)
+    return kernels().attention_backward(grad_out, q, k, v, out, lse, layout, scale, grad_lse=grad_lse)
 
 
 @triton_sparse_attention_bwd.register_fake
-def _bwd_fake(grad_out, q, k, v, out, lse, kind, text_len, image_size, kernel_size, dilation, scale):
+def _bwd_fake(grad_out, q, k, v, out, lse, grad_lse, kind, text_len, image_size, kernel_size, dilation, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
@@ -92,9 +93,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_lse):
-    # lse is an auxiliary output saved for the backward; the public API never returns it
+    # d lse / d score = p, so the lse gradient folds into delta (see the preprocess kernel)
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.dalle_fast.triton_sparse_attention_bwd(grad_out, q, k, v, out, lse, *ctx.params)
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.dalle_fast.triton_sparse_attention_bwd(grad_out, q, k, v, out, lse, grad_lse,
+                                                                  *ctx.params)
     return dq, dk, dv, None, None, None, None, None, None
 
 

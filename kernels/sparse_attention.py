@@ -277,10 +277,11 @@ def _attn_fwd(
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_preprocess(
-    O, DO, DELTA, s_ob, s_oh, s_on, s_db, s_dh, s_dn, H, N,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+    O, DO, DLSE, DELTA, s_ob, s_oh, s_on, s_db, s_dh, s_dn, H, N,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
-    """delta = rowsum(dO * O) in float32, one program per (row block, batch*head); reads O and dO
+    """delta = rowsum(dO * O) - dlse in float32 (dlse: gradient of the lse output, whose score
+    gradient p * dlse folds into delta), one program per (row block, batch*head); reads O and dO
     once, writes B*H*N floats."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -292,6 +293,8 @@ def _attn_bwd_preprocess(
     o = tl.load(O + b * s_ob + h * s_oh + offs[:, None] * s_on + offs_d[None, :], mask=valid[:, None], other=0.0)
     do = tl.load(DO + b * s_db + h * s_dh + offs[:, None] * s_dn + offs_d[None, :], mask=valid[:, None], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + pid_bh.to(tl.int64) * N + offs, mask=valid, other=0.0)
     tl.store(DELTA + pid_bh.to(tl.int64) * N + offs, delta, mask=valid)
 
 
@@ -527,10 +530,11 @@ def attention_forward(q, k, v, layout: Layout, scale: float, config: Optional[Ti
 
 
 def attention_backward(grad_out, q, k, v, out, lse, layout: Layout, scale: float,
-                       configs: Optional[tuple] = None):
+                       configs: Optional[tuple] = None, grad_lse: Optional[torch.Tensor] = None):
     """Sparse attention backward. All tensors ``(B, H, N, D)`` except lse ``(B, H, N)`` float32 (as
-    returned by :func:`attention_forward`). Returns ``(dq, dk, dv)``, contiguous, in q's dtype.
-    ``configs`` = (dkdv, dq) forces tile configurations."""
+    returned by :func:`attention_forward`) and the optional gradient of lse, ``grad_lse (B, H, N)``.
+    Returns ``(dq, dk, dv)``, contiguous, in q's dtype. ``configs`` = (dkdv, dq) forces tile
+    configurations."""
     check_inputs(q, k, v, layout)
     if grad_out.shape != q.shape or out.shape != q.shape:
         raise ValueError(f"grad_out and out must have q's shape {tuple(q.shape)}, got "
@@ -541,12 +545,17 @@ def attention_backward(grad_out, q, k, v, out, lse, layout: Layout, scale: float
     q, k, v, out = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(out)
     grad_out = _unit_last(grad_out.to(q.dtype))
     lse = lse.contiguous()
+    if grad_lse is not None:
+        if grad_lse.shape != (B, H, N):
+            raise ValueError(f"grad_lse must have shape {(B, H, N)}, got {tuple(grad_lse.shape)}")
+        grad_lse = grad_lse.to(torch.float32).contiguous()
     perm, tables, permuted = prepare_tables(layout, N, q.device)
 
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     block = 16 if INTERPRET else 64
     _attn_bwd_preprocess[(triton.cdiv(N, block), B * H)](
-        out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], H, N, HEAD_DIM=D, BLOCK=block)
+        out, grad_out, grad_lse if grad_lse is not None else lse, delta, *out.stride()[:3],
+        *grad_out.stride()[:3], H, N, HEAD_DIM=D, BLOCK=block, HAS_DLSE=grad_lse is not None)
 
     dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
