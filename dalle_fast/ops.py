@@ -158,7 +158,8 @@ def sparse_attention(q, k, v, layout: Layout, *, scale: Optional[float] = None,
     Args:
         q, k, v: ``(batch, heads, seq, head_dim)``, same shape, dtype and device;
             ``seq <= layout.seq_len``. The cpu backend takes float32/bfloat16/float16 (float32
-            compute) and head_dim 1..256.
+            compute) and head_dim 1..256; the triton backend float16/bfloat16 (float32
+            accumulation) and float32, head_dim 32, 64 or 128, any strides in batch/heads/seq.
         layout: the :class:`dalle_fast.Layout` of this layer.
         scale: softmax scale, default ``1/sqrt(head_dim)``.
         backend: ``reference``, ``cpu``, ``triton`` or ``cuda``; default by device (or
