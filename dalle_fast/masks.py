@@ -26,7 +26,7 @@ from typing import List, Optional
 
 import torch
 
-__all__ = ["KINDS", "Layout", "TileTable", "paper_schedule"]
+__all__ = ["KINDS", "Layout", "TileTable", "PackedTileTables", "paper_schedule"]
 
 #: Mask kinds in the order of their integer ids (the id is what the C++/CUDA/Triton kernels take).
 KINDS = ("full", "row", "col", "conv", "axial_row", "axial_col", "conv_like")
@@ -139,6 +139,60 @@ def _blocks_to_csr(any_: torch.Tensor, all_: torch.Tensor):
     row_ptr = torch.zeros(rows + 1, dtype=torch.int32)
     row_ptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
     return row_ptr, col_idx, full.sum(1).to(torch.int32)
+
+
+#: Header of :class:`PackedTileTables`: one 8-int record per tile shape (block_m, block_n), both
+#: multiples of 16 in [16, 128], at record index ``(block_m // 16) * 9 + block_n // 16``.
+PACKED_TILE_STEP = 16
+PACKED_RECORD = 8
+PACKED_SLOTS = 9 * 9
+
+
+@dataclass(frozen=True)
+class PackedTileTables:
+    """Tile tables of one (layout, seq_len) for several tile shapes, packed into one int32 buffer.
+
+    A kernel that picks its tile shape at compile time (autotuning over ``BLOCK_M``/``BLOCK_N``)
+    finds its tables without host work: the record of shape ``(bm, bn)`` sits at
+    ``tables[8 * ((bm // 16) * 9 + bn // 16) : ... + 8]`` and holds absolute offsets into
+    ``tables``: ``(lut, lut_width, counts, num_full, t_lut, t_lut_width, t_counts, t_num_full)``,
+    the padded forms of :meth:`TileTable.padded` (row ``i`` of ``lut`` starts at
+    ``lut + i * lut_width``). Records of shapes not packed are -1.
+
+    Attributes:
+        seq_len: the run length the tables describe.
+        tiles: the packed ``(block_m, block_n)`` shapes.
+        perm: ``(seq_len,)`` int32, :meth:`Layout.permutation` (slot -> position).
+        tables: ``(81 * 8 + payload,)`` int32, header then payload.
+    """
+
+    seq_len: int
+    tiles: tuple
+    perm: torch.Tensor
+    tables: torch.Tensor
+    is_identity: bool
+    _device_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def record(self, block_m: int, block_n: int) -> List[int]:
+        """The 8 header ints of tile shape ``(block_m, block_n)`` (host-side; for tests and checks)."""
+        i = _packed_slot(block_m, block_n)
+        return self.tables[i * PACKED_RECORD:(i + 1) * PACKED_RECORD].tolist()
+
+    def on(self, device):
+        """``(perm, tables)`` on ``device``, cached per device (built once, reused by every call)."""
+        key = str(torch.device(device))
+        hit = self._device_cache.get(key)
+        if hit is None:
+            hit = (self.perm.to(device), self.tables.to(device))
+            self._device_cache[key] = hit
+        return hit
+
+
+def _packed_slot(block_m: int, block_n: int) -> int:
+    for name, b in (("block_m", block_m), ("block_n", block_n)):
+        if b % PACKED_TILE_STEP or not PACKED_TILE_STEP <= b <= 8 * PACKED_TILE_STEP:
+            raise ValueError(f"{name} must be a multiple of 16 in [16, 128] for packed tables, got {b}")
+    return (block_m // PACKED_TILE_STEP) * 9 + block_n // PACKED_TILE_STEP
 
 
 @dataclass(frozen=True)
@@ -255,6 +309,14 @@ class Layout:
         _positive_int("block_n", block_n)
         return _tile_table(self, n, block_m, block_n)
 
+    def packed_tile_tables(self, seq_len: Optional[int] = None, tiles=((64, 64),)) -> PackedTileTables:
+        """:class:`PackedTileTables` of the tile shapes ``tiles`` (pairs ``(block_m, block_n)``), cached."""
+        n = self.check_seq_len(seq_len)
+        tiles = tuple(sorted({(int(bm), int(bn)) for bm, bn in tiles}))
+        for bm, bn in tiles:
+            _packed_slot(bm, bn)
+        return _packed_tile_tables(self, n, tiles)
+
     def decode_keys(self, pos: int) -> torch.Tensor:
         """``LongTensor``: ascending key positions a query at position ``pos`` attends to."""
         if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos < self.seq_len:
@@ -305,6 +367,32 @@ def _tile_table(layout: Layout, n: int, bm: int, bn: int) -> TileTable:
         seq_len=n, block_m=bm, block_n=bn, perm=perm,
         row_ptr=row_ptr, col_idx=col_idx, num_full=num_full,
         t_row_ptr=t_row_ptr, t_col_idx=t_col_idx, t_num_full=t_num_full,
+        is_identity=bool(torch.equal(perm, torch.arange(n))),
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _packed_tile_tables(layout: Layout, n: int, tiles: tuple) -> PackedTileTables:
+    header = torch.full((PACKED_SLOTS * PACKED_RECORD,), -1, dtype=torch.int32)
+    parts, offset = [], header.numel()
+    for bm, bn in tiles:
+        table = _tile_table(layout, n, bm, bn)
+        _, lut, counts, num_full, t_lut, t_counts, t_num_full = table.padded()
+        record = []
+        for arrays in ((lut, counts, num_full), (t_lut, t_counts, t_num_full)):
+            for j, a in enumerate(arrays):
+                record.append(offset)
+                if j == 0:
+                    record.append(a.shape[1])  # row width of the padded lut
+                parts.append(a.reshape(-1).to(torch.int32))
+                offset += a.numel()
+        slot = _packed_slot(bm, bn)
+        header[slot * PACKED_RECORD:(slot + 1) * PACKED_RECORD] = torch.tensor(record, dtype=torch.int32)
+    if offset >= 2**31:
+        raise ValueError(f"packed tile tables too large ({offset} entries) for seq_len={n}")
+    perm = _permutation(layout, n)
+    return PackedTileTables(
+        seq_len=n, tiles=tiles, perm=perm.to(torch.int32), tables=torch.cat([header] + parts),
         is_identity=bool(torch.equal(perm, torch.arange(n))),
     )
 

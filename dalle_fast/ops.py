@@ -170,7 +170,8 @@ def sparse_attention(q, k, v, layout: Layout, *, scale: Optional[float] = None,
     Args:
         q, k, v: ``(batch, heads, seq, head_dim)``, same shape, dtype and device;
             ``seq <= layout.seq_len``. The cpu backend takes float32/bfloat16/float16 (float32
-            compute) and head_dim 1..256.
+            compute) and head_dim 1..256; the triton backend float16/bfloat16 (float32
+            accumulation) and float32, head_dim 32, 64 or 128, any strides in batch/heads/seq.
         layout: the :class:`dalle_fast.Layout` of this layer.
         scale: softmax scale, default ``1/sqrt(head_dim)``.
         backend: ``reference``, ``cpu``, ``triton`` or ``cuda``; default by device (or
@@ -185,3 +186,12 @@ def sparse_attention(q, k, v, layout: Layout, *, scale: Optional[float] = None,
         raise ValueError(f"scale must be positive, got {scale}")
     name = resolve_backend(backend, q.device)
     return _SPARSE_ATTENTION[name](q, k, v, layout, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# optional backends
+# ---------------------------------------------------------------------------------------------
+from . import _triton_ops  # noqa: E402  (registers dalle_fast::triton_sparse_attention_*; no triton import)
+
+if _triton_ops.triton_available():
+    _SPARSE_ATTENTION["triton"] = _triton_ops.triton_sparse_attention

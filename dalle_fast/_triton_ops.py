@@ -1,0 +1,112 @@
+"""torch.library registration of the Triton sparse-attention kernels (``dalle_fast.kernels``).
+
+The ops ``dalle_fast::triton_sparse_attention_fwd`` / ``_bwd`` are Python custom ops: opaque to
+``torch.compile`` (the tile-table lookup and the kernel launch happen inside the op), with fake
+kernels for tracing and autograd registered like the C++ ``sparse_attention_fwd``. They are
+device-agnostic: on CUDA tensors they launch the GPU kernels, on CPU tensors they run under the
+Triton interpreter when ``TRITON_INTERPRET=1``.
+
+Triton itself is imported lazily, on the first call of an op (never by ``import dalle_fast``), so
+the interpreter can be switched on before the kernels are defined.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .masks import KINDS, Layout
+
+__all__ = ["triton_available", "kernels", "triton_sparse_attention", "HEAD_DIMS", "DTYPES"]
+
+#: what the kernels serve (kept here too so that checks need no triton import)
+HEAD_DIMS = (32, 64, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_static(q: Tensor) -> None:
+    """ValueError unless q's dtype and head_dim are served by the Triton kernels (traceable)."""
+    if q.dtype not in DTYPES:
+        raise ValueError(f"backend 'triton' supports dtype float16, bfloat16 and float32, got {q.dtype}")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"backend 'triton' supports head_dim in {HEAD_DIMS}, got head_dim={q.shape[-1]}")
+
+
+def triton_available() -> bool:
+    """Whether the ``triton`` package is installed (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def kernels():
+    """The kernel module ``dalle_fast.kernels.sparse_attention`` (imports triton on first use)."""
+    if not triton_available():
+        raise ValueError("backend 'triton' cannot serve sparse_attention: the triton package is not installed")
+    from .kernels import sparse_attention as mod
+
+    return mod
+
+
+def _layout(kind: int, text_len: int, image_size: int, kernel_size: int, dilation: int) -> Layout:
+    if not 0 <= kind < len(KINDS):
+        raise ValueError(f"kind must be in [0, {len(KINDS)}), got {kind}")
+    return Layout(KINDS[kind], text_len, image_size, kernel_size, dilation)
+
+
+@torch.library.custom_op("dalle_fast::triton_sparse_attention_fwd", mutates_args=())
+def triton_sparse_attention_fwd(q: Tensor, k: Tensor, v: Tensor, kind: int, text_len: int, image_size: int,
+                                kernel_size: int, dilation: int, scale: float) -> Tuple[Tensor, Tensor]:
+    """q, k, v ``(B, H, N, D)`` -> (out ``(B, H, N, D)`` contiguous in q's dtype, lse ``(B, H, N)`` float32)."""
+    layout = _layout(kind, text_len, image_size, kernel_size, dilation)
+    return kernels().attention_forward(q, k, v, layout, scale)
+
+
+@triton_sparse_attention_fwd.register_fake
+def _fwd_fake(q, k, v, kind, text_len, image_size, kernel_size, dilation, scale):
+    check_static(q)
+    b, h, n, d = q.shape
+    return q.new_empty((b, h, n, d)), q.new_empty((b, h, n), dtype=torch.float32)
+
+
+@torch.library.custom_op("dalle_fast::triton_sparse_attention_bwd", mutates_args=())
+def triton_sparse_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                grad_lse: Optional[Tensor], kind: int, text_len: int, image_size: int,
+                                kernel_size: int, dilation: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> (dq, dk, dv), each ``(B, H, N, D)`` contiguous in q's dtype. ``grad_lse`` (B, H, N) or None:
+    gradient of the forward's lse output."""
+    layout = _layout(kind, text_len, image_size, kernel_size, dilation)
+    return kernels().attention_backward(grad_out, q, k, v, out, lse, layout, scale, grad_lse=grad_lse)
+
+
+@triton_sparse_attention_bwd.register_fake
+def _bwd_fake(grad_out, q, k, v, out, lse, grad_lse, kind, text_len, image_size, kernel_size, dilation, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *params = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.params = params
+
+
+def _backward(ctx, grad_out, grad_lse):
+    # d lse / d score = p, so the lse gradient folds into delta (see the preprocess kernel)
+    q, k, v, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.dalle_fast.triton_sparse_attention_bwd(grad_out, q, k, v, out, lse, grad_lse,
+                                                                  *ctx.params)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+triton_sparse_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Layout, scale: float) -> Tensor:
+    """Backend ``triton`` of :func:`dalle_fast.sparse_attention` (arguments already checked there)."""
+    check_static(q)  # the op re-checks everything (device included) in its implementation
+    out, _ = torch.ops.dalle_fast.triton_sparse_attention_fwd(q, k, v, *layout.params(), scale)
+    return out

@@ -1,0 +1,573 @@
+"""Triton block-sparse attention for DALL-E layouts: forward and backward (flash-style).
+
+Every kernel walks the tile tables of :class:`dalle_fast.masks.PackedTileTables` (built once per
+(layout, seq_len) and cached on the device): for each query tile (forward, dQ) or key tile (dK/dV)
+the list of non-empty partner tiles, *full* tiles first (no element mask: the fast path) and
+*partial* tiles last (element mask computed in-kernel from the positions, the predicate of
+``Layout.allowed``). Column kinds are processed in the permuted order of ``Layout.permutation``
+(image part column-major): rows of q/k/v are gathered through ``perm`` and results are written back
+through it, so a column layer touches as many tiles as a row layer.
+
+Shapes: q, k, v, out, grad_out ``(B, H, N, D)`` with any strides in B, H, N and unit stride in D
+(otherwise copied); lse, delta ``(B, H, N)`` float32 contiguous, natural-log log-sum-exp of the
+scaled scores. dtypes float16, bfloat16 (float32 accumulation) and float32 (IEEE dots);
+head_dim 32, 64 or 128.
+
+This module imports triton; ``dalle_fast`` imports it lazily on the first triton call, so
+``TRITON_INTERPRET=1`` may be set before the kernels are defined.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..masks import Layout
+
+__all__ = [
+    "HEAD_DIMS",
+    "DTYPES",
+    "TileConfig",
+    "FWD_CONFIGS",
+    "DKDV_CONFIGS",
+    "DQ_CONFIGS",
+    "INTERPRET",
+    "check_inputs",
+    "attention_forward",
+    "attention_backward",
+    "prepare_tables",
+]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HEAD_DIMS = (32, 64, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634
+
+
+class TileConfig(NamedTuple):
+    """One launch configuration: ``BLOCK_M`` query rows x ``BLOCK_N`` key rows per tile."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Autotuning candidates (float16/bfloat16 on a GPU; few per kernel so tuning stays cheap).
+FWD_CONFIGS = (
+    TileConfig(128, 64, 4, 3),
+    TileConfig(128, 64, 8, 3),
+    TileConfig(128, 64, 4, 4),
+    TileConfig(128, 128, 8, 3),
+    TileConfig(128, 32, 4, 3),
+    TileConfig(64, 64, 4, 3),
+    TileConfig(64, 64, 4, 4),
+    TileConfig(64, 32, 4, 3),
+)
+# dK/dV: BLOCK_M = query rows streamed, BLOCK_N = key rows held by the program.
+DKDV_CONFIGS = (
+    TileConfig(32, 128, 4, 3),
+    TileConfig(32, 128, 4, 4),
+    TileConfig(32, 128, 8, 3),
+    TileConfig(64, 128, 8, 3),
+    TileConfig(32, 64, 4, 3),
+    TileConfig(64, 64, 4, 3),
+)
+# dQ: BLOCK_M = query rows held by the program, BLOCK_N = key rows streamed.
+DQ_CONFIGS = (
+    TileConfig(128, 32, 4, 3),
+    TileConfig(128, 32, 8, 3),
+    TileConfig(128, 64, 8, 3),
+    TileConfig(64, 64, 4, 3),
+    TileConfig(64, 32, 4, 3),
+    TileConfig(64, 32, 4, 4),
+)
+INTERPRET_CONFIG = TileConfig(16, 16, 4, 1)
+
+
+def _default_configs(head_dim: int, dtype: torch.dtype):
+    """(fwd, dkdv, dq) configs used without autotuning (interpreter, float32, autotune off)."""
+    if INTERPRET:
+        return INTERPRET_CONFIG, INTERPRET_CONFIG, INTERPRET_CONFIG
+    if dtype == torch.float32:  # IEEE fp32 dots run on FMA units: small tiles (also compile faster)
+        w = 8 if head_dim == 128 else 4
+        return TileConfig(32, 32, w, 2), TileConfig(32, 32, w, 2), TileConfig(32, 32, w, 2)
+    if head_dim == 128:
+        return TileConfig(128, 64, 8, 3), TileConfig(64, 128, 8, 2), TileConfig(128, 32, 8, 3)
+    return TileConfig(128, 64, 4, 3), TileConfig(32, 128, 4, 3), TileConfig(128, 32, 4, 3)
+
+
+def _all_tiles():
+    tiles = {INTERPRET_CONFIG[:2]}
+    for c in FWD_CONFIGS + DKDV_CONFIGS + DQ_CONFIGS:
+        tiles.add(c[:2])
+    for hd in HEAD_DIMS:
+        for dt in DTYPES:
+            for c in _default_configs(hd, dt):
+                tiles.add(c[:2])
+    return tuple(sorted(tiles))
+
+
+#: every (BLOCK_M, BLOCK_N) any kernel here may run with; packed once per (layout, seq_len)
+TILES = _all_tiles()
+
+
+def _autotune_enabled(dtype: torch.dtype) -> bool:
+    if INTERPRET or dtype == torch.float32:
+        return False
+    return os.environ.get("DALLE_FAST_TRITON_AUTOTUNE", "1") not in ("0", "")
+
+
+# ---------------------------------------------------------------------------------------------
+# device helpers
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b in float32 (IEEE fp32 products for float32 inputs, no TF32)."""
+    if IEEE:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _allowed(pq, pk, T, S, KS, DIL, KIND: tl.constexpr):
+    """Mask predicate of ``Layout.allowed`` on broadcastable int32 positions (True = may attend).
+
+    Out-of-range slots must carry positions that fail causality (queries -1, keys >= seq_len).
+    """
+    causal = pk <= pq
+    m = pq - T
+    mk = pk - T
+    img = causal
+    if KIND == 1:  # row: the previous S image tokens and itself
+        img = mk >= m - S
+    elif KIND == 2:  # col: same column
+        img = (mk % S) == (m % S)
+    elif KIND == 5:  # axial_col: same column (identical image rule to col)
+        img = (mk % S) == (m % S)
+    elif KIND == 3:  # conv: K x K window above and beside, no wrap-around
+        h = KS // 2
+        r = m // S
+        rk = mk // S
+        dc = (mk % S) - (m % S)
+        img = (rk >= r - h) & (rk <= r) & (dc >= -h) & (dc <= h)
+    elif KIND == 4:  # axial_row: same row
+        img = (mk // S) == (m // S)
+    elif KIND == 6:  # conv_like: dilated K x K window up-left
+        dr = m // S - mk // S
+        dc = m % S - mk % S
+        img = (dr >= 0) & (dc >= 0) & (dr % DIL == 0) & (dc % DIL == 0) & (dr // DIL < KS) & (dc // DIL < KS)
+    # image-image pairs (both >= T) follow the kind; text keys only need causality. Text queries
+    # never see image keys (causal). Negative m (text query) only meets text keys, so the integer
+    # division/remainder of negatives above never decides a result.
+    return causal & ((pk < T) | img)
+
+
+@triton.jit
+def _positions(PERM, slot, N, PERMUTED: tl.constexpr, INVALID_BEFORE: tl.constexpr, FULL: tl.constexpr):
+    """(positions for addressing, positions for the mask) of slot indices.
+
+    Out-of-range slots (only in partial tiles) address position 0 and get mask position -1
+    (queries, INVALID_BEFORE) or the slot itself (keys, >= N), which fail causality.
+    """
+    if FULL:
+        if PERMUTED:
+            pos = tl.load(PERM + slot)
+        else:
+            pos = slot
+        mpos = pos
+    else:
+        valid = slot < N
+        if PERMUTED:
+            pos = tl.load(PERM + slot, mask=valid, other=0)
+        else:
+            pos = tl.where(valid, slot, 0)
+        if INVALID_BEFORE:
+            mpos = tl.where(valid, pos, -1)
+        else:
+            mpos = tl.where(valid, pos, slot)
+    return pos, mpos
+
+
+@triton.jit
+def _fwd_step(acc, l_i, m_i, q, k, v, qk_scale, allowed, MASKED: tl.constexpr, IEEE: tl.constexpr):
+    """One online-softmax step over a key tile (scores in log2 units: scale * log2(e) folded in)."""
+    qk = _dot(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], dtype=tl.float32), IEEE) * qk_scale
+    if MASKED:
+        qk = tl.where(allowed, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    if MASKED:  # a row with nothing allowed so far keeps m = -inf; subtract 0 instead of -inf
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.exp2(qk - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
+    return acc, l_i, m_new
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, LSE, PERM, TAB,
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
+    H, N, T, S, KS, DIL, qk_scale,
+    KIND: tl.constexpr, PERMUTED: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Forward, one program per (query tile, batch*head): q tile held, K/V tiles of its table row
+    streamed once (full tiles unmasked, then partial ones masked); reads q once and each listed K/V
+    tile once, writes out and lse once; no N x N buffer."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # late (heavier causal) query tiles first
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    q_base = Q + b * s_qb + h * s_qh
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+    o_base = O + b * s_ob + h * s_oh
+    rec = TAB + ((BLOCK_M // 16) * 9 + BLOCK_N // 16) * 8
+    lut = TAB + tl.load(rec) + pid_m * tl.load(rec + 1)
+    count = tl.load(TAB + tl.load(rec + 2) + pid_m)
+    nfull = tl.load(TAB + tl.load(rec + 3) + pid_m)
+
+    offs_d = tl.arange(0, HEAD_DIM)
+    slot_q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid_q = slot_q < N
+    pos_q, mpos_q = _positions(PERM, slot_q, N, PERMUTED, True, False)
+    q = tl.load(q_base + pos_q[:, None] * s_qn + offs_d[None, :], mask=valid_q[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for i in range(0, nfull):  # full tiles: every pair in range and allowed
+        slot_k = tl.load(lut + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+        pos_k, _ = _positions(PERM, slot_k, N, PERMUTED, False, True)
+        k = tl.load(k_base + pos_k[:, None] * s_kn + offs_d[None, :])
+        v = tl.load(v_base + pos_k[:, None] * s_vn + offs_d[None, :])
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k, v, qk_scale, None, False, IEEE)
+    for i in range(nfull, count):  # partial tiles: element mask
+        slot_k = tl.load(lut + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+        valid_k = slot_k < N
+        pos_k, mpos_k = _positions(PERM, slot_k, N, PERMUTED, False, False)
+        k = tl.load(k_base + pos_k[:, None] * s_kn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
+        v = tl.load(v_base + pos_k[:, None] * s_vn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
+        allowed = _allowed(mpos_q[:, None], mpos_k[None, :], T, S, KS, DIL, KIND)
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k, v, qk_scale, allowed, True, IEEE)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only out-of-range rows (never stored)
+    out = acc / l_safe[:, None]
+    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # natural log
+    tl.store(o_base + pos_q[:, None] * s_on + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=valid_q[:, None])
+    tl.store(LSE + pid_bh.to(tl.int64) * N + pos_q, lse, mask=valid_q)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_bwd_preprocess(
+    O, DO, DLSE, DELTA, s_ob, s_oh, s_on, s_db, s_dh, s_dn, H, N,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr,
+):
+    """delta = rowsum(dO * O) - dlse in float32 (dlse: gradient of the lse output, whose score
+    gradient p * dlse folds into delta), one program per (row block, batch*head); reads O and dO
+    once, writes B*H*N floats."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < N
+    offs_d = tl.arange(0, HEAD_DIM)
+    o = tl.load(O + b * s_ob + h * s_oh + offs[:, None] * s_on + offs_d[None, :], mask=valid[:, None], other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + offs[:, None] * s_dn + offs_d[None, :], mask=valid[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + pid_bh.to(tl.int64) * N + offs, mask=valid, other=0.0)
+    tl.store(DELTA + pid_bh.to(tl.int64) * N + offs, delta, mask=valid)
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, allowedT, MASKED: tl.constexpr, IEEE: tl.constexpr):
+    """dK/dV contribution of one query tile, computed transposed (keys x queries)."""
+    qkT = _dot(k, tl.trans(q), tl.zeros([k.shape[0], q.shape[0]], dtype=tl.float32), IEEE)
+    pT = tl.exp2(qkT * qk_scale - lse2[None, :])
+    if MASKED:
+        pT = tl.where(allowedT, pT, 0.0)
+    dv = _dot(pT.to(do.dtype), do, dv, IEEE)
+    dpT = _dot(v, tl.trans(do), tl.zeros([k.shape[0], q.shape[0]], dtype=tl.float32), IEEE)
+    dsT = pT * (dpT - delta[None, :])
+    dk = _dot(dsT.to(q.dtype), q, dk, IEEE)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, PERM, TAB,
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn,
+    H, N, T, S, KS, DIL, qk_scale, sm_scale,
+    KIND: tl.constexpr, PERMUTED: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK, dV, one program per (key tile, batch*head): K/V tile held, the query tiles of its
+    transposed table row streamed once (q, dO, lse, delta; probabilities recomputed from lse);
+    writes dK and dV once, no atomics, no N x N buffer."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    q_base = Q + b * s_qb + h * s_qh
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+    do_base = DO + b * s_db + h * s_dh
+    row_base = pid_bh.to(tl.int64) * N  # lse, delta, dk, dv are contiguous
+    rec = TAB + ((BLOCK_M // 16) * 9 + BLOCK_N // 16) * 8
+    lut = TAB + tl.load(rec + 4) + pid_n * tl.load(rec + 5)
+    count = tl.load(TAB + tl.load(rec + 6) + pid_n)
+    nfull = tl.load(TAB + tl.load(rec + 7) + pid_n)
+
+    offs_d = tl.arange(0, HEAD_DIM)
+    slot_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    valid_k = slot_k < N
+    pos_k, mpos_k = _positions(PERM, slot_k, N, PERMUTED, False, False)
+    k = tl.load(k_base + pos_k[:, None] * s_kn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
+    v = tl.load(v_base + pos_k[:, None] * s_vn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for i in range(0, nfull):
+        slot_q = tl.load(lut + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+        pos_q, _ = _positions(PERM, slot_q, N, PERMUTED, True, True)
+        q = tl.load(q_base + pos_q[:, None] * s_qn + offs_d[None, :])
+        do = tl.load(do_base + pos_q[:, None] * s_dn + offs_d[None, :])
+        lse2 = tl.load(LSE + row_base + pos_q) * 1.4426950408889634
+        delta = tl.load(DELTA + row_base + pos_q)
+        dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, None, False, IEEE)
+    for i in range(nfull, count):
+        slot_q = tl.load(lut + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid_q = slot_q < N
+        pos_q, mpos_q = _positions(PERM, slot_q, N, PERMUTED, True, False)
+        q = tl.load(q_base + pos_q[:, None] * s_qn + offs_d[None, :], mask=valid_q[:, None], other=0.0)
+        do = tl.load(do_base + pos_q[:, None] * s_dn + offs_d[None, :], mask=valid_q[:, None], other=0.0)
+        lse2 = tl.load(LSE + row_base + pos_q, mask=valid_q, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + row_base + pos_q, mask=valid_q, other=0.0)
+        allowedT = _allowed(mpos_q[None, :], mpos_k[:, None], T, S, KS, DIL, KIND)
+        dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, allowedT, True, IEEE)
+
+    dk = dk * sm_scale
+    out_off = row_base * HEAD_DIM + pos_k[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=valid_k[:, None])
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=valid_k[:, None])
+
+
+@triton.jit
+def _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, allowed, MASKED: tl.constexpr, IEEE: tl.constexpr):
+    """dQ contribution of one key tile."""
+    qk = _dot(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], dtype=tl.float32), IEEE)
+    p = tl.exp2(qk * qk_scale - lse2[:, None])
+    if MASKED:
+        p = tl.where(allowed, p, 0.0)
+    dp = _dot(do, tl.trans(v), tl.zeros([q.shape[0], k.shape[0]], dtype=tl.float32), IEEE)
+    ds = p * (dp - delta[:, None])
+    return _dot(ds.to(k.dtype), k, dq, IEEE)
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, PERM, TAB,
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn,
+    H, N, T, S, KS, DIL, qk_scale, sm_scale,
+    KIND: tl.constexpr, PERMUTED: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ, one program per (query tile, batch*head): q, dO, lse, delta held, the K/V tiles of its
+    forward table row streamed once (probabilities recomputed); writes dQ once, no atomics."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # late (heavier causal) query tiles first
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    q_base = Q + b * s_qb + h * s_qh
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+    do_base = DO + b * s_db + h * s_dh
+    row_base = pid_bh.to(tl.int64) * N
+    rec = TAB + ((BLOCK_M // 16) * 9 + BLOCK_N // 16) * 8
+    lut = TAB + tl.load(rec) + pid_m * tl.load(rec + 1)
+    count = tl.load(TAB + tl.load(rec + 2) + pid_m)
+    nfull = tl.load(TAB + tl.load(rec + 3) + pid_m)
+
+    offs_d = tl.arange(0, HEAD_DIM)
+    slot_q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid_q = slot_q < N
+    pos_q, mpos_q = _positions(PERM, slot_q, N, PERMUTED, True, False)
+    q = tl.load(q_base + pos_q[:, None] * s_qn + offs_d[None, :], mask=valid_q[:, None], other=0.0)
+    do = tl.load(do_base + pos_q[:, None] * s_dn + offs_d[None, :], mask=valid_q[:, None], other=0.0)
+    lse2 = tl.load(LSE + row_base + pos_q, mask=valid_q, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row_base + pos_q, mask=valid_q, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for i in range(0, nfull):
+        slot_k = tl.load(lut + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+        pos_k, _ = _positions(PERM, slot_k, N, PERMUTED, False, True)
+        k = tl.load(k_base + pos_k[:, None] * s_kn + offs_d[None, :])
+        v = tl.load(v_base + pos_k[:, None] * s_vn + offs_d[None, :])
+        dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, None, False, IEEE)
+    for i in range(nfull, count):
+        slot_k = tl.load(lut + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+        valid_k = slot_k < N
+        pos_k, mpos_k = _positions(PERM, slot_k, N, PERMUTED, False, False)
+        k = tl.load(k_base + pos_k[:, None] * s_kn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
+        v = tl.load(v_base + pos_k[:, None] * s_vn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
+        allowed = _allowed(mpos_q[:, None], mpos_k[None, :], T, S, KS, DIL, KIND)
+        dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, allowed, True, IEEE)
+
+    dq = dq * sm_scale
+    out_off = row_base * HEAD_DIM + pos_q[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DQ + out_off, dq.to(DQ.dtype.element_ty), mask=valid_q[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# autotuned variants (GPU, float16/bfloat16)
+# ---------------------------------------------------------------------------------------------
+def _triton_configs(configs):
+    return [
+        triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps, num_stages=c.num_stages)
+        for c in configs
+    ]
+
+
+# key: the problem (seq, head_dim, kind, layout geometry); autotune adds the tensors' dtypes
+_TUNE_KEY = ["N", "T", "S", "KIND", "HEAD_DIM"]
+_attn_fwd_tuned = triton.autotune(_triton_configs(FWD_CONFIGS), key=_TUNE_KEY)(_attn_fwd)
+_attn_bwd_dkdv_tuned = triton.autotune(_triton_configs(DKDV_CONFIGS), key=_TUNE_KEY)(_attn_bwd_dkdv)
+_attn_bwd_dq_tuned = triton.autotune(_triton_configs(DQ_CONFIGS), key=_TUNE_KEY)(_attn_bwd_dq)
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout) -> None:
+    """ValueError unless q, k, v ``(B, H, N, D)`` can be served by these kernels."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"k and v must have q's shape {tuple(q.shape)}, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"backend 'triton' supports dtype float16, bfloat16 and float32 (q, k, v alike), got "
+            f"{q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if q.shape[3] not in HEAD_DIMS:
+        raise ValueError(f"backend 'triton' supports head_dim in {HEAD_DIMS}, got head_dim={q.shape[3]}")
+    dev = q.device
+    if k.device != dev or v.device != dev:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if dev.type != "cuda" and not (INTERPRET and dev.type == "cpu"):
+        raise ValueError(
+            f"backend 'triton' needs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {dev}"
+        )
+    layout.check_seq_len(q.shape[2], "seq")
+    if q.shape[0] * q.shape[1] > 65535:
+        raise ValueError(f"batch * heads must be <= 65535 for backend 'triton', got {q.shape[0] * q.shape[1]}")
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its head_dim stride is 1, else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def prepare_tables(layout: Layout, seq_len: int, device):
+    """``(perm, tables)`` int32 device tensors of (layout, seq_len) (cached; call before CUDA-graph
+    capture so that replays allocate nothing)."""
+    packed = layout.packed_tile_tables(seq_len, TILES)
+    return packed.on(device) + (not packed.is_identity,)
+
+
+def _layout_args(layout: Layout):
+    kind, T, S, KS, DIL = layout.params()
+    return dict(T=T, S=S, KS=KS, DIL=DIL, KIND=kind)
+
+
+def _launch(kernel, tuned, config, grid_rows, B, H, args, consts):
+    """Launches ``kernel`` with ``config`` or, when ``config`` is None, its autotuned variant."""
+    if config is None:
+        tuned[lambda meta: (triton.cdiv(grid_rows, meta["BLOCK_N" if kernel is _attn_bwd_dkdv else "BLOCK_M"]), B * H)](
+            *args, **consts)
+    else:
+        tile = config.block_n if kernel is _attn_bwd_dkdv else config.block_m
+        kernel[(triton.cdiv(grid_rows, tile), B * H)](
+            *args, **consts, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def attention_forward(q, k, v, layout: Layout, scale: float, config: Optional[TileConfig] = None):
+    """Sparse attention forward. q, k, v: ``(B, H, N, D)``. Returns ``(out (B, H, N, D) contiguous
+    in q's dtype, lse (B, H, N) float32)``. ``config`` forces a tile configuration (default:
+    autotuned for float16/bfloat16 on a GPU, a fixed one otherwise)."""
+    check_inputs(q, k, v, layout)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    B, H, N, D = q.shape
+    perm, tables, permuted = prepare_tables(layout, N, q.device)
+    out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    if config is None and not _autotune_enabled(q.dtype):
+        config = _default_configs(D, q.dtype)[0]
+    args = (q, k, v, out, lse, perm, tables, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
+    consts = dict(H=H, N=N, qk_scale=scale * LOG2E, PERMUTED=permuted, HEAD_DIM=D,
+                  IEEE=q.dtype == torch.float32, **_layout_args(layout))
+    _launch(_attn_fwd, _attn_fwd_tuned, config, N, B, H, args, consts)
+    return out, lse
+
+
+def attention_backward(grad_out, q, k, v, out, lse, layout: Layout, scale: float,
+                       configs: Optional[tuple] = None, grad_lse: Optional[torch.Tensor] = None):
+    """Sparse attention backward. All tensors ``(B, H, N, D)`` except lse ``(B, H, N)`` float32 (as
+    returned by :func:`attention_forward`) and the optional gradient of lse, ``grad_lse (B, H, N)``.
+    Returns ``(dq, dk, dv)``, contiguous, in q's dtype. ``configs`` = (dkdv, dq) forces tile
+    configurations."""
+    check_inputs(q, k, v, layout)
+    if grad_out.shape != q.shape or out.shape != q.shape:
+        raise ValueError(f"grad_out and out must have q's shape {tuple(q.shape)}, got "
+                         f"{tuple(grad_out.shape)} and {tuple(out.shape)}")
+    B, H, N, D = q.shape
+    if lse.shape != (B, H, N) or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be float32 of shape {(B, H, N)}, got {lse.dtype} {tuple(lse.shape)}")
+    q, k, v, out = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(out)
+    grad_out = _unit_last(grad_out.to(q.dtype))
+    lse = lse.contiguous()
+    if grad_lse is not None:
+        if grad_lse.shape != (B, H, N):
+            raise ValueError(f"grad_lse must have shape {(B, H, N)}, got {tuple(grad_lse.shape)}")
+        grad_lse = grad_lse.to(torch.float32).contiguous()
+    perm, tables, permuted = prepare_tables(layout, N, q.device)
+
+    delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    block = 16 if INTERPRET else 64
+    _attn_bwd_preprocess[(triton.cdiv(N, block), B * H)](
+        out, grad_out, grad_lse if grad_lse is not None else lse, delta, *out.stride()[:3],
+        *grad_out.stride()[:3], H, N, HEAD_DIM=D, BLOCK=block, HAS_DLSE=grad_lse is not None)
+
+    dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    dv = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    if configs is None and not _autotune_enabled(q.dtype):
+        configs = _default_configs(D, q.dtype)[1:]
+    cfg_dkdv, cfg_dq = configs if configs is not None else (None, None)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
+    consts = dict(H=H, N=N, qk_scale=scale * LOG2E, sm_scale=scale, PERMUTED=permuted, HEAD_DIM=D,
+                  IEEE=q.dtype == torch.float32, **_layout_args(layout))
+    _launch(_attn_bwd_dkdv, _attn_bwd_dkdv_tuned, cfg_dkdv, N, B, H,
+            (q, k, v, grad_out, lse, delta, dk, dv, perm, tables, *strides), consts)
+    _launch(_attn_bwd_dq, _attn_bwd_dq_tuned, cfg_dq, N, B, H,
+            (q, k, v, grad_out, lse, delta, dq, perm, tables, *strides), consts)
+    return dq, dk, dv

@@ -1,0 +1,375 @@
+"""Triton block-sparse attention (backend 'triton') against the float64 dense reference.
+
+Without a GPU the kernels run on CPU tensors under the Triton interpreter (set below, before the
+kernels are defined), with 16 x 16 tiles and tiny, awkward shapes. With a GPU the same tests run on
+CUDA tensors in float32, float16 and bfloat16, plus torch.compile, CUDA-graph and tile-config tests.
+
+Tolerance (flash-attention's rule): the kernel's max error against the float64 reference must be
+within a small multiple of the error PyTorch itself reaches at the same precision: the dense
+reference computed in float32 for float32 inputs (factor 3: same precision, another summation
+order), and computed entirely in float16/bfloat16 for those inputs (factor 2, plus the rounding of
+the reference values to that dtype, as flash-attention 3's tests add).
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import dalle_fast  # noqa: E402
+from dalle_fast import Layout, reference  # noqa: E402
+
+triton = pytest.importorskip("triton")
+from dalle_fast.kernels import sparse_attention as K  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+ALL_KINDS = dalle_fast.KINDS
+
+
+
+@pytest.fixture(autouse=True)
+def _fixed_configs(monkeypatch):
+    """Grid tests use the fixed default tile configs (autotuning is tested separately)."""
+    monkeypatch.setenv("DALLE_FAST_TRITON_AUTOTUNE", "0")
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+def _inputs(b, h, n, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, n, d, generator=g).to(DEVICE, dtype) for _ in range(4)]
+
+
+def _dense(q, k, v, do, layout, compute_dtype):
+    """Reference out and grads with autograd through the dense computation in ``compute_dtype``."""
+    leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v)]
+    out, lse = reference.sparse_attention_lse(*leaves, layout, compute_dtype=compute_dtype)
+    grads = torch.autograd.grad(out, leaves, do.to(compute_dtype))
+    return out.detach(), lse.detach(), grads
+
+
+def _triton(q, k, v, do, layout):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = dalle_fast.sparse_attention(*leaves, layout, backend="triton")
+    grads = torch.autograd.grad(out, leaves, do)
+    return out.detach(), grads
+
+
+def _max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _assert_close(name, got, ref64, base, dtype):
+    """|got - ref64| <= factor * |base - ref64| (+ rounding of ref64 to dtype for 16-bit dtypes)."""
+    err, base_err = _max_err(got, ref64), _max_err(base, ref64)
+    if dtype == torch.float32:
+        bound = 3 * base_err
+    else:
+        rounding = _max_err(ref64.to(dtype), ref64)
+        bound = 2 * base_err + 2 * rounding
+    assert err <= bound, f"{name}: max error {err:.3e} > {bound:.3e} (PyTorch at {dtype}: {base_err:.3e})"
+
+
+def _check_against_reference(layout, b, h, n, d, dtype, seed=0):
+    q, k, v, do = _inputs(b, h, n, d, dtype, seed)
+    ref, ref_lse, ref_grads = _dense(q, k, v, do, layout, torch.float64)
+    base_dtype = torch.float32 if dtype == torch.float32 else dtype
+    base, base_lse, base_grads = _dense(q, k, v, do, layout, base_dtype)
+    out, grads = _triton(q, k, v, do, layout)
+    assert out.dtype == dtype and out.shape == q.shape
+    _assert_close("out", out, ref, base, dtype)
+    for name, g, rg, bg in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
+        assert g.dtype == dtype and g.shape == q.shape
+        _assert_close(name, g, rg, bg, dtype)
+
+
+# text_len 7 / image_size 5 and text_len 20 / image_size 6 (conv kernel 3): neither text_len nor
+# the run lengths are multiples of any tile; 29 stops inside an image row (partial column runs).
+# On a GPU the head_dim-32 case runs in float32 and the head_dim-64 case in bfloat16 and float16
+# (every compiled variant costs GPU-check time); the interpreter runs both in float32 (its dots are
+# numpy float32 whatever the dtype, so 16-bit runs there would test nothing more).
+_F32, _BF16, _F16 = torch.float32, torch.bfloat16, torch.float16
+SHAPES = [
+    # (b, h, text_len, image_size, kernel_size, seq, head_dim, dtype)
+    pytest.param(2, 3, 7, 5, 3, 29, 32, _F32, id="T7-S5-n29-d32-float32"),
+]
+if HAS_CUDA:
+    SHAPES += [
+        pytest.param(2, 3, 20, 6, 3, 56, 64, _BF16, id="T20-S6-n56-d64-bfloat16"),
+        pytest.param(2, 3, 20, 6, 3, 56, 64, _F16, id="T20-S6-n56-d64-float16"),
+    ]
+else:
+    SHAPES += [pytest.param(2, 3, 20, 6, 3, 56, 64, _F32, id="T20-S6-n56-d64-float32")]
+
+
+# ------------------------------------------------------------------------------------------------
+# correctness against the reference
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("b,h,t,s,ks,n,d,dtype", SHAPES)
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_matches_reference(kind, b, h, t, s, ks, n, d, dtype):
+    _check_against_reference(Layout(kind, t, s, kernel_size=ks), b, h, n, d, dtype)
+
+
+@pytest.mark.parametrize(
+    "layout,b,h,n,d",
+    [
+        pytest.param(Layout("conv_like", 9, 6, kernel_size=3, dilation=2), 1, 2, 45, 32, id="conv_like-dil2"),
+        pytest.param(Layout("conv", 3, 7, kernel_size=5), 1, 1, 52, 32, id="conv-K5-b1-h1"),
+        pytest.param(Layout("full", 5, 4, kernel_size=1), 1, 2, 21, 128, id="full-d128"),
+        pytest.param(Layout("col", 1, 4), 2, 1, 3, 32, id="col-n3"),
+    ],
+)
+def test_more_layouts(layout, b, h, n, d):
+    _check_against_reference(layout, b, h, n, d, torch.float32, seed=1)
+
+
+def test_lse_output():
+    layout = Layout("conv", 7, 5, kernel_size=3)
+    q, k, v, _ = _inputs(2, 3, 32, 32, torch.float32, seed=2)
+    _, lse = torch.ops.dalle_fast.triton_sparse_attention_fwd(q, k, v, *layout.params(), 32 ** -0.5)
+    _, ref_lse = reference.sparse_attention_lse(q.double(), k.double(), v.double(), layout)
+    _, base_lse = reference.sparse_attention_lse(q, k, v, layout)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 3, 32)
+    _assert_close("lse", lse, ref_lse, base_lse, torch.float32)
+
+
+def test_lse_gradient():
+    """The op's lse output is differentiable too (d lse / d score = softmax)."""
+    layout = Layout("col", 7, 5)
+    q, k, v, do = _inputs(1, 2, 29, 32, torch.float32, seed=10)
+    g = torch.Generator().manual_seed(11)
+    dlse = torch.randn(1, 2, 29, generator=g).to(DEVICE)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = torch.ops.dalle_fast.triton_sparse_attention_fwd(*leaves, *layout.params(), 32 ** -0.5)
+    grads = torch.autograd.grad([out, lse], leaves, [do, dlse])
+    for dt, store in ((torch.float64, "ref"), (torch.float32, "base")):
+        ls = [t.to(dt).requires_grad_() for t in (q, k, v)]
+        o, l = reference.sparse_attention_lse(*ls, layout, compute_dtype=dt)
+        gs = torch.autograd.grad([o, l], ls, [do.to(dt), dlse.to(dt)])
+        if store == "ref":
+            ref_grads = gs
+        else:
+            base_grads = gs
+    for name, got, rg, bg in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
+        _assert_close(name, got, rg, bg, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# strides, errors, tables
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["row", "col"])
+def test_strided_views_match_contiguous(kind):
+    """(B, N, H, D) views of a fused qkv projection, transposed to (B, H, N, D), need no copy and
+    give the same result (bit for bit) as contiguous inputs; so do non-unit head_dim strides."""
+    layout = Layout(kind, 7, 5)
+    b, n, h, d = 2, 32, 3, 32
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(b, n, 3, h, d, generator=g).to(DEVICE)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    assert q.stride() == (n * 3 * h * d, d, 3 * h * d, 1)
+    do = torch.randn(b, h, n, d, generator=g).to(DEVICE)
+    out_c, grads_c = _triton(q.contiguous(), k.contiguous(), v.contiguous(), do, layout)
+    out_s, grads_s = _triton(q, k, v, do.transpose(1, 2).contiguous().transpose(1, 2), layout)
+    assert torch.equal(out_s, out_c)
+    for gs, gc in zip(grads_s, grads_c):
+        assert torch.equal(gs, gc)
+    wide = torch.randn(b, h, n, 2 * d, generator=g).to(DEVICE)
+    q2 = wide[..., ::2]  # head_dim stride 2: copied inside the launcher
+    out_w, _ = _triton(q2, k, v, do, layout)
+    out_wc, _ = _triton(q2.contiguous(), k, v, do, layout)
+    assert torch.equal(out_w, out_wc)
+
+
+def test_bad_head_dim():
+    q = torch.randn(1, 1, 8, 48, device=DEVICE)
+    with pytest.raises(ValueError, match="head_dim"):
+        dalle_fast.sparse_attention(q, q, q, Layout("row", 4, 2), backend="triton")
+    with pytest.raises(ValueError, match="head_dim"):
+        torch.ops.dalle_fast.triton_sparse_attention_fwd(q, q, q, *Layout("row", 4, 2).params(), 1.0)
+
+
+def test_bad_dtype_and_seq():
+    q = torch.randn(1, 1, 8, 32, device=DEVICE, dtype=torch.float64)
+    with pytest.raises(ValueError, match="dtype"):
+        dalle_fast.sparse_attention(q, q, q, Layout("row", 4, 2), backend="triton")
+    q = torch.randn(1, 1, 9, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="seq"):
+        torch.ops.dalle_fast.triton_sparse_attention_fwd(q, q, q, *Layout("row", 4, 2).params(), 1.0)
+
+
+def test_import_does_not_import_triton():
+    import subprocess
+    import sys
+
+    code = "import sys, dalle_fast; assert 'triton' not in sys.modules, 'triton imported'"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_packed_tables_match_tile_tables_and_are_cached():
+    layout = Layout("col", 7, 5)
+    n = 29
+    perm, tables, permuted = K.prepare_tables(layout, n, DEVICE)
+    again = K.prepare_tables(layout, n, DEVICE)
+    assert again[0] is perm and again[1] is tables and permuted
+    packed = layout.packed_tile_tables(n, K.TILES)
+    assert torch.equal(packed.perm.long(), layout.permutation(n))
+    for bm, bn in [(16, 16), (32, 128), (128, 64)]:
+        assert (bm, bn) in K.TILES
+        tt = layout.tile_table(n, bm, bn)
+        _, lut, counts, num_full, t_lut, t_counts, t_num_full = tt.padded()
+        lut_off, width, cnt_off, nf_off, t_lut_off, t_width, t_cnt_off, t_nf_off = packed.record(bm, bn)
+        tab = packed.tables
+        assert torch.equal(tab[lut_off:lut_off + lut.numel()].view(-1, width), lut)
+        assert torch.equal(tab[cnt_off:cnt_off + counts.numel()], counts)
+        assert torch.equal(tab[nf_off:nf_off + num_full.numel()], num_full)
+        assert torch.equal(tab[t_lut_off:t_lut_off + t_lut.numel()].view(-1, t_width), t_lut)
+        assert torch.equal(tab[t_cnt_off:t_cnt_off + t_counts.numel()], t_counts)
+        assert torch.equal(tab[t_nf_off:t_nf_off + t_num_full.numel()], t_num_full)
+    assert packed.record(48, 16) == [-1] * 8
+    with pytest.raises(ValueError, match="block_m"):
+        layout.packed_tile_tables(n, ((24, 16),))
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.library / compile / CUDA graphs
+# ------------------------------------------------------------------------------------------------
+def test_opcheck():
+    layout = Layout("col", 7, 5)
+    q, k, v, do = _inputs(1, 2, 20, 32, torch.float32, seed=4)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.dalle_fast.triton_sparse_attention_fwd.default,
+                          (q, k, v, *layout.params(), 0.2))
+    out, lse = torch.ops.dalle_fast.triton_sparse_attention_fwd(q.detach(), k.detach(), v.detach(),
+                                                                 *layout.params(), 0.2)
+    torch.library.opcheck(torch.ops.dalle_fast.triton_sparse_attention_bwd.default,
+                          (do, q.detach(), k.detach(), v.detach(), out, lse, None, *layout.params(), 0.2))
+
+
+def _compile_case(backend):
+    layout = Layout("conv", 7, 5, kernel_size=3)
+    q, k, v, do = _inputs(1, 2, 32, 32, torch.float32, seed=5)
+
+    def f(q, k, v):
+        return dalle_fast.sparse_attention(q, k, v, layout, backend="triton") * 2.0
+
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = compiled(*leaves)
+    grads = torch.autograd.grad(out, leaves, do)
+    out_e, grads_e = _triton(q, k, v, do * 2.0, layout)
+    torch.testing.assert_close(out, out_e * 2.0, rtol=0, atol=0)
+    for g, ge in zip(grads, grads_e):
+        torch.testing.assert_close(g, ge, rtol=0, atol=0)
+
+
+def test_compile_fullgraph_aot_eager():
+    """Fake kernels and autograd registration hold up under dynamo/AOTAutograd (any device)."""
+    torch._dynamo.reset()
+    _compile_case("aot_eager")
+
+
+@needs_gpu
+def test_compile_fullgraph_inductor():
+    torch._dynamo.reset()
+    _compile_case("inductor")
+
+
+@needs_gpu
+def test_cuda_graph_capture_replay():
+    layout = Layout("col", 20, 6)
+    q, k, v, do = _inputs(2, 3, 56, 64, torch.bfloat16, seed=6)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+
+    def step():
+        out = dalle_fast.sparse_attention(*leaves, layout, backend="triton")
+        return (out,) + torch.autograd.grad(out, leaves, do)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm up: compile kernels, build and upload tables
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    fresh = _inputs(2, 3, 56, 64, torch.bfloat16, seed=7)
+    for leaf, new in zip(leaves, fresh[:3]):
+        leaf.data.copy_(new)
+    do.copy_(fresh[3])
+    graph.replay()
+    torch.cuda.synchronize()
+    eager_out, eager_grads = _triton(*fresh, layout)
+    for got, want in zip(static, (eager_out,) + tuple(eager_grads)):
+        assert torch.equal(got, want)
+
+
+@needs_gpu
+def test_every_tile_config():
+    """Each autotuning candidate is correct (autotuning may pick any of them); col: gathered rows
+    through the permutation, partial tiles at both ends of the runs."""
+    layout = Layout("col", 20, 6)
+    dtype = torch.bfloat16
+    q, k, v, do = _inputs(2, 2, 56, 64, dtype, seed=8)
+    ref, _, ref_grads = _dense(q, k, v, do, layout, torch.float64)
+    base, _, base_grads = _dense(q, k, v, do, layout, dtype)
+    scale = 64 ** -0.5
+    for cfg in K.FWD_CONFIGS:
+        out, lse = K.attention_forward(q, k, v, layout, scale, config=cfg)
+        _assert_close(f"out {cfg}", out, ref, base, dtype)
+    for cfg_dkdv, cfg_dq in zip(K.DKDV_CONFIGS, K.DQ_CONFIGS):
+        dq, dk, dv = K.attention_backward(do, q, k, v, out, lse, layout, scale, configs=(cfg_dkdv, cfg_dq))
+        for name, g, rg, bg in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads, base_grads):
+            _assert_close(f"{name} {cfg_dkdv} {cfg_dq}", g, rg, bg, dtype)
+
+
+@needs_gpu
+def test_autotuned_at_paper_size(monkeypatch):
+    """The autotuned path at the paper's sequence (text 256 + 32 x 32), bfloat16, col layer."""
+    monkeypatch.setenv("DALLE_FAST_TRITON_AUTOTUNE", "1")
+    _check_against_reference(Layout("col", 256, 32), 1, 2, 1280, 64, torch.bfloat16, seed=9)
+
+
+_XCOMPILE = r'''
+import sys, torch, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from dalle_fast.kernels import sparse_attention as K
+assert not K.INTERPRET
+PTR = {"LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32", "PERM": "*i32", "TAB": "*i32"}
+# bfloat16: col (permuted gathers) and conv (the busiest element mask), all three kernels;
+# float32 (IEEE dots, slow to compile): the forward of col
+CASES = [(torch.bfloat16, "*bf16", 2, 3), (torch.bfloat16, "*bf16", 3, 3), (torch.float32, "*fp32", 2, 1)]
+for dtype, ty, kind, nk in CASES:
+    cfgs = K._default_configs(64, dtype)
+    for fn, cfg in list(zip((K._attn_fwd, K._attn_bwd_dkdv, K._attn_bwd_dq), cfgs))[:nk]:
+        c = dict(KIND=kind, PERMUTED=kind == 2, HEAD_DIM=64, IEEE=dtype == torch.float32,
+                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+        sig = {n: "constexpr" if n in c else PTR.get(n, ty if n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
+               else "fp32" if n in ("qk_scale", "sm_scale") else "i32") for n in fn.arg_names}
+        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=c), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+print("compiled")
+'''
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU tests compile and run the kernels for real")
+def test_kernels_compile_for_hopper():
+    """Without a GPU: the kernels (not the interpreter) lower to sm_90 code with this Triton."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    r = subprocess.run([sys.executable, "-c", _XCOMPILE], env=env, capture_output=True, text=True)
+    if r.returncode != 0 and ("ptxas" in r.stderr.lower() and "not found" in r.stderr.lower()):
+        pytest.skip("no ptxas available to this Triton")
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
