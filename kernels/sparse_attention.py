@@ -571,3 +571,14 @@ def attention_backward(grad_out, q, k, v, out, lse, layout: Layout, scale: float
     _launch(_attn_bwd_dq, _attn_bwd_dq_tuned, cfg_dq, N, B, H,
             (q, k, v, grad_out, lse, delta, dq, perm, tables, *strides), consts)
     return dq, dk, dv
+
+
+def last_forward_tiles(dtype: torch.dtype, head_dim: int) -> tuple:
+    """(BLOCK_M, BLOCK_N) of the forward configuration used by the latest autotuned launch (or the
+    fixed one for ``dtype``/``head_dim`` when autotuning is off): what benchmarks count as the
+    computed tiles."""
+    if _autotune_enabled(dtype) and getattr(_attn_fwd_tuned, "best_config", None) is not None:
+        kw = _attn_fwd_tuned.best_config.kwargs
+        return kw["BLOCK_M"], kw["BLOCK_N"]
+    cfg = _default_configs(head_dim, dtype)[0]
+    return cfg.block_m, cfg.block_n
