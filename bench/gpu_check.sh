@@ -18,7 +18,7 @@ OUT="${OUT:-bench/out}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
-BUDGET="${DALLE_FAST_CHECK_BUDGET:-460}"
+BUDGET="${DALLE_FAST_CHECK_BUDGET:-470}"
 export MAX_JOBS="${MAX_JOBS:-16}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -83,8 +83,8 @@ step import 60 "$PY" -c "import dalle_fast, torch; import dalle_fast._C; print('
 
 # 3. attention benchmark --------------------------------------------------------------------------
 if [[ -f bench/attention.py ]]; then
-  step bench_attention 200 "$PY" bench/attention.py --device cuda --dtype bfloat16 --batch 8 --heads 16 \
-    --head-dim 64 --kinds row,col,conv,full --out "$OUT/attention"
+  step bench_attention 230 "$PY" bench/attention.py --device cuda --dtype bfloat16 --batch 8 --heads 16 \
+    --head-dim 64 --kinds row,col,conv,full --modes fwd,bwd,fwdbwd --quick-flex --out "$OUT/attention"
 else
   NAMES+=("bench_attention"); RESULTS+=("FAIL(bench/attention.py missing)"); SECONDS_USED+=(0); FAILED=1
 fi
