@@ -17,7 +17,7 @@
 
 #include "common/mask.h"  // DF_HOST_DEVICE
 
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)
 #define DF_FMAF(a, b, c) __fmaf_rn((a), (b), (c))
 #define DF_MULF(a, b) __fmul_rn((a), (b))
 #define DF_SUBF(a, b) __fsub_rn((a), (b))
@@ -40,7 +40,7 @@ constexpr int SAMPLE_NONFINITE = 1;  // NaN or +inf in the (guided) logits insid
 constexpr int SAMPLE_EMPTY = 2;      // every logit in the vocab range is -inf
 
 DF_HOST_DEVICE uint32_t float_bits(float f) {
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)
   return __float_as_uint(f);
 #else
   uint32_t u;
@@ -50,7 +50,7 @@ DF_HOST_DEVICE uint32_t float_bits(float f) {
 }
 
 DF_HOST_DEVICE float bits_float(uint32_t u) {
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)
   return __uint_as_float(u);
 #else
   float f;
