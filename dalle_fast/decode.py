@@ -102,7 +102,10 @@ def _check(q, k_new, v_new, k_cache, v_cache, pos, layout, text_k_cache, text_v_
                 or prompt_index.shape != (B,) or prompt_index.device != q.device):
             raise ValueError(f"prompt_index must be an int64 ({B},) tensor on {q.device}")
     offset = T if shared else 0
-    if pos.device.type == "cpu":  # value checks need the host; CUDA kernels guard on the device
+    # value checks need the host: CPU tensors in eager mode (the C++ CPU kernel checks again when
+    # compiled); CUDA kernels guard on the device
+    eager = not torch.compiler.is_compiling()
+    if pos.device.type == "cpu" and eager:
         lo, hi = int(pos.min()), int(pos.max())
         if lo < offset or hi >= layout.seq_len:
             raise ValueError(f"pos must be in [{offset}, {layout.seq_len}) for {layout}"
@@ -111,7 +114,7 @@ def _check(q, k_new, v_new, k_cache, v_cache, pos, layout, text_k_cache, text_v_
         if hi - offset >= k_cache.shape[2]:
             raise ValueError(f"k_cache is too short: pos {hi} needs cache_len > {hi - offset}, got "
                              f"{k_cache.shape[2]}")
-    if shared and prompt_index.device.type == "cpu" and prompt_index.numel():
+    if shared and eager and prompt_index.device.type == "cpu" and prompt_index.numel():
         if int(prompt_index.min()) < 0 or int(prompt_index.max()) >= text_k_cache.shape[0]:
             raise ValueError(f"prompt_index values must be in [0, {text_k_cache.shape[0]})")
 
