@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -76,6 +77,22 @@ inline float fast_exp2(float x) {
   return p * s;
 }
 
+constexpr int64_t CHUNK_ITEMS = 4;  // (head, row) work items taken at once
+constexpr int64_t LANES = 16;  // independent accumulators: lets the compiler vectorise the dot
+
+template <typename T>
+inline float dot(const float* q, const T* k, int64_t D) {
+  float acc[LANES] = {};
+  int64_t d = 0;
+  for (; d + LANES <= D; d += LANES) {
+    for (int64_t l = 0; l < LANES; ++l) acc[l] += q[d + l] * load(k, d + l);
+  }
+  for (; d < D; ++d) acc[0] += q[d] * load(k, d);
+  float s = 0.f;
+  for (int64_t l = 0; l < LANES; ++l) s += acc[l];
+  return s;
+}
+
 template <typename T>
 void run(const DecodeArgs& a) {
   const int64_t B = a.batch, H = a.heads, D = a.head_dim;
@@ -83,9 +100,27 @@ void run(const DecodeArgs& a) {
   const int64_t max_keys = max_decode_keys(L);
   const float qscale = a.scale * 1.44269504088896341f;  // scores in log2 units
   const bool shared = a.text_k.data != nullptr;
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  // key positions of each row (the same for all heads): B * max_keys int64, O(keys) per row
+  std::vector<int64_t> key_pos(static_cast<size_t>(B * max_keys));
+  std::vector<int64_t> n_keys(B), n_text(B);
+  for (int64_t b = 0; b < B; ++b) {
+    const DecodeKeys dk = decode_keys(L, a.pos[b * a.pos_stride]);
+    n_keys[b] = dk.total();
+    n_text[b] = dk.n_text;
+    for (int64_t j = 0; j < dk.total(); ++j) key_pos[b * max_keys + j] = dk.position(j);
+  }
+  // work items pulled dynamically in chunks of CHUNK_ITEMS (load balance on busy machines)
+  const int64_t n_items = B * H;
+  const int64_t n_threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_items));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, n_threads, 1, [&](int64_t, int64_t) {
     std::vector<float> scores(static_cast<size_t>(max_keys));
     std::vector<float> qf(static_cast<size_t>(D)), acc(static_cast<size_t>(D));
+    std::vector<const T*> krows(static_cast<size_t>(max_keys)), vrows(static_cast<size_t>(max_keys));
+    for (;;) {
+    const int64_t begin = next.fetch_add(CHUNK_ITEMS, std::memory_order_relaxed);
+    if (begin >= n_items) break;
+    const int64_t end = std::min(n_items, begin + CHUNK_ITEMS);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t h = item / B, b = item % B;
       const int64_t pos = a.pos[b * a.pos_stride];
@@ -96,47 +131,50 @@ void run(const DecodeArgs& a) {
       // 1. append the new key/value at pos
       std::memcpy(kc + slot * a.k_cache.s2, static_cast<const T*>(a.k_new) + row * D, D * sizeof(T));
       std::memcpy(vc + slot * a.v_cache.s2, static_cast<const T*>(a.v_new) + row * D, D * sizeof(T));
-      const T* tk = nullptr;
-      const T* tv = nullptr;
+      const int64_t n = n_keys[b];
+      const int64_t* kp = key_pos.data() + b * max_keys;
+      int64_t j = 0;
       if (shared) {
         const int64_t p = a.prompt_index[b];
-        tk = static_cast<const T*>(a.text_k.data) + p * a.text_k.s0 + h * a.text_k.s1;
-        tv = static_cast<const T*>(a.text_v.data) + p * a.text_v.s0 + h * a.text_v.s1;
+        const T* tk = static_cast<const T*>(a.text_k.data) + p * a.text_k.s0 + h * a.text_k.s1;
+        const T* tv = static_cast<const T*>(a.text_v.data) + p * a.text_v.s0 + h * a.text_v.s1;
+        for (; j < n_text[b]; ++j) {
+          krows[j] = tk + j * a.text_k.s2;
+          vrows[j] = tv + j * a.text_v.s2;
+        }
+      }
+      for (; j < n; ++j) {
+        const int64_t s = kp[j] - a.cache_offset;
+        krows[j] = kc + s * a.k_cache.s2;
+        vrows[j] = vc + s * a.v_cache.s2;
       }
       const T* qp = static_cast<const T*>(a.q) + row * D;
       for (int64_t d = 0; d < D; ++d) qf[d] = load(qp, d) * qscale;
-      const DecodeKeys dk = decode_keys(L, pos);
-      const int64_t n = dk.total();
-      auto key_row = [&](int64_t j, bool value) -> const T* {
-        if (j < dk.n_text && shared) return (value ? tv : tk) + j * (value ? a.text_v.s2 : a.text_k.s2);
-        const int64_t s = dk.position(j) - a.cache_offset;
-        return value ? vc + s * a.v_cache.s2 : kc + s * a.k_cache.s2;
-      };
       // 2. scores
       float mx = -INFINITY;
-      for (int64_t j = 0; j < n; ++j) {
-        const T* kr = key_row(j, false);
-        float s = 0.f;
-        for (int64_t d = 0; d < D; ++d) s += qf[d] * load(kr, d);
+      for (j = 0; j < n; ++j) {
+        const float s = dot(qf.data(), krows[j], D);
         scores[j] = s;
         mx = std::max(mx, s);
       }
       float sum = 0.f;
-      for (int64_t j = 0; j < n; ++j) {
+      for (j = 0; j < n; ++j) {
         const float p = fast_exp2(scores[j] - mx);
         scores[j] = p;
         sum += p;
       }
       // 3. weighted values
+      float* ac = acc.data();
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t j = 0; j < n; ++j) {
-        const T* vr = key_row(j, true);
+      for (j = 0; j < n; ++j) {
+        const T* vr = vrows[j];
         const float p = scores[j];
-        for (int64_t d = 0; d < D; ++d) acc[d] += p * load(vr, d);
+        for (int64_t d = 0; d < D; ++d) ac[d] += p * load(vr, d);
       }
       float* o = a.out + row * D;
       const float inv = 1.f / sum;
-      for (int64_t d = 0; d < D; ++d) o[d] = acc[d] * inv;
+      for (int64_t d = 0; d < D; ++d) o[d] = ac[d] * inv;
+    }
     }
   });
 }

@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -156,9 +157,12 @@ void sample_row(const SampleParams& p, const float* cond, const float* uncond, i
 
 void sample(const SampleParams& p, const float* cond, const float* uncond, const int64_t* seeds,
             int64_t step, int64_t* tokens, int32_t* errors) {
-  at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
+  // rows pulled dynamically (load balance on busy machines)
+  const int64_t n_threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), p.batch));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, n_threads, 1, [&](int64_t, int64_t) {
     Scratch s;
-    for (int64_t b = begin; b < end; ++b) {
+    for (int64_t b = next.fetch_add(1); b < p.batch; b = next.fetch_add(1)) {
       sample_row(p, cond + b * p.vocab, p.guided ? uncond + b * p.vocab : nullptr, seeds[b], step,
                  tokens + b, errors + b, s);
     }
