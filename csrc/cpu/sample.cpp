@@ -1,5 +1,6 @@
 // CPU sampler: one row per task; passes over the row's vocab range: guided logits + max + checks,
-// top-k threshold by std::nth_element on order keys (O(V), no sort), integer weights, top-p
+// top-k threshold by a 12-bit count histogram of the order keys plus std::nth_element inside
+// the selected bucket (O(V), no sort), integer weights, top-p
 // threshold by a 4-pass 8-bit radix select on the order keys weighted by mass (O(V)), and the
 // inverse-CDF draw in index order. Traffic: the row's logits once (twice with guidance), scratch
 // in L1/L2. Semantics in common/sampling.h.
@@ -20,11 +21,15 @@ namespace {
 
 constexpr int RADIX_BITS = 8;
 constexpr int RADIX_BINS = 1 << RADIX_BITS;
+constexpr int TOPK_BITS = 12;  // first-level bucket bits of the top-k select
+constexpr int64_t TOPK_BINS = int64_t(1) << TOPK_BITS;
 
 struct Scratch {
   std::vector<float> x;
   std::vector<uint32_t> key, sel;
   std::vector<uint64_t> w;
+  std::vector<int64_t> idx;
+  std::vector<int64_t> hist;
 };
 
 // Largest order key tau such that the mass of C1 elements with key >= tau reaches target; also
@@ -57,6 +62,7 @@ void sample_row(const SampleParams& p, const float* cond, const float* uncond, i
   s.x.resize(n);
   s.key.resize(n);
   s.w.resize(n);
+  s.idx.resize(n);
   float* x = s.x.data();
   uint32_t* key = s.key.data();
   uint64_t* w = s.w.data();
@@ -97,12 +103,19 @@ void sample_row(const SampleParams& p, const float* cond, const float* uncond, i
   uint32_t tau_k = NEG_INF_KEY + 1;  // every finite key
   int64_t cut_k = n;                  // ties at tau_k admitted up to this index (inclusive)
   if (p.top_k > 0 && p.top_k < finite) {
-    s.sel.resize(finite);
-    int64_t f = 0;
+    // k-th largest key: a count histogram of the top TOPK_BITS key bits finds its bucket, then
+    // nth_element runs over that bucket only
+    s.hist.assign(TOPK_BINS, 0);
+    for (int64_t i = 0; i < n; ++i) s.hist[key[i] >> (32 - TOPK_BITS)] += key[i] != NEG_INF_KEY;
+    int64_t bucket = TOPK_BINS - 1, above = 0;
+    for (; bucket > 0 && above + s.hist[bucket] < p.top_k; --bucket) above += s.hist[bucket];
+    s.sel.clear();
     for (int64_t i = 0; i < n; ++i)
-      if (key[i] != NEG_INF_KEY) s.sel[f++] = key[i];
-    std::nth_element(s.sel.begin(), s.sel.begin() + (p.top_k - 1), s.sel.end(), std::greater<uint32_t>());
-    tau_k = s.sel[p.top_k - 1];
+      if ((key[i] >> (32 - TOPK_BITS)) == static_cast<uint32_t>(bucket) && key[i] != NEG_INF_KEY)
+        s.sel.push_back(key[i]);
+    const int64_t r = p.top_k - above - 1;  // rank inside the bucket
+    std::nth_element(s.sel.begin(), s.sel.begin() + r, s.sel.end(), std::greater<uint32_t>());
+    tau_k = s.sel[r];
     int64_t gt = 0;
     for (int64_t i = 0; i < n; ++i) gt += key[i] > tau_k;
     int64_t need = p.top_k - gt;  // >= 1 ties admitted, in index order
@@ -113,24 +126,31 @@ void sample_row(const SampleParams& p, const float* cond, const float* uncond, i
       }
     }
   }
-  // 3. integer weights of C1
+  // 3. C1 compacted in index order with its integer weights (top-p and the draw then touch only C1)
+  int64_t m = 0;
   uint64_t total = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const bool in = key[i] > tau_k || (key[i] == tau_k && i <= cut_k);
-    w[i] = in ? logit_weight(x[i], mx, p.exp2_scale) : 0ull;
-    total += w[i];
+    if (key[i] > tau_k || (key[i] == tau_k && i <= cut_k)) {
+      const uint64_t wi = logit_weight(x[i], mx, p.exp2_scale);
+      if (wi == 0) continue;  // weight-0 members can never be drawn
+      s.idx[m] = i;
+      key[m] = key[i];  // m <= i: compaction in place
+      w[m] = wi;
+      total += wi;
+      ++m;
+    }
   }
   // 4. C2: top-p as the shortest rank prefix reaching ceil(top_p * total)
   uint64_t total2 = total;
   uint32_t tau_p = 0;
-  int64_t cut_p = n;
+  int64_t cut_p = m;
   if (p.top_p < 1.0) {
     const uint64_t target = top_p_target(p.top_p, total);
     uint64_t above = 0;
-    tau_p = radix_select_mass(key, w, n, target, &above);
+    tau_p = radix_select_mass(key, w, m, target, &above);
     uint64_t acc = above;
-    for (int64_t i = 0; i < n; ++i) {
-      if (key[i] == tau_p && w[i] != 0) {
+    for (int64_t i = 0; i < m; ++i) {
+      if (key[i] == tau_p) {
         acc += w[i];
         if (acc >= target) {
           cut_p = i;
@@ -144,10 +164,10 @@ void sample_row(const SampleParams& p, const float* cond, const float* uncond, i
   const uint64_t t = mulhi64(sample_random_u64(seed, step), total2);
   uint64_t acc = 0;
   int64_t last = arg;
-  for (int64_t i = 0; i < n; ++i) {
-    if (w[i] == 0 || key[i] < tau_p || (key[i] == tau_p && i > cut_p)) continue;
+  for (int64_t i = 0; i < m; ++i) {
+    if (key[i] < tau_p || (key[i] == tau_p && i > cut_p)) continue;
     acc += w[i];
-    last = i;
+    last = s.idx[i];
     if (acc > t) break;
   }
   *token = p.lo + last;
