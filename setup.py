@@ -12,6 +12,8 @@ Environment:
 
 import glob
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -43,7 +45,33 @@ def nvidia_include_dirs():
     return dirs
 
 
+def find_cuda_home():
+    """The CUDA toolkit root, for torch.utils.cpp_extension (which otherwise takes the parent of the
+    `nvcc` found on PATH: wrong when that nvcc is a wrapper script outside the toolkit)."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return os.environ.get("CUDA_HOME") or os.environ["CUDA_PATH"]
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(Path(os.path.realpath(nvcc)).parent.parent)
+        try:  # a wrapper script that execs the real nvcc: ask nvcc where it lives
+            out = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=30)
+            for line in (out.stdout + out.stderr).splitlines():
+                if "TOP=" in line:
+                    candidates.append(Path(line.split("TOP=", 1)[1].strip()))
+        except (OSError, subprocess.SubprocessError):
+            pass
+    candidates += [Path("/usr/local/cuda")] + sorted(Path("/usr/local").glob("cuda-*"), reverse=True)
+    for c in candidates:
+        if (c / "include" / "cuda_runtime.h").is_file() and (c / "bin" / "nvcc").is_file():
+            return str(c)
+    return None
+
+
 def extensions():
+    cuda_home = find_cuda_home()
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 

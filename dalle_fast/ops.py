@@ -22,7 +22,7 @@ import torch
 from . import reference
 from .masks import Layout
 
-__all__ = ["sparse_attention", "BACKENDS", "resolve_backend", "computed_pairs"]
+__all__ = ["sparse_attention", "decode_attention", "sample", "BACKENDS", "resolve_backend", "computed_pairs"]
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 CPU_MAX_HEAD_DIM = 256
@@ -187,11 +187,13 @@ def sparse_attention(q, k, v, layout: Layout, *, scale: Optional[float] = None,
     name = resolve_backend(backend, q.device)
     return _SPARSE_ATTENTION[name](q, k, v, layout, scale)
 
-
 # ---------------------------------------------------------------------------------------------
-# optional backends
+# optional backends and the decoding ops
 # ---------------------------------------------------------------------------------------------
 from . import _triton_ops  # noqa: E402  (registers dalle_fast::triton_sparse_attention_*; no triton import)
 
 if _triton_ops.triton_available():
     _SPARSE_ATTENTION["triton"] = _triton_ops.triton_sparse_attention
+
+from .decode import decode_attention  # noqa: E402,F401  (KV-cached decoding)
+from .sampling import sample  # noqa: E402,F401

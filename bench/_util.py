@@ -1,0 +1,79 @@
+"""Shared helpers of the benchmark scripts: timing, machine description, result files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        name = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+        name += f", {torch.get_num_threads()} threads"
+    cuda = f", CUDA {torch.version.cuda}" if device == "cuda" else ""
+    return f"{platform.node()}: {name} (torch {torch.__version__}{cuda})"
+
+
+def timeit(fn, device: str, min_time: float = 0.2, reps: int = 5) -> float:
+    """Median seconds per call of fn over `reps` batches of calls that each last >= ~min_time / reps."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    one = max(time.perf_counter() - t0, 1e-6)
+    n = max(1, int(min_time / reps / one))
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(n):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3 / n)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            times.append((time.perf_counter() - t0) / n)
+    return statistics.median(times)
+
+
+def print_table(rows, columns):
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(str(r[c]).rjust(w) for c, w in zip(columns, widths)))
+
+
+def write_results(out_dir, name, rows, meta):
+    if not out_dir:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump({"meta": meta, "results": rows}, f, indent=1)
+    if rows:
+        with open(os.path.join(out_dir, f"{name}.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+            w.writeheader()
+            w.writerows(rows)
+    print(f"wrote {out_dir}/{name}.json and .csv")

@@ -1,0 +1,108 @@
+"""Benchmark dalle_fast.decode_attention against dense SDPA over the cached prefix.
+
+Baseline: write k_new/v_new into the cache (index_copy_) + F.scaled_dot_product_attention of the
+query over the whole cached prefix (what a dense KV-cached decoder does). Reported GB/s count the
+bytes decode_attention must read: the allowed K and V rows (text once per prompt in the shared
+best-of-N rows), q, k_new, v_new, plus the output and cache writes.
+
+    python bench/decode.py --device cuda --quick --out bench/out
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(1, os.path.dirname(HERE))  # the repository (in-place build) when not installed
+import dalle_fast  # noqa: E402
+from _util import machine, print_table, timeit, write_results  # noqa: E402
+
+
+def must_read_bytes(layout, pos, B, H, D, elem, prompts=None):
+    keys = layout.decode_keys(pos)
+    T = layout.text_len
+    n_text = int((keys < T).sum())
+    n_img = keys.numel() - n_text
+    text_rows = (prompts if prompts is not None else B) * n_text
+    kv = (text_rows + B * n_img) * H * D * 2 * elem
+    return kv + B * H * D * elem * 6  # q, k_new, v_new read; out, k/v cache entries written
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--quick", action="store_true", help="small sweep (< 60 s on a GPU)")
+    ap.add_argument("--out", default=None, help="directory for decode.csv / decode.json")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="default bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--text-len", type=int, default=256)
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--candidates", type=int, default=8, help="best-of-N candidates per prompt (shared rows)")
+    args = ap.parse_args()
+    dev = args.device
+    dtype = getattr(torch, args.dtype or ("bfloat16" if dev == "cuda" else "float32"))
+    elem = torch.tensor([], dtype=dtype).element_size()
+    H, D, T, S = args.heads, args.head_dim, args.text_len, args.image_size
+    if dev == "cuda":
+        batches = [1, 64] if args.quick else [1, 8, 64, 256]
+    else:
+        batches = [16] if args.quick else [1, 16, 64]
+    kinds = ["row", "col", "conv", "full"] if args.quick else list(dalle_fast.KINDS)
+    N = T + S * S
+    print(machine(dev))
+    rows = []
+    g = torch.Generator(device=dev).manual_seed(0)
+    for B in batches:
+        kc = torch.randn(B, H, N, D, device=dev, dtype=dtype, generator=g)
+        vc = torch.randn(B, H, N, D, device=dev, dtype=dtype, generator=g)
+        q, kn, vn = (torch.randn(B, H, 1, D, device=dev, dtype=dtype, generator=g) for _ in range(3))
+        P = max(1, B // args.candidates)
+        prompt_index = torch.arange(B, device=dev) * P // B
+        tk = torch.randn(P, H, T, D, device=dev, dtype=dtype, generator=g)
+        tv = torch.randn(P, H, T, D, device=dev, dtype=dtype, generator=g)
+        ik, iv = kc[:, :, T:].contiguous(), vc[:, :, T:].contiguous()
+        for kind in kinds:
+            layout = dalle_fast.Layout(kind, T, S, kernel_size=11 if kind == "conv" else 5)
+            positions = [T, T + S * S // 2, N - 1]
+            for p in positions:
+                pos = torch.full((B,), p, dtype=torch.long, device=dev)
+                idx = pos[:1]
+                ours = lambda: dalle_fast.decode_attention(q, kn, vn, kc, vc, pos, layout)  # noqa: E731
+                shared = lambda: dalle_fast.decode_attention(q, kn, vn, ik, iv, pos, layout, text_k_cache=tk,  # noqa: E731
+                                                             text_v_cache=tv, prompt_index=prompt_index)
+
+                def sdpa():
+                    kc.index_copy_(2, idx, kn)
+                    vc.index_copy_(2, idx, vn)
+                    return F.scaled_dot_product_attention(q, kc[:, :, : p + 1], vc[:, :, : p + 1])
+
+                t_ours = timeit(ours, dev)
+                t_shared = timeit(shared, dev)
+                t_sdpa = timeit(sdpa, dev)
+                nbytes = must_read_bytes(layout, p, B, H, D, elem)
+                nbytes_sh = must_read_bytes(layout, p, B, H, D, elem, prompts=P)
+                rows.append(dict(
+                    kind=kind, batch=B, pos=p, keys=int(layout.decode_keys(p).numel()), dtype=str(dtype)[6:],
+                    ours_us=round(t_ours * 1e6, 1), sdpa_us=round(t_sdpa * 1e6, 1),
+                    speedup=round(t_sdpa / t_ours, 2), ours_GBps=round(nbytes / t_ours / 1e9, 1),
+                    shared_us=round(t_shared * 1e6, 1), shared_GBps=round(nbytes_sh / t_shared / 1e9, 1),
+                ))
+                print("  ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
+    print()
+    print(machine(dev))
+    print(f"H={H} D={D} T={T} S={S}; shared = best-of-{args.candidates} rows sharing the text caches")
+    print_table(rows, list(rows[0].keys()))
+    write_results(args.out, "decode", rows, {"machine": machine(dev), "device": dev, "quick": args.quick,
+                                             "heads": H, "head_dim": D, "text_len": T, "image_size": S})
+
+
+if __name__ == "__main__":
+    main()
