@@ -155,7 +155,8 @@ def make_provider(name, layout: Layout, B, H, N, D, dtype, device):
     raise ValueError(f"unknown provider {name!r}")
 
 
-def run_case(provider, layout, args, mode, B, H, N, D, dtype, device):
+def prepare_case(provider, layout, mode, B, H, N, D, dtype, device):
+    """Returns (fn running one call of ``mode``, FLOPs of one call on the computed tiles)."""
     attn, pairs = make_provider(provider, layout, B, H, N, D, dtype, device)
     gen = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(B, H, N, D, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
@@ -163,25 +164,41 @@ def run_case(provider, layout, args, mode, B, H, N, D, dtype, device):
         def fn():
             with torch.no_grad():
                 attn(q, k, v)
-        flop = 4 * pairs * D * B * H
-    else:
-        q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
-        grad = torch.randn(B, H, N, D, generator=gen).to(device=device, dtype=dtype)
-        if mode == "fwdbwd":
-            def fn():
-                torch.autograd.grad(attn(q, k, v), (q, k, v), grad)
-            flop = 14 * pairs * D * B * H  # 2 forward GEMMs + 5 backward GEMMs
-        else:  # backward alone: time fwd+bwd minus fwd (a retained graph would skew memory)
-            out = attn(q, k, v)
+        return fn, 4 * pairs * D * B * H
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    grad = torch.randn(B, H, N, D, generator=gen).to(device=device, dtype=dtype)
+    if mode == "fwdbwd":
+        def fn():
+            torch.autograd.grad(attn(q, k, v), (q, k, v), grad)
+        return fn, 14 * pairs * D * B * H  # 2 forward GEMMs + 5 backward GEMMs
+    out = attn(q, k, v)  # backward alone, on a retained graph
 
-            def fn():
-                torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)
-            flop = 10 * pairs * D * B * H
+    def fn():
+        torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)
+    return fn, 10 * pairs * D * B * H
+
+
+def time_cases(cases, device, warmup, repeats):
+    """Median ms of each case. On CPU the cases run interleaved, one call each per round, so that
+    a slow phase of a shared machine hits every provider alike; on CUDA one after the other (with
+    each case's peak memory)."""
+    results = {}
     if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    ms = time_ms(fn, device, args.warmup, args.repeats)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
-    return ms, flop / ms / 1e6, peak  # GFLOP/s
+        for name, (fn, _) in cases.items():
+            torch.cuda.reset_peak_memory_stats()
+            ms = time_ms(fn, device, warmup, repeats)
+            results[name] = (ms, torch.cuda.max_memory_allocated() / 2**20)
+        return results
+    for fn, _ in cases.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, (fn, _) in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: (statistics.median(v), None) for name, v in samples.items()}
 
 
 def main(argv=None):
@@ -237,20 +254,22 @@ def main(argv=None):
         layout = Layout(kind, args.text_len, args.image_size)
         N = layout.seq_len
         for mode in modes:
+            cases = {}
             for prov in providers:
                 if cpu and prov.startswith("flex") and mode != "fwd":
-                    notes.append(f"{prov} {mode}: skipped (FlexAttention has no CPU backward)")
+                    note = f"{prov} {mode}: skipped (FlexAttention has no CPU backward)"
+                    if note not in notes:
+                        notes.append(note)
                     continue
                 try:
-                    ms, rate, peak = run_case(prov, layout, args, mode, B, H, N, D, dtype, device)
+                    cases[prov] = prepare_case(prov, layout, mode, B, H, N, D, dtype, device)
                 except Skip as e:
                     notes.append(f"{prov} {kind} {mode}: skipped ({e})")
-                    continue
                 except Exception as e:  # a baseline failing must not hide the others
                     notes.append(f"{prov} {kind} {mode}: failed ({type(e).__name__}: {str(e)[:200]})")
-                    continue
-                rows.append(dict(kind=kind, mode=mode, provider=prov, ms=ms, rate=rate / div,
-                                 peak_mib=peak))
+            for prov, (ms, peak) in time_cases(cases, device, args.warmup, args.repeats).items():
+                rate = cases[prov][1] / ms / 1e6  # GFLOP/s
+                rows.append(dict(kind=kind, mode=mode, provider=prov, ms=ms, rate=rate / div, peak_mib=peak))
 
     # best smaller Flex block size per (kind, mode): keep flex128 and the faster of 64/32
     best = {}

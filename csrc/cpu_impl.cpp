@@ -90,18 +90,17 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(const at::Tensor& q,
   TORCH_CHECK(scale > 0, "dalle_fast.sparse_attention: scale must be positive, got ", scale);
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
   auto sched = cpu::get_schedule(L, N, CPU_BM, CPU_BN);
-  const auto [perm, inv_perm] = perm_tensors(*sched);
-  const at::Tensor qs = to_slots(q, perm);
-  const at::Tensor kt = transposed(to_slots(k, perm));
-  const at::Tensor vs = to_slots(v, perm);
+  // float32, contiguous, sequence order: the kernel handles the permutation itself
+  const at::Tensor qc = q.to(at::kFloat).contiguous(), kc = k.to(at::kFloat).contiguous();
+  const at::Tensor vc = v.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({B, H, N, D}, q.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({B, H, N}, q.options().dtype(at::kFloat));
   if (B * H > 0) {
-    cpu::sparse_attention_forward(*sched, cpu::AttnProblem{B * H, N, D, static_cast<float>(scale)}, qs.data_ptr<float>(),
-                                  kt.data_ptr<float>(), vs.data_ptr<float>(), out.data_ptr<float>(),
-                                  lse.data_ptr<float>());
+    cpu::sparse_attention_forward(*sched, cpu::AttnProblem{B * H, N, D, static_cast<float>(scale)},
+                                  qc.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(),
+                                  out.data_ptr<float>(), lse.data_ptr<float>());
   }
-  return {from_slots(out, inv_perm, q.scalar_type()), from_slots(lse, inv_perm, at::kFloat)};
+  return {out.to(q.scalar_type()), lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(

@@ -124,70 +124,134 @@ inline void parallel_tasks(int64_t ntasks, F&& body) {
 
 }  // namespace
 
-void sparse_attention_forward(const Schedule& s, const AttnProblem& p, const float* q, const float* kt,
-                              const float* v, float* out, float* lse) {
+namespace {
+
+// Per-thread copies of one head's keys and values in processing order: K transposed (D x N), V
+// gathered (N x D) when the schedule permutes positions. Refilled when a thread moves to another
+// head; the buffers stay in cache across the head's query tiles.
+struct HeadCache {
+  std::vector<float> kt, vp;
+  int64_t head = -1;
+
+  void fill(const Schedule& s, const float* k, const float* v, int64_t bh, int64_t N, int64_t D) {
+    if (bh == head) return;
+    head = bh;
+    const float* K = k + bh * N * D;
+    const float* V = v + bh * N * D;
+    const int32_t* perm = s.identity ? nullptr : s.perm.data();
+    constexpr int64_t B = 16;  // transpose in 16 x 16 blocks
+    for (int64_t i0 = 0; i0 < N; i0 += B)
+      for (int64_t d0 = 0; d0 < D; d0 += B)
+        for (int64_t i = i0; i < std::min(N, i0 + B); ++i) {
+          const float* row = K + (perm ? perm[i] : i) * D;
+          for (int64_t d = d0; d < std::min(D, d0 + B); ++d) kt[d * N + i] = row[d];
+        }
+    if (perm)
+      for (int64_t i = 0; i < N; ++i) std::copy(V + perm[i] * D, V + (perm[i] + 1) * D, vp.data() + i * D);
+  }
+  const float* values(const Schedule& s, const float* v, int64_t N, int64_t D) const {
+    return s.identity ? v + head * N * D : vp.data();
+  }
+};
+
+struct FwdScratch {
+  std::vector<float> S, acc, m, l, qbuf;
+  HeadCache cache;
+};
+
+// Forward of query tile qi of head bh (see the file comment).
+void fwd_query_tile(const Schedule& s, const AttnProblem& p, const float* q, const float* k, const float* v,
+                    float* out, float* lse, int64_t bh, int64_t qi, FwdScratch& w) {
   const int64_t N = p.n, D = p.d, BM = s.bm, BN = s.bn;
   const float scale = p.scale;
   const int64_t max_tiles = std::max<int64_t>(1, RUN_MAX / BN);
-  const int64_t ntasks = p.bh * s.nq;
-  parallel_tasks(ntasks, [&](auto next_task) {
-    std::vector<float> S(BM * max_tiles * BN), acc(BM * D), m(BM), l(BM);
-    for (int64_t task = next_task(); task < ntasks; task = next_task()) {
-      const int64_t bh = task / s.nq, qi = task % s.nq;
-      const int64_t q0 = qi * BM, mq = std::min(BM, N - q0);
-      const float* Q = q + (bh * N + q0) * D;
-      const float* Kt = kt + bh * D * N;
-      const float* Vh = v + bh * N * D;
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::fill(m.begin(), m.end(), NEG_INF);
-      std::fill(l.begin(), l.end(), 0.f);
-      const TileRef* list = s.q_tiles.data();
-      for_each_run(list, s.q_ptr[qi], s.q_ptr[qi + 1], max_tiles, [&](Run run) {
-        const int64_t k0 = list[run.first].tile * BN;
-        const int64_t klen = std::min(run.count * BN, N - k0);
-        float* Sp = S.data();
-        gemm(mq, klen, D, Q, D, Kt + k0, N, Sp, klen, false);
-        mask_key_run(s, list, run, Sp, mq, klen);
-        // online softmax over this run
-        for (int64_t r = 0; r < mq; ++r) {
-          float* sr = Sp + r * klen;
-          float mx = NEG_INF;
+  const int32_t* perm = s.identity ? nullptr : s.perm.data();
+  w.cache.fill(s, k, v, bh, N, D);
+  const float* Kt = w.cache.kt.data();
+  const float* Vh = w.cache.values(s, v, N, D);
+  const int64_t q0 = qi * BM, mq = std::min(BM, N - q0);
+  const float* Q = q + (bh * N + q0) * D;
+  if (perm) {  // gather the tile's query rows
+    for (int64_t r = 0; r < mq; ++r)
+      std::copy(q + (bh * N + perm[q0 + r]) * D, q + (bh * N + perm[q0 + r] + 1) * D, w.qbuf.data() + r * D);
+    Q = w.qbuf.data();
+  }
+  float *acc = w.acc.data(), *m = w.m.data(), *l = w.l.data();
+  std::fill(acc, acc + BM * D, 0.f);
+  std::fill(m, m + BM, NEG_INF);
+  std::fill(l, l + BM, 0.f);
+  const TileRef* list = s.q_tiles.data();
+  for_each_run(list, s.q_ptr[qi], s.q_ptr[qi + 1], max_tiles, [&](Run run) {
+    const int64_t k0 = list[run.first].tile * BN;
+    const int64_t klen = std::min(run.count * BN, N - k0);
+    float* Sp = w.S.data();
+    gemm(mq, klen, D, Q, D, Kt + k0, N, Sp, klen, false);
+    mask_key_run(s, list, run, Sp, mq, klen);
+    // online softmax over this run
+    for (int64_t r = 0; r < mq; ++r) {
+      float* sr = Sp + r * klen;
+      float mx = NEG_INF;
 #pragma omp simd reduction(max : mx)
-          for (int64_t c = 0; c < klen; ++c) {
-            sr[c] *= scale;  // -inf stays -inf (scale > 0)
-            mx = std::max(mx, sr[c]);
-          }
-          if (mx == NEG_INF) {  // nothing allowed for this row in this run
-            std::fill(sr, sr + klen, 0.f);
-            continue;
-          }
-          const float mnew = std::max(m[r], mx);
-          const float alpha = m[r] == NEG_INF ? 0.f : fast_exp(m[r] - mnew);
-          float sum = 0.f;
+      for (int64_t c = 0; c < klen; ++c) {
+        sr[c] *= scale;  // -inf stays -inf (scale > 0)
+        mx = std::max(mx, sr[c]);
+      }
+      if (mx == NEG_INF) {  // nothing allowed for this row in this run
+        std::fill(sr, sr + klen, 0.f);
+        continue;
+      }
+      const float mnew = std::max(m[r], mx);
+      const float alpha = m[r] == NEG_INF ? 0.f : fast_exp(m[r] - mnew);
+      float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-          for (int64_t c = 0; c < klen; ++c) {
-            const float e = sr[c] == NEG_INF ? 0.f : fast_exp(sr[c] - mnew);
-            sr[c] = e;
-            sum += e;
-          }
-          l[r] = l[r] * alpha + sum;
-          m[r] = mnew;
-          if (alpha != 1.f) {
-            float* ar = acc.data() + r * D;
+      for (int64_t c = 0; c < klen; ++c) {
+        const float e = sr[c] == NEG_INF ? 0.f : fast_exp(sr[c] - mnew);
+        sr[c] = e;
+        sum += e;
+      }
+      l[r] = l[r] * alpha + sum;
+      m[r] = mnew;
+      if (alpha != 1.f) {
+        float* ar = acc + r * D;
 #pragma omp simd
-            for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
-          }
-        }
-        gemm(mq, D, klen, Sp, klen, Vh + k0 * D, D, acc.data(), D, true);
-      });
-      float* O = out + (bh * N + q0) * D;
-      float* L = lse + bh * N + q0;
-      for (int64_t r = 0; r < mq; ++r) {
-        const float inv = 1.f / l[r];
-        for (int64_t d = 0; d < D; ++d) O[r * D + d] = acc[r * D + d] * inv;
-        L[r] = m[r] + std::log(l[r]);
+        for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
       }
     }
+    gemm(mq, D, klen, Sp, klen, Vh + k0 * D, D, acc, D, true);
+  });
+  for (int64_t r = 0; r < mq; ++r) {  // write rows back to their sequence positions
+    const int64_t pos = perm ? perm[q0 + r] : q0 + r;
+    const float inv = 1.f / l[r];
+    float* O = out + (bh * N + pos) * D;
+    for (int64_t d = 0; d < D; ++d) O[d] = acc[r * D + d] * inv;
+    lse[bh * N + pos] = m[r] + std::log(l[r]);
+  }
+}
+
+}  // namespace
+
+void sparse_attention_forward(const Schedule& s, const AttnProblem& p, const float* q, const float* k,
+                              const float* v, float* out, float* lse) {
+  const int64_t N = p.n, D = p.d, BM = s.bm, BN = s.bn;
+  const int64_t max_tiles = std::max<int64_t>(1, RUN_MAX / BN);
+  // Whole heads per task when that balances the threads (each thread fills its head cache once per
+  // head); otherwise single query tiles, a thread filling the cache when it meets a new head.
+  const int64_t nthreads = at::get_num_threads();
+  const bool head_tasks = p.bh % nthreads == 0 || p.bh >= 4 * nthreads;
+  const int64_t tiles_per_task = head_tasks ? s.nq : 1;
+  const int64_t ntasks = p.bh * s.nq / tiles_per_task;
+  parallel_tasks(ntasks, [&](auto next_task) {
+    FwdScratch w;
+    w.S.resize(BM * max_tiles * BN);
+    w.acc.resize(BM * D);
+    w.m.resize(BM);
+    w.l.resize(BM);
+    w.qbuf.resize(s.identity ? 0 : BM * D);
+    w.cache.kt.resize(D * N);
+    w.cache.vp.resize(s.identity ? 0 : N * D);
+    for (int64_t task = next_task(); task < ntasks; task = next_task())
+      for (int64_t t = task * tiles_per_task; t < (task + 1) * tiles_per_task; ++t)
+        fwd_query_tile(s, p, q, k, v, out, lse, t / s.nq, t % s.nq, w);
   });
 }
 

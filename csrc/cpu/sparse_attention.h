@@ -18,9 +18,10 @@ struct AttnProblem {
   float scale; // softmax scale (> 0)
 };
 
-// Forward. q (rows), kt = k^T (transposed), v (rows).
-// out (rows) = softmax(scale q k^T + mask) v ; lse (BH, N) = log-sum-exp of each masked score row.
-void sparse_attention_forward(const Schedule& s, const AttnProblem& p, const float* q, const float* kt,
+// Forward on q, k, v (rows) in sequence order: the kernel itself visits positions in the schedule's
+// order (gathering rows through the permutation) and writes out (rows, sequence order) =
+// softmax(scale q k^T + mask) v and lse (BH, N) = log-sum-exp of each masked score row.
+void sparse_attention_forward(const Schedule& s, const AttnProblem& p, const float* q, const float* k,
                               const float* v, float* out, float* lse);
 
 // Inputs of the backward: qs = scale * q in rows and transposed, k and v in rows and transposed,
