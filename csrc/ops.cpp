@@ -15,4 +15,25 @@ TORCH_LIBRARY(dalle_fast, m) {
       "sparse_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "int kind, int text_len, int image_size, int kernel_size, int dilation, float scale) "
       "-> (Tensor, Tensor, Tensor)");
+
+  // KV-cached decode step (csrc/decode_*_impl.cpp). q, k_new, v_new: (B, H, 1, D); caches
+  // (B, H, L, D), written in place at pos (int64, (B,) or 0-dim). With the optional shared text
+  // caches text_k_cache/text_v_cache (P, H, >= T, D) and prompt_index (B,) the text keys of row b
+  // come from prompt prompt_index[b] and the per-row caches hold image positions only (slot
+  // pos - T). Returns (B, H, 1, D) in q's dtype.
+  m.def(
+      "decode_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+      "Tensor pos, Tensor? text_k_cache, Tensor? text_v_cache, Tensor? prompt_index, int kind, "
+      "int text_len, int image_size, int kernel_size, int dilation, float scale) -> Tensor");
+  // One token per row of logits (B, V): guidance, vocab range [vocab_lo, vocab_hi), temperature,
+  // top-k, top-p, Philox draw keyed by (seeds[b], step). Returns (tokens int64 (B,), error int32
+  // (B,): 0 ok, 1 NaN/+inf, 2 all -inf; the CPU kernel raises instead).
+  m.def(
+      "sample(Tensor logits, Tensor seeds, Tensor step, Tensor? uncond_logits, float cfg_scale, "
+      "float temperature, int top_k, float top_p, int vocab_lo, int vocab_hi) -> (Tensor, Tensor)");
+  // Test hooks of csrc/common/decode_index.h: the key positions of one decode query, and the
+  // largest key count over a layout.
+  m.def("_decode_key_positions(int pos, int kind, int text_len, int image_size, int kernel_size, "
+        "int dilation) -> Tensor");
+  m.def("_max_decode_keys(int kind, int text_len, int image_size, int kernel_size, int dilation) -> int");
 }

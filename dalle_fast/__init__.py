@@ -8,7 +8,7 @@ DALL-E-style text-to-image transformers.
 
 from .version import __version__
 from .masks import KINDS, Layout, paper_schedule
-from .ops import sparse_attention
+from .ops import decode_attention, sample, sparse_attention
 from . import nn, reference
 
 __all__ = [
@@ -17,6 +17,8 @@ __all__ = [
     "Layout",
     "paper_schedule",
     "sparse_attention",
+    "decode_attention",
+    "sample",
     "nn",
     "reference",
 ]

@@ -185,3 +185,6 @@ def sparse_attention(q, k, v, layout: Layout, *, scale: Optional[float] = None,
         raise ValueError(f"scale must be positive, got {scale}")
     name = resolve_backend(backend, q.device)
     return _SPARSE_ATTENTION[name](q, k, v, layout, scale)
+
+from .decode import decode_attention  # noqa: E402,F401  (KV-cached decoding, issue 4)
+from .sampling import sample  # noqa: E402,F401

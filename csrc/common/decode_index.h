@@ -1,0 +1,125 @@
+// Decode index math: the keys one query position may read, enumerated in O(keys).
+//
+// For a query at position `pos` the allowed keys (csrc/common/mask.h, DESIGN.md's table) are the
+// text keys 0 .. n_text-1 (n_text = min(pos + 1, T)) followed, for image queries, by an image part
+// that for every kind is an affine 2-D grid of image indices
+//     m' = base + (j / width) * row_stride + (j % width) * col_stride,   j in [0, n_image),
+// in ascending position order, whose last element is the query itself (m' = m). So key j of the
+// list is computed in O(1) without scanning the prefix, which is what lets a split-K decode kernel
+// hand any contiguous range of j to a thread block. Header-only, host and device.
+#pragma once
+
+#include <cstdint>
+
+#include "common/mask.h"
+
+namespace dalle_fast {
+
+struct DecodeKeys {
+  int64_t text_len;    // T (position offset of image index 0)
+  int64_t n_text;      // text keys: positions 0 .. n_text-1
+  int64_t n_image;     // image keys
+  int64_t base;        // image index of image key 0
+  int64_t width;       // keys per grid row (>= 1)
+  int64_t row_stride;  // image-index step between grid rows
+  int64_t col_stride;  // image-index step inside a grid row
+
+  DF_HOST_DEVICE int64_t total() const { return n_text + n_image; }
+  // Image index (0-based inside the image) of image key j, j in [0, n_image).
+  DF_HOST_DEVICE int64_t image_index(int64_t j) const {
+    const int64_t r = j / width;
+    return base + r * row_stride + (j - r * width) * col_stride;
+  }
+  // Sequence position of key j, j in [0, total()).
+  DF_HOST_DEVICE int64_t position(int64_t j) const {
+    return j < n_text ? j : text_len + image_index(j - n_text);
+  }
+};
+
+DF_HOST_DEVICE int64_t df_min64(int64_t a, int64_t b) { return a < b ? a : b; }
+DF_HOST_DEVICE int64_t df_max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// The key list of query position pos (0 <= pos < L.seq_len()).
+DF_HOST_DEVICE DecodeKeys decode_keys(const LayoutParams& L, int64_t pos) {
+  const int64_t T = L.text_len, S = L.image_size;
+  DecodeKeys d{T, df_min64(pos + 1, T), 0, 0, 1, 0, 1};
+  if (pos < T) return d;
+  const int64_t m = pos - T, r = m / S, c = m % S;
+  switch (L.kind) {
+    case kFull:  // all earlier image tokens
+      d.n_image = m + 1;
+      d.width = d.n_image;
+      break;
+    case kRow: {  // the previous S image tokens and itself
+      d.base = df_max64(0, m - S);
+      d.n_image = m - d.base + 1;
+      d.width = d.n_image;
+      break;
+    }
+    case kCol:
+    case kAxialCol:  // same column, rows 0..r
+      d.base = c;
+      d.n_image = r + 1;
+      d.width = d.n_image;
+      d.col_stride = S;
+      break;
+    case kAxialRow:  // same row, columns 0..c
+      d.base = r * S;
+      d.n_image = c + 1;
+      d.width = d.n_image;
+      break;
+    case kConv: {  // rows r-h..r, columns c-h..c+h clipped; the last row stops at column c
+      const int64_t h = L.kernel_size / 2;
+      const int64_t r0 = df_max64(0, r - h), c0 = df_max64(0, c - h), c1 = df_min64(S - 1, c + h);
+      d.base = r0 * S + c0;
+      d.width = c1 - c0 + 1;
+      d.row_stride = S;
+      d.n_image = (r - r0) * d.width + (c - c0 + 1);
+      break;
+    }
+    case kConvLike: {  // r - a*d, c - b*d for a, b in [0, K-1], inside the image
+      const int64_t dil = L.dilation, K = L.kernel_size;
+      const int64_t na = df_min64(K, r / dil + 1), nb = df_min64(K, c / dil + 1);
+      d.base = (r - (na - 1) * dil) * S + (c - (nb - 1) * dil);
+      d.width = nb;
+      d.row_stride = dil * S;
+      d.col_stride = dil;
+      d.n_image = na * nb;
+      break;
+    }
+    default:
+      break;
+  }
+  return d;
+}
+
+// Upper bound of decode_keys(L, pos).total() over all positions of the layout (exact maximum for
+// every kind); sizes split-K work partitions on the host without knowing the device-side pos.
+inline int64_t max_decode_keys(const LayoutParams& L) {
+  const int64_t T = L.text_len, S = L.image_size;
+  int64_t img = 0;
+  switch (L.kind) {
+    case kFull: img = S * S; break;
+    case kRow: img = df_min64(S + 1, S * S); break;
+    case kCol:
+    case kAxialCol:
+    case kAxialRow: img = S; break;
+    case kConv: {  // full rows above times the window width, plus the last row; max over columns
+      const int64_t h = L.kernel_size / 2, rows = df_min64(h, S - 1);
+      for (int64_t c = 0; c < S; ++c) {
+        const int64_t c0 = df_max64(0, c - h), c1 = df_min64(S - 1, c + h);
+        img = df_max64(img, rows * (c1 - c0 + 1) + (c - c0 + 1));
+      }
+      break;
+    }
+    case kConvLike: {
+      const int64_t n = df_min64(L.kernel_size, (S - 1) / L.dilation + 1);
+      img = n * n;
+      break;
+    }
+    default: break;
+  }
+  return T + img;
+}
+
+}  // namespace dalle_fast
