@@ -38,3 +38,16 @@ def test_cli_train_and_generate(tmp_path, capsys):
     assert main(["generate", "x", "--checkpoint", str(tmp_path / "clip")]) == 2  # not a transformer
     assert main(["generate", "x", "--checkpoint", str(tmp_path / "dalle"), "--rerank"]) == 2  # no --clip
     assert "error" in capsys.readouterr().err
+
+
+def test_bench_generate_quick(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("bench_generate", Path(__file__).parents[1] / "bench" / "generate.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--quick", "--repeat", "1", "-n", "2", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "generate.json").read_text())
+    assert [r["mode"] for r in result["results"]] == ["sparse", "dense", "none"]
+    assert all(r["images_per_s"] > 0 for r in result["results"]) and "torch" in result["machine"]
