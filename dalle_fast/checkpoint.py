@@ -239,9 +239,11 @@ def register_model_type(name: str, model_cls: type, config_cls: type) -> None:
 
 def _register_builtin() -> None:
     from .models.clip import CLIP, CLIPConfig
+    from .models.dalle import DALLE, DALLEConfig
     from .models.dvae import DVAE, DVAEConfig
     register_model_type("dvae", DVAE, DVAEConfig)
     register_model_type("clip", CLIP, CLIPConfig)
+    register_model_type("dalle", DALLE, DALLEConfig)
 
 
 _register_builtin()

@@ -1,12 +1,14 @@
 """The ``dalle-fast`` command line.
 
 Subcommands live in :data:`SUBCOMMANDS`; other modules add theirs with :func:`register_subcommand`
-(``train``, ``generate``, ``demo`` later)::
+(``demo`` later)::
 
     dalle-fast train-vae --preset tiny --steps 2000 --out runs/dvae            # built-in shapes data
     dalle-fast train-vae --preset paper --data /data/images --out runs/dvae     # image folder
     torchrun --nproc-per-node 8 -m dalle_fast.cli train-vae ...                 # DDP
     dalle-fast train-clip --preset tiny --steps 2000 --out runs/clip --resume auto
+    dalle-fast train --dvae runs/dvae --tokenizer runs/clip/tokenizer.json --out runs/dalle
+    dalle-fast generate "a red circle above a blue square" --checkpoint runs/dalle -n 16 --rerank --clip runs/clip
 """
 from __future__ import annotations
 
@@ -111,21 +113,23 @@ def _run_train_vae(args: argparse.Namespace) -> int:
 def _configure_train_clip(p: argparse.ArgumentParser) -> None:
     from .models.clip import CLIP_PRESETS
     add_training_arguments(p, sorted(CLIP_PRESETS), "tiny", 5e-4)
+    add_tokenizer_arguments(p)
+
+
+def add_tokenizer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tokenizer JSON; default: OUT/tokenizer.json, trained on the captions if missing")
     p.add_argument("--vocab-size", type=int, default=16384, help="vocabulary size when training a tokenizer")
     p.add_argument("--text-len", type=int, default=256, help="text positions when training a tokenizer")
 
 
-def _run_train_clip(args: argparse.Namespace) -> int:
+def tokenizer_from_args(args: argparse.Namespace, dataset):
+    """``--tokenizer``, or OUT/tokenizer.json, trained on the dataset's captions (rank 0) if missing;
+    a copy is kept in OUT beside the checkpoints."""
     import torch.distributed as dist
 
-    from .models.clip import CLIPConfig
     from .tokenizer import Tokenizer
-    from .train import init_distributed, train_clip
-    rank, world, _ = init_distributed()
-    cfg = CLIPConfig.preset(args.preset)
-    dataset = dataset_from_args(args, cfg.image_size)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     path = args.tokenizer or args.out / "tokenizer.json"
     if not path.is_file() and rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -135,7 +139,17 @@ def _run_train_clip(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.load(path)
     if rank == 0 and path.resolve() != (args.out / "tokenizer.json").resolve():
         args.out.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(args.out / "tokenizer.json")  # keep the tokenizer beside the checkpoints
+        tokenizer.save(args.out / "tokenizer.json")
+    return tokenizer
+
+
+def _run_train_clip(args: argparse.Namespace) -> int:
+    from .models.clip import CLIPConfig
+    from .train import init_distributed, train_clip
+    init_distributed()
+    cfg = CLIPConfig.preset(args.preset)
+    dataset = dataset_from_args(args, cfg.image_size)
+    tokenizer = tokenizer_from_args(args, dataset)
     cfg = CLIPConfig.for_tokenizer(tokenizer, args.preset)
     trainer = train_clip(cfg, tokenizer, train_config_from_args(args), dataset, args.out, resume=args.resume,
                          device=args.device)
@@ -144,6 +158,114 @@ def _run_train_clip(args: argparse.Namespace) -> int:
 
 register_subcommand("train-vae", "train the discrete VAE (stage 1)", _configure_train_vae, _run_train_vae)
 register_subcommand("train-clip", "train the CLIP reranker", _configure_train_clip, _run_train_clip)
+
+# -- train (the transformer) -----------------------------------------------------------------------
+def _configure_train(p: argparse.ArgumentParser) -> None:
+    from .models.dalle import DALLE_PRESETS
+    add_training_arguments(p, sorted(DALLE_PRESETS), "tiny", 3e-4)
+    add_tokenizer_arguments(p)
+    p.add_argument("--dvae", type=Path, required=True, help="trained dVAE checkpoint (file or directory)")
+    p.add_argument("--caption-dropout", type=float, default=0.1, help="probability of training on padding text")
+    p.add_argument("--encode-batch-size", type=int, default=64, help="images per dVAE encoding batch")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from .checkpoint import load_checkpoint, load_model
+    from .data.codes import CodesDataset, encode_dataset
+    from .models.dalle import DALLEConfig
+    from .models.dvae import DVAE
+    from .train import init_distributed, train_dalle
+    rank, world, _ = init_distributed()
+    dvae_ck = load_checkpoint(args.dvae)  # ValueError for a path without a checkpoint
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dvae = load_model(args.dvae, device)
+    if not isinstance(dvae, DVAE):
+        raise ValueError(f"dvae: {str(args.dvae)!r} holds a {type(dvae).__name__}, not a DVAE")
+    dataset = dataset_from_args(args, dvae.config.image_size)
+    tokenizer = tokenizer_from_args(args, dataset)
+    cfg = DALLEConfig.for_tokenizer(tokenizer, args.preset, image_size=dvae.config.latent_size,
+                                    image_vocab=dvae.config.vocab_size, caption_dropout=args.caption_dropout)
+    cache = args.out / "codes"
+    describe = {"dvae_sha256": dvae_ck.meta["weights_sha256"], "data": str(args.data), "seed": args.seed,
+                "shapes_length": args.shapes_length, "holdout": list(args.holdout), "tokenizer": repr(tokenizer)}
+    if rank == 0:
+        encode_dataset(dvae, tokenizer, dataset, cfg.text_len - 1, cache, describe,
+                       batch_size=args.encode_batch_size, progress=not args.no_progress)
+    if world > 1:
+        dist.barrier()
+    del dvae
+    dvae_path = Path(args.dvae).resolve()
+    trainer = train_dalle(cfg, train_config_from_args(args), CodesDataset.load(cache), args.out, resume=args.resume,
+                          device=args.device, extra_meta={"dvae_checkpoint": str(dvae_path)})
+    return _report(trainer, args.out)
+
+
+# -- generate --------------------------------------------------------------------------------------
+def _configure_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("captions", nargs="+", help="caption(s) to draw")
+    p.add_argument("--checkpoint", type=Path, required=True, help="transformer checkpoint (file or directory)")
+    p.add_argument("--dvae", type=Path, default=None, help="dVAE checkpoint (default: the one used in training)")
+    p.add_argument("--tokenizer", type=Path, default=None, help="default: tokenizer.json beside the checkpoint")
+    p.add_argument("--clip", type=Path, default=None, help="CLIP checkpoint for --rerank")
+    p.add_argument("-n", "--num-images", type=int, default=16, help="candidates per caption")
+    p.add_argument("--rerank", action="store_true", help="sort the candidates by CLIP score (needs --clip)")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: off)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None, help="candidates per decode batch (default: all)")
+    p.add_argument("--out", type=Path, default=Path("samples"), help="output directory for the PNGs")
+    p.add_argument("--device", default=None, help="default: CUDA if available")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def save_grid(images, path: Path, columns: int | None = None) -> None:
+    """Write ``images`` ``(N, C, H, W)`` in [0, 1] as one PNG grid (2 px gaps)."""
+    import math
+
+    import numpy as np
+    from PIL import Image
+    n, _, h, w = images.shape
+    cols = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, dtype=np.uint8)
+    pixels = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    for i in range(n):
+        r, c = divmod(i, cols)
+        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = pixels[i]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .generate import load_pipeline
+    if args.rerank and args.clip is None:
+        raise ValueError("--rerank needs --clip CHECKPOINT")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(args.checkpoint, dvae=args.dvae, clip=args.clip if args.rerank else None,
+                         tokenizer=args.tokenizer, device=device)
+    result = pipe(args.captions, args.num_images, cfg_scale=args.cfg_scale, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
+                  progress=not args.no_progress)
+    for i, caption in enumerate(result.captions):
+        stem = "" if len(result.captions) == 1 else f"-{i}"
+        save_grid(result.images[i], args.out / f"grid{stem}.png")
+        save_grid(result.images[i, :1], args.out / f"top{stem}.png", columns=1)
+        best = f", best CLIP score {result.scores[i, 0]:.3f}" if result.scores is not None else ""
+        print(f"{caption!r}: {args.out / f'grid{stem}.png'}, {args.out / f'top{stem}.png'}{best}")
+    return 0
+
+
+register_subcommand("train", "train the DALL-E transformer on dVAE codes (stage 2)", _configure_train, _run_train)
+register_subcommand("generate", "generate images for captions (optionally CLIP-reranked)", _configure_generate,
+                    _run_generate)
+
 
 
 def build_parser() -> argparse.ArgumentParser:

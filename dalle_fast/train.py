@@ -353,3 +353,22 @@ def train_clip(config, tokenizer, train_config: TrainConfig, dataset: Dataset, o
                       model_type="clip", model_config=config, device=device)
     trainer.fit(resume)
     return trainer
+
+
+def dalle_loss(model: nn.Module, batch: Mapping[str, Any], step: int) -> Mapping[str, torch.Tensor]:
+    """Loss of a (possibly DDP-wrapped) :class:`~dalle_fast.models.dalle.DALLE` on ``batch["text_ids"]``
+    ``(B, text_len - 1)`` and ``batch["codes"]`` ``(B, S, S)``."""
+    return model(batch["text_ids"], batch["codes"])
+
+
+def train_dalle(config, train_config: TrainConfig, dataset: Dataset, out_dir: str | Path | None = None,
+                resume: str | Path | None = None, device: str | torch.device | None = None,
+                extra_meta: dict | None = None) -> Trainer:
+    """Train a :class:`~dalle_fast.models.dalle.DALLE` (``config``: DALLEConfig) on items with
+    ``text_ids`` and ``codes`` (e.g. :class:`dalle_fast.data.codes.CodesDataset`)."""
+    from .models.dalle import DALLE
+    torch.manual_seed(train_config.seed)
+    trainer = Trainer(DALLE(config), dalle_loss, dataset, train_config, out_dir, model_type="dalle",
+                      model_config=config, extra_meta=extra_meta, device=device)
+    trainer.fit(resume)
+    return trainer

@@ -1,0 +1,165 @@
+"""Generation benchmark: images/s and tokens/s of dalle_fast's KV-cached sparse generation against
+(a) the same model with a dense static cache (text copied per row, masked dense attention over the
+prefix: the common fast baseline) and (b) recomputing the prefix every step (no cache).
+
+    python bench/generate.py                        # CPU, small preset (text 256 + 32x32), 1 x 16
+    python bench/generate.py --quick               # tiny preset, full runs, seconds
+    python bench/generate.py --device cuda --full  # GPU (CUDA graph for dalle_fast)
+
+dalle_fast and the dense baseline are timed on complete generations (a warm-up run, then the best
+of ``--repeat``). A complete no-cache run of the small preset on CPU takes about an hour, so unless
+``--full`` is given it is timed on ``--sample-steps`` steps at positions spread evenly over the
+image (a step's cost depends only on its position) and the whole generation is estimated as the
+first step + (S*S - 1) x the mean step; the output marks such numbers as estimates. Results go to
+``--out`` (generate.json, generate.csv) with the machine and versions.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dalle_fast.generate import ATTENTION_MODES, _draw, _Options, generate_codes  # noqa: E402
+from dalle_fast.models.dalle import DALLE, DALLEConfig  # noqa: E402
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_full(model, text, n, mode, opts, device, repeat=1):
+    """Seconds of one complete generation (best of ``repeat``)."""
+    best = float("inf")
+    for _ in range(repeat):
+        _sync(device)
+        t = time.perf_counter()
+        generate_codes(model, text, n, attention=mode, seed=0, cfg_scale=opts.cfg_scale)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+@torch.no_grad()
+def time_uncached_sampled(model, text, n, opts, device, steps, repeat):
+    """Estimate one complete no-cache generation from ``steps`` steps at evenly spread positions
+    (the step feeding position ``p`` recomputes positions ``0..p``; its cost depends only on ``p``).
+    Returns (estimated seconds, first-step seconds, mean step seconds)."""
+    cfg = model.config
+    T, S2 = cfg.text_len, cfg.image_tokens
+    rows = text.shape[0] * n
+    seeds = torch.arange(rows, device=device)
+    text_rows = text.repeat_interleave(n, 0)
+    if opts.cfg_scale != 1.0:
+        text_rows = torch.cat([text_rows, model.null_text(rows)])
+    codes = torch.zeros(text_rows.shape[0], S2, dtype=torch.long, device=device)
+
+    def timed(p):
+        best = float("inf")
+        for _ in range(repeat):
+            _sync(device)
+            t = time.perf_counter()
+            h = model.hidden(model.embed(text_rows, codes[:, :p - T + 1]))
+            _draw(model.image_logits(h[:, -1]), rows, seeds, 0, opts)
+            _sync(device)
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    first = timed(T - 1)
+    positions = torch.linspace(T, T + S2 - 2, steps).round().long().tolist()
+    step = sum(timed(p) for p in positions) / len(positions)
+    return first + step * (S2 - 1), first, step
+
+
+def machine(device) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "device": str(device)}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--preset", default="small", choices=["tiny", "small", "paper"])
+    p.add_argument("--batch", type=int, default=1, help="prompts")
+    p.add_argument("-n", type=int, default=16, help="candidates per prompt")
+    p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--modes", default=",".join(ATTENTION_MODES))
+    p.add_argument("--full", action="store_true", help="time the no-cache baseline on complete generations too")
+    p.add_argument("--sample-steps", type=int, default=8, help="no-cache steps timed when not --full")
+    p.add_argument("--quick", action="store_true", help="tiny preset, complete generations")
+    p.add_argument("--repeat", type=int, default=2, help="timings per measurement; the best counts")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=Path("bench/out"))
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.quick:
+        args.preset, args.full = "tiny", True
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    torch.manual_seed(0)
+    cfg = DALLEConfig.preset(args.preset)
+    model = DALLE(cfg).to(device=device, dtype=dtype).eval()
+    text = torch.randint(0, cfg.pad_base - 1, (args.batch, cfg.text_len - 1), device=device)
+    opts = _Options(args.cfg_scale, 1.0, 0, 1.0)
+    images = args.batch * args.n
+    tokens = images * cfg.image_tokens
+    rows = []
+    print(f"# {args.preset}: text {cfg.text_len} + {cfg.image_size}x{cfg.image_size} image tokens, depth {cfg.depth}, "
+          f"dim {cfg.dim}, {args.batch} prompt(s) x {args.n}, cfg_scale {args.cfg_scale}, {dtype}, {device}")
+    modes = args.modes.split(",")
+    for mode in modes:
+        if args.full or mode != "none":
+            time_full(model, text, args.n, mode, opts, device)  # warm-up (lazy inits, tile tables, allocator)
+            secs, first, step = time_full(model, text, args.n, mode, opts, device, args.repeat), None, None
+            how = f"measured, best of {args.repeat}"
+        else:
+            secs, first, step = time_uncached_sampled(model, text, args.n, opts, device, args.sample_steps,
+                                                      args.repeat)
+            how = f"estimated from {args.sample_steps} evenly spread steps, best of {args.repeat} each"
+        rows.append({"mode": mode, "seconds": secs, "images_per_s": images / secs, "tokens_per_s": tokens / secs,
+                     "first_step_s": first, "mean_step_s": step, "how": how})
+        print(f"{mode:>7}: {secs:9.2f} s/generation  {images / secs:8.3f} images/s  {tokens / secs:10.1f} tokens/s"
+              f"  ({how}{'' if step is None else f'; mean step {step * 1e3:.0f} ms'})")
+    base = {r["mode"]: r["seconds"] for r in rows}
+    if "sparse" in base:
+        for r in rows:
+            r["speedup_of_sparse"] = r["seconds"] / base["sparse"]
+        for other in ("dense", "none"):
+            if other in base:
+                print(f"dalle_fast vs {other}: {base[other] / base['sparse']:.1f}x images/s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"config": vars(args) | {"out": str(args.out), "dtype": str(dtype)}, "machine": machine(device),
+              "model": {"preset": args.preset, "text_len": cfg.text_len, "image_size": cfg.image_size,
+                        "depth": cfg.depth, "dim": cfg.dim, "heads": cfg.heads, "dim_head": cfg.dim_head},
+              "results": rows}
+    (args.out / "generate.json").write_text(json.dumps(result, indent=2))
+    with open(args.out / "generate.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""Fast generation for :class:`dalle_fast.models.dalle.DALLE`: static KV cache, fused decode step,
+CUDA-graph replay, dVAE decoding and CLIP reranking.
+
+The loop (``attention="sparse"``, the fast path):
+
+1. **Prefill** each prompt's text once with ``sparse_attention`` (text is plain causal attention in
+   every layer kind), keeping its keys/values as the layer's *shared text cache*
+   ``(P [+1], H, T, D)``. With guidance the all-padding caption is one extra prompt.
+2. **Decode** ``S*S - 1`` steps: the ``R = P*N`` candidate rows (``2R`` with guidance: the
+   unconditional rows follow the conditional ones and have their own image caches) feed their last
+   token at position ``pos``; every layer calls ``decode_attention`` with the shared text cache
+   (``prompt_index`` maps a row to its prompt), which writes the row's new key/value into its
+   image-only cache ``(rows, H, S*S, D)`` and reads only the keys the layer's mask allows; the head
+   computes image logits only; ``sample`` mixes guidance and draws the next code with the row's
+   seed and the step counter. ``pos`` and ``step`` are device tensors incremented in place, so on
+   CUDA the whole step is captured once in a CUDA graph and replayed.
+
+Token ``j`` of image ``i`` is drawn with ``sample(seeds[i], step=j)``, so an image depends only on
+its prompt, its seed and the options: not on the batch size or on its place in the batch.
+
+Baselines for ``bench/generate.py`` and the tests: ``attention="dense"`` (the same model with a
+full static cache per row, text duplicated, and masked dense attention over the prefix) and
+``attention="none"`` (recompute the whole prefix every step, no cache).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .decode import decode_attention
+from .models.dalle import DALLE
+from .ops import sparse_attention
+from .sampling import sample
+
+__all__ = ["ATTENTION_MODES", "Generation", "Pipeline", "generate_codes", "generate_images", "load_pipeline",
+           "teacher_forced_logits"]
+
+ATTENTION_MODES = ("sparse", "dense", "none")
+
+
+@dataclass(frozen=True)
+class _Options:
+    cfg_scale: float
+    temperature: float
+    top_k: int
+    top_p: float
+
+
+def _seeds(seed: int, seeds: torch.Tensor | None, rows: int, device: torch.device) -> torch.Tensor:
+    if seeds is None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {type(seed).__name__}")
+        return torch.arange(rows, dtype=torch.int64, device=device) + seed
+    if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.shape != (rows,):
+        raise ValueError(f"seeds must be an int64 tensor of shape (prompts * num_images,) = ({rows},)")
+    return seeds.to(device)
+
+
+def _prime(model: DALLE, prime: torch.Tensor | None, prompts: int, device: torch.device) -> torch.Tensor | None:
+    """``prime`` ``(P, n)`` or ``(P, r, S)`` (first ``r`` rows) -> ``(P, n)`` int64, ``n < S*S``."""
+    if prime is None:
+        return None
+    s = model.config.image_size
+    if isinstance(prime, torch.Tensor) and prime.dim() == 3 and prime.shape[2] == s and prime.shape[1] < s:
+        prime = prime.reshape(prime.shape[0], -1)
+    flat = model.flat_codes(prime, "prime")
+    if flat.shape[0] != prompts:
+        raise ValueError(f"prime must have one row per prompt ({prompts}), got {flat.shape[0]}")
+    if flat.shape[1] >= model.config.image_tokens:
+        raise ValueError(f"prime must leave tokens to generate (< {model.config.image_tokens}), got {flat.shape[1]}")
+    return flat.to(device)
+
+
+def _draw(logits: torch.Tensor, rows: int, seeds: torch.Tensor, step, opts: _Options) -> torch.Tensor:
+    """Image logits of ``rows`` conditional rows (then ``rows`` unconditional ones with guidance) -> codes."""
+    guided = logits.shape[0] != rows
+    return sample(logits[:rows], seeds=seeds, step=step, temperature=opts.temperature, top_k=opts.top_k,
+                  top_p=opts.top_p, uncond_logits=logits[rows:] if guided else None, cfg_scale=opts.cfg_scale)
+
+
+class _CachedDecoder:
+    """Static caches and one decode step (``attention`` ``sparse`` or ``dense``) for ``rows`` images."""
+
+    def __init__(self, model: DALLE, text: torch.Tensor, num_images: int, guided: bool, seeds: torch.Tensor,
+                 opts: _Options, attention: str) -> None:
+        cfg = model.config
+        self.model, self.opts, self.seeds, self.attention = model, opts, seeds, attention
+        prompts = text.shape[0]
+        self.rows = prompts * num_images
+        dev = text.device
+        # prompts (+ the all-padding caption): prefill once per prompt
+        text_u = torch.cat([text, model.null_text(1)]) if guided else text
+        prompt_index = torch.arange(prompts, device=dev).repeat_interleave(num_images)
+        if guided:
+            prompt_index = torch.cat([prompt_index, torch.full_like(prompt_index, prompts)])
+        self.prompt_index = prompt_index
+        text_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def keep(layout):
+            def attend(q, k, v):
+                text_kv.append((k.contiguous(), v.contiguous()))
+                return sparse_attention(q, k, v, layout)
+            return attend
+
+        h = model.hidden(model.embed_text(text_u), [keep(b.layout) for b in model.blocks])
+        self.first_logits = model.image_logits(h[:, -1])[prompt_index]  # (rows [x2], image_vocab)
+        n_rows, T, S2 = prompt_index.numel(), cfg.text_len, cfg.image_tokens
+        self.k_cache, self.v_cache = [], []
+        # sparse: image-only caches beside the shared text; dense: full caches, text copied into every row
+        self.text_kv = text_kv if attention == "sparse" else None
+        length = S2 if attention == "sparse" else T + S2
+        for k, v in text_kv:
+            kc, vc = (t.new_zeros((n_rows, t.shape[1], length, t.shape[3])) for t in (k, v))
+            if attention == "dense":
+                kc[:, :, :T], vc[:, :, :T] = k[prompt_index], v[prompt_index]
+            self.k_cache.append(kc)
+            self.v_cache.append(vc)
+        # static step state (device tensors, so a captured graph replays)
+        self.tokens = torch.zeros(self.rows, dtype=torch.int64, device=dev)
+        self.pos = torch.tensor(T, dtype=torch.int64, device=dev)  # position of the token being fed
+        self.step = torch.ones(1, dtype=torch.int64, device=dev)   # draw counter of the token being drawn
+        self.host_pos = T
+
+    def _attends(self):
+        if self.attention == "sparse":
+            return [self._sparse_attend(i) for i in range(len(self.k_cache))]
+        return [self._dense_attend(i) for i in range(len(self.k_cache))]
+
+    def _sparse_attend(self, i: int):
+        layout = self.model.blocks[i].layout
+        tk, tv = self.text_kv[i]
+
+        def attend(q, k, v):
+            return decode_attention(q, k, v, self.k_cache[i], self.v_cache[i], self.pos, layout,
+                                    text_k_cache=tk, text_v_cache=tv, prompt_index=self.prompt_index)
+        return attend
+
+    def _dense_attend(self, i: int):
+        layout, p = self.model.blocks[i].layout, self.host_pos
+
+        def attend(q, k, v):
+            kc, vc = self.k_cache[i], self.v_cache[i]
+            kc[:, :, p] = k[:, :, 0]
+            vc[:, :, p] = v[:, :, 0]
+            mask = layout.allowed(torch.tensor(p), torch.arange(p + 1)).to(q.device)[None]  # (1, p + 1)
+            return F.scaled_dot_product_attention(q, kc[:, :, :p + 1], vc[:, :, :p + 1], attn_mask=mask)
+        return attend
+
+    def first(self) -> torch.Tensor:
+        """Code 0 of every row, from the prefill's last text position."""
+        return _draw(self.first_logits, self.rows, self.seeds, 0, self.opts)
+
+    def run_step(self) -> None:
+        """Feed ``tokens`` at ``pos``, draw the next code into ``tokens``, advance ``pos`` and ``step``."""
+        model = self.model
+        tok = self.tokens if self.k_cache[0].shape[0] == self.rows else self.tokens.repeat(2)
+        x = model.embed_image(tok[:, None], self.pos - model.config.text_len)
+        h = model.hidden(x, self._attends())
+        self.logits = model.image_logits(h[:, 0])  # (rows [x2], image_vocab), kept for teacher_forced_logits
+        self.tokens.copy_(_draw(self.logits, self.rows, self.seeds, self.step, self.opts))
+        self.pos += 1
+        self.step += 1
+        self.host_pos += 1
+
+
+class _GraphedStep:
+    """Capture ``decoder.run_step`` once in a CUDA graph (after one eager warm-up step) and replay it."""
+
+    def __init__(self, decoder: _CachedDecoder) -> None:
+        self.decoder, self.graph, self.eager_done = decoder, None, False
+
+    def __call__(self) -> None:
+        if self.graph is None and not self.eager_done:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self.decoder.run_step()  # warm-up: a real step (allocations, lazy inits)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.eager_done = True
+            return
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.decoder.run_step()  # recorded, not executed
+        self.graph.replay()
+
+
+@torch.no_grad()
+def generate_codes(model: DALLE, text: torch.Tensor, num_images: int = 1, *, cfg_scale: float = 1.0,
+                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                   seeds: torch.Tensor | None = None, prime: torch.Tensor | None = None, attention: str = "sparse",
+                   cuda_graph: bool | None = None, progress: bool = False) -> torch.Tensor:
+    """Sample image codes for ``P`` captions x ``num_images`` candidates.
+
+    Args:
+        model: a :class:`DALLE` (its device and dtype are used; put it in eval mode).
+        text: ``(P, text_len - 1)`` caption ids (not modified).
+        num_images: candidates per caption ``N``.
+        cfg_scale: classifier-free guidance scale; ``!= 1`` runs a doubled batch whose second half
+            sees all-padding text.
+        temperature, top_k, top_p: as :func:`dalle_fast.sample`.
+        seed: image ``i`` (prompt-major, ``i = p * N + c``) uses seed ``seed + i``; or give
+            ``seeds`` int64 ``(P * N,)`` explicitly.
+        prime: optional first codes of each prompt's images, ``(P, n)`` or ``(P, r, S)`` (first
+            ``r`` rows), copied into every candidate; the rest is generated.
+        attention: ``sparse`` (KV cache + ``decode_attention``, the fast path), ``dense`` (static
+            full cache + masked dense attention) or ``none`` (recompute the prefix each step).
+        cuda_graph: capture the decode step in a CUDA graph (default: on CUDA with ``sparse``).
+        progress: show a progress bar.
+
+    Returns:
+        ``(P, N, S, S)`` int64 codes.
+    """
+    if not isinstance(model, DALLE):
+        raise ValueError(f"model must be a DALLE, got {type(model).__name__}")
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise ValueError(f"num_images must be a positive int, got {num_images!r}")
+    model.check_text(text)
+    cfg = model.config
+    dev = model.head.weight.device
+    text = text.to(dev).long()
+    prompts, rows = text.shape[0], text.shape[0] * num_images
+    seeds = _seeds(seed, seeds, rows, dev)
+    primed = _prime(model, prime, prompts, dev)
+    primed = None if primed is None else primed.repeat_interleave(num_images, 0)
+    n_prime = 0 if primed is None else primed.shape[1]
+    opts = _Options(float(cfg_scale), temperature, top_k, top_p)
+    guided = opts.cfg_scale != 1.0
+    S2 = cfg.image_tokens
+    codes = torch.empty(rows, S2, dtype=torch.int64, device=dev)
+    bar = tqdm(total=S2, disable=not progress, desc="generate", unit="tok")
+
+    if attention == "none":
+        text_rows = text.repeat_interleave(num_images, 0)
+        if guided:
+            text_rows = torch.cat([text_rows, model.null_text(rows)])
+        for j in range(S2):
+            if j < n_prime:
+                codes[:, j] = primed[:, j]
+            else:
+                prefix = codes[:, :j].repeat(2, 1) if guided else codes[:, :j]
+                h = model.hidden(model.embed(text_rows, prefix))
+                codes[:, j] = _draw(model.image_logits(h[:, -1]), rows, seeds, j, opts)
+            bar.update(1)
+        bar.close()
+        return codes.view(prompts, num_images, cfg.image_size, cfg.image_size)
+
+    decoder = _CachedDecoder(model, text, num_images, guided, seeds, opts, attention)
+    use_graph = (dev.type == "cuda" and attention == "sparse") if cuda_graph is None else bool(cuda_graph)
+    if use_graph and (dev.type != "cuda" or attention != "sparse"):
+        raise ValueError("cuda_graph needs a CUDA model and attention='sparse'")
+    step = _GraphedStep(decoder) if use_graph else decoder.run_step
+    decoder.tokens.copy_(primed[:, 0] if n_prime else decoder.first())
+    codes[:, 0] = decoder.tokens
+    bar.update(1)
+    for j in range(1, S2):
+        step()
+        if j < n_prime:
+            decoder.tokens.copy_(primed[:, j])
+        codes[:, j] = decoder.tokens
+        bar.update(1)
+    bar.close()
+    return codes.view(prompts, num_images, cfg.image_size, cfg.image_size)
+
+
+@torch.no_grad()
+def teacher_forced_logits(model: DALLE, text: torch.Tensor, codes: torch.Tensor, *, guided: bool = False,
+                          attention: str = "sparse") -> torch.Tensor:
+    """Image logits of the cached decode path fed with the given codes (for verification).
+
+    ``text`` ``(B, T - 1)``, ``codes`` ``(B, S, S)``. Returns ``(B, S*S, image_vocab)`` where entry
+    ``j`` predicts code ``j``; with ``guided`` ``(2B, ...)``: the conditional rows, then the
+    unconditional ones (all-padding text). Equals ``model.logits`` at positions ``T-1 ..`` restricted
+    to the image vocabulary (``model.logits(model.null_text(B), ...)`` for the unconditional rows).
+    """
+    if attention not in ("sparse", "dense"):
+        raise ValueError(f"attention must be 'sparse' or 'dense', got {attention!r}")
+    model.check_text(text)
+    dev = model.head.weight.device
+    codes = model.flat_codes(codes).to(dev)
+    rows = codes.shape[0]
+    if text.shape[0] != rows:
+        raise ValueError(f"text has {text.shape[0]} rows but codes has {rows}")
+    decoder = _CachedDecoder(model, text.to(dev).long(), 1, guided, torch.zeros(rows, dtype=torch.int64, device=dev),
+                             _Options(2.0 if guided else 1.0, 1.0, 0, 1.0), attention)
+    out = [decoder.first_logits]
+    for j in range(1, codes.shape[1]):
+        decoder.tokens.copy_(codes[:, j - 1])
+        decoder.run_step()
+        out.append(decoder.logits)
+    return torch.stack(out, 1)
+
+
+# -- images and reranking ------------------------------------------------------------------------
+@dataclass
+class Generation:
+    """Result of :func:`generate_images` for ``P`` captions x ``N`` candidates.
+
+    ``images`` ``(P, N, C, H, W)`` in [0, 1] and ``codes`` ``(P, N, S, S)``, each prompt's candidates
+    sorted by descending CLIP score when reranked (``scores`` ``(P, N)``), else in sampling order
+    (``scores`` None).
+    """
+    captions: list[str]
+    images: torch.Tensor
+    codes: torch.Tensor
+    scores: torch.Tensor | None
+
+
+def check_compatible(model: DALLE, dvae, tokenizer, clip=None) -> None:
+    """ValueError unless the dVAE, tokenizer and CLIP fit the transformer."""
+    cfg = model.config
+    if dvae.config.latent_size != cfg.image_size or dvae.config.vocab_size != cfg.image_vocab:
+        raise ValueError(f"the dVAE makes {dvae.config.latent_size}x{dvae.config.latent_size} codes from "
+                         f"{dvae.config.vocab_size} entries (image size {dvae.config.image_size}) but the transformer "
+                         f"takes {cfg.image_size}x{cfg.image_size} codes from {cfg.image_vocab}")
+    if (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.pad_base) != (cfg.text_vocab, cfg.bos_id, cfg.pad_base) \
+            or tokenizer.text_len < cfg.text_len - 1:
+        raise ValueError(f"tokenizer {tokenizer!r} does not match the transformer's text vocabulary "
+                         f"(text_vocab={cfg.text_vocab}, bos_id={cfg.bos_id}, pad_base={cfg.pad_base}, "
+                         f"text_len={cfg.text_len})")
+    if clip is not None and clip.config.image_size != dvae.config.image_size:
+        raise ValueError(f"image size: CLIP takes {clip.config.image_size}px images but the dVAE makes "
+                         f"{dvae.config.image_size}px")
+
+
+@torch.no_grad()
+def generate_images(model: DALLE, dvae, tokenizer, captions: str | Sequence[str], num_images: int = 16, *,
+                    clip=None, batch_size: int | None = None, **kwargs) -> Generation:
+    """Captions -> images, reranked by ``clip`` when given.
+
+    ``kwargs`` go to :func:`generate_codes` (``cfg_scale``, ``temperature``, ``top_k``, ``top_p``,
+    ``seed``, ``prime``, ...). ``batch_size``: candidates per :func:`generate_codes` call (default
+    all); candidate ``c`` of caption ``p`` always uses seed ``seed + p * N + c``.
+    """
+    check_compatible(model, dvae, tokenizer, clip)
+    captions = [captions] if isinstance(captions, str) else list(captions)
+    if not captions:
+        raise ValueError("captions must not be empty")
+    text = tokenizer.encode(captions, text_len=model.config.text_len - 1)  # ValueError if one is empty
+    seed = kwargs.pop("seed", 0)
+    chunk = batch_size or num_images
+    dev = model.head.weight.device
+    parts = []
+    for start in range(0, num_images, chunk):
+        n = min(chunk, num_images - start)
+        seeds = (torch.arange(len(captions))[:, None] * num_images + start + torch.arange(n)).flatten() + seed
+        parts.append(generate_codes(model, text, n, seeds=seeds.to(dev), **kwargs))
+    codes = torch.cat(parts, 1)  # (P, N, S, S)
+    P, N = codes.shape[:2]
+    dvae_dev = next(dvae.parameters()).device
+    images = dvae.decode(codes.flatten(0, 1).to(dvae_dev))
+    images = images.view(P, N, *images.shape[1:])
+    scores = None
+    if clip is not None:
+        clip_dev = next(clip.parameters()).device
+        ids = tokenizer.encode(captions, text_len=clip.config.text_len).to(clip_dev)
+        scores = clip.score(ids.repeat_interleave(N, 0), images.flatten(0, 1).to(clip_dev)).view(P, N).cpu()
+        order = scores.argsort(1, descending=True)
+        scores = scores.gather(1, order)
+        images = images[torch.arange(P)[:, None], order.to(images.device)]
+        codes = codes[torch.arange(P)[:, None], order.to(codes.device)]
+    return Generation(captions, images, codes, scores)
+
+
+@dataclass
+class Pipeline:
+    """A transformer with its dVAE, tokenizer and optional CLIP; call it like :func:`generate_images`."""
+    model: DALLE
+    dvae: object
+    tokenizer: object
+    clip: object | None = None
+
+    def __call__(self, captions: str | Sequence[str], num_images: int = 16, **kwargs) -> Generation:
+        return generate_images(self.model, self.dvae, self.tokenizer, captions, num_images, clip=self.clip, **kwargs)
+
+
+def load_pipeline(checkpoint: str | Path, dvae: str | Path | None = None, clip: str | Path | None = None,
+                  tokenizer: str | Path | None = None, device: str | torch.device = "cpu") -> Pipeline:
+    """Load a transformer checkpoint (file or directory written by ``dalle-fast train``) with its dVAE
+    (default: the one recorded at training time), tokenizer (default: ``tokenizer.json`` beside the
+    checkpoint) and optional CLIP checkpoint."""
+    from .checkpoint import load_checkpoint, load_model
+    from .tokenizer import Tokenizer
+    ck = load_checkpoint(checkpoint)  # ValueError for a path that holds no checkpoint
+    if ck.meta.get("model_type") != "dalle":
+        raise ValueError(f"checkpoint {str(checkpoint)!r} holds a {ck.meta.get('model_type')!r} model, not 'dalle'")
+    root = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    extra = ck.meta.get("extra", {})
+    dvae = dvae or extra.get("dvae_checkpoint")
+    if dvae is None:
+        raise ValueError("dvae: the checkpoint records no dVAE; pass its checkpoint")
+    tok_path = Path(tokenizer) if tokenizer is not None else root / "tokenizer.json"
+    if not tok_path.is_file():
+        raise ValueError(f"tokenizer: {str(tok_path)!r} is not a file")
+    model = load_model(checkpoint, device)
+    dvae_model = load_model(dvae, device)
+    clip_model = load_model(clip, device) if clip is not None else None
+    for name, m, kind in (("dvae", dvae_model, "DVAE"), ("clip", clip_model, "CLIP")):
+        if m is not None and type(m).__name__ != kind:
+            raise ValueError(f"{name}: checkpoint holds a {type(m).__name__}, not a {kind}")
+    pipe = Pipeline(model, dvae_model, Tokenizer.load(tok_path), clip_model)
+    check_compatible(pipe.model, pipe.dvae, pipe.tokenizer, pipe.clip)
+    return pipe
+

@@ -1,0 +1,319 @@
+"""Stage-2 DALL-E transformer (Ramesh et al. 2021, Sec. 2.2 and App. B): a decoder-only model over
+``[BOS, text (text_len - 1 tokens) | image tokens (image_size**2)]``.
+
+Sequence and vocabularies (``T = text_len`` positions including BOS, ``S = image_size``)::
+
+    position 0            BOS (config.bos_id)
+    positions 1 .. T-1    caption ids from the tokenizer, padded per position (pad_base + i)
+    positions T .. T+S*S  image codes from the dVAE, in raster order
+
+    output head           text_vocab + image_vocab logits: id t < text_vocab is text token t,
+                          id text_vocab + c is image code c
+
+Position ``p`` predicts the token at ``p + 1``: text positions ``0 .. T-2`` predict the caption, the
+last text position ``T-1`` predicts image code 0 and image position ``T + m`` predicts code ``m + 1``.
+The loss is ``text_loss_weight`` (1/8) text cross-entropy (over the text vocabulary) plus the rest
+(7/8) image cross-entropy (over the image vocabulary), as in the paper.
+
+Attention layer ``i`` uses ``dalle_fast.Layout(kinds[i], T, S)`` (default
+``dalle_fast.paper_schedule(depth)``), computed by ``dalle_fast.sparse_attention``; every block
+takes an optional ``attend(q, k, v)`` so that generation (:mod:`dalle_fast.generate`) can run the
+same weights with a KV cache (``decode_attention``) or a dense baseline.
+
+Classifier-free guidance: during training each caption is replaced by all-padding text with
+probability ``caption_dropout``, so the model also learns the unconditional distribution
+(:meth:`DALLE.null_text`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..masks import KINDS, Layout, paper_schedule
+from ..nn.attention import SparseAttention
+from ..ops import sparse_attention
+
+#: ``attend(q, k, v) -> out``, all ``(B, heads, n, dim_head)``: replaces a layer's sparse attention.
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DALLEConfig:
+    """Transformer hyper-parameters. Use :meth:`preset` / :meth:`for_tokenizer`.
+
+    ``text_len`` counts BOS (captions have ``text_len - 1`` ids). ``bos_id``/``pad_base`` default to
+    the top of the text vocabulary (``pad_base = text_vocab - (text_len - 1)``, ``bos_id = pad_base - 1``);
+    with a tokenizer use :meth:`for_tokenizer`. ``kinds``: one mask kind per layer (default: the
+    paper's schedule).
+    """
+
+    text_vocab: int = 16384
+    image_vocab: int = 8192
+    text_len: int = 256
+    image_size: int = 32
+    dim: int = 512
+    depth: int = 8
+    heads: int = 8
+    dim_head: int = 64
+    mlp_mult: int = 4
+    kinds: tuple[str, ...] | None = None
+    conv_kernel_size: int = 11
+    conv_like_kernel_size: int = 5
+    conv_like_dilation: int = 1
+    bos_id: int | None = None
+    pad_base: int | None = None
+    caption_dropout: float = 0.1
+    text_loss_weight: float = 1.0 / 8
+
+    def __post_init__(self) -> None:
+        for name in ("text_vocab", "image_vocab", "image_size", "dim", "depth", "heads", "dim_head", "mlp_mult",
+                     "conv_kernel_size", "conv_like_kernel_size", "conv_like_dilation"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(self.text_len, bool) or not isinstance(self.text_len, int) or self.text_len < 2:
+            raise ValueError(f"text_len must be an int >= 2 (BOS + at least one caption token), got {self.text_len!r}")
+        if self.kinds is not None:
+            kinds = tuple(self.kinds)
+            if len(kinds) != self.depth:
+                raise ValueError(f"kinds must list one kind per layer ({self.depth}), got {len(kinds)}")
+            for k in kinds:
+                if k not in KINDS:
+                    raise ValueError(f"kinds must be drawn from {KINDS}, got {k!r}")
+            object.__setattr__(self, "kinds", kinds)
+        caption = self.text_len - 1
+        pad_base = self.text_vocab - caption if self.pad_base is None else self.pad_base
+        bos_id = pad_base - 1 if self.bos_id is None else self.bos_id
+        if not 0 <= pad_base <= self.text_vocab - caption:
+            raise ValueError(f"pad_base must leave {caption} padding ids inside text_vocab={self.text_vocab}, "
+                             f"got {pad_base}")
+        if not 0 <= bos_id < self.text_vocab:
+            raise ValueError(f"bos_id must be in [0, text_vocab={self.text_vocab}), got {bos_id}")
+        object.__setattr__(self, "pad_base", pad_base)
+        object.__setattr__(self, "bos_id", bos_id)
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if not 0.0 <= self.text_loss_weight <= 1.0:
+            raise ValueError(f"text_loss_weight must be in [0, 1], got {self.text_loss_weight}")
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the output head: text + image vocabularies."""
+        return self.text_vocab + self.image_vocab
+
+    @property
+    def image_tokens(self) -> int:
+        return self.image_size * self.image_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.text_len + self.image_tokens
+
+    def layer_kinds(self) -> tuple[str, ...]:
+        return self.kinds if self.kinds is not None else tuple(paper_schedule(self.depth))
+
+    def layouts(self) -> list[Layout]:
+        """One :class:`dalle_fast.Layout` per layer."""
+        out = []
+        for kind in self.layer_kinds():
+            kernel = {"conv": self.conv_kernel_size, "conv_like": self.conv_like_kernel_size}.get(kind, 11)
+            out.append(Layout(kind, self.text_len, self.image_size, kernel_size=kernel,
+                              dilation=self.conv_like_dilation if kind == "conv_like" else 1))
+        return out
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "DALLEConfig":
+        """``tiny`` (CPU demo: text 16, 8x8 image tokens from the tiny dVAE, 4 layers of width 128),
+        ``small`` (the paper's sequence shape, text 256 + 32x32 image tokens, 8 layers of width 256),
+        ``paper`` (64 layers, 62 heads of 64, width 3968: defined, not trained here)."""
+        if name not in DALLE_PRESETS:
+            raise ValueError(f"preset must be one of {sorted(DALLE_PRESETS)}, got {name!r}")
+        fields = {**dataclasses.asdict(DALLE_PRESETS[name]), "bos_id": None, "pad_base": None}
+        return cls(**{**fields, **overrides})  # bos_id/pad_base re-derived unless given
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, preset: str = "tiny", **overrides: Any) -> "DALLEConfig":
+        """Preset with the vocabulary layout of a :class:`dalle_fast.tokenizer.Tokenizer`
+        (``text_len`` is capped at ``tokenizer.text_len + 1``)."""
+        text_len = overrides.pop("text_len", min(cls.preset(preset).text_len, tokenizer.text_len + 1))
+        if text_len - 1 > tokenizer.text_len:
+            raise ValueError(f"text_len - 1 = {text_len - 1} exceeds the tokenizer's text_len {tokenizer.text_len}")
+        return cls.preset(preset, text_vocab=tokenizer.vocab_size, bos_id=tokenizer.bos_id,
+                          pad_base=tokenizer.pad_base, text_len=text_len, **overrides)
+
+
+DALLE_PRESETS: dict[str, DALLEConfig] = {
+    "tiny": DALLEConfig(text_vocab=512, image_vocab=512, text_len=16, image_size=8, dim=128, depth=4, heads=4,
+                        dim_head=32),
+    "small": DALLEConfig(text_vocab=16384, image_vocab=8192, text_len=256, image_size=32, dim=256, depth=8, heads=4,
+                         dim_head=64),
+    "paper": DALLEConfig(text_vocab=16384, image_vocab=8192, text_len=256, image_size=32, dim=3968, depth=64,
+                         heads=62, dim_head=64),
+}
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, n, D) -> (B, n, H * D)."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``. x ``(B, n, dim)``."""
+
+    def __init__(self, cfg: DALLEConfig, layout: Layout) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
+        self.attn = SparseAttention(cfg.dim, cfg.heads, cfg.dim_head, layout)
+        hidden = cfg.mlp_mult * cfg.dim
+        self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden), nn.GELU(), nn.Linear(hidden, cfg.dim))
+
+    @property
+    def layout(self) -> Layout:
+        return self.attn.layout
+
+    def forward(self, x: torch.Tensor, attend: Attend | None = None) -> torch.Tensor:
+        """``attend(q, k, v)`` replaces ``sparse_attention(q, k, v, layout)`` (KV caches, baselines)."""
+        q, k, v = self.attn.qkv(self.norm1(x))
+        out = (attend(q, k, v) if attend is not None
+               else sparse_attention(q, k, v, self.attn.layout, backend=self.attn.backend))
+        x = x + self.attn.to_out(_merge_heads(out))
+        return x + self.mlp(self.norm2(x))
+
+
+class DALLE(nn.Module):
+    """Decoder-only text-to-image transformer.
+
+    Shapes: ``text`` ``(B, text_len - 1)`` int64 caption ids (no BOS), ``codes`` ``(B, n)`` or
+    ``(B, S, S)`` int64 image codes in ``[0, image_vocab)``.
+    """
+
+    def __init__(self, config: DALLEConfig | None = None) -> None:
+        super().__init__()
+        cfg = self.config = config or DALLEConfig()
+        self.text_emb = nn.Embedding(cfg.text_vocab, cfg.dim)
+        self.image_emb = nn.Embedding(cfg.image_vocab, cfg.dim)
+        self.text_pos = nn.Parameter(torch.zeros(cfg.text_len, cfg.dim))
+        self.image_row = nn.Parameter(torch.zeros(cfg.image_size, cfg.dim))
+        self.image_col = nn.Parameter(torch.zeros(cfg.image_size, cfg.dim))
+        self.blocks = nn.ModuleList(Block(cfg, layout) for layout in cfg.layouts())
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size)
+        for p in (self.text_emb.weight, self.image_emb.weight, self.text_pos, self.image_row, self.image_col):
+            nn.init.normal_(p, std=0.02)
+        self.register_buffer("pad_ids", torch.arange(cfg.text_len - 1) + cfg.pad_base, persistent=False)
+
+    # -- input checks ----------------------------------------------------------------------------
+    def check_text(self, text: torch.Tensor, name: str = "text") -> None:
+        cfg = self.config
+        if not isinstance(text, torch.Tensor) or text.dim() != 2 or text.shape[1] != cfg.text_len - 1:
+            raise ValueError(f"{name} must be a (B, text_len - 1 = {cfg.text_len - 1}) tensor of caption ids, got "
+                             f"{tuple(text.shape) if isinstance(text, torch.Tensor) else type(text).__name__}")
+        if text.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{name} must be int64 or int32, got {text.dtype}")
+        if text.numel() and (int(text.min()) < 0 or int(text.max()) >= cfg.text_vocab):
+            raise ValueError(f"{name} ids must lie in [0, text_vocab={cfg.text_vocab})")
+
+    def flat_codes(self, codes: torch.Tensor, name: str = "codes") -> torch.Tensor:
+        """Check ``codes`` ``(B, n)`` or ``(B, S, S)`` and return them as ``(B, n)`` int64."""
+        cfg = self.config
+        if not isinstance(codes, torch.Tensor) or codes.dim() not in (2, 3):
+            raise ValueError(f"{name} must be (B, n) or (B, {cfg.image_size}, {cfg.image_size}), got "
+                             f"{tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__}")
+        if codes.dim() == 3 and codes.shape[1:] != (cfg.image_size, cfg.image_size):
+            raise ValueError(f"{name} must be (B, {cfg.image_size}, {cfg.image_size}), got {tuple(codes.shape)}")
+        if codes.is_floating_point() or codes.is_complex():
+            raise ValueError(f"{name} must be integers, got {codes.dtype}")
+        flat = codes.reshape(codes.shape[0], -1).long()
+        if flat.shape[1] > cfg.image_tokens:
+            raise ValueError(f"{name} has {flat.shape[1]} tokens, more than image_size**2 = {cfg.image_tokens}")
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= cfg.image_vocab):
+            raise ValueError(f"{name} must lie in [0, image_vocab={cfg.image_vocab})")
+        return flat
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def null_text(self, batch: int) -> torch.Tensor:
+        """All-padding captions ``(batch, text_len - 1)``: the unconditional input for guidance."""
+        return self.pad_ids.expand(batch, -1).clone()
+
+    def embed_text(self, text: torch.Tensor) -> torch.Tensor:
+        """``(B, T - 1)`` caption ids -> ``(B, T, dim)`` with BOS prepended and text positions added."""
+        bos = torch.full_like(text[:, :1], self.config.bos_id)
+        return self.text_emb(torch.cat([bos, text], 1).long()) + self.text_pos
+
+    def embed_image(self, codes: torch.Tensor, index: torch.Tensor | int = 0) -> torch.Tensor:
+        """Image codes ``(B, n)`` at image indices ``index .. index + n - 1`` -> ``(B, n, dim)``.
+
+        ``index``: int, or an int64 tensor (0-dim or ``(B,)``, on the codes' device) for one
+        token per row during decoding (no host synchronisation).
+        """
+        s = self.config.image_size
+        m = torch.arange(codes.shape[1], device=codes.device) + (
+            index.reshape(-1, 1) if isinstance(index, torch.Tensor) else index)
+        return self.image_emb(codes) + self.image_row[torch.div(m, s, rounding_mode="floor")] + self.image_col[m % s]
+
+    def embed(self, text: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """``[BOS, text | codes]`` -> ``(B, T + n, dim)``."""
+        x = self.embed_text(text)
+        if codes is not None and codes.shape[1]:
+            x = torch.cat([x, self.embed_image(codes)], 1)
+        return x
+
+    def hidden(self, x: torch.Tensor, attends: Sequence[Attend | None] | None = None) -> torch.Tensor:
+        """Run the blocks (``attends[i]`` replaces layer i's attention) and the final norm."""
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if attends is None else attends[i])
+        return self.norm(x)
+
+    def text_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """``(..., dim) -> (..., text_vocab)``: the head's text rows."""
+        tv = self.config.text_vocab
+        return F.linear(h, self.head.weight[:tv], self.head.bias[:tv])
+
+    def image_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """``(..., dim) -> (..., image_vocab)``: the head's image rows (code ``c`` is column ``c``)."""
+        tv = self.config.text_vocab
+        return F.linear(h, self.head.weight[tv:], self.head.bias[tv:])
+
+    # -- full passes -----------------------------------------------------------------------------
+    def logits(self, text: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced next-token logits ``(B, T + n, text_vocab + image_vocab)`` for
+        ``[BOS, text | codes]`` with ``n <= image_size**2`` codes (``(B, n)``)."""
+        self.check_text(text)
+        codes = None if codes is None else self.flat_codes(codes)
+        return self.head(self.hidden(self.embed(text, codes)))
+
+    def drop_captions(self, text: torch.Tensor, p: float) -> torch.Tensor:
+        """Replace each row of ``text`` by :meth:`null_text` with probability ``p`` (torch's global RNG)."""
+        if p <= 0:
+            return text
+        drop = torch.rand(text.shape[0], device=text.device) < p
+        return torch.where(drop[:, None], self.pad_ids.to(text.dtype), text)
+
+    def forward(self, text: torch.Tensor, codes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training loss for captions ``text (B, T - 1)`` and full images ``codes (B, S, S)`` or ``(B, S*S)``.
+
+        Returns ``loss`` = w * text CE + (1 - w) * image CE (``w = text_loss_weight``), ``text_loss``,
+        ``image_loss`` (nats per token). Captions are dropped (guidance) in training mode.
+        """
+        cfg = self.config
+        self.check_text(text)
+        codes = self.flat_codes(codes)
+        if codes.shape[1] != cfg.image_tokens:
+            raise ValueError(f"codes must hold all {cfg.image_tokens} image tokens, got {codes.shape[1]}")
+        text = text.long()
+        if self.training:
+            text = self.drop_captions(text, cfg.caption_dropout)
+        h = self.hidden(self.embed(text, codes[:, :-1]))  # (B, T + S*S - 1, dim)
+        t = cfg.text_len - 1
+        text_loss = F.cross_entropy(self.text_logits(h[:, :t]).flatten(0, 1).float(), text.flatten())
+        image_loss = F.cross_entropy(self.image_logits(h[:, t:]).flatten(0, 1).float(), codes.flatten())
+        w = cfg.text_loss_weight
+        return {"loss": w * text_loss + (1 - w) * image_loss, "text_loss": text_loss.detach(),
+                "image_loss": image_loss.detach()}

@@ -1,0 +1,176 @@
+"""Generation: cached decode == full forward for every layer kind, guidance, seeds, batch-size
+independence, priming, reranking, errors, and a tiny model that learns its captions."""
+import pytest
+import torch
+
+from dalle_fast.data.shapes import ShapesDataset
+from dalle_fast.generate import generate_codes, generate_images, load_pipeline, teacher_forced_logits
+from dalle_fast.models.clip import CLIP, CLIPConfig
+from dalle_fast.models.dalle import DALLE, DALLEConfig
+from dalle_fast.models.dvae import DVAE, DVAEConfig
+from dalle_fast.tokenizer import Tokenizer
+from dalle_fast.train import TrainConfig, Trainer, dalle_loss
+
+torch.set_num_threads(1)
+KINDS7 = ("full", "row", "col", "conv", "axial_row", "axial_col", "conv_like")
+
+
+def micro(**kw):
+    base = dict(text_vocab=40, image_vocab=24, text_len=5, image_size=4, dim=32, depth=7, heads=2, dim_head=16,
+                kinds=KINDS7, conv_kernel_size=3, conv_like_kernel_size=2)
+    return DALLEConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = DALLE(micro()).eval()
+    # larger random weights than the init, so that every layer visibly shapes the logits
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    return m
+
+
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("attention", ["sparse", "dense"])
+@pytest.mark.parametrize("kind", KINDS7 + ("all",))
+def test_teacher_forced_cached_logits_equal_full_forward(kind, attention, guided):
+    torch.manual_seed(1)
+    cfg = micro(depth=7 if kind == "all" else 2, kinds=KINDS7 if kind == "all" else (kind, kind))
+    m = DALLE(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    text, codes = torch.randint(0, 35, (3, 4)), torch.randint(0, 24, (3, 4, 4))
+    ours = teacher_forced_logits(m, text, codes, guided=guided, attention=attention)
+    with torch.no_grad():
+        full = m.logits(text, codes.flatten(1)[:, :-1])[:, 4:, 40:]
+        if guided:
+            full = torch.cat([full, m.logits(m.null_text(3), codes.flatten(1)[:, :-1])[:, 4:, 40:]])
+    assert ours.shape == full.shape == ((6 if guided else 3), 16, 24)
+    assert full.std() > 0.5  # not a degenerate model
+    torch.testing.assert_close(ours, full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("opts", [dict(cfg_scale=3.0), dict(cfg_scale=-0.5, temperature=0.7, top_k=5),
+                                  dict(cfg_scale=2.0, top_p=0.8), dict(temperature=0.0)])
+def test_cached_equals_uncached_and_guidance_leaves_prompt(model, opts):
+    text = torch.randint(0, 35, (2, 4))
+    before = text.clone()
+    runs = {a: generate_codes(model, text, 3, seed=11, attention=a, **opts) for a in ("sparse", "dense", "none")}
+    assert torch.equal(text, before)
+    assert runs["sparse"].shape == (2, 3, 4, 4)
+    assert torch.equal(runs["sparse"], runs["none"]) and torch.equal(runs["dense"], runs["none"])
+
+
+def test_guidance_changes_samples(model):
+    text = torch.randint(0, 35, (2, 4))
+    plain = generate_codes(model, text, 4, seed=0)
+    guided = generate_codes(model, text, 4, seed=0, cfg_scale=4.0)
+    assert not torch.equal(plain, guided)
+
+
+def test_seeds_and_batch_size_independence(model):
+    text = torch.randint(0, 35, (2, 4))
+    a = generate_codes(model, text, 4, seed=7, cfg_scale=2.0)
+    assert torch.equal(a, generate_codes(model, text, 4, seed=7, cfg_scale=2.0))
+    assert not torch.equal(a, generate_codes(model, text, 4, seed=8, cfg_scale=2.0))
+    # fewer candidates / one prompt: an image depends only on its prompt and seed
+    seeds = torch.tensor([7 + 4 + 2, 7 + 4 + 3])  # prompt 1, candidates 2 and 3
+    alone = generate_codes(model, text[1:], 2, seeds=seeds, cfg_scale=2.0)
+    assert torch.equal(alone[0], a[1, 2:])
+    first = generate_codes(model, text[:1], 1, seed=7, cfg_scale=2.0)
+    assert torch.equal(first[0, 0], a[0, 0])
+
+
+def test_priming(model):
+    text = torch.randint(0, 35, (2, 4))
+    prime = torch.randint(0, 24, (2, 2, 4))  # first two rows
+    out = generate_codes(model, text, 3, prime=prime, seed=1, cfg_scale=1.5)
+    assert torch.equal(out[:, :, :2], prime[:, None].expand(-1, 3, -1, -1))
+    assert torch.equal(out, generate_codes(model, text, 3, prime=prime, seed=1, cfg_scale=1.5, attention="none"))
+    with pytest.raises(ValueError, match="prime"):
+        generate_codes(model, text, 1, prime=torch.zeros(2, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="prime"):
+        generate_codes(model, text, 1, prime=torch.zeros(3, 4, dtype=torch.long))
+
+
+def test_bad_arguments(model):
+    text = torch.randint(0, 35, (1, 4))
+    for kw, name in ((dict(attention="flash"), "attention"), (dict(num_images=0), "num_images"),
+                     (dict(seeds=torch.zeros(2, dtype=torch.long)), "seeds"), (dict(top_p=0.0), "top_p")):
+        with pytest.raises(ValueError, match=name):
+            generate_codes(model, text, **{"num_images": 1, **kw})
+    with pytest.raises(ValueError, match="cuda_graph"):
+        generate_codes(model, text, 1, cuda_graph=True)
+
+
+@pytest.fixture(scope="module")
+def stack():
+    """Tokenizer, 16 px dVAE (4x4 codes), CLIP and a transformer that fit together (untrained)."""
+    tok = Tokenizer.train(ShapesDataset(size=16, length=64).captions() * 2, vocab_size=300 + 16, text_len=15)
+    torch.manual_seed(2)
+    dvae = DVAE(DVAEConfig(image_size=16, vocab_size=24, n_hid=16, n_init=16, n_blk_per_group=1,
+                           group_count=3)).eval()
+    clip = CLIP(CLIPConfig.for_tokenizer(tok, "tiny", image_size=16, patch_size=4)).eval()
+    model = DALLE(DALLEConfig.for_tokenizer(tok, "tiny", image_vocab=24, image_size=4, dim=32, depth=2, heads=2,
+                                            dim_head=16)).eval()
+    return tok, dvae, clip, model
+
+
+def test_generate_images_reranks(stack):
+    tok, dvae, clip, model = stack
+    caps = ["a red circle above a blue square", "a small green triangle"]
+    g = generate_images(model, dvae, tok, caps, 4, clip=clip, seed=3, batch_size=3)
+    assert g.images.shape == (2, 4, 3, 16, 16) and g.codes.shape == (2, 4, 4, 4)
+    assert torch.all(g.scores[:, :-1] >= g.scores[:, 1:])
+    # the sorted images are the decoded sorted codes, with the same scores, and chunking is invisible
+    torch.testing.assert_close(g.images[1], dvae.decode(g.codes[1]))
+    ids = tok.encode(caps, text_len=clip.config.text_len)
+    torch.testing.assert_close(g.scores[0], clip.score(ids[:1].expand(4, -1), g.images[0]))
+    plain = generate_images(model, dvae, tok, caps, 4, seed=3)
+    assert plain.scores is None
+    assert sorted(map(str, plain.codes[0].flatten(1).tolist())) == sorted(map(str, g.codes[0].flatten(1).tolist()))
+
+
+def test_generation_errors(stack, tmp_path):
+    tok, dvae, clip, model = stack
+    with pytest.raises(ValueError, match="tokenizes to nothing"):
+        generate_images(model, dvae, tok, ["a red circle", ""], 1)
+    big = DVAE(DVAEConfig(image_size=32, vocab_size=24, n_hid=16, n_init=16, n_blk_per_group=1, group_count=3))
+    with pytest.raises(ValueError, match="dVAE"):
+        generate_images(model, big, tok, "a red circle", 1)
+    with pytest.raises(ValueError, match="image size"):
+        generate_images(model, dvae, tok, "a red circle", 1,
+                        clip=CLIP(CLIPConfig.for_tokenizer(tok, "tiny", image_size=32, patch_size=4)))
+    with pytest.raises(ValueError, match="checkpoint"):
+        load_pipeline(tmp_path / "missing")
+
+
+class _Fixed(torch.utils.data.Dataset):
+    def __init__(self, text, codes, repeat):
+        self.text, self.codes, self.repeat = text, codes, repeat
+
+    def __len__(self):
+        return len(self.text) * self.repeat
+
+    def __getitem__(self, i):
+        return {"text_ids": self.text[i % len(self.text)], "codes": self.codes[i % len(self.text)]}
+
+
+def test_tiny_model_overfits_captions_and_generates_them():
+    torch.manual_seed(0)
+    cfg = micro(depth=2, kinds=None, dim=64, heads=4, dim_head=16, caption_dropout=0.0)
+    text = torch.randint(0, 35, (4, 4))
+    codes = torch.randint(0, 24, (4, 4, 4))
+    tc = TrainConfig(steps=250, batch_size=8, lr=3e-3, warmup_steps=20, progress=False, seed=0, log_every=50,
+                     checkpoint_every=10_000)
+    trainer = Trainer(DALLE(cfg), dalle_loss, _Fixed(text, codes, 8), tc, None, device="cpu")
+    trainer.fit()
+    assert trainer.history[-1]["image_loss"] < 0.05
+    model = trainer.model.eval()
+    greedy = generate_codes(model, text, 1, temperature=0.0)
+    assert torch.equal(greedy[:, 0], codes)
+    sampled = generate_codes(model, text, 4, seed=5)  # temperature 1: nearly deterministic after overfitting
+    assert (sampled == codes[:, None]).float().mean() > 0.9
