@@ -12,6 +12,7 @@ the interpreter can be switched on before the kernels are defined.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Optional, Tuple
 
@@ -35,6 +36,7 @@ def check_static(q: Tensor) -> None:
         raise ValueError(f"backend 'triton' supports head_dim in {HEAD_DIMS}, got head_dim={q.shape[-1]}")
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     """Whether the ``triton`` package is installed (checked without importing it)."""
     return importlib.util.find_spec("triton") is not None
@@ -49,6 +51,7 @@ def kernels():
     return mod
 
 
+@functools.lru_cache(maxsize=1024)
 def _layout(kind: int, text_len: int, image_size: int, kernel_size: int, dilation: int) -> Layout:
     if not 0 <= kind < len(KINDS):
         raise ValueError(f"kind must be in [0, {len(KINDS)}), got {kind}")

@@ -25,6 +25,8 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
+import triton.testing
+from triton.runtime.errors import OutOfResources
 
 from ..masks import Layout
 
@@ -436,20 +438,30 @@ def _attn_bwd_dq(
 
 
 # ---------------------------------------------------------------------------------------------
-# autotuned variants (GPU, float16/bfloat16)
+# tuning (GPU, float16/bfloat16)
 # ---------------------------------------------------------------------------------------------
-def _triton_configs(configs):
-    return [
-        triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps, num_stages=c.num_stages)
-        for c in configs
-    ]
+# Tuned per problem key once, then launched directly: a dict lookup per call instead of
+# triton.autotune's per-call argument processing (the op is launch-bound at DALL-E sizes, where one
+# forward takes ~0.1 ms on a Hopper GPU).
+_CANDIDATES = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}
+_BEST: dict = {}  # (kernel, N, T, S, KIND, HEAD_DIM, dtype) -> TileConfig
 
 
-# key: the problem (seq, head_dim, kind, layout geometry); autotune adds the tensors' dtypes
-_TUNE_KEY = ["N", "T", "S", "KIND", "HEAD_DIM"]
-_attn_fwd_tuned = triton.autotune(_triton_configs(FWD_CONFIGS), key=_TUNE_KEY)(_attn_fwd)
-_attn_bwd_dkdv_tuned = triton.autotune(_triton_configs(DKDV_CONFIGS), key=_TUNE_KEY)(_attn_bwd_dkdv)
-_attn_bwd_dq_tuned = triton.autotune(_triton_configs(DQ_CONFIGS), key=_TUNE_KEY)(_attn_bwd_dq)
+def _tune(name, launch, key):
+    """Times ``launch(config)`` for every candidate of kernel ``name`` (configs that do not fit the
+    GPU are skipped) and caches the fastest under ``key``."""
+    best, best_ms = None, float("inf")
+    for cfg in _CANDIDATES[name]:
+        try:
+            ms = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20)
+        except OutOfResources:
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise RuntimeError(f"dalle_fast: no {name} tile configuration fits this GPU")
+    _BEST[key] = best
+    return best
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,11 +498,19 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+_TABLES: dict = {}  # (layout, seq_len, device) -> (perm, tables, permuted)
+
+
 def prepare_tables(layout: Layout, seq_len: int, device):
-    """``(perm, tables)`` int32 device tensors of (layout, seq_len) (cached; call before CUDA-graph
-    capture so that replays allocate nothing)."""
-    packed = layout.packed_tile_tables(seq_len, TILES)
-    return packed.on(device) + (not packed.is_identity,)
+    """``(perm, tables, permuted)``: int32 device tensors of (layout, seq_len) and whether positions
+    are permuted (cached: one dict lookup per call; call before CUDA-graph capture so that replays
+    allocate nothing)."""
+    key = (layout, seq_len, str(device))
+    hit = _TABLES.get(key)
+    if hit is None:
+        packed = layout.packed_tile_tables(seq_len, TILES)
+        hit = _TABLES[key] = packed.on(device) + (not packed.is_identity,)
+    return hit
 
 
 def _layout_args(layout: Layout):
@@ -498,16 +518,31 @@ def _layout_args(layout: Layout):
     return dict(T=T, S=S, KS=KS, DIL=DIL, KIND=kind)
 
 
-def _launch(kernel, tuned, config, grid_rows, B, H, args, consts):
-    """Launches ``kernel`` with ``config`` or, when ``config`` is None, its autotuned variant."""
-    if config is None:
-        tuned[lambda meta: (triton.cdiv(grid_rows, meta["BLOCK_N" if kernel is _attn_bwd_dkdv else "BLOCK_M"]), B * H)](
-            *args, **consts)
-    else:
-        tile = config.block_n if kernel is _attn_bwd_dkdv else config.block_m
+def _launch(name, config, grid_rows, B, H, args, consts, dtype, device):
+    """Launches kernel ``name`` (fwd, dkdv, dq) with ``config``, or when ``config`` is None with the
+    configuration tuned for this problem (tuning on first use; the default one while a CUDA graph
+    is being captured, where timing is impossible). Returns the configuration used."""
+    kernel = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}[name]
+
+    def launch(cfg):
+        tile = cfg.block_n if name == "dkdv" else cfg.block_m
         kernel[(triton.cdiv(grid_rows, tile), B * H)](
-            *args, **consts, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-            num_warps=config.num_warps, num_stages=config.num_stages)
+            *args, **consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    if config is not None and (config.block_m, config.block_n) not in TILES:
+        raise ValueError(f"config {config}: tile {config.block_m} x {config.block_n} is not one of the packed "
+                         f"tile shapes {TILES}")
+    if config is None:
+        key = (name, grid_rows, consts["T"], consts["S"], consts["KIND"], consts["HEAD_DIM"], dtype)
+        config = _BEST.get(key)
+        if config is None:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                config = _default_configs(consts["HEAD_DIM"], dtype)[("fwd", "dkdv", "dq").index(name)]
+            else:
+                config = _tune(name, launch, key)
+    launch(config)
+    return config
 
 
 def attention_forward(q, k, v, layout: Layout, scale: float, config: Optional[TileConfig] = None):
@@ -525,7 +560,7 @@ def attention_forward(q, k, v, layout: Layout, scale: float, config: Optional[Ti
     args = (q, k, v, out, lse, perm, tables, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
     consts = dict(H=H, N=N, qk_scale=scale * LOG2E, PERMUTED=permuted, HEAD_DIM=D,
                   IEEE=q.dtype == torch.float32, **_layout_args(layout))
-    _launch(_attn_fwd, _attn_fwd_tuned, config, N, B, H, args, consts)
+    _LAST_FWD[:] = [_launch("fwd", config, N, B, H, args, consts, q.dtype, q.device)]
     return out, lse
 
 
@@ -566,19 +601,18 @@ def attention_backward(grad_out, q, k, v, out, lse, layout: Layout, scale: float
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
     consts = dict(H=H, N=N, qk_scale=scale * LOG2E, sm_scale=scale, PERMUTED=permuted, HEAD_DIM=D,
                   IEEE=q.dtype == torch.float32, **_layout_args(layout))
-    _launch(_attn_bwd_dkdv, _attn_bwd_dkdv_tuned, cfg_dkdv, N, B, H,
-            (q, k, v, grad_out, lse, delta, dk, dv, perm, tables, *strides), consts)
-    _launch(_attn_bwd_dq, _attn_bwd_dq_tuned, cfg_dq, N, B, H,
-            (q, k, v, grad_out, lse, delta, dq, perm, tables, *strides), consts)
+    _launch("dkdv", cfg_dkdv, N, B, H, (q, k, v, grad_out, lse, delta, dk, dv, perm, tables, *strides), consts,
+            q.dtype, q.device)
+    _launch("dq", cfg_dq, N, B, H, (q, k, v, grad_out, lse, delta, dq, perm, tables, *strides), consts, q.dtype,
+            q.device)
     return dq, dk, dv
 
 
+_LAST_FWD: list = []  # the configuration of the latest forward launch
+
+
 def last_forward_tiles(dtype: torch.dtype, head_dim: int) -> tuple:
-    """(BLOCK_M, BLOCK_N) of the forward configuration used by the latest autotuned launch (or the
-    fixed one for ``dtype``/``head_dim`` when autotuning is off): what benchmarks count as the
-    computed tiles."""
-    if _autotune_enabled(dtype) and getattr(_attn_fwd_tuned, "best_config", None) is not None:
-        kw = _attn_fwd_tuned.best_config.kwargs
-        return kw["BLOCK_M"], kw["BLOCK_N"]
-    cfg = _default_configs(head_dim, dtype)[0]
+    """(BLOCK_M, BLOCK_N) of the latest forward launch (or of the fixed configuration for
+    ``dtype``/``head_dim`` before any): what benchmarks count as the computed tiles."""
+    cfg = _LAST_FWD[0] if _LAST_FWD else _default_configs(head_dim, dtype)[0]
     return cfg.block_m, cfg.block_n

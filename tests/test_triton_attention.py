@@ -373,3 +373,29 @@ def test_kernels_compile_for_hopper():
     if r.returncode != 0 and ("ptxas" in r.stderr.lower() and "not found" in r.stderr.lower()):
         pytest.skip("no ptxas available to this Triton")
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+
+
+def test_tuner_picks_fastest_and_caches(monkeypatch):
+    """The per-problem tuner times every candidate once, launches the fastest, and afterwards only
+    looks it up (timing faked on CPU: the candidate with 64 x 32 tiles is reported fastest)."""
+    monkeypatch.setattr(K, "_autotune_enabled", lambda dtype: True)
+    small, wide = K.TileConfig(16, 16, 4, 1), K.TileConfig(64, 32, 4, 1)
+    monkeypatch.setitem(K._CANDIDATES, "fwd", (small, wide))
+    monkeypatch.setattr(K, "_BEST", {})
+    timed = []
+
+    def fake_bench(fn, warmup, rep):
+        fn()  # a real launch of the candidate
+        timed.append(1)
+        return 1.0 if len(timed) == 2 else 5.0
+
+    monkeypatch.setattr(K.triton.testing, "do_bench", fake_bench)
+    layout = Layout("row", 7, 5)
+    q, k, v, _ = _inputs(1, 2, layout.seq_len, 32, torch.float32, seed=3)
+    out, _ = K.attention_forward(q, k, v, layout, 0.25)
+    assert len(timed) == 2 and list(K._BEST.values()) == [wide]
+    assert K.last_forward_tiles(torch.float32, 32) == (64, 32)
+    ref = reference.sparse_attention(q.double(), k.double(), v.double(), layout, 0.25)
+    assert _max_err(out, ref) < 1e-5
+    K.attention_forward(q, k, v, layout, 0.25)
+    assert len(timed) == 2  # cached: no second tuning
