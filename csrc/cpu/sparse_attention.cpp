@@ -190,22 +190,19 @@ void fwd_query_tile(const Schedule& s, const AttnProblem& p, const float* q, con
     // online softmax over this run
     for (int64_t r = 0; r < mq; ++r) {
       float* sr = Sp + r * klen;
-      float mx = NEG_INF;
+      float mx = NEG_INF;  // of the unscaled scores: scale > 0 keeps the order
 #pragma omp simd reduction(max : mx)
-      for (int64_t c = 0; c < klen; ++c) {
-        sr[c] *= scale;  // -inf stays -inf (scale > 0)
-        mx = std::max(mx, sr[c]);
-      }
+      for (int64_t c = 0; c < klen; ++c) mx = std::max(mx, sr[c]);
       if (mx == NEG_INF) {  // nothing allowed for this row in this run
         std::fill(sr, sr + klen, 0.f);
         continue;
       }
-      const float mnew = std::max(m[r], mx);
+      const float mnew = std::max(m[r], mx * scale);
       const float alpha = m[r] == NEG_INF ? 0.f : fast_exp(m[r] - mnew);
       float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t c = 0; c < klen; ++c) {
-        const float e = sr[c] == NEG_INF ? 0.f : fast_exp(sr[c] - mnew);
+        const float e = sr[c] == NEG_INF ? 0.f : fast_exp(sr[c] * scale - mnew);
         sr[c] = e;
         sum += e;
       }
