@@ -61,16 +61,17 @@ def time_ms(fn, device: str, warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         fn()
     if device == "cuda":
+        # events around each call, no synchronisation in between (as triton.testing.do_bench): the
+        # GPU time of each call when the host keeps ahead, launch overhead where it cannot
         torch.cuda.synchronize()
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(repeats)]
+        for start, end in events:
             start.record()
             fn()
             end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
+        torch.cuda.synchronize()
+        return statistics.median(start.elapsed_time(end) for start, end in events)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -128,10 +129,14 @@ def make_provider(name, layout: Layout, B, H, N, D, dtype, device):
 
         bm = create_block_mask(mask_mod, None, None, N, N, device=device, BLOCK_SIZE=block)
         flex = _compiled_flex(flex_attention)
+        # on CUDA the kernel tiles must divide the BlockMask's block size
+        opts = ({k: min(block, 128) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2",
+                                               "BLOCK_N2")} if device == "cuda" and block < 128 else None)
         # computed tiles: every non-empty block of the BlockMask
         nblocks = int(bm.kv_num_blocks.sum()) + (int(bm.full_kv_num_blocks.sum())
                                                 if bm.full_kv_num_blocks is not None else 0)
-        return (lambda q, k, v: flex(q, k, v, block_mask=bm), min(nblocks * block * block, N * N))
+        return (lambda q, k, v: flex(q, k, v, block_mask=bm, kernel_options=opts),
+                min(nblocks * block * block, N * N))
     if name == "flash_attn":
         if device != "cuda":
             raise Skip("CUDA only")
