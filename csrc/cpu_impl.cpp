@@ -5,6 +5,7 @@
 #include <tuple>
 
 #include "common/mask.h"
+#include "layout_checks.h"
 #include "cpu/schedule.h"
 #include "cpu/sparse_attention.h"
 
@@ -16,19 +17,6 @@ namespace {
 constexpr int64_t CPU_BM = 64;
 constexpr int64_t CPU_BN = 32;
 constexpr int64_t CPU_MAX_HEAD_DIM = 256;
-
-LayoutParams checked_layout(int64_t kind, int64_t text_len, int64_t image_size, int64_t kernel_size,
-                            int64_t dilation) {
-  TORCH_CHECK(kind >= 0 && kind < kNumKinds, "dalle_fast: kind must be in [0, ", int(kNumKinds),
-              "), got ", kind);
-  TORCH_CHECK(text_len > 0, "dalle_fast: text_len must be positive, got ", text_len);
-  TORCH_CHECK(image_size > 0, "dalle_fast: image_size must be positive, got ", image_size);
-  TORCH_CHECK(kernel_size > 0, "dalle_fast: kernel_size must be positive, got ", kernel_size);
-  TORCH_CHECK(dilation > 0, "dalle_fast: dilation must be positive, got ", dilation);
-  TORCH_CHECK(kind != kConv || kernel_size % 2 == 1,
-              "dalle_fast: kernel_size must be odd for kind 'conv', got ", kernel_size);
-  return LayoutParams{static_cast<int>(kind), text_len, image_size, kernel_size, dilation};
-}
 
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const LayoutParams& L) {
   TORCH_CHECK(q.dim() == 4, "dalle_fast.sparse_attention: q must be (batch, heads, seq, head_dim), got ",
@@ -85,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(const at::Tensor& q,
                                                             int64_t text_len, int64_t image_size,
                                                             int64_t kernel_size, int64_t dilation,
                                                             double scale) {
-  const LayoutParams L = checked_layout(kind, text_len, image_size, kernel_size, dilation);
+  const LayoutParams L = checked_layout("dalle_fast.sparse_attention", kind, text_len, image_size, kernel_size, dilation);
   check_qkv(q, k, v, L);
   TORCH_CHECK(scale > 0, "dalle_fast.sparse_attention: scale must be positive, got ", scale);
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
@@ -107,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, int64_t kind, int64_t text_len, int64_t image_size,
     int64_t kernel_size, int64_t dilation, double scale) {
-  const LayoutParams L = checked_layout(kind, text_len, image_size, kernel_size, dilation);
+  const LayoutParams L = checked_layout("dalle_fast.sparse_attention", kind, text_len, image_size, kernel_size, dilation);
   check_qkv(q, k, v, L);
   TORCH_CHECK(grad_out.sizes() == q.sizes(), "dalle_fast.sparse_attention backward: grad_out must have shape ",
               q.sizes(), ", got ", grad_out.sizes());

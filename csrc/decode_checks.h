@@ -8,20 +8,13 @@
 #include "common/decode_index.h"
 #include "common/mask.h"
 #include "common/sampling.h"
+#include "layout_checks.h"
 
 namespace dalle_fast {
 
 inline LayoutParams decode_layout(int64_t kind, int64_t text_len, int64_t image_size, int64_t kernel_size,
                                   int64_t dilation) {
-  TORCH_CHECK(kind >= 0 && kind < kNumKinds, "dalle_fast.decode_attention: kind must be in [0, ",
-              int(kNumKinds), "), got ", kind);
-  TORCH_CHECK(text_len > 0, "dalle_fast.decode_attention: text_len must be positive, got ", text_len);
-  TORCH_CHECK(image_size > 0, "dalle_fast.decode_attention: image_size must be positive, got ", image_size);
-  TORCH_CHECK(kernel_size > 0, "dalle_fast.decode_attention: kernel_size must be positive, got ", kernel_size);
-  TORCH_CHECK(dilation > 0, "dalle_fast.decode_attention: dilation must be positive, got ", dilation);
-  TORCH_CHECK(kind != kConv || kernel_size % 2 == 1,
-              "dalle_fast.decode_attention: kernel_size must be odd for kind 'conv', got ", kernel_size);
-  return LayoutParams{static_cast<int>(kind), text_len, image_size, kernel_size, dilation};
+  return checked_layout("dalle_fast.decode_attention", kind, text_len, image_size, kernel_size, dilation);
 }
 
 struct DecodeInfo {
