@@ -93,7 +93,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(const at::Tensor& q,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, int64_t kind, int64_t text_len, int64_t image_size,
+    const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& grad_lse, int64_t kind,
+    int64_t text_len, int64_t image_size,
     int64_t kernel_size, int64_t dilation, double scale) {
   const LayoutParams L = checked_layout("dalle_fast.sparse_attention", kind, text_len, image_size, kernel_size, dilation);
   check_qkv(q, k, v, L);
@@ -109,7 +110,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
   const at::Tensor qs = to_slots(q, perm).mul(scale), ks = to_slots(k, perm), vs = to_slots(v, perm);
   const at::Tensor gs = to_slots(grad_out, perm);
   const at::Tensor qst = transposed(qs), kt = transposed(ks), vt = transposed(vs), gst = transposed(gs);
-  const at::Tensor delta = to_slots((grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1), perm);
+  at::Tensor delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1);
+  if (grad_lse.has_value() && grad_lse->defined()) {
+    TORCH_CHECK(grad_lse->sizes() == lse.sizes(), "dalle_fast.sparse_attention backward: grad_lse must be ",
+                "(batch, heads, seq), got ", grad_lse->sizes());
+    delta = delta - grad_lse->to(at::kFloat);
+  }
+  delta = to_slots(delta, perm);
   const at::Tensor ls = to_slots(lse, perm);
   at::Tensor dq = at::empty({B, H, N, D}, q.options().dtype(at::kFloat));
   at::Tensor dk = at::empty_like(dq), dv = at::empty_like(dq);

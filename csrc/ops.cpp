@@ -10,11 +10,12 @@ TORCH_LIBRARY(dalle_fast, m) {
   m.def(
       "sparse_attention_fwd(Tensor q, Tensor k, Tensor v, int kind, int text_len, int image_size, "
       "int kernel_size, int dilation, float scale) -> (Tensor, Tensor)");
-  // Its backward: returns (dq, dk, dv) in the inputs' dtype.
+  // Its backward: returns (dq, dk, dv) in the inputs' dtype. grad_lse (B, H, N) or None: the
+  // gradient of the lse output (d lse / d score = softmax, so it folds into delta).
   m.def(
       "sparse_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "int kind, int text_len, int image_size, int kernel_size, int dilation, float scale) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor? grad_lse, int kind, int text_len, int image_size, int kernel_size, int dilation, "
+      "float scale) -> (Tensor, Tensor, Tensor)");
 
   // KV-cached decode step (csrc/decode_*_impl.cpp). q, k_new, v_new: (B, H, 1, D); caches
   // (B, H, L, D), written in place at pos (int64, (B,) or 0-dim). With the optional shared text

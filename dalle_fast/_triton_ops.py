@@ -88,24 +88,11 @@ def _bwd_fake(grad_out, q, k, v, out, lse, grad_lse, kind, text_len, image_size,
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, *params = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.params = params
+def _register_autograd():
+    from .ops import register_attention_autograd  # ops imports this module at its end
 
-
-def _backward(ctx, grad_out, grad_lse):
-    # d lse / d score = p, so the lse gradient folds into delta (see the preprocess kernel)
-    q, k, v, out, lse = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.dalle_fast.triton_sparse_attention_bwd(grad_out, q, k, v, out, lse, grad_lse,
-                                                                  *ctx.params)
-    return dq, dk, dv, None, None, None, None, None, None
-
-
-triton_sparse_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+    register_attention_autograd("dalle_fast::triton_sparse_attention_fwd",
+                                torch.ops.dalle_fast.triton_sparse_attention_bwd)
 
 
 def triton_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Layout, scale: float) -> Tensor:

@@ -54,29 +54,33 @@ def _sparse_attention_fwd_fake(q, k, v, kind, text_len, image_size, kernel_size,
 
 
 @torch.library.register_fake("dalle_fast::sparse_attention_bwd")
-def _sparse_attention_bwd_fake(grad_out, q, k, v, out, lse, kind, text_len, image_size, kernel_size,
+def _sparse_attention_bwd_fake(grad_out, q, k, v, out, lse, grad_lse, kind, text_len, image_size, kernel_size,
                                dilation, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, *params = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.params = params
+def register_attention_autograd(fwd_op: str, bwd_op) -> None:
+    """Autograd of a sparse-attention forward op ``(q, k, v, *layout ints, scale) -> (out, lse)``
+    through its backward op ``(grad_out, q, k, v, out, lse, grad_lse, *layout ints, scale)``; the
+    lse output is differentiable too. Shared by the C++ and the Triton ops."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, *params = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.params = params
+
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = bwd_op(grad_out.contiguous(), q, k, v, out, lse, grad_lse, *ctx.params)
+        return (dq, dk, dv) + (None,) * len(ctx.params)
+
+    torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
 
 
-def _fwd_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.dalle_fast.sparse_attention_bwd(
-        grad_out.contiguous(), q, k, v, out, lse, *ctx.params
-    )
-    return dq, dk, dv, None, None, None, None, None, None
-
-
-torch.library.register_autograd(
-    "dalle_fast::sparse_attention_fwd", _fwd_backward, setup_context=_fwd_setup_context
-)
+register_attention_autograd("dalle_fast::sparse_attention_fwd", torch.ops.dalle_fast.sparse_attention_bwd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,6 +195,8 @@ def sparse_attention(q, k, v, layout: Layout, *, scale: Optional[float] = None,
 # optional backends and the decoding ops
 # ---------------------------------------------------------------------------------------------
 from . import _triton_ops  # noqa: E402  (registers dalle_fast::triton_sparse_attention_*; no triton import)
+
+_triton_ops._register_autograd()
 
 if _triton_ops.triton_available():
     _SPARSE_ATTENTION["triton"] = _triton_ops.triton_sparse_attention

@@ -125,9 +125,28 @@ def test_opcheck():
                           (q, k, v, *layout.params(), 0.25))
     out, lse = torch.ops.dalle_fast.sparse_attention_fwd(q, k, v, *layout.params(), 0.25)
     g = torch.randn_like(out)
-    torch.library.opcheck(torch.ops.dalle_fast.sparse_attention_bwd.default,
-                          (g, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
-                           *layout.params(), 0.25))
+    for grad_lse in (None, torch.randn_like(lse)):
+        torch.library.opcheck(torch.ops.dalle_fast.sparse_attention_bwd.default,
+                              (g, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), grad_lse,
+                               *layout.params(), 0.25))
+
+
+@pytest.mark.parametrize("kind", ["row", "col"])
+def test_lse_output_is_differentiable(kind):
+    """Gradients through both outputs of the op (d lse / d score = softmax) match float64."""
+    layout = layout_for(kind, 7, 5)
+    q64, k64, v64 = (torch.randn(2, 3, 29, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    g_out, g_lse = torch.randn(2, 3, 29, 16, dtype=torch.float64), torch.randn(2, 3, 29, dtype=torch.float64)
+    o64, l64 = reference.sparse_attention_lse(q64, k64, v64, layout)
+    ref = torch.autograd.grad([o64, l64], (q64, k64, v64), [g_out, g_lse])
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q64, k64, v64))
+    o32, l32 = reference.sparse_attention_lse(q32, k32, v32, layout)
+    base = torch.autograd.grad([o32, l32], (q32, k32, v32), [g_out.float(), g_lse.float()])
+    q, k, v = (t.detach().float().requires_grad_() for t in (q64, k64, v64))
+    out, lse = torch.ops.dalle_fast.sparse_attention_fwd(q, k, v, *layout.params(), 0.25)
+    grads = torch.autograd.grad([out, lse], (q, k, v), [g_out.float(), g_lse.float()])
+    for name, ours, r, b in zip("qkv", grads, ref, base):
+        assert_close_to_reference(ours, r, b, f"d{name}", floor=1e-5)
 
 
 def test_torch_compile_fullgraph():
