@@ -26,4 +26,5 @@ if [ "${DALLE_FAST_EDITABLE:-0}" = "1" ]; then
 else
   "${pip[@]}" install -q --no-build-isolation --no-deps "$root"
 fi
-"$venv/bin/python" -c "import dalle_fast, torch; print('dalle_fast', dalle_fast.__version__, 'on torch', torch.__version__)"
+# import check from outside the checkout (so the installed package is what gets imported)
+(cd / && "$venv/bin/python" -c "import dalle_fast, torch; print('dalle_fast', dalle_fast.__version__, 'on torch', torch.__version__, 'from', dalle_fast.__file__)")
