@@ -34,10 +34,11 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run from a checkout without installing
+try:  # the installed package, else a checkout with an in-place build
+    import dalle_fast
+except ImportError:
     sys.path.insert(0, str(ROOT))
-
-import dalle_fast  # noqa: E402
+    import dalle_fast  # noqa: E402
 from dalle_fast import Layout  # noqa: E402
 from dalle_fast.ops import computed_pairs  # noqa: E402
 

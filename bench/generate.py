@@ -26,7 +26,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+try:  # the installed package, else a checkout with an in-place build
+    import dalle_fast  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dalle_fast.generate import ATTENTION_MODES, _draw, _Options, generate_codes  # noqa: E402
 from dalle_fast.models.dalle import DALLE, DALLEConfig  # noqa: E402

@@ -16,8 +16,11 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(1, os.path.dirname(HERE))  # the repository (in-place build) when not installed
-import dalle_fast  # noqa: E402
+try:  # the installed package, else a checkout with an in-place build
+    import dalle_fast  # noqa: E402
+except ImportError:
+    sys.path.insert(0, os.path.dirname(HERE))
+    import dalle_fast  # noqa: E402
 from _util import machine, print_table, timeit, write_results  # noqa: E402
 
 CONFIGS = {  # name -> (top_k, top_p)
