@@ -2,8 +2,8 @@
 
 DALLE-pytorch is installed without its dependency tree (requirements-dalle-pytorch.txt). Its import
 pulls modules that only its VQGAN/VAE-download paths use (``taming``, ``omegaconf``) and
-``pkg_resources``; when those are missing they are stood in for by empty modules during the import
-and removed again afterwards. The tests skip when the package itself cannot be imported.
+``pkg_resources``; ``import_dalle_pytorch(stand_ins=True)`` stands in for them when missing. The
+tests skip when the package itself cannot be imported.
 """
 import copy
 import sys
@@ -14,42 +14,15 @@ import torch
 
 from conftest import assert_close_to_reference
 
-
-def _import_dalle_pytorch():
-    stand_ins = {}
-
-    def stand_in(name, **attrs):
-        try:
-            __import__(name)
-        except ImportError:
-            parts = name.split(".")
-            for i in range(1, len(parts) + 1):
-                sub = ".".join(parts[:i])
-                if sub not in sys.modules:
-                    stand_ins[sub] = sys.modules[sub] = types.ModuleType(sub)
-            for key, value in attrs.items():
-                setattr(sys.modules[name], key, value)
-
-    stand_in("pkg_resources", get_distribution=lambda name: types.SimpleNamespace(version="0"))
-    stand_in("omegaconf", OmegaConf=object)
-    stand_in("taming.models.vqgan", VQModel=object, GumbelVQ=object)
-    try:
-        import dalle_pytorch
-        from dalle_pytorch import attention, transformer
-    finally:
-        for name in stand_ins:
-            sys.modules.pop(name, None)
-    return dalle_pytorch, attention, transformer
-
+import dalle_fast.integrations.dalle_pytorch as dfp
+from dalle_fast import Layout
 
 try:
-    dalle_pytorch, dp_attention, dp_transformer = _import_dalle_pytorch()
+    dalle_pytorch = dfp.import_dalle_pytorch(stand_ins=True)
 except ImportError as e:  # pragma: no cover - depends on the environment
-    pytest.skip(f"dalle-pytorch cannot be imported ({e}); install requirements-dalle-pytorch.txt",
+    pytest.skip(f"dalle-pytorch cannot be imported ({e}); pip install --no-deps -r requirements-dalle-pytorch.txt",
                 allow_module_level=True)
-
-import dalle_fast.integrations.dalle_pytorch as dfp  # noqa: E402
-from dalle_fast import Layout  # noqa: E402
+dp_attention, dp_transformer = dalle_pytorch.attention, dalle_pytorch.transformer
 
 TEXT_LEN = 6      # text_seq_len (T = 7 with <bos>)
 S = 4             # 16x16 images, 2 VAE layers -> 4x4 tokens

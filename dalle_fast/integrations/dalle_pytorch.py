@@ -66,7 +66,47 @@ from ..masks import Layout
 from ..ops import sparse_attention
 from ..sampling import sample
 
-__all__ = ["DallePytorchAttention", "generate", "is_patched", "layouts", "patch", "unpatch"]
+__all__ = ["DallePytorchAttention", "generate", "import_dalle_pytorch", "is_patched", "layouts", "patch", "unpatch"]
+
+
+def import_dalle_pytorch(stand_ins: bool = False):
+    """Import and return the ``dalle_pytorch`` package.
+
+    DALLE-pytorch 1.6.6 imports ``taming`` (its VQGAN), ``omegaconf`` and ``pkg_resources`` at import
+    time, though only its VQGAN and pretrained-VAE paths use them; ``pkg_resources`` is gone from
+    recent setuptools. With ``stand_ins=True`` each of those that is missing is replaced by an empty
+    module for the duration of the import (and removed from ``sys.modules`` afterwards), so the
+    transformer, ``DiscreteVAE`` and this adapter work without them. ImportError otherwise.
+    """
+    import sys
+    import types
+
+    added = []
+
+    def stand_in(name, **attrs):
+        try:
+            __import__(name)
+        except ImportError:
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):
+                sub = ".".join(parts[:i])
+                if sub not in sys.modules:
+                    sys.modules[sub] = types.ModuleType(sub)
+                    added.append(sub)
+            for key, value in attrs.items():
+                setattr(sys.modules[name], key, value)
+
+    if stand_ins and "dalle_pytorch" not in sys.modules:
+        stand_in("pkg_resources", get_distribution=lambda name: types.SimpleNamespace(version="unknown"))
+        stand_in("omegaconf", OmegaConf=None)
+        stand_in("taming.models.vqgan", VQModel=None, GumbelVQ=None)
+    try:
+        import dalle_pytorch
+        from dalle_pytorch import attention, reversible, transformer  # noqa: F401
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)
+    return dalle_pytorch
 
 
 def _package():
