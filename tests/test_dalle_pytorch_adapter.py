@@ -122,6 +122,7 @@ CONFIGS = {
     "mix_stable_sandwich": dict(stable=True, sandwich_norm=True),
     "mix_no_shift": dict(shift_tokens=False),
     "optimize_for_inference": dict(attn_types=("axial_row", "axial_col", "full"), optimize_for_inference=True),
+    "shared_input_output_emb": dict(share_input_output_emb=True, attn_types=("conv_like", "full")),
 }
 
 
@@ -204,7 +205,8 @@ def original_codes(model, text, **kw):
     return seen[0]
 
 
-@pytest.mark.parametrize("name", ["mix", "mix_stable_sandwich", "mix_no_shift", "optimize_for_inference"])
+@pytest.mark.parametrize("name", ["mix", "mix_stable_sandwich", "mix_no_shift", "optimize_for_inference",
+                                  "shared_input_output_emb"])
 def test_greedy_generation_equals_generate_images(name):
     model = make_model(**CONFIGS[name])
     text, _ = batch(3)
