@@ -43,7 +43,8 @@ def make_model(seed=0, depth=4, **kw):
             if isinstance(m, torch.nn.LayerNorm):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0, 0.1)
-        model.to_logits[1].weight.mul_(4)  # spread the logits: fewer near-ties in greedy decoding
+        if not kw.get("share_input_output_emb"):  # (tied: the image embeddings would grow too)
+            model.to_logits[1].weight.mul_(4)  # spread the logits: fewer near-ties in greedy decoding
     return model.eval()
 
 
@@ -122,7 +123,7 @@ CONFIGS = {
     "mix_stable_sandwich": dict(stable=True, sandwich_norm=True),
     "mix_no_shift": dict(shift_tokens=False),
     "optimize_for_inference": dict(attn_types=("axial_row", "axial_col", "full"), optimize_for_inference=True),
-    "shared_input_output_emb": dict(share_input_output_emb=True, attn_types=("conv_like", "full")),
+    "shared_input_output_emb": dict(share_input_output_emb=True),
 }
 
 
