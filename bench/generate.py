@@ -5,6 +5,7 @@ prefix: the common fast baseline) and (b) recomputing the prefix every step (no 
     python bench/generate.py                        # CPU, small preset (text 256 + 32x32), 1 x 16
     python bench/generate.py --quick               # tiny preset, full runs, seconds
     python bench/generate.py --device cuda --full  # GPU (CUDA graph for dalle_fast)
+    python bench/generate.py --peer dalle_pytorch  # DALLE-pytorch generate_images vs the adapter (batch 4)
 
 dalle_fast and the dense baseline are timed on complete generations (a warm-up run, then the best
 of ``--repeat``). A complete no-cache run of the small preset on CPU takes about an hour, so unless
@@ -12,6 +13,16 @@ of ``--repeat``). A complete no-cache run of the small preset on CPU takes about
 image (a step's cost depends only on its position) and the whole generation is estimated as the
 first step + (S*S - 1) x the mean step; the output marks such numbers as estimates. Results go to
 ``--out`` (generate.json, generate.csv) with the machine and versions.
+
+``--peer dalle_pytorch`` compares against DALLE-pytorch itself (needs requirements-dalle-pytorch.txt):
+one random-weight ``dalle_pytorch.DALLE`` (default: dim 256, depth 8, heads 8, dim_head 32,
+text_seq_len 64, 16x16 image tokens, attn_types full/axial_row/axial_col/conv_like; ``--quick``: a
+tiny one) is timed with its own ``generate_images(use_cache=True)`` and with
+``dalle_fast.integrations.dalle_pytorch.generate`` (same weights, same sampling options; the VAE
+decode is left out of both), and one training step (forward + backward of the loss) unpatched and
+patched. Runs of the two sides alternate, the best of ``--repeat`` counts. Note that DALLE-pytorch
+1.6.6 hands its cache to the layers only when ``cond_scale != 1`` (``forward_with_cond_scale`` drops
+it otherwise), so ``--cfg-scale 1`` times its uncached path whatever ``use_cache`` says.
 """
 from __future__ import annotations
 
@@ -97,11 +108,104 @@ def machine(device) -> dict:
     return info
 
 
+def _best_interleaved(fns, repeat, device):
+    """Best seconds of each callable, the callables run in turn ``repeat`` times (after one warm-up each)."""
+    for fn in fns:
+        fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best
+
+
+def peer_dalle_pytorch(args, device) -> dict:
+    """DALLE-pytorch's generate_images(use_cache=True) and training step vs the dalle_fast adapter."""
+    import dalle_fast.integrations.dalle_pytorch as dfp
+    dalle_pytorch = dfp.import_dalle_pytorch(stand_ins=True)
+    if args.quick:
+        cfg = dict(dim=64, depth=4, heads=4, dim_head=16, text_seq_len=16, image_size=32, num_layers=2,
+                   num_tokens=256)  # 8x8 tokens
+    else:
+        cfg = dict(dim=256, depth=8, heads=8, dim_head=32, text_seq_len=64, image_size=64, num_layers=2,
+                   num_tokens=8192)  # 16x16 tokens
+    torch.manual_seed(0)
+    vae = dalle_pytorch.DiscreteVAE(image_size=cfg["image_size"], num_layers=cfg["num_layers"],
+                                    num_tokens=cfg["num_tokens"], codebook_dim=64, hidden_dim=16)
+    model = dalle_pytorch.DALLE(dim=cfg["dim"], vae=vae, num_text_tokens=10000, text_seq_len=cfg["text_seq_len"],
+                                depth=cfg["depth"], heads=cfg["heads"], dim_head=cfg["dim_head"],
+                                attn_types=("full", "axial_row", "axial_col", "conv_like")).to(device)
+    vae.decode = lambda codes: codes  # time the transformer's sampling only, on both sides
+    b = args.batch
+    text = torch.randint(1, 10000, (b, cfg["text_seq_len"]), device=device)
+    image = torch.randint(0, cfg["num_tokens"], (b, model.image_seq_len), device=device)
+    sampling = dict(filter_thres=0.9, temperature=1.0, cond_scale=args.cfg_scale)
+    s = model.transformer.image_fmap_size
+    print(f"# peer dalle_pytorch {dalle_pytorch.__version__}: dim {cfg['dim']}, depth {cfg['depth']}, heads "
+          f"{cfg['heads']}, dim_head {cfg['dim_head']}, text_seq_len {cfg['text_seq_len']}, {s}x{s} image tokens, "
+          f"batch {b}, cond_scale {args.cfg_scale}, {device}, {torch.get_num_threads()} threads")
+
+    def theirs():
+        model.generate_images(text.clone(), use_cache=True, **sampling)
+
+    def ours():
+        dfp.generate(model, text, **sampling)
+
+    gen_theirs, gen_ours = _best_interleaved([theirs, ours], args.repeat, device)
+    print(f"generate: DALLE-pytorch generate_images(use_cache=True) {gen_theirs:8.2f} s, "
+          f"dalle_fast {gen_ours:6.2f} s: {gen_theirs / gen_ours:.1f}x")
+
+    model.train()
+    patched = dfp.patch(__import__("copy").deepcopy(model))
+
+    def step(m):
+        def run():
+            m.zero_grad(set_to_none=True)
+            m(text, image, return_loss=True).backward()
+        return run
+
+    train_theirs, train_ours = _best_interleaved([step(model), step(patched)], max(args.repeat, 3), device)
+    print(f"train step (forward + backward): DALLE-pytorch {train_theirs * 1e3:8.1f} ms, patched "
+          f"{train_ours * 1e3:8.1f} ms: {train_theirs / train_ours:.2f}x")
+
+    # the attention modules alone (what patch replaces), forward + backward on the training shapes
+    x = torch.randn(b, model.total_seq_len, cfg["dim"], device=device, requires_grad=True)
+    freqs = model.transformer.pos_emb
+
+    def attention_layers(m):
+        cores = [mod for mod in m.modules() if hasattr(mod, "to_qkv")]
+
+        def run():
+            x.grad = None
+            sum(core(x, rotary_pos_emb=freqs).sum() for core in cores).backward()
+        return run
+
+    attn_theirs, attn_ours = _best_interleaved([attention_layers(model), attention_layers(patched)],
+                                               max(args.repeat, 3), device)
+    print(f"attention modules only (forward + backward, {cfg['depth']} layers): DALLE-pytorch "
+          f"{attn_theirs * 1e3:8.1f} ms, patched {attn_ours * 1e3:8.1f} ms: {attn_theirs / attn_ours:.2f}x "
+          f"({attn_theirs / train_theirs:.0%} of DALLE-pytorch's training step)")
+    images = b * model.image_seq_len
+    return {"peer": "dalle_pytorch", "peer_version": dalle_pytorch.__version__, "model": cfg | {"batch": b},
+            "sampling": sampling, "machine": machine(device), "repeat": args.repeat,
+            "results": [
+                {"what": "generate", "dalle_pytorch_s": gen_theirs, "dalle_fast_s": gen_ours,
+                 "speedup": gen_theirs / gen_ours, "dalle_fast_tokens_per_s": images / gen_ours},
+                {"what": "train_step", "dalle_pytorch_s": train_theirs, "dalle_fast_s": train_ours,
+                 "speedup": train_theirs / train_ours},
+                {"what": "attention_modules_fwd_bwd", "dalle_pytorch_s": attn_theirs, "dalle_fast_s": attn_ours,
+                 "speedup": attn_theirs / attn_ours}]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--preset", default="small", choices=["tiny", "small", "paper"])
-    p.add_argument("--batch", type=int, default=1, help="prompts")
+    p.add_argument("--batch", type=int, default=None, help="prompts (default 1; 4 with --peer)")
     p.add_argument("-n", type=int, default=16, help="candidates per prompt")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -113,10 +217,19 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=2, help="timings per measurement; the best counts")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=Path("bench/out"))
+    p.add_argument("--peer", choices=["dalle_pytorch"], default=None,
+                   help="compare with another codebase's generation and training step instead")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.batch is None:
+        args.batch = 4 if args.peer else 1
+    if args.peer:
+        result = peer_dalle_pytorch(args, device)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"generate_peer_{args.peer}.json").write_text(json.dumps(result, indent=2))
+        return 0
     if args.quick:
         args.preset, args.full = "tiny", True
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))

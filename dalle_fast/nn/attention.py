@@ -22,7 +22,10 @@ class SparseAttention(nn.Module):
         bias: whether the projections have biases.
         backend: forced op backend (default: by device / ``$DALLE_FAST_BACKEND``).
 
-    Shapes: ``x (batch, seq, dim) -> (batch, seq, dim)`` with ``seq <= layout.seq_len``.
+    Shapes: ``x (batch, seq, dim) -> (batch, seq, dim)`` with ``seq <= layout.seq_len``; dtypes and
+    devices are those of :func:`dalle_fast.sparse_attention` for the chosen backend (CPU: float32,
+    bfloat16, float16; CUDA via triton: float16, bfloat16, float32 with ``dim_head`` 32/64/128).
+    :meth:`qkv` gives the projected q, k, v for a KV-cached step with :func:`dalle_fast.decode_attention`.
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int, layout: Layout, *, bias: bool = False,

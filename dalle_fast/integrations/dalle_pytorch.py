@@ -1,0 +1,501 @@
+"""Drop-in adapter for DALLE-pytorch (PyPI ``dalle-pytorch``, module ``dalle_pytorch``, tested with 1.6.6).
+
+    import dalle_fast.integrations.dalle_pytorch as dfp
+
+    dfp.patch(model)                           # same weights, dalle_fast.sparse_attention inside
+    loss = model(text, image, return_loss=True)  # training and forward as before, faster
+    codes = dfp.generate(model, text, filter_thres=0.9, cond_scale=3.0)   # (B, image_seq_len)
+    images = model.vae.decode(codes)
+    dfp.unpatch(model)                         # the original modules are back
+
+**patch** replaces the attention module inside every layer of a ``dalle_pytorch.DALLE``
+(``Attention``, ``SparseAxialCausalAttention``, ``SparseConvCausalAttention``) by a
+:class:`DallePytorchAttention` that holds the *same* ``to_qkv``/``to_out`` modules (same parameters,
+same ``state_dict`` keys, so optimizers and checkpoints keep working) and computes the layer's mask
+with :func:`dalle_fast.sparse_attention`. The layer kinds map to :class:`dalle_fast.Layout` kinds:
+
+    ==================================  ==============================================
+    DALLE-pytorch attention type        Layout (T = text_seq_len + 1, S = fmap size)
+    ==================================  ==============================================
+    ``full``                            ``Layout("full", T, S)``
+    ``axial_row``                       ``Layout("axial_row", T, S)``
+    ``axial_col``                       ``Layout("axial_col", T, S)``
+    ``conv_like`` (kernel K, dilation d)  ``Layout("conv_like", T, S, K, d)``
+    ``axial_*`` with optimize_for_inference  the same kinds (static mask recognised)
+    ==================================  ==============================================
+
+Everything around attention (token shift, rotary embeddings, LayerScale, pre/sandwich norms,
+feed-forward, ``stable``) is the package's own code and runs unchanged.
+
+**generate** samples image tokens with dalle_fast's static KV cache: the caption (and, with guidance,
+the all-padding caption) is prefilled once with ``sparse_attention``; each image token then runs every
+layer for one position with :func:`dalle_fast.decode_attention` (shared text caches, image-only
+per-row caches) and :func:`dalle_fast.sample`. DALLE-pytorch's token shift and rotary embeddings are
+reproduced exactly in the cached step: each layer keeps the normalised features of the image tokens
+it has seen (the token shift reads the token above and the one to the left), and rotary embeddings
+are applied at the token's absolute position (to q, k and v, as DALLE-pytorch does). It works on
+patched and unpatched models alike.
+
+Sampling semantics follow ``DALLE.generate_images``: ``filter_thres`` keeps the top
+``max(int((1 - filter_thres) * total_tokens), 1)`` logits, ``temperature`` divides the logits, and
+``cond_scale`` mixes ``null + (cond - null) * cond_scale`` with the null logits from the all-padding
+caption. Unlike DALLE-pytorch (whose ``null_cond_prob`` path multiplies the caller's text tensor by
+zero in place, so every later step is unconditional), the prompt is never modified. Draws are
+seeded per image (``seed + i``) with dalle_fast's counter-based sampler, so they are reproducible but
+not the same random numbers as ``torch.rand``; with a top-k of 1 (``filter_thres=1``) generation is
+greedy and token-for-token equal to ``generate_images``.
+
+Options the adapter cannot reproduce are refused with a ``ValueError`` naming the option:
+``reversible=True``, the DeepSpeed ``sparse`` attention type, layers that share modules
+(``shared_attn_ids``/``shared_ff_ids``), non-causal attention, a key-padding ``mask`` passed to the
+attention, and DALLE-pytorch's own inference ``cache`` on a patched model (use :func:`generate`, or
+:func:`unpatch` first).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..decode import decode_attention
+from ..masks import Layout
+from ..ops import sparse_attention
+from ..sampling import sample
+
+__all__ = ["DallePytorchAttention", "generate", "import_dalle_pytorch", "is_patched", "layouts", "patch", "unpatch"]
+
+
+def import_dalle_pytorch(stand_ins: bool = False):
+    """Import and return the ``dalle_pytorch`` package.
+
+    DALLE-pytorch 1.6.6 imports ``taming`` (its VQGAN), ``omegaconf`` and ``pkg_resources`` at import
+    time, though only its VQGAN and pretrained-VAE paths use them; ``pkg_resources`` is gone from
+    recent setuptools. With ``stand_ins=True`` each of those that is missing is replaced by an empty
+    module for the duration of the import (and removed from ``sys.modules`` afterwards), so the
+    transformer, ``DiscreteVAE`` and this adapter work without them. ImportError otherwise.
+    """
+    import sys
+    import types
+
+    added = []
+
+    def stand_in(name, **attrs):
+        try:
+            __import__(name)
+        except ImportError:
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):
+                sub = ".".join(parts[:i])
+                if sub not in sys.modules:
+                    sys.modules[sub] = types.ModuleType(sub)
+                    added.append(sub)
+            for key, value in attrs.items():
+                setattr(sys.modules[name], key, value)
+
+    if stand_ins and "dalle_pytorch" not in sys.modules:
+        stand_in("pkg_resources", get_distribution=lambda name: types.SimpleNamespace(version="unknown"))
+        stand_in("omegaconf", OmegaConf=None)
+        stand_in("taming.models.vqgan", VQModel=None, GumbelVQ=None)
+    try:
+        import dalle_pytorch
+        from dalle_pytorch import attention, reversible, transformer  # noqa: F401
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)
+    return dalle_pytorch
+
+
+def _package():
+    """(dalle_pytorch, its transformer module, its attention module, its reversible module)."""
+    try:
+        import dalle_pytorch
+        from dalle_pytorch import attention, reversible, transformer
+    except ImportError as e:
+        raise ImportError("dalle_fast.integrations.dalle_pytorch needs the dalle-pytorch package "
+                          f"(pip install dalle-pytorch): {e}") from e
+    return dalle_pytorch, transformer, attention, reversible
+
+
+# ---------------------------------------------------------------------------------------------
+# the attention stand-in
+# ---------------------------------------------------------------------------------------------
+def _project(core: nn.Module, x: torch.Tensor, freqs: Optional[torch.Tensor]):
+    """``x (B, n, dim)`` -> q, k, v ``(B, heads, n, dim_head)`` with DALLE-pytorch's rotary embedding
+    ``freqs (1, n, rot)`` applied to all three (as its attention modules do)."""
+    b, n, _ = x.shape
+    qkv = core.to_qkv(x).view(b, n, 3, core.heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, n, D)
+    if freqs is not None:
+        from rotary_embedding_torch import apply_rotary_emb  # DALLE-pytorch's own dependency
+        qkv = apply_rotary_emb(freqs, qkv)
+    return qkv.unbind(0)
+
+
+def _merge(core: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """``out (B, heads, n, dim_head)`` -> ``to_out`` of the heads concatenated, ``(B, n, dim)``."""
+    b, h, n, d = out.shape
+    return core.to_out(out.transpose(1, 2).reshape(b, n, h * d))
+
+
+class DallePytorchAttention(nn.Module):
+    """Stand-in for one DALLE-pytorch attention module, computed with :func:`dalle_fast.sparse_attention`.
+
+    Holds the original's ``to_qkv`` and ``to_out`` (the same modules, so the same parameters and
+    ``state_dict`` keys); the original itself is kept outside the module tree for :func:`unpatch`.
+
+    Shapes: ``x (batch, n, dim) -> (batch, n, dim)`` with ``n <= layout.seq_len - 1`` (DALLE-pytorch
+    never feeds the last image token); float32/bfloat16/float16 on CPU (or CUDA with the triton
+    backend). ``rotary_pos_emb`` is the transformer's ``(1, >= n, rot)`` buffer, passed by
+    DALLE-pytorch's layer routing.
+    """
+
+    def __init__(self, original: nn.Module, layout: Layout):
+        super().__init__()
+        self.to_qkv, self.to_out = original.to_qkv, original.to_out
+        self.heads, self.scale, self.layout = original.heads, float(original.scale), layout
+        self.__dict__["original"] = original  # not a submodule: parameters and state_dict keys unchanged
+
+    def forward(self, x, mask=None, rotary_pos_emb=None, cache=None, cache_key=None):
+        if mask is not None:
+            raise ValueError("mask: a key-padding mask is not supported by the dalle_fast attention "
+                             "(DALLE-pytorch's DALLE never passes one)")
+        if cache is not None:
+            raise ValueError("cache: DALLE-pytorch's inference cache (generate_images(use_cache=True)) is not "
+                             "supported on a patched model; use dalle_fast.integrations.dalle_pytorch.generate, "
+                             "or unpatch(model) first")
+        if x.dim() != 3:
+            raise ValueError(f"x must be (batch, seq, dim), got shape {tuple(x.shape)}")
+        n = x.shape[1]
+        q, k, v = _project(self, x, None if rotary_pos_emb is None else rotary_pos_emb[:, :n])
+        return _merge(self, sparse_attention(q, k, v, self.layout, scale=self.scale))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, layout={self.layout}"
+
+
+# ---------------------------------------------------------------------------------------------
+# reading a DALLE-pytorch model (and refusing what cannot be reproduced)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Branch:
+    """One residual branch ``x + scale * norm_out(core(shift(norm(x))))`` of a layer."""
+    layer_scale: nn.Module
+    prenorm: nn.Module
+    shift: bool
+    parent: nn.Module  # the module whose ``.fn`` is ``core``
+    core: nn.Module
+
+    def run(self, x: torch.Tensor, shift, core) -> torch.Tensor:
+        h = self.prenorm.norm(x)
+        if self.shift:
+            h = shift(h)
+        return x + self.prenorm.norm_out(core(h)) * self.layer_scale.scale
+
+
+@dataclass
+class _Layer:
+    attn: _Branch
+    ff: _Branch
+    layout: Layout
+
+
+@dataclass
+class _Spec:
+    layers: List[_Layer]
+    text_len: int    # T = text_seq_len + 1 (with <bos>)
+    image_size: int  # S
+
+
+def _unwrap(layer_scale: nn.Module, tr, index: int, what: str) -> _Branch:
+    prenorm = layer_scale.fn
+    if not isinstance(layer_scale, tr.LayerScale) or not isinstance(prenorm, tr.PreNorm):
+        raise ValueError(f"model: layer {index} {what} is {type(layer_scale).__name__}, not DALLE-pytorch's "
+                         "LayerScale(PreNorm(...)); this model structure is not supported")
+    parent, node, shift = prenorm, prenorm.fn, False
+    while isinstance(node, (tr.PreShiftToken, tr.CachedAs, tr.NonCached)):
+        shift = shift or isinstance(node, tr.PreShiftToken)
+        parent, node = node, node.fn
+    return _Branch(layer_scale, prenorm, shift, parent, node)
+
+
+def _attention_layout(core: nn.Module, at, T: int, S: int, index: int) -> Layout:
+    if isinstance(core, DallePytorchAttention):
+        return core.layout
+    if isinstance(core, at.SparseAttention):
+        raise ValueError(f"attn_types: layer {index} uses the DeepSpeed 'sparse' attention type, whose random "
+                         "block pattern dalle_fast does not reproduce")
+    if isinstance(core, at.SparseAxialCausalAttention):
+        return Layout("axial_row" if core.axis == 0 else "axial_col", T, S)
+    if isinstance(core, at.SparseConvCausalAttention):
+        return Layout("conv_like", T, S, kernel_size=core.kernel_size, dilation=core.dilation)
+    if isinstance(core, at.Attention):
+        if not core.causal:
+            raise ValueError(f"causal: layer {index} attention is not causal; dalle_fast masks are causal")
+        if core.static_mask is None:
+            return Layout("full", T, S)
+        n = core.static_mask.shape[-1]
+        wanted = core.static_mask.cpu() & Layout("full", T, S).dense_mask(n)
+        for kind in ("axial_row", "axial_col", "full"):
+            layout = Layout(kind, T, S)
+            if torch.equal(layout.dense_mask(n), wanted):
+                return layout
+        raise ValueError(f"optimize_for_inference: layer {index} has a static mask that is none of dalle_fast's "
+                         "layouts")
+    raise ValueError(f"attn_types: layer {index} attention {type(core).__name__} is not supported")
+
+
+def _inspect(model) -> _Spec:
+    dp, tr, at, rev = _package()
+    if not isinstance(model, dp.DALLE):
+        raise ValueError(f"model must be a dalle_pytorch.DALLE, got {type(model).__name__}")
+    seq = model.transformer.layers
+    if isinstance(seq, rev.ReversibleSequence):
+        raise ValueError("reversible: reversible=True models are not supported (the reversible sequence "
+                         "recomputes activations in its own backward)")
+    if not isinstance(seq, rev.SequentialSequence):
+        raise ValueError(f"model.transformer.layers is {type(seq).__name__}, not a SequentialSequence")
+    S = model.transformer.image_fmap_size
+    T = model.text_seq_len + 1
+    layers, seen = [], {}
+    for i, (f, g) in enumerate(seq.layers):
+        attn, ff = _unwrap(f, tr, i, "attention"), _unwrap(g, tr, i, "feed-forward")
+        if not isinstance(ff.core, tr.FeedForward):
+            raise ValueError(f"model: layer {i} feed-forward is {type(ff.core).__name__}, not FeedForward")
+        for option, branch in (("shared_attn_ids", attn), ("shared_ff_ids", ff)):
+            other = seen.setdefault(id(branch.core), i)
+            if other != i:
+                raise ValueError(f"{option}: layers {other} and {i} share one module; shared layers are not "
+                                 "supported")
+        for branch in (attn, ff):
+            for node in (branch.prenorm.fn, getattr(branch.prenorm.fn, "fn", None)):
+                if isinstance(node, tr.PreShiftToken) and (node.image_size != S or node.text_len != T):
+                    raise ValueError(f"shift_tokens: layer {i} shifts for image_size={node.image_size}, "
+                                     f"text_len={node.text_len}, but the model has {S} and {T}")
+        layers.append(_Layer(attn, ff, _attention_layout(attn.core, at, T, S, i)))
+    if not (isinstance(model.to_logits, nn.Sequential) and len(model.to_logits) == 2
+            and isinstance(model.to_logits[1], nn.Linear)):
+        raise ValueError("model.to_logits must be DALLE-pytorch's Sequential(LayerNorm, Linear)")
+    return _Spec(layers, T, S)
+
+
+def layouts(model) -> List[Layout]:
+    """The :class:`dalle_fast.Layout` of each layer of a ``dalle_pytorch.DALLE`` (ValueError if unsupported)."""
+    return [layer.layout for layer in _inspect(model).layers]
+
+
+def patch(model):
+    """Swap every attention module of a ``dalle_pytorch.DALLE`` for a :class:`DallePytorchAttention`
+    (same parameters, masks as dalle_fast layouts) in place; returns ``model``. Patching twice is a
+    no-op. Raises ValueError naming the option for models the adapter cannot reproduce."""
+    for layer in _inspect(model).layers:
+        branch = layer.attn
+        if not isinstance(branch.core, DallePytorchAttention):
+            branch.parent.fn = DallePytorchAttention(branch.core, layer.layout)
+    return model
+
+
+def unpatch(model):
+    """Restore the original attention modules (the same objects :func:`patch` replaced); returns ``model``."""
+    for module in model.modules():
+        core = getattr(module, "fn", None)
+        if isinstance(core, DallePytorchAttention):
+            original = core.original
+            mask = getattr(original, "static_mask", None)
+            if mask is not None:  # the model may have moved since patch (parameters are shared, buffers not)
+                original.static_mask = mask.to(core.to_qkv.weight.device)
+            module.fn = original
+    return model
+
+
+def is_patched(model) -> bool:
+    """Whether any attention module of ``model`` is a :class:`DallePytorchAttention`."""
+    return any(isinstance(m, DallePytorchAttention) for m in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------
+# cached generation
+# ---------------------------------------------------------------------------------------------
+def _split_sizes(dim: int, chunks: int) -> List[int]:
+    """Feature sizes of ``torch.chunk(dim, chunks)`` (the token shift's split)."""
+    return [t.shape[-1] for t in torch.empty(0, dim).chunk(chunks, dim=-1)]
+
+
+class _Decoder:
+    """Prefill of the prompts and one cached step per image token, for ``rows`` sequences."""
+
+    def __init__(self, model, spec: _Spec, prompt_index: torch.Tensor):
+        self.model, self.spec, self.prompt_index = model, spec, prompt_index
+        self.freqs = model.transformer.pos_emb  # (1, T + S*S, rot) or None
+        p = next(model.parameters())
+        dim = model.to_logits[0].normalized_shape[0]
+        self.dim, self.device, self.dtype = dim, p.device, p.dtype
+        self.half = _split_sizes(dim, 2)[0]
+        self.top, self.left = _split_sizes(dim, 4)[:2]
+        S2 = spec.image_size ** 2
+        rows = prompt_index.numel()
+        # per layer and branch: the (top, left) features of every image token seen, for the token shift
+        self.history = [[torch.zeros(rows, S2, self.top + self.left, device=self.device, dtype=self.dtype)
+                         if branch.shift else None for branch in (layer.attn, layer.ff)]
+                        for layer in spec.layers]
+        self.text_kv: list = []
+        self.caches: list = []
+        head = model.to_logits[1]
+        n_text = model.num_text_tokens
+        self.head_w, self.head_b = head.weight[n_text:], None if head.bias is None else head.bias[n_text:]
+        pos = model.image_pos_emb(torch.zeros(1, S2, dim, device=self.device, dtype=self.dtype))
+        self.image_pos = pos if isinstance(pos, torch.Tensor) else None  # (1, S*S, dim) without rotary
+
+    def image_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Last hidden state ``(rows, dim)`` -> image-token logits ``(rows, num_image_tokens)`` float32."""
+        if self.model.stable:
+            h = self.model.norm_by_max(h)
+        return F.linear(self.model.to_logits[0](h), self.head_w, self.head_b).float()
+
+    def _run(self, x, shift, attend):
+        for i, layer in enumerate(self.spec.layers):
+            x = layer.attn.run(x, lambda h: shift(i, 0, h), lambda h: attend(i, h))
+            x = layer.ff.run(x, lambda h: shift(i, 1, h), layer.ff.core)
+        return x
+
+    # -- prefill: the prompts' text, once per prompt
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids (P, T)`` (with <bos> and padding ids) -> image logits ``(P, V)`` of the last text position."""
+        model, T = self.model, self.spec.text_len
+        x = model.text_emb(ids) + model.text_pos_emb(torch.arange(T, device=ids.device))
+        freqs = None if self.freqs is None else self.freqs[:, :T]
+
+        def shift(i, j, h):  # text: the first half of the features comes from the previous token
+            prev = F.pad(h[:, :-1, :self.half], (0, 0, 1, 0))
+            return torch.cat((prev, h[..., self.half:]), dim=-1)
+
+        def attend(i, h):
+            core = self.spec.layers[i].attn.core
+            q, k, v = _project(core, h, freqs)
+            self.text_kv.append((k.contiguous(), v.contiguous()))
+            rows, S2 = self.prompt_index.numel(), self.spec.image_size ** 2
+            self.caches.append(tuple(k.new_zeros(rows, k.shape[1], S2, k.shape[3]) for _ in range(2)))
+            return _merge(core, sparse_attention(q, k, v, self.spec.layers[i].layout, scale=core.scale))
+
+        return self.image_logits(self._run(x, shift, attend)[:, -1])
+
+    # -- one image token per row
+    def step(self, tokens: torch.Tensor, m: int) -> torch.Tensor:
+        """Feed image token ``m`` of every row (``tokens (rows,)``) -> image logits ``(rows, V)`` of code ``m + 1``."""
+        model, T, S = self.model, self.spec.text_len, self.spec.image_size
+        x = model.image_emb(tokens)[:, None]
+        if self.image_pos is not None:
+            x = x + self.image_pos[:, m:m + 1]
+        p = T + m
+        freqs = None if self.freqs is None else self.freqs[:, p:p + 1]
+        pos = torch.tensor(p, dtype=torch.int64, device=self.device)
+        top, left = self.top, self.left
+
+        def shift(i, j, h):  # image: a quarter from the token above, a quarter from the token to the left
+            hist = self.history[i][j]
+            hist[:, m] = h[:, 0, :top + left]
+            above = hist[:, m - S, :top] if m >= S else h.new_zeros(h.shape[0], top)
+            before = hist[:, m - 1, top:top + left] if m % S else h.new_zeros(h.shape[0], left)
+            return torch.cat((above, before, h[:, 0, top + left:]), dim=-1)[:, None]
+
+        def attend(i, h):
+            core, layout = self.spec.layers[i].attn.core, self.spec.layers[i].layout
+            q, k, v = _project(core, h, freqs)
+            (kc, vc), (tk, tv) = self.caches[i], self.text_kv[i]
+            out = decode_attention(q, k, v, kc, vc, pos, layout, scale=core.scale, text_k_cache=tk, text_v_cache=tv,
+                                   prompt_index=self.prompt_index)
+            return _merge(core, out)
+
+        return self.image_logits(self._run(x, shift, attend)[:, 0])
+
+
+def _text_ids(model, text: torch.Tensor) -> torch.Tensor:
+    """DALLE-pytorch's text preprocessing: padding 0 -> unique per-position ids, <bos> (0) prepended."""
+    L = model.text_seq_len
+    pad = torch.arange(L, device=text.device) + (model.num_text_tokens - L)
+    return F.pad(torch.where(text == 0, pad, text), (1, 0), value=0)
+
+
+@torch.no_grad()
+def generate(model, text: torch.Tensor, *, filter_thres: float = 0.5, temperature: float = 1.0,
+             cond_scale: float = 1.0, img: Optional[torch.Tensor] = None, num_init_img_tokens: Optional[int] = None,
+             seed: int = 0) -> torch.Tensor:
+    """Sample image tokens of a ``dalle_pytorch.DALLE`` (patched or not) with dalle_fast's KV cache.
+
+    Args:
+        model: a ``dalle_pytorch.DALLE`` on CPU (or CUDA); run in eval mode (restored afterwards).
+        text: int64 ``(B, >= text_seq_len)`` caption ids as for ``generate_images`` (0 = padding;
+            truncated to ``text_seq_len``), values in ``[0, num_text_tokens)``. Never modified.
+        filter_thres: in [0, 1]; keeps the top ``max(int((1 - filter_thres) * model.total_tokens), 1)``
+            logits (1 = greedy).
+        temperature: >= 0 (0 is greedy).
+        cond_scale: classifier-free guidance ``null + (cond - null) * cond_scale`` with the null logits of
+            the all-padding caption (``!= 1`` doubles the rows).
+        img: optional ``(B, 3, H, W)`` images whose first ``num_init_img_tokens`` codes
+            (``model.vae.get_codebook_indices``; default ``int(0.4375 * image_seq_len)``) prime the generation.
+        seed: image ``b`` draws with seed ``seed + b`` (reproducible, independent of the batch).
+
+    Returns:
+        int64 ``(B, image_seq_len)`` image tokens on the model's device; ``model.vae.decode(codes)`` gives
+        the images.
+    """
+    spec = _inspect(model)
+    device = next(model.parameters()).device
+    L, S2 = model.text_seq_len, model.image_seq_len
+    if not isinstance(text, torch.Tensor) or text.dim() != 2 or text.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"text must be an int64 (batch, text_seq_len) tensor, got "
+                         f"{(text.dtype, tuple(text.shape)) if isinstance(text, torch.Tensor) else type(text).__name__}")
+    if text.shape[1] < L:
+        raise ValueError(f"text must have at least text_seq_len = {L} columns, got {text.shape[1]}")
+    text = text[:, :L].to(device=device, dtype=torch.int64)  # a copy is made below; the caller's tensor stays
+    if text.numel() and (int(text.min()) < 0 or int(text.max()) >= model.num_text_tokens):
+        raise ValueError(f"text ids must be in [0, num_text_tokens = {model.num_text_tokens})")
+    for name, value in (("filter_thres", filter_thres), ("temperature", temperature), ("cond_scale", cond_scale)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not 0.0 <= filter_thres <= 1.0:
+        raise ValueError(f"filter_thres must be in [0, 1], got {filter_thres}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {type(seed).__name__}")
+    B = text.shape[0]
+    primed = None
+    if img is not None:
+        n = int(0.4375 * S2) if num_init_img_tokens is None else num_init_img_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < S2:
+            raise ValueError(f"num_init_img_tokens must be an int in [0, {S2}), got {n!r}")
+        if not isinstance(img, torch.Tensor) or img.dim() != 4 or img.shape[0] != B:
+            raise ValueError(f"img must be a (batch = {B}, channels, height, width) tensor")
+        primed = model.vae.get_codebook_indices(img.to(device))[:, :n]
+    elif num_init_img_tokens is not None:
+        raise ValueError("num_init_img_tokens needs img")
+    n_prime = 0 if primed is None else primed.shape[1]
+    k = max(int((1 - filter_thres) * model.total_tokens), 1)
+    top_k = k if k < model.num_image_tokens else 0  # DALLE-pytorch's top-k runs over text + image logits,
+    guided = float(cond_scale) != 1.0                # whose text part is masked: at most the image vocabulary
+    seeds = torch.arange(B, dtype=torch.int64, device=device) + seed
+
+    was_training = model.training
+    model.eval()
+    try:
+        ids = _text_ids(model, text)
+        prompt_index = torch.arange(B, device=device)
+        if guided:  # one null prompt shared by all unconditional rows
+            ids = torch.cat((ids, _text_ids(model, torch.zeros_like(text[:1]))))
+            prompt_index = torch.cat((prompt_index, torch.full_like(prompt_index, B)))
+        decoder = _Decoder(model, spec, prompt_index)
+        logits = decoder.prefill(ids)[prompt_index]
+        codes = torch.empty(B, S2, dtype=torch.int64, device=device)
+        for m in range(S2):
+            if m < n_prime:
+                tokens = primed[:, m]
+            else:
+                tokens = sample(logits[:B], seeds=seeds, step=m, temperature=float(temperature), top_k=top_k,
+                                uncond_logits=logits[B:] if guided else None, cfg_scale=float(cond_scale))
+            codes[:, m] = tokens
+            if m + 1 < S2:
+                logits = decoder.step(tokens.repeat(2) if guided else tokens, m)
+    finally:
+        model.train(was_training)
+    return codes
