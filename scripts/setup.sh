@@ -20,6 +20,9 @@ pip=("$venv/bin/python" -m pip)
 "${pip[@]}" install -q -r "$root/requirements.txt"
 # OpenAI's dVAE modules (converter test); --no-deps: its metadata pins torch/torchvision
 "${pip[@]}" install -q --no-deps "dall-e==0.1" || echo "note: dall-e not installed; the converter tests will skip"
+# DALLE-pytorch (adapter tests, bench --peer); --no-deps: it pins an old dependency tree
+"${pip[@]}" install -q --no-deps -r "$root/requirements-dalle-pytorch.txt" \
+  || echo "note: dalle-pytorch not installed; the adapter tests will skip"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 if [ "${DALLE_FAST_EDITABLE:-0}" = "1" ]; then
   "${pip[@]}" install -q --no-build-isolation --no-deps -e "$root"
