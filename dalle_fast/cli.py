@@ -1,7 +1,7 @@
 """The ``dalle-fast`` command line.
 
 Subcommands live in :data:`SUBCOMMANDS`; other modules add theirs with :func:`register_subcommand`
-(``demo`` later)::
+(``demo`` in :mod:`dalle_fast.demo`)::
 
     dalle-fast train-vae --preset tiny --steps 2000 --out runs/dvae            # built-in shapes data
     dalle-fast train-vae --preset paper --data /data/images --out runs/dvae     # image folder
@@ -9,6 +9,7 @@ Subcommands live in :data:`SUBCOMMANDS`; other modules add theirs with :func:`re
     dalle-fast train-clip --preset tiny --steps 2000 --out runs/clip --resume auto
     dalle-fast train --dvae runs/dvae --tokenizer runs/clip/tokenizer.json --out runs/dalle
     dalle-fast generate "a red circle above a blue square" --checkpoint runs/dalle -n 16 --rerank --clip runs/clip
+    dalle-fast demo --out docs/demo          # everything above on the shapes data, with an accuracy report
 """
 from __future__ import annotations
 
@@ -265,6 +266,11 @@ def _run_generate(args: argparse.Namespace) -> int:
 register_subcommand("train", "train the DALL-E transformer on dVAE codes (stage 2)", _configure_train, _run_train)
 register_subcommand("generate", "generate images for captions (optionally CLIP-reranked)", _configure_generate,
                     _run_generate)
+
+from . import demo as _demo  # noqa: E402  (stdlib-only at import time)
+
+register_subcommand("demo", "train tiny dVAE, CLIP and transformer on the shapes data; write an accuracy report",
+                    _demo.configure, _demo.run)
 
 
 
