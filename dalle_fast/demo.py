@@ -307,6 +307,9 @@ def run_demo(args: argparse.Namespace) -> dict:
         recon[split] = _score_all(rt[:, None], caps, False, "").float().mean().item()
         recon[f"{split} (real images)"] = _score_all(real[:, None], caps, False, "").float().mean().item()
     results["dvae_roundtrip"] = recon
+    last = dvae_tr.history[-1] if dvae_tr.history else {}
+    results["dvae_codebook"] = {"vocab": args.dvae_vocab, "codes_used": last.get("codes_used"),
+                                "perplexity": last.get("perplexity")}
     timings["evaluate_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
 
@@ -357,6 +360,14 @@ def targets(results: dict) -> list[tuple[str, bool, str]]:
     return out
 
 
+def _codebook_line(results: dict) -> str:
+    cb = results["dvae_codebook"]
+    if cb["codes_used"] is None:
+        return "dVAE codebook usage: not logged."
+    return (f"dVAE codebook usage on the last training batch: {cb['codes_used']:.0f} of {cb['vocab']} codes "
+            f"(perplexity {cb['perplexity']:.1f}).")
+
+
 def render_report(results: dict, grids: dict) -> str:
     s, m, t = results["settings"], results["machine"], results["timings_s"]
     lines = ["# dalle-fast demo report", ""]
@@ -391,6 +402,7 @@ def render_report(results: dict, grids: dict) -> str:
     lines += ["", f"Scorer on real images of the evaluation captions: seen {_fmt(rt['seen (real images)'])}, held-out "
               f"{_fmt(rt['held-out (real images)'])}; after a dVAE round trip (encode, decode; the ceiling of the "
               f"pipeline): seen {_fmt(rt['seen'])}, held-out {_fmt(rt['held-out'])}.", "",
+              _codebook_line(results), "",
               "## Targets (issue 6)", "", "| target | met | measured |", "|---|---|---|"]
     for what, met, nums in targets(results):
         lines.append(f"| {what} | {'yes' if met else '**no**'} | {nums} |")
