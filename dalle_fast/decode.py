@@ -18,7 +18,6 @@ Cache layout (per layer):
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
@@ -40,17 +39,9 @@ def _decode_attention_fake(q, k_new, v_new, k_cache, v_cache, pos, text_k_cache,
 
 
 def _resolve(backend: Optional[str], device: torch.device) -> str:
-    if backend is None:
-        env = os.environ.get("DALLE_FAST_BACKEND") or None
-        # the environment variable selects among backends that have a decode kernel; triton has none
-        backend = env if env in DECODE_BACKENDS else None
-    if backend is None:
-        return "cpu" if device.type == "cpu" else "cuda"
-    if backend == "triton":
-        raise ValueError("backend 'triton' has no decode_attention kernel; use backend='cuda' for CUDA tensors")
-    if backend not in DECODE_BACKENDS:
-        raise ValueError(f"backend must be one of {DECODE_BACKENDS}, got {backend!r}")
-    return backend
+    from .ops import resolve_backend  # ops imports this module at its end
+
+    return resolve_backend(backend, device, op="decode_attention", served=DECODE_BACKENDS, cuda_default="cuda")
 
 
 def _check(q, k_new, v_new, k_cache, v_cache, pos, layout, text_k_cache, text_v_cache, prompt_index):

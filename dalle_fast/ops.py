@@ -86,14 +86,22 @@ register_attention_autograd("dalle_fast::sparse_attention_fwd", torch.ops.dalle_
 # ---------------------------------------------------------------------------------------------
 # argument checking and backend selection
 # ---------------------------------------------------------------------------------------------
-def resolve_backend(backend: Optional[str], device: torch.device) -> str:
-    """The backend a call uses: ``backend`` if given, else ``$DALLE_FAST_BACKEND``, else by device."""
+def resolve_backend(backend: Optional[str], device: torch.device, *, op: str = "sparse_attention",
+                    served=BACKENDS, cuda_default: str = "triton") -> str:
+    """The backend a call of ``op`` uses: ``backend`` if given; else ``$DALLE_FAST_BACKEND`` when it
+    names a backend that serves ``op`` (so choosing ``triton`` globally leaves the decoding ops on
+    their CUDA kernels); else ``cpu`` for CPU tensors and ``cuda_default`` for CUDA tensors."""
     if backend is None:
-        backend = os.environ.get("DALLE_FAST_BACKEND") or None
+        env = os.environ.get("DALLE_FAST_BACKEND") or None
+        if env is not None and env not in BACKENDS:
+            raise ValueError(f"DALLE_FAST_BACKEND must name a backend, one of {BACKENDS}, got {env!r}")
+        backend = env if env in served else None
     if backend is None:
-        return "cpu" if device.type == "cpu" else "triton"
+        return "cpu" if device.type == "cpu" else cuda_default
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in served:
+        raise ValueError(f"backend {backend!r} has no {op} kernel; the backends serving it are {served}")
     return backend
 
 

@@ -11,7 +11,6 @@ on CPU and CUDA, and a CUDA graph that increments ``step`` on the device replays
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -30,14 +29,9 @@ def _sample_fake(logits, seeds, step, uncond_logits, cfg_scale, temperature, top
 
 
 def _resolve(backend: Optional[str], device: torch.device) -> str:
-    if backend is None:
-        env = os.environ.get("DALLE_FAST_BACKEND") or None
-        backend = env if env in SAMPLE_BACKENDS else None
-    if backend is None:
-        return "cpu" if device.type == "cpu" else "cuda"
-    if backend not in SAMPLE_BACKENDS:
-        raise ValueError(f"backend for sample must be one of {SAMPLE_BACKENDS}, got {backend!r}")
-    return backend
+    from .ops import resolve_backend  # ops imports this module at its end
+
+    return resolve_backend(backend, device, op="sample", served=SAMPLE_BACKENDS, cuda_default="cuda")
 
 
 def _number(name, value):

@@ -1,6 +1,5 @@
 """Shared test helpers. Every test runs on CPU; GPU tests skip with a reason without a GPU."""
 
-import os
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """decode_attention: index math, CPU kernel vs the dense reference, shared-text caches, in-place
 cache writes, argument errors, opcheck; CUDA kernel vs CPU and CUDA graphs (skipped without a GPU)."""
 
-import math
 
 import pytest
 import torch
@@ -188,7 +187,7 @@ def shared_problem(layout, prompt_index, H, D, dtype, pos, seed=6):
 @pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
 def test_shared_text_equals_unshared(layout):
     prompt_index = torch.tensor([1, 0, 1, 0, 0, 1])
-    B, H, D = 6, 2, 16
+    H, D = 2, 16
     T = layout.text_len
     pos = torch.tensor([T, T + 1, T + layout.image_size, layout.seq_len - 1, T + 3, layout.seq_len - 2])
     q, k, v, tk, tv = shared_problem(layout, prompt_index, H, D, torch.float32, pos)

@@ -1,13 +1,11 @@
 """Layout masks against an independent per-element definition, tile tables, decode key lists."""
 
-import itertools
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import dalle_fast
 from dalle_fast import KINDS, Layout, paper_schedule
 
 
