@@ -7,6 +7,14 @@ from pathlib import Path
 import dalle_fast
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIR = Path(dalle_fast.__file__).resolve().parent  # the package under test (installed or in place)
+
+
+def run_python(args, tmp_path, **env):
+    """Runs python in ``tmp_path`` (not the checkout) importing the same dalle_fast as this process."""
+    env = os.environ | {"PYTHONPATH": str(PACKAGE_DIR.parent)} | env
+    return subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=env)
 
 
 def test_all_names_resolve():
@@ -18,15 +26,14 @@ def test_all_names_resolve():
     assert set(dalle_fast.__all__) <= set(dir(dalle_fast))
 
 
-def test_import_is_light_and_version_is_single_sourced():
+def test_import_is_light_and_version_is_single_sourced(tmp_path):
     code = ("import sys, dalle_fast; "
             "heavy = [m for m in ('dalle_fast.generate', 'dalle_fast.tokenizer', 'dalle_fast.models', "
             "'tokenizers', 'dalle_fast.integrations.dalle_pytorch') if m in sys.modules]; "
             "assert not heavy, heavy; print(dalle_fast.__version__)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         env=os.environ | {"PYTHONPATH": str(ROOT)}, timeout=120)
+    out = run_python(["-c", code], tmp_path)
     assert out.returncode == 0, out.stderr
-    version_file = (ROOT / "dalle_fast" / "version.py").read_text()
+    version_file = (PACKAGE_DIR / "version.py").read_text()
     assert out.stdout.strip() == dalle_fast.__version__ and f'"{dalle_fast.__version__}"' in version_file
 
 
@@ -39,9 +46,7 @@ def test_unknown_attribute():
         raise AssertionError("expected AttributeError")
 
 
-def test_example_use_in_your_model_runs():
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "use_in_your_model.py")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300,
-                         env=os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+def test_example_use_in_your_model_runs(tmp_path):
+    out = run_python([str(ROOT / "examples" / "use_in_your_model.py")], tmp_path, OMP_NUM_THREADS="1")
     assert out.returncode == 0, out.stderr
     assert "cached == full forward" in out.stdout
