@@ -1,7 +1,9 @@
 // CPU implementations of the dalle_fast ops: argument checks, then a kernel call.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <tuple>
 
 #include "common/mask.h"
@@ -42,30 +44,33 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
               q.size(3));
 }
 
+// dst[b, h, i] = src[b, h, idx[i]] for a contiguous float32 (B, H, N[, D]) tensor: rows gathered
+// with memcpy, in parallel over (b, h) (several times faster here than index_select on dim 2).
+at::Tensor gather_rows(const at::Tensor& src, const std::vector<int32_t>& idx) {
+  at::Tensor dst = at::empty_like(src);
+  const int64_t BH = src.size(0) * src.size(1), N = src.size(2), W = src.dim() == 4 ? src.size(3) : 1;
+  const float* s = src.data_ptr<float>();
+  float* d = dst.data_ptr<float>();
+  at::parallel_for(0, BH, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bh = b0; bh < b1; ++bh)
+      for (int64_t i = 0; i < N; ++i)
+        std::memcpy(d + (bh * N + i) * W, s + (bh * N + idx[i]) * W, W * sizeof(float));
+  });
+  return dst;
+}
+
 // float32, contiguous, sequence dim (2 of (B, H, N[, D])) in the schedule's processing order.
-at::Tensor to_slots(const at::Tensor& t, const at::Tensor& perm) {
-  at::Tensor r = t.to(at::kFloat);
-  if (perm.defined()) r = r.index_select(2, perm);
-  return r.contiguous();
+at::Tensor to_slots(const at::Tensor& t, const cpu::Schedule& s) {
+  at::Tensor r = t.to(at::kFloat).contiguous();
+  return s.identity ? r : gather_rows(r, s.perm);
 }
 
 // (B, H, N, D) -> contiguous (B, H, D, N).
 at::Tensor transposed(const at::Tensor& t) { return t.transpose(2, 3).contiguous(); }
 
-// Inverse of to_slots along the sequence dim (a gather with the inverse permutation), cast to
-// `dtype`.
-at::Tensor from_slots(const at::Tensor& t, const at::Tensor& inv_perm, at::ScalarType dtype) {
-  return (inv_perm.defined() ? t.index_select(2, inv_perm) : t).to(dtype);
-}
-
-// The schedule's permutation (slot -> position) and its inverse as int64 tensors; undefined
-// tensors for the identity.
-std::pair<at::Tensor, at::Tensor> perm_tensors(const cpu::Schedule& s) {
-  if (s.identity) return {};
-  at::Tensor perm = at::from_blob(const_cast<int32_t*>(s.perm.data()), {s.n}, at::kInt).to(at::kLong);
-  at::Tensor inv = at::empty_like(perm);
-  inv.index_put_({perm}, at::arange(s.n, perm.options()));
-  return {perm, inv};
+// Inverse of to_slots along the sequence dim, cast to `dtype`.
+at::Tensor from_slots(const at::Tensor& t, const cpu::Schedule& s, at::ScalarType dtype) {
+  return (s.identity ? t : gather_rows(t, s.inv_perm)).to(dtype);
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
@@ -106,9 +111,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == N,
               "dalle_fast.sparse_attention backward: lse must be (batch, heads, seq), got ", lse.sizes());
   auto sched = cpu::get_schedule(L, N, CPU_BM, CPU_BN);
-  const auto [perm, inv_perm] = perm_tensors(*sched);
-  const at::Tensor qs = to_slots(q, perm).mul(scale), ks = to_slots(k, perm), vs = to_slots(v, perm);
-  const at::Tensor gs = to_slots(grad_out, perm);
+  const cpu::Schedule& sc = *sched;
+  const at::Tensor qs = to_slots(q, sc).mul(scale), ks = to_slots(k, sc), vs = to_slots(v, sc);
+  const at::Tensor gs = to_slots(grad_out, sc);
   const at::Tensor qst = transposed(qs), kt = transposed(ks), vt = transposed(vs), gst = transposed(gs);
   at::Tensor delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1);
   if (grad_lse.has_value() && grad_lse->defined()) {
@@ -116,8 +121,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
                 "(batch, heads, seq), got ", grad_lse->sizes());
     delta = delta - grad_lse->to(at::kFloat);
   }
-  delta = to_slots(delta, perm);
-  const at::Tensor ls = to_slots(lse, perm);
+  delta = to_slots(delta, sc);
+  const at::Tensor ls = to_slots(lse, sc);
   at::Tensor dq = at::empty({B, H, N, D}, q.options().dtype(at::kFloat));
   at::Tensor dk = at::empty_like(dq), dv = at::empty_like(dq);
   if (B * H > 0) {
@@ -130,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
     dq.mul_(scale);
   }
   const auto dt = q.scalar_type();
-  return {from_slots(dq, inv_perm, dt), from_slots(dk, inv_perm, dt), from_slots(dv, inv_perm, dt)};
+  return {from_slots(dq, sc, dt), from_slots(dk, sc, dt), from_slots(dv, sc, dt)};
 }
 
 }  // namespace

@@ -23,6 +23,8 @@ std::shared_ptr<const Schedule> build(const LayoutParams& L, int64_t n, int64_t 
     s->perm[i] = static_cast<int32_t>(permuted_position(L, n, i));
     s->identity = s->identity && s->perm[i] == i;
   }
+  s->inv_perm.resize(n);
+  for (int64_t i = 0; i < n; ++i) s->inv_perm[s->perm[i]] = static_cast<int32_t>(i);
   // Classify every (query tile, key tile) pair. In permuted order every allowed pair has
   // key slot <= query slot (the permutation keeps causality for column kinds), so only tiles at
   // or left of the diagonal can be non-empty.

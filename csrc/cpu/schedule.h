@@ -26,6 +26,7 @@ struct Schedule {
   int64_t n = 0, bm = 0, bn = 0, nq = 0, nk = 0;
   bool identity = true;
   std::vector<int32_t> perm;                 // slot -> sequence position
+  std::vector<int32_t> inv_perm;             // sequence position -> slot
   std::vector<int32_t> q_ptr;                // nq + 1
   std::vector<TileRef> q_tiles;              // key tiles of each query tile, ascending
   std::vector<int32_t> k_ptr;                // nk + 1
