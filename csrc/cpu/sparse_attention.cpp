@@ -85,26 +85,16 @@ inline void apply_mask(float* S, int64_t lds, const uint8_t* mask, int64_t ldm, 
   }
 }
 
-// Masks the partial tiles of a run laid out along the columns of S[rows x cols] (query-major
-// scores: the run's tiles are key tiles of width BN).
-inline void mask_key_run(const Schedule& s, const TileRef* list, Run run, float* S, int64_t rows,
-                         int64_t cols) {
+// Masks the partial tiles of a run laid out along the columns of S[rows x cols]: query-major scores
+// (the run's tiles are key tiles, `masks` = Schedule::masks, tile width BN) or key-major scores S^T
+// (query tiles, Schedule::masks_t, width BM).
+inline void mask_run(const std::vector<uint8_t>& masks, int64_t width, const TileRef* list, Run run, float* S,
+                     int64_t rows, int64_t cols) {
   for (int64_t t = 0; t < run.count; ++t) {
     const TileRef& tr = list[run.first + t];
     if (tr.mask_off < 0) continue;
-    const int64_t c0 = t * s.bn;
-    apply_mask(S + c0, cols, s.masks.data() + tr.mask_off, s.bn, rows, std::min(s.bn, cols - c0));
-  }
-}
-
-// The same for key-major scores S^T[rows x cols] whose columns are a run of query tiles (BM wide).
-inline void mask_query_run(const Schedule& s, const TileRef* list, Run run, float* St, int64_t rows,
-                           int64_t cols) {
-  for (int64_t t = 0; t < run.count; ++t) {
-    const TileRef& tr = list[run.first + t];
-    if (tr.mask_off < 0) continue;
-    const int64_t c0 = t * s.bm;
-    apply_mask(St + c0, cols, s.masks_t.data() + tr.mask_off, s.bm, rows, std::min(s.bm, cols - c0));
+    const int64_t c0 = t * width;
+    apply_mask(S + c0, cols, masks.data() + tr.mask_off, width, rows, std::min(width, cols - c0));
   }
 }
 
@@ -186,7 +176,7 @@ void fwd_query_tile(const Schedule& s, const AttnProblem& p, const float* q, con
     const int64_t klen = std::min(run.count * BN, N - k0);
     float* Sp = w.S.data();
     gemm(mq, klen, D, Q, D, Kt + k0, N, Sp, klen, false);
-    mask_key_run(s, list, run, Sp, mq, klen);
+    mask_run(s.masks, s.bn, list, run, Sp, mq, klen);
     // online softmax over this run
     for (int64_t r = 0; r < mq; ++r) {
       float* sr = Sp + r * klen;
@@ -308,7 +298,7 @@ void bwd_key_tile(const BwdArgs& a, int64_t bh, int64_t kj, float* dqt, float* S
     const int64_t q0 = list[run.first].tile * BM;
     const int64_t qlen = std::min(run.count * BM, N - q0);
     gemm(nk, qlen, D, K, D, in.qst + cols + q0, N, St, qlen, false);        // S^T = K Qs^T
-    mask_query_run(s, list, run, St, nk, qlen);
+    mask_run(s.masks_t, s.bm, list, run, St, nk, qlen);
     gemm(nk, qlen, D, V, D, in.got + cols + q0, N, dPt, qlen, false);       // dP^T = V dO^T
     softmax_grad<true>(St, dPt, nk, qlen, in.lse + bh * N + q0, in.delta + bh * N + q0);
     gemm(nk, D, qlen, St, qlen, in.go + rows + q0 * D, D, dv_acc, D, true);  // dV += P^T dO
@@ -334,7 +324,7 @@ void bwd_query_tile(const BwdArgs& a, int64_t bh, int64_t qi, float* S, float* d
     const int64_t k0 = list[run.first].tile * BN;
     const int64_t klen = std::min(run.count * BN, N - k0);
     gemm(mq, klen, D, in.qs + rows + q0 * D, D, in.kt + cols + k0, N, S, klen, false);
-    mask_key_run(s, list, run, S, mq, klen);
+    mask_run(s.masks, s.bn, list, run, S, mq, klen);
     gemm(mq, klen, D, in.go + rows + q0 * D, D, in.vt + cols + k0, N, dP, klen, false);
     softmax_grad<false>(S, dP, mq, klen, in.lse + bh * N + q0, in.delta + bh * N + q0);
     gemm(mq, D, klen, dP, klen, in.k + rows + k0 * D, D, DQ, D, true);
