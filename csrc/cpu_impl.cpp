@@ -45,42 +45,8 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
               q.size(3));
 }
 
-// dst[b, h, i] = src[b, h, idx[i]] for contiguous float32 (B, H, N[, D]) tensors sharing B, H, N:
-// rows gathered with memcpy in one parallel region over (tensor, b, h) (several times faster here
-// than index_select on dim 2, and one synchronisation point for all the tensors).
-std::vector<at::Tensor> gather_rows(const std::vector<at::Tensor>& srcs, const std::vector<int32_t>& idx) {
-  std::vector<at::Tensor> dsts;
-  for (const auto& t : srcs) dsts.push_back(at::empty_like(t));
-  const int64_t BH = srcs[0].size(0) * srcs[0].size(1), N = srcs[0].size(2);
-  at::parallel_for(0, static_cast<int64_t>(srcs.size()) * BH, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const at::Tensor& src = srcs[t / BH];
-      const int64_t bh = t % BH, W = src.dim() == 4 ? src.size(3) : 1;
-      const float* s = src.data_ptr<float>() + bh * N * W;
-      float* d = dsts[t / BH].data_ptr<float>() + bh * N * W;
-      for (int64_t i = 0; i < N; ++i) std::memcpy(d + i * W, s + idx[i] * W, W * sizeof(float));
-    }
-  });
-  return dsts;
-}
-
-// float32, contiguous, sequence dim (2 of (B, H, N[, D])) in the schedule's processing order.
-std::vector<at::Tensor> to_slots(const std::vector<at::Tensor>& ts, const cpu::Schedule& s) {
-  std::vector<at::Tensor> r;
-  for (const auto& t : ts) r.push_back(t.to(at::kFloat).contiguous());
-  return s.identity ? r : gather_rows(r, s.perm);
-}
-
-// (B, H, N, D) -> contiguous (B, H, D, N).
-at::Tensor transposed(const at::Tensor& t) { return t.transpose(2, 3).contiguous(); }
-
-// Inverse of to_slots along the sequence dim, cast to `dtype`.
-std::vector<at::Tensor> from_slots(const std::vector<at::Tensor>& ts, const cpu::Schedule& s,
-                                   at::ScalarType dtype) {
-  std::vector<at::Tensor> r = s.identity ? ts : gather_rows(ts, s.inv_perm);
-  for (auto& t : r) t = t.to(dtype);
-  return r;
-}
+// float32 and contiguous (no copy when it already is).
+at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& v, int64_t kind,
@@ -93,8 +59,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(const at::Tensor& q,
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
   auto sched = cpu::get_schedule(L, N, CPU_BM, CPU_BN);
   // float32, contiguous, sequence order: the kernel handles the permutation itself
-  const at::Tensor qc = q.to(at::kFloat).contiguous(), kc = k.to(at::kFloat).contiguous();
-  const at::Tensor vc = v.to(at::kFloat).contiguous();
+  const at::Tensor qc = f32(q), kc = f32(k), vc = f32(v);
   at::Tensor out = at::empty({B, H, N, D}, q.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({B, H, N}, q.options().dtype(at::kFloat));
   if (B * H > 0) {
@@ -119,32 +84,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == N,
               "dalle_fast.sparse_attention backward: lse must be (batch, heads, seq), got ", lse.sizes());
-  auto sched = cpu::get_schedule(L, N, CPU_BM, CPU_BN);
-  const cpu::Schedule& sc = *sched;
-  at::Tensor delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1);
+  c10::optional<at::Tensor> glse;
   if (grad_lse.has_value() && grad_lse->defined()) {
     TORCH_CHECK(grad_lse->sizes() == lse.sizes(), "dalle_fast.sparse_attention backward: grad_lse must be ",
                 "(batch, heads, seq), got ", grad_lse->sizes());
-    delta = delta - grad_lse->to(at::kFloat);
+    glse = f32(*grad_lse);
   }
-  const std::vector<at::Tensor> in_slots = to_slots({q, k, v, grad_out, delta, lse}, sc);
-  const at::Tensor qs = in_slots[0].mul(scale), &ks = in_slots[1], &vs = in_slots[2], &gs = in_slots[3];
-  const at::Tensor &ds = in_slots[4], &ls = in_slots[5];
-  const at::Tensor qst = transposed(qs), kt = transposed(ks), vt = transposed(vs), gst = transposed(gs);
+  auto sched = cpu::get_schedule(L, N, CPU_BM, CPU_BN);
+  // float32, contiguous, sequence order (no copies for float32 contiguous inputs): the kernel does
+  // the permutation, scaling, transposes and delta itself, per head
+  const at::Tensor qc = f32(q), kc = f32(k), vc = f32(v), gc = f32(grad_out), oc = f32(out), lc = f32(lse);
   at::Tensor dq = at::empty({B, H, N, D}, q.options().dtype(at::kFloat));
   at::Tensor dk = at::empty_like(dq), dv = at::empty_like(dq);
   if (B * H > 0) {
-    const cpu::BwdInputs in{qs.data_ptr<float>(),  qst.data_ptr<float>(), ks.data_ptr<float>(),
-                            kt.data_ptr<float>(),  vs.data_ptr<float>(),  vt.data_ptr<float>(),
-                            gs.data_ptr<float>(),  gst.data_ptr<float>(), ls.data_ptr<float>(),
-                            ds.data_ptr<float>()};
-    cpu::sparse_attention_backward(*sched, cpu::AttnProblem{B * H, N, D, static_cast<float>(scale)}, in, dq.data_ptr<float>(),
-                                   dk.data_ptr<float>(), dv.data_ptr<float>());
-    dq.mul_(scale);
+    const cpu::BwdInputs in{qc.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(),
+                            gc.data_ptr<float>(), oc.data_ptr<float>(), lc.data_ptr<float>(),
+                            glse ? glse->data_ptr<float>() : nullptr};
+    cpu::sparse_attention_backward(*sched, cpu::AttnProblem{B * H, N, D, static_cast<float>(scale)}, in,
+                                   dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>());
   }
   const auto dt = q.scalar_type();
-  std::vector<at::Tensor> grads = from_slots({dq, dk, dv}, sc, dt);
-  return {grads[0], grads[1], grads[2]};
+  return {dq.to(dt), dk.to(dt), dv.to(dt)};
 }
 
 }  // namespace

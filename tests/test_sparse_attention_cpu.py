@@ -62,6 +62,19 @@ def test_cpu_matches_reference(kind, B, H, T, S, N, D):
     check_against_reference(layout, B, H, N or layout.seq_len, D)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("kind", ["row", "col"])
+def test_cpu_thread_counts(kind, threads):
+    """Both backward strategies: a head per task (batch * heads divisible by, or >= 2x, the threads)
+    and tile-parallel passes (few heads: 4 heads on 3 threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_against_reference(layout_for(kind, 7, 8), 1, 4, 71, 32)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("kind", ["row", "col", "conv"])
 def test_cpu_bfloat16(kind):
     check_against_reference(layout_for(kind, 7, 8), 2, 3, 60, 64, dtype=torch.bfloat16)

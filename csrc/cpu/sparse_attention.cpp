@@ -116,6 +116,30 @@ inline void parallel_tasks(int64_t ntasks, F&& body) {
 
 namespace {
 
+// rows[i] = alpha * src[perm[i]] (when rows is non-null) and t[d * N + i] = alpha * src[perm[i]][d]
+// (when t is non-null) for one head's (N, D) rows; perm == nullptr is the identity. One read of
+// the source, transposed in 16 x 16 blocks.
+void gather_head(const float* src, const int32_t* perm, int64_t N, int64_t D, float alpha, float* rows,
+                 float* t) {
+  constexpr int64_t B = 16;
+  for (int64_t i0 = 0; i0 < N; i0 += B) {
+    const int64_t i1 = std::min(N, i0 + B);
+    if (rows)
+      for (int64_t i = i0; i < i1; ++i) {
+        const float* sr = src + (perm ? perm[i] : i) * D;
+        float* dr = rows + i * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) dr[d] = alpha * sr[d];
+      }
+    if (t)
+      for (int64_t d0 = 0; d0 < D; d0 += B)
+        for (int64_t i = i0; i < i1; ++i) {
+          const float* sr = src + (perm ? perm[i] : i) * D;
+          for (int64_t d = d0; d < std::min(D, d0 + B); ++d) t[d * N + i] = alpha * sr[d];
+        }
+  }
+}
+
 // Per-thread copies of one head's keys and values in processing order: K transposed (D x N), V
 // gathered (N x D) when the schedule permutes positions. Refilled when a thread moves to another
 // head; the buffers stay in cache across the head's query tiles.
@@ -126,18 +150,9 @@ struct HeadCache {
   void fill(const Schedule& s, const float* k, const float* v, int64_t bh, int64_t N, int64_t D) {
     if (bh == head) return;
     head = bh;
-    const float* K = k + bh * N * D;
-    const float* V = v + bh * N * D;
     const int32_t* perm = s.identity ? nullptr : s.perm.data();
-    constexpr int64_t B = 16;  // transpose in 16 x 16 blocks
-    for (int64_t i0 = 0; i0 < N; i0 += B)
-      for (int64_t d0 = 0; d0 < D; d0 += B)
-        for (int64_t i = i0; i < std::min(N, i0 + B); ++i) {
-          const float* row = K + (perm ? perm[i] : i) * D;
-          for (int64_t d = d0; d < std::min(D, d0 + B); ++d) kt[d * N + i] = row[d];
-        }
-    if (perm)
-      for (int64_t i = 0; i < N; ++i) std::copy(V + perm[i] * D, V + (perm[i] + 1) * D, vp.data() + i * D);
+    gather_head(k + bh * N * D, perm, N, D, 1.f, nullptr, kt.data());
+    if (perm) gather_head(v + bh * N * D, perm, N, D, 1.f, vp.data(), nullptr);
   }
   const float* values(const Schedule& s, const float* v, int64_t N, int64_t D) const {
     return s.identity ? v + head * N * D : vp.data();
@@ -271,25 +286,85 @@ inline void softmax_grad(float* S, float* dP, int64_t rows, int64_t cols, const 
   }
 }
 
-struct BwdArgs {
-  const Schedule& s;
-  const AttnProblem& p;
-  const BwdInputs& in;
-  float *dq, *dk, *dv;
+// One head's backward operands in processing (slot) order: qs = scale * q, rows (N x D) and
+// transposed (D x N) copies, lse and delta = rowsum(grad_out * out) - grad_lse.
+struct HeadOperands {
+  const float *qs, *qst, *k, *kt, *v, *vt, *go, *got, *lse, *delta;
 };
 
-// Key-tile-major backward of key tile kj of head bh, with key-major scores S^T = K Q^T.
+// Storage behind HeadOperands. Row copies of k, v, grad_out and lse are only made when the
+// schedule permutes positions (otherwise the operands point into the inputs); vt only when the
+// query-tile-major dQ pass needs it.
+struct HeadBuffers {
+  std::vector<float> qs, qst, k, kt, v, vt, go, got, lse, delta;
+  HeadOperands ops{};
+
+  void allocate(const Schedule& s, int64_t N, int64_t D, bool need_vt) {
+    const int64_t ND = N * D, rowsND = s.identity ? 0 : ND;
+    qs.resize(ND), qst.resize(ND), kt.resize(ND), got.resize(ND), delta.resize(N);
+    k.resize(rowsND), v.resize(rowsND), go.resize(rowsND), lse.resize(s.identity ? 0 : N);
+    vt.resize(need_vt ? ND : 0);
+  }
+};
+
+constexpr int PREP_PARTS = 4;  // q | k | v | grad_out, lse, delta
+
+// Fills part `part` of head bh's operands into b (allocated) and points b.ops at them.
+void prepare_head(const Schedule& s, const AttnProblem& p, const BwdInputs& in, int64_t bh, int part,
+                  HeadBuffers& b) {
+  const int64_t N = p.n, D = p.d, off = bh * N * D;
+  const int32_t* perm = s.identity ? nullptr : s.perm.data();
+  HeadOperands& h = b.ops;
+  switch (part) {
+    case 0:
+      gather_head(in.q + off, perm, N, D, p.scale, b.qs.data(), b.qst.data());
+      h.qs = b.qs.data(), h.qst = b.qst.data();
+      break;
+    case 1:
+      gather_head(in.k + off, perm, N, D, 1.f, perm ? b.k.data() : nullptr, b.kt.data());
+      h.k = perm ? b.k.data() : in.k + off, h.kt = b.kt.data();
+      break;
+    case 2:
+      if (perm || !b.vt.empty())
+        gather_head(in.v + off, perm, N, D, 1.f, perm ? b.v.data() : nullptr, b.vt.empty() ? nullptr : b.vt.data());
+      h.v = perm ? b.v.data() : in.v + off, h.vt = b.vt.empty() ? nullptr : b.vt.data();
+      break;
+    default: {
+      gather_head(in.go + off, perm, N, D, 1.f, perm ? b.go.data() : nullptr, b.got.data());
+      h.go = perm ? b.go.data() : in.go + off, h.got = b.got.data();
+      const float* lse = in.lse + bh * N;
+      const float* glse = in.grad_lse ? in.grad_lse + bh * N : nullptr;
+      for (int64_t i = 0; i < N; ++i) {
+        const int64_t pos = perm ? perm[i] : i;
+        const float* g = in.go + off + pos * D;
+        const float* o = in.out + off + pos * D;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t d = 0; d < D; ++d) acc += g[d] * o[d];
+        b.delta[i] = acc - (glse ? glse[pos] : 0.f);
+        if (perm) b.lse[i] = lse[pos];
+      }
+      h.lse = perm ? b.lse.data() : lse, h.delta = b.delta.data();
+    }
+  }
+}
+
+// Output rows of one head, written at sequence positions (slot i -> row perm[i]).
+struct HeadGrads {
+  float *dq, *dk, *dv;
+  const int32_t* perm;  // nullptr: identity
+  int64_t pos(int64_t slot) const { return perm ? perm[slot] : slot; }
+};
+
+// Key-tile-major backward of key tile kj of one head, with key-major scores S^T = K Q^T.
 // Writes dK, dV of the tile; with dqt (D x N scratch of this head), accumulates dQ^T too.
-void bwd_key_tile(const BwdArgs& a, int64_t bh, int64_t kj, float* dqt, float* St, float* dPt,
-                  float* dk_acc, float* dv_acc) {
-  const Schedule& s = a.s;
-  const BwdInputs& in = a.in;
-  const int64_t N = a.p.n, D = a.p.d, BM = s.bm, BN = s.bn;
+void bwd_key_tile(const Schedule& s, int64_t N, int64_t D, const HeadOperands& h, const HeadGrads& g,
+                  int64_t kj, float* dqt, float* St, float* dPt, float* dk_acc, float* dv_acc) {
+  const int64_t BM = s.bm, BN = s.bn;
   const int64_t k0 = kj * BN, nk = std::min(BN, N - k0);
-  const int64_t rows = bh * N * D, cols = bh * D * N;  // head offsets in row / transposed arrays
-  const float* K = in.k + rows + k0 * D;
-  const float* V = in.v + rows + k0 * D;
-  const float* Kt = in.kt + cols + k0;
+  const float* K = h.k + k0 * D;
+  const float* V = h.v + k0 * D;
+  const float* Kt = h.kt + k0;
   std::fill(dk_acc, dk_acc + nk * D, 0.f);
   std::fill(dv_acc, dv_acc + nk * D, 0.f);
   const int64_t max_tiles = std::max<int64_t>(1, RUN_MAX / BM);
@@ -297,73 +372,97 @@ void bwd_key_tile(const BwdArgs& a, int64_t bh, int64_t kj, float* dqt, float* S
   for_each_run(list, s.k_ptr[kj], s.k_ptr[kj + 1], max_tiles, [&](Run run) {
     const int64_t q0 = list[run.first].tile * BM;
     const int64_t qlen = std::min(run.count * BM, N - q0);
-    gemm(nk, qlen, D, K, D, in.qst + cols + q0, N, St, qlen, false);        // S^T = K Qs^T
+    gemm(nk, qlen, D, K, D, h.qst + q0, N, St, qlen, false);        // S^T = K Qs^T
     mask_run(s.masks_t, s.bm, list, run, St, nk, qlen);
-    gemm(nk, qlen, D, V, D, in.got + cols + q0, N, dPt, qlen, false);       // dP^T = V dO^T
-    softmax_grad<true>(St, dPt, nk, qlen, in.lse + bh * N + q0, in.delta + bh * N + q0);
-    gemm(nk, D, qlen, St, qlen, in.go + rows + q0 * D, D, dv_acc, D, true);  // dV += P^T dO
-    gemm(nk, D, qlen, dPt, qlen, in.qs + rows + q0 * D, D, dk_acc, D, true); // dK += dS^T Qs
-    if (dqt) gemm(D, qlen, nk, Kt, N, dPt, qlen, dqt + q0, N, true);          // dQ^T += K^T dS^T
+    gemm(nk, qlen, D, V, D, h.got + q0, N, dPt, qlen, false);       // dP^T = V dO^T
+    softmax_grad<true>(St, dPt, nk, qlen, h.lse + q0, h.delta + q0);
+    gemm(nk, D, qlen, St, qlen, h.go + q0 * D, D, dv_acc, D, true);  // dV += P^T dO
+    gemm(nk, D, qlen, dPt, qlen, h.qs + q0 * D, D, dk_acc, D, true); // dK += dS^T Qs
+    if (dqt) gemm(D, qlen, nk, Kt, N, dPt, qlen, dqt + q0, N, true);  // dQ^T += K^T dS^T
   });
-  std::copy(dk_acc, dk_acc + nk * D, a.dk + rows + k0 * D);
-  std::copy(dv_acc, dv_acc + nk * D, a.dv + rows + k0 * D);
+  for (int64_t r = 0; r < nk; ++r) {
+    const int64_t pos = g.pos(k0 + r);
+    std::copy(dk_acc + r * D, dk_acc + (r + 1) * D, g.dk + pos * D);
+    std::copy(dv_acc + r * D, dv_acc + (r + 1) * D, g.dv + pos * D);
+  }
 }
 
-// Query-tile-major dQ of query tile qi of head bh (query-major scores).
-void bwd_query_tile(const BwdArgs& a, int64_t bh, int64_t qi, float* S, float* dP) {
-  const Schedule& s = a.s;
-  const BwdInputs& in = a.in;
-  const int64_t N = a.p.n, D = a.p.d, BM = s.bm, BN = s.bn;
+// Query-tile-major dQ of query tile qi of one head (query-major scores); dq_acc: BM x D scratch.
+void bwd_query_tile(const Schedule& s, int64_t N, int64_t D, float scale, const HeadOperands& h,
+                    const HeadGrads& g, int64_t qi, float* S, float* dP, float* dq_acc) {
+  const int64_t BM = s.bm, BN = s.bn;
   const int64_t q0 = qi * BM, mq = std::min(BM, N - q0);
-  const int64_t rows = bh * N * D, cols = bh * D * N;
-  float* DQ = a.dq + rows + q0 * D;
-  std::fill(DQ, DQ + mq * D, 0.f);
+  std::fill(dq_acc, dq_acc + mq * D, 0.f);
   const int64_t max_tiles = std::max<int64_t>(1, RUN_MAX / BN);
   const TileRef* list = s.q_tiles.data();
   for_each_run(list, s.q_ptr[qi], s.q_ptr[qi + 1], max_tiles, [&](Run run) {
     const int64_t k0 = list[run.first].tile * BN;
     const int64_t klen = std::min(run.count * BN, N - k0);
-    gemm(mq, klen, D, in.qs + rows + q0 * D, D, in.kt + cols + k0, N, S, klen, false);
+    gemm(mq, klen, D, h.qs + q0 * D, D, h.kt + k0, N, S, klen, false);
     mask_run(s.masks, s.bn, list, run, S, mq, klen);
-    gemm(mq, klen, D, in.go + rows + q0 * D, D, in.vt + cols + k0, N, dP, klen, false);
-    softmax_grad<false>(S, dP, mq, klen, in.lse + bh * N + q0, in.delta + bh * N + q0);
-    gemm(mq, D, klen, dP, klen, in.k + rows + k0 * D, D, DQ, D, true);
+    gemm(mq, klen, D, h.go + q0 * D, D, h.vt + k0, N, dP, klen, false);
+    softmax_grad<false>(S, dP, mq, klen, h.lse + q0, h.delta + q0);
+    gemm(mq, D, klen, dP, klen, h.k + k0 * D, D, dq_acc, D, true);
   });
+  for (int64_t r = 0; r < mq; ++r) {
+    float* dst = g.dq + g.pos(q0 + r) * D;
+    for (int64_t d = 0; d < D; ++d) dst[d] = scale * dq_acc[r * D + d];
+  }
 }
 
 }  // namespace
 
-void sparse_attention_backward(const Schedule& s, const AttnProblem& p, const BwdInputs& in,
-                               float* dq_unscaled, float* dk, float* dv) {
-  const BwdArgs a{s, p, in, dq_unscaled, dk, dv};
-  const int64_t N = p.n, D = p.d;
+void sparse_attention_backward(const Schedule& s, const AttnProblem& p, const BwdInputs& in, float* dq,
+                               float* dk, float* dv) {
+  const int64_t N = p.n, D = p.d, ND = N * D;
+  const int32_t* perm = s.identity ? nullptr : s.perm.data();
   const int64_t scratch = std::max(RUN_MAX, std::max(s.bm, s.bn)) * std::max(s.bm, s.bn);
   const int64_t nthreads = at::get_num_threads();
+  auto grads = [&](int64_t bh) { return HeadGrads{dq + bh * ND, dk + bh * ND, dv + bh * ND, perm}; };
   if (p.bh >= 2 * nthreads || p.bh % nthreads == 0) {
-    // each task owns one head: one key-tile-major pass that also accumulates dQ^T
+    // One parallel region: each task owns a head, gathers and transposes its operands into the
+    // thread's buffers (cache-resident for the whole head), then one key-tile-major pass that also
+    // accumulates dQ^T, and writes the gradients back to sequence positions.
     parallel_tasks(p.bh, [&](auto next_task) {
-      std::vector<float> St(scratch), dPt(scratch), dka(s.bn * D), dva(s.bn * D), dqt(D * N);
+      std::vector<float> St(scratch), dPt(scratch), dka(s.bn * D), dva(s.bn * D), dqt(ND);
+      HeadBuffers b;
+      b.allocate(s, N, D, /*need_vt=*/false);
       for (int64_t bh = next_task(); bh < p.bh; bh = next_task()) {
+        for (int part = 0; part < PREP_PARTS; ++part) prepare_head(s, p, in, bh, part, b);
         std::fill(dqt.begin(), dqt.end(), 0.f);
+        const HeadGrads g = grads(bh);
         for (int64_t kj = 0; kj < s.nk; ++kj)
-          bwd_key_tile(a, bh, kj, dqt.data(), St.data(), dPt.data(), dka.data(), dva.data());
-        float* DQ = dq_unscaled + bh * N * D;
-        for (int64_t i = 0; i < N; ++i)
-          for (int64_t d = 0; d < D; ++d) DQ[i * D + d] = dqt[d * N + i];
+          bwd_key_tile(s, N, D, b.ops, g, kj, dqt.data(), St.data(), dPt.data(), dka.data(), dva.data());
+        constexpr int64_t B = 16;  // dQ = scale * (dQ^T)^T, rows to sequence positions
+        for (int64_t i0 = 0; i0 < N; i0 += B)
+          for (int64_t d0 = 0; d0 < D; d0 += B)
+            for (int64_t i = i0; i < std::min(N, i0 + B); ++i) {
+              float* dst = g.dq + g.pos(i) * D;
+              for (int64_t d = d0; d < std::min(D, d0 + B); ++d) dst[d] = p.scale * dqt[d * N + i];
+            }
       }
     });
     return;
   }
-  // few heads: parallelise over tiles, dK/dV and dQ in separate passes
+  // Few heads: parallelise over tiles. Operands of all heads first (tasks: head x part), then dK/dV
+  // (key-tile-major) and dQ (query-tile-major) in separate passes.
+  std::vector<HeadBuffers> heads(p.bh);
+  for (auto& b : heads) b.allocate(s, N, D, /*need_vt=*/true);
+  parallel_tasks(p.bh * PREP_PARTS, [&](auto next_task) {
+    for (int64_t t = next_task(); t < p.bh * PREP_PARTS; t = next_task())
+      prepare_head(s, p, in, t / PREP_PARTS, static_cast<int>(t % PREP_PARTS), heads[t / PREP_PARTS]);
+  });
   parallel_tasks(p.bh * s.nk, [&](auto next_task) {
     std::vector<float> St(scratch), dPt(scratch), dka(s.bn * D), dva(s.bn * D);
     for (int64_t t = next_task(); t < p.bh * s.nk; t = next_task())
-      bwd_key_tile(a, t / s.nk, t % s.nk, nullptr, St.data(), dPt.data(), dka.data(), dva.data());
+      bwd_key_tile(s, N, D, heads[t / s.nk].ops, grads(t / s.nk), t % s.nk, nullptr, St.data(), dPt.data(),
+                   dka.data(), dva.data());
   });
   parallel_tasks(p.bh * s.nq, [&](auto next_task) {
-    std::vector<float> S(scratch), dP(scratch);
+    std::vector<float> S(scratch), dP(scratch), dqa(s.bm * D);
     for (int64_t t = next_task(); t < p.bh * s.nq; t = next_task())
-      bwd_query_tile(a, t / s.nq, t % s.nq, S.data(), dP.data());
+      bwd_query_tile(s, N, D, p.scale, heads[t / s.nq].ops, grads(t / s.nq), t % s.nq, S.data(), dP.data(),
+                     dqa.data());
   });
 }
 

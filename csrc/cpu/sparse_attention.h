@@ -24,16 +24,17 @@ struct AttnProblem {
 void sparse_attention_forward(const Schedule& s, const AttnProblem& p, const float* q, const float* k,
                               const float* v, float* out, float* lse);
 
-// Inputs of the backward: qs = scale * q in rows and transposed, k and v in rows and transposed,
-// grad_out in rows and transposed, the forward's lse and delta = rowsum(grad_out * out).
+// Inputs of the backward, float32 and contiguous in sequence order: q, k, v, grad_out and the
+// forward's out as rows (BH, N, D), the forward's lse (BH, N) and grad_lse (BH, N) or nullptr.
 struct BwdInputs {
-  const float *qs, *qst, *k, *kt, *v, *vt, *go, *got, *lse, *delta;
+  const float *q, *k, *v, *go, *out, *lse, *grad_lse;
 };
 
-// Writes dq_unscaled (rows; the caller multiplies by scale), dk, dv (rows). p.scale is unused
-// (already folded into qs).
-void sparse_attention_backward(const Schedule& s, const AttnProblem& p, const BwdInputs& in,
-                               float* dq_unscaled, float* dk, float* dv);
+// Writes dq, dk, dv (rows, sequence order). Everything else happens inside, per head: the gather
+// into processing order, the scale, the transposed copies the GEMMs need and
+// delta = rowsum(grad_out * out) - grad_lse.
+void sparse_attention_backward(const Schedule& s, const AttnProblem& p, const BwdInputs& in, float* dq,
+                               float* dk, float* dv);
 
 }  // namespace cpu
 }  // namespace dalle_fast
