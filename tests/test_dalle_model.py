@@ -129,3 +129,23 @@ def test_exact_resume_and_load_model(tmp_path):
     assert isinstance(loaded, DALLE) and loaded.config == cfg
     for a, b in zip(loaded.state_dict().values(), straight.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_vocab_slice_cross_entropy_equals_the_masked_full_softmax():
+    from dalle_fast.nn.functional import vocab_slice_cross_entropy
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 20).double()
+    h = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 8, (3, 5))
+    loss = vocab_slice_cross_entropy(h, head, 7, 15, target)
+    grads = torch.autograd.grad(loss, (h, head.weight, head.bias))
+    logits = head(h)
+    keep = torch.zeros(20, dtype=torch.bool)
+    keep[7:15] = True
+    masked = logits.masked_fill(~keep, -torch.finfo(torch.float64).max)
+    ref = torch.nn.functional.cross_entropy(masked.flatten(0, 1), (target + 7).flatten())
+    torch.testing.assert_close(loss, ref)
+    for ours, theirs in zip(grads, torch.autograd.grad(ref, (h, head.weight, head.bias))):
+        torch.testing.assert_close(ours, theirs)
+    with pytest.raises(ValueError, match="target"):
+        vocab_slice_cross_entropy(h, head, 7, 15, target[:, :4])

@@ -162,6 +162,47 @@ def test_forward_loss_and_gradients_match(name):
     close(grads, grads64, grads_pt, f"{name} gradients")
 
 
+def test_patched_loss_skips_the_masked_logits():
+    """patch installs the loss that computes only the unmasked logits (DALLE.forward of 1.6.6 is
+    recognised), unpatch removes it, and a forward it does not recognise is left alone."""
+    model = make_model()
+    dfp.patch(model)
+    assert model.forward.__func__ is dfp._loss_forward
+    dfp.unpatch(model)
+    assert "forward" not in model.__dict__
+    known = dfp._KNOWN_FORWARD_SHA256
+    try:
+        dfp._KNOWN_FORWARD_SHA256 = set()
+        dfp.patch(model)
+        assert "forward" not in model.__dict__ and dfp.is_patched(model)
+    finally:
+        dfp._KNOWN_FORWARD_SHA256 = known
+
+
+def test_patched_loss_with_caption_dropout_and_raw_images():
+    """null_cond_prob (same random draws, caller's text left alone) and raw images through the VAE."""
+    model = make_model()
+    text, image = batch(b=4)
+    pixels = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        ref = model(text.clone(), image, return_loss=True, null_cond_prob=0.5)
+        ref_pixels = model(text.clone(), pixels, return_loss=True)
+        dfp.patch(model)
+        before = text.clone()
+        torch.manual_seed(5)
+        ours = model(text, image, return_loss=True, null_cond_prob=0.5)
+        ours_pixels = model(text, pixels, return_loss=True)
+    assert torch.equal(text, before)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_pixels, ref_pixels, rtol=1e-5, atol=1e-5)
+    torch.manual_seed(5)  # the draw DALLE-pytorch makes: some captions are dropped, so the loss moves
+    assert (torch.zeros(4).uniform_(0, 1) < 0.5).any()
+    with torch.no_grad():
+        full = model(text, image, return_loss=True)
+    assert not torch.allclose(ours, full)
+
+
 def test_forward_without_rotary_embeddings():
     # DALLE-pytorch's axial/conv modules scale q in place, which autograd refuses without rotary
     # embeddings, so this configuration is compared in inference only

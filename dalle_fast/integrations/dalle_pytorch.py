@@ -25,7 +25,13 @@ with :func:`dalle_fast.sparse_attention`. The layer kinds map to :class:`dalle_f
     ==================================  ==============================================
 
 Everything around attention (token shift, rotary embeddings, LayerScale, pre/sandwich norms,
-feed-forward, ``stable``) is the package's own code and runs unchanged.
+feed-forward, ``stable``) is the package's own code and runs unchanged. The training loss
+(``forward(..., return_loss=True)``) is also replaced, when the model's ``DALLE.forward`` is the
+source the adapter was written against (dalle-pytorch 1.6.6, checked by hash): it computes only the
+logits the loss uses (text columns at text positions, image columns at image positions; the others
+are masked to -finfo.max by DALLE-pytorch and carry no probability or gradient), the same loss and
+gradients at about half the output-layer cost. It leaves the caller's ``text`` unmodified under
+``null_cond_prob`` (DALLE-pytorch zeroes it in place). Other calls run the original ``forward``.
 
 **generate** samples image tokens with dalle_fast's static KV cache: the caption (and, with guidance,
 the all-padding caption) is prefilled once with ``sparse_attention``; each image token then runs every
@@ -63,6 +69,7 @@ from torch import nn
 
 from ..decode import decode_attention
 from ..masks import Layout
+from ..nn.functional import vocab_slice_cross_entropy
 from ..ops import sparse_attention
 from ..sampling import sample
 
@@ -281,6 +288,70 @@ def _inspect(model) -> _Spec:
     return _Spec(layers, T, S)
 
 
+# ---------------------------------------------------------------------------------------------
+# the training loss without the masked half of the logits
+# ---------------------------------------------------------------------------------------------
+# DALLE.forward(return_loss=True) computes all text + image logits at every position, fills the
+# text-to-image and image-to-text halves with -finfo.max and takes two cross-entropies over
+# 'b c n'-rearranged logits. The filled logits get softmax weight exactly 0 and gradient 0, so the
+# loss only needs the text columns at text positions and the image columns at image positions: at
+# the peer benchmark's shape that halves the largest GEMMs of the step and drops the copies of the
+# (B, n, text + image vocab) logits. The replacement below mirrors the DALLE.forward it was written
+# against line by line; it is installed only when the model's forward is that source (checked by
+# hash), otherwise patch leaves forward alone.
+_KNOWN_FORWARD_SHA256 = {
+    # dalle-pytorch 1.6.6
+    "2d31ba97781c0a4fbf824248c322363fbcc0fa58de57ce4cb6069cb169067a8a",
+}
+
+
+def _forward_source_hash(cls) -> str:
+    import hashlib
+    import inspect
+    return hashlib.sha256(inspect.getsource(cls.forward).encode()).hexdigest()
+
+
+def _loss_forward(self, text, image=None, return_loss=False, null_cond_prob=0., cache=None):
+    """DALLE.forward with the loss computed on the unmasked logits only (same value and gradients).
+    Calls without ``return_loss`` (or with a cache) go to the original forward."""
+    if not return_loss or cache is not None or image is None:
+        return type(self).forward(self, text, image, return_loss=return_loss, null_cond_prob=null_cond_prob,
+                                  cache=cache)
+    if text.shape[-1] != self.text_seq_len:
+        raise ValueError(f"text: the length {text.shape[-1]} of the text tokens you passed in does not have the "
+                         f"correct length ({self.text_seq_len})")
+    batch, device = text.shape[0], text.device
+    if null_cond_prob > 0:  # DALLE-pytorch multiplies the caller's tensor in place; this does not
+        null_mask = torch.zeros((batch,), device=device).float().uniform_(0, 1) < null_cond_prob
+        text = text * (~null_mask)[:, None]
+    V, T = self.num_text_tokens, self.text_seq_len
+    text_range = torch.arange(T, device=device) + (V - T)
+    text = torch.where(text == 0, text_range, text)
+    text = F.pad(text, (1, 0), value=0)  # <bos>
+    tokens = self.text_emb(text)
+    tokens = tokens + self.text_pos_emb(torch.arange(text.shape[1], device=device))
+    if image.dim() == 4:
+        size, channels = self.vae.image_size, self.vae.channels
+        if tuple(image.shape[1:]) != (channels, size, size):
+            raise ValueError(f"image: invalid image of dimensions {tuple(image.shape)} passed in during training")
+        image = self.vae.get_codebook_indices(image)
+    image_emb = self.image_emb(image)
+    image_emb = image_emb + self.image_pos_emb(image_emb)
+    tokens = torch.cat((tokens, image_emb), dim=1)
+    if tokens.shape[1] > self.total_seq_len:
+        tokens = tokens[:, :-1]
+    if self.stable:
+        alpha = 0.1
+        tokens = tokens * alpha + tokens.detach() * (1 - alpha)
+    out = self.transformer(tokens, cache=None)
+    if self.stable:
+        out = self.norm_by_max(out)
+    h, head = self.to_logits[0](out), self.to_logits[1]
+    loss_text = vocab_slice_cross_entropy(h[:, :T], head, 0, V, text[:, 1:])
+    loss_img = vocab_slice_cross_entropy(h[:, T:], head, V, head.out_features, image)
+    return (loss_text + self.loss_img_weight * loss_img) / (self.loss_img_weight + 1)
+
+
 def layouts(model) -> List[Layout]:
     """The :class:`dalle_fast.Layout` of each layer of a ``dalle_pytorch.DALLE`` (ValueError if unsupported)."""
     return [layer.layout for layer in _inspect(model).layers]
@@ -294,6 +365,9 @@ def patch(model):
         branch = layer.attn
         if not isinstance(branch.core, DallePytorchAttention):
             branch.parent.fn = DallePytorchAttention(branch.core, layer.layout)
+    if _forward_source_hash(type(model)) in _KNOWN_FORWARD_SHA256:
+        import types
+        model.forward = types.MethodType(_loss_forward, model)
     return model
 
 
@@ -307,6 +381,8 @@ def unpatch(model):
             if mask is not None:  # the model may have moved since patch (parameters are shared, buffers not)
                 original.static_mask = mask.to(core.to_qkv.weight.device)
             module.fn = original
+    if getattr(model.__dict__.get("forward"), "__func__", None) is _loss_forward:
+        del model.forward
     return model
 
 

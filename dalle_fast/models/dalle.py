@@ -37,6 +37,7 @@ from torch import nn
 
 from ..masks import KINDS, Layout, paper_schedule
 from ..nn.attention import SparseAttention
+from ..nn.functional import vocab_slice_cross_entropy
 from ..ops import sparse_attention
 
 #: ``attend(q, k, v) -> out``, all ``(B, heads, n, dim_head)``: replaces a layer's sparse attention.
@@ -312,8 +313,9 @@ class DALLE(nn.Module):
             text = self.drop_captions(text, cfg.caption_dropout)
         h = self.hidden(self.embed(text, codes[:, :-1]))  # (B, T + S*S - 1, dim)
         t = cfg.text_len - 1
-        text_loss = F.cross_entropy(self.text_logits(h[:, :t]).flatten(0, 1).float(), text.flatten())
-        image_loss = F.cross_entropy(self.image_logits(h[:, t:]).flatten(0, 1).float(), codes.flatten())
+        tv = cfg.text_vocab
+        text_loss = vocab_slice_cross_entropy(h[:, :t], self.head, 0, tv, text)
+        image_loss = vocab_slice_cross_entropy(h[:, t:], self.head, tv, self.head.out_features, codes)
         w = cfg.text_loss_weight
         return {"loss": w * text_loss + (1 - w) * image_loss, "text_loss": text_loss.detach(),
                 "image_loss": image_loss.detach()}

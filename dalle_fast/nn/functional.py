@@ -1,0 +1,24 @@
+"""Functional pieces shared by dalle_fast's models and adapters."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def vocab_slice_cross_entropy(h: torch.Tensor, head: nn.Linear, lo: int, hi: int,
+                              target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``target`` under the logits of ``head``'s output columns ``[lo, hi)`` only.
+
+    ``h (..., dim)`` features, ``target (...)`` int64 ids in ``[0, hi - lo)`` (column ``lo + t``).
+    Equal to the cross-entropy over all of ``head``'s columns with the others masked to -inf (or to
+    -finfo.max, as DALLE-pytorch does), at ``(hi - lo) / out_features`` of the GEMM cost and without
+    materialising the masked logits. Softmax in float32 for half-precision ``h``, else in ``h``'s dtype.
+    """
+    if target.shape != h.shape[:-1]:
+        raise ValueError(f"target must have h's leading shape {tuple(h.shape[:-1])}, got {tuple(target.shape)}")
+    bias = None if head.bias is None else head.bias[lo:hi]
+    logits = F.linear(h, head.weight[lo:hi], bias).flatten(0, -2)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits, target.flatten())
