@@ -199,7 +199,11 @@ def test_shared_text_equals_unshared(layout):
     plain = dalle_fast.decode_attention(qs, ks, vs, kc, vc, pos, layout)
     shared = dalle_fast.decode_attention(qs, ks, vs, ik, iv, pos, layout, text_k_cache=tk_pad,
                                          text_v_cache=tv_pad, prompt_index=prompt_index)
-    assert torch.equal(plain, shared)
+    # the shared path computes the text part of a prompt's rows as GEMMs (another summation order):
+    # both paths against float64 with the rule of the other decode tests
+    ref_rows, terr = torch_error(q, k, v, layout, list(enumerate(pos.tolist())), torch.float32)
+    check_rows(plain, ref_rows, 2 * terr + 1e-6)
+    check_rows(shared, ref_rows, 2 * terr + 1e-6)
     for b, p in enumerate(pos.tolist()):
         assert torch.equal(ik[b, :, p - T], ks[b, :, 0])
     refd = dalle_fast.decode_attention(qs, ks, vs, ik.clone(), iv.clone(), pos, layout, text_k_cache=tk,

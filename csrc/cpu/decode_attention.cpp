@@ -1,14 +1,15 @@
-// CPU decode attention: per (row, head) one pass over the allowed keys (decode_index.h) computing
-// the scores, a softmax, one pass over the allowed values; float32 accumulation. Traffic: each
-// allowed key and value row once (T + image keys, not the prefix); q/k_new/v_new once. Work items
-// are (head, row) with rows innermost, so candidates sharing a prompt's text caches reuse it from
-// the CPU cache.
+// CPU decode attention: per (row, head) the scores of the allowed keys (decode_index.h), a softmax
+// and the weighted values; float32 accumulation. Traffic: each allowed key and value row once
+// (T + image keys, not the prefix); q/k_new/v_new once. Work items are (head, rows); candidates
+// sharing a prompt's text caches are one item, whose text part (float32) is two small GEMMs.
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common/decode_index.h"
@@ -77,8 +78,9 @@ inline float fast_exp2(float x) {
   return p * s;
 }
 
-constexpr int64_t CHUNK_ITEMS = 4;  // (head, row) work items taken at once
+constexpr int64_t CHUNK_ITEMS = 4;  // work items taken at once
 constexpr int64_t LANES = 16;  // independent accumulators: lets the compiler vectorise the dot
+constexpr int64_t GROUP_ROWS = 32;  // rows per work item that share one prompt's text caches
 
 template <typename T>
 inline float dot(const float* q, const T* k, int64_t D) {
@@ -93,6 +95,15 @@ inline float dot(const float* q, const T* k, int64_t D) {
   return s;
 }
 
+// A work item: one head and up to GROUP_ROWS rows. With shared text caches the rows of an item
+// share their prompt and text-key count, and for float32 the text part of all of them is two GEMMs
+// (scores = Q K_text^T, out = P V_text) on the prompt's cache instead of one dot product per row
+// and key: the text keys dominate image decoding (T = 256 of ~290 keys at the paper's shape).
+struct Item {
+  int64_t head;
+  int64_t first, count;  // rows order[first .. first + count)
+};
+
 template <typename T>
 void run(const DecodeArgs& a) {
   const int64_t B = a.batch, H = a.heads, D = a.head_dim;
@@ -100,6 +111,7 @@ void run(const DecodeArgs& a) {
   const int64_t max_keys = max_decode_keys(L);
   const float qscale = a.scale * 1.44269504088896341f;  // scores in log2 units
   const bool shared = a.text_k.data != nullptr;
+  constexpr bool kGemm = std::is_same<T, float>::value;
   // key positions of each row (the same for all heads): B * max_keys int64, O(keys) per row
   std::vector<int64_t> key_pos(static_cast<size_t>(B * max_keys));
   std::vector<int64_t> n_keys(B), n_text(B);
@@ -109,73 +121,128 @@ void run(const DecodeArgs& a) {
     n_text[b] = dk.n_text;
     for (int64_t j = 0; j < dk.total(); ++j) key_pos[b * max_keys + j] = dk.position(j);
   }
-  // work items pulled dynamically in chunks of CHUNK_ITEMS (load balance on busy machines)
-  const int64_t n_items = B * H;
+  // rows ordered by (prompt, text keys) when the text caches are shared, cut into items
+  std::vector<int64_t> order(B);
+  for (int64_t b = 0; b < B; ++b) order[b] = b;
+  const bool grouped = shared && kGemm;
+  if (grouped)
+    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+      const int64_t px = a.prompt_index[x], py = a.prompt_index[y];
+      return px != py ? px < py : n_text[x] < n_text[y];
+    });
+  std::vector<Item> items;
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t i = 0; i < B;) {
+      int64_t j = i + 1;
+      if (grouped)
+        while (j < B && j - i < GROUP_ROWS && a.prompt_index[order[j]] == a.prompt_index[order[i]] &&
+               n_text[order[j]] == n_text[order[i]])
+          ++j;
+      items.push_back(Item{h, i, j - i});
+      i = j;
+    }
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  const int64_t m_max = grouped ? GROUP_ROWS : 1;
   const int64_t n_threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_items));
   std::atomic<int64_t> next{0};
   at::parallel_for(0, n_threads, 1, [&](int64_t, int64_t) {
-    std::vector<float> scores(static_cast<size_t>(max_keys));
-    std::vector<float> qf(static_cast<size_t>(D)), acc(static_cast<size_t>(D));
-    std::vector<const T*> krows(static_cast<size_t>(max_keys)), vrows(static_cast<size_t>(max_keys));
+    std::vector<float> scores(static_cast<size_t>(m_max * max_keys));
+    std::vector<float> qf(static_cast<size_t>(m_max * D)), acc(static_cast<size_t>(m_max * D));
+    std::vector<float> sums(static_cast<size_t>(m_max));
+    std::vector<float> qt(grouped ? static_cast<size_t>(D * m_max) : 0);
+    std::vector<float> st(grouped ? static_cast<size_t>(m_max * max_keys) : 0);
     for (;;) {
     const int64_t begin = next.fetch_add(CHUNK_ITEMS, std::memory_order_relaxed);
     if (begin >= n_items) break;
     const int64_t end = std::min(n_items, begin + CHUNK_ITEMS);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t h = item / B, b = item % B;
-      const int64_t pos = a.pos[b * a.pos_stride];
-      const int64_t slot = pos - a.cache_offset;
-      const int64_t row = b * H + h;
-      T* kc = static_cast<T*>(a.k_cache.data) + b * a.k_cache.s0 + h * a.k_cache.s1;
-      T* vc = static_cast<T*>(a.v_cache.data) + b * a.v_cache.s0 + h * a.v_cache.s1;
-      // 1. append the new key/value at pos
-      std::memcpy(kc + slot * a.k_cache.s2, static_cast<const T*>(a.k_new) + row * D, D * sizeof(T));
-      std::memcpy(vc + slot * a.v_cache.s2, static_cast<const T*>(a.v_new) + row * D, D * sizeof(T));
-      const int64_t n = n_keys[b];
-      const int64_t* kp = key_pos.data() + b * max_keys;
-      int64_t j = 0;
+    for (int64_t it = begin; it < end; ++it) {
+      const Item& item = items[it];
+      const int64_t h = item.head, m = item.count;
+      const int64_t b0 = order[item.first];
+      // text keys done by GEMM for the whole item (grouped) or per row below
+      const int64_t gemm_text = grouped ? n_text[b0] : 0;
+      const T* tk0 = nullptr;
+      const T* tv0 = nullptr;
       if (shared) {
-        const int64_t p = a.prompt_index[b];
-        const T* tk = static_cast<const T*>(a.text_k.data) + p * a.text_k.s0 + h * a.text_k.s1;
-        const T* tv = static_cast<const T*>(a.text_v.data) + p * a.text_v.s0 + h * a.text_v.s1;
-        for (; j < n_text[b]; ++j) {
-          krows[j] = tk + j * a.text_k.s2;
-          vrows[j] = tv + j * a.text_v.s2;
+        tk0 = static_cast<const T*>(a.text_k.data) + a.prompt_index[b0] * a.text_k.s0 + h * a.text_k.s1;
+        tv0 = static_cast<const T*>(a.text_v.data) + a.prompt_index[b0] * a.text_v.s0 + h * a.text_v.s1;
+      }
+      // 1. append the new keys/values, scaled queries
+      for (int64_t r = 0; r < m; ++r) {
+        const int64_t b = order[item.first + r];
+        const int64_t slot = a.pos[b * a.pos_stride] - a.cache_offset;
+        const int64_t row = b * H + h;
+        T* kc = static_cast<T*>(a.k_cache.data) + b * a.k_cache.s0 + h * a.k_cache.s1;
+        T* vc = static_cast<T*>(a.v_cache.data) + b * a.v_cache.s0 + h * a.v_cache.s1;
+        std::memcpy(kc + slot * a.k_cache.s2, static_cast<const T*>(a.k_new) + row * D, D * sizeof(T));
+        std::memcpy(vc + slot * a.v_cache.s2, static_cast<const T*>(a.v_new) + row * D, D * sizeof(T));
+        const T* qp = static_cast<const T*>(a.q) + row * D;
+        for (int64_t d = 0; d < D; ++d) qf[r * D + d] = load(qp, d) * qscale;
+      }
+      // 2. text scores of all rows: S^T (nt x m) = K_text Q^T, then S[r, 0:nt]
+      if constexpr (kGemm) {
+        if (gemm_text > 0) {
+          for (int64_t r = 0; r < m; ++r)
+            for (int64_t d = 0; d < D; ++d) qt[d * m + r] = qf[r * D + d];
+          at::native::cpublas::brgemm(gemm_text, m, D, a.text_k.s2, m, m, false, tk0, qt.data(), st.data(),
+                                      /*is_vnni=*/false);
+          for (int64_t j = 0; j < gemm_text; ++j)
+            for (int64_t r = 0; r < m; ++r) scores[r * max_keys + j] = st[j * m + r];
         }
       }
-      for (; j < n; ++j) {
-        const int64_t s = kp[j] - a.cache_offset;
-        krows[j] = kc + s * a.k_cache.s2;
-        vrows[j] = vc + s * a.v_cache.s2;
+      // 3. per row: the other scores (dot products) and the softmax
+      for (int64_t r = 0; r < m; ++r) {
+        const int64_t b = order[item.first + r];
+        T* kc = static_cast<T*>(a.k_cache.data) + b * a.k_cache.s0 + h * a.k_cache.s1;
+        const int64_t n = n_keys[b];
+        const int64_t* kp = key_pos.data() + b * max_keys;
+        float* sc = scores.data() + r * max_keys;
+        int64_t j = gemm_text;
+        if (shared)
+          for (; j < n_text[b]; ++j) sc[j] = dot(qf.data() + r * D, tk0 + j * a.text_k.s2, D);
+        for (; j < n; ++j) sc[j] = dot(qf.data() + r * D, kc + (kp[j] - a.cache_offset) * a.k_cache.s2, D);
+        float mx = -INFINITY;
+        for (j = 0; j < n; ++j) mx = std::max(mx, sc[j]);
+        float sum = 0.f;
+        for (j = 0; j < n; ++j) {
+          const float p = fast_exp2(sc[j] - mx);
+          sc[j] = p;
+          sum += p;
+        }
+        sums[r] = sum;
       }
-      const T* qp = static_cast<const T*>(a.q) + row * D;
-      for (int64_t d = 0; d < D; ++d) qf[d] = load(qp, d) * qscale;
-      // 2. scores
-      float mx = -INFINITY;
-      for (j = 0; j < n; ++j) {
-        const float s = dot(qf.data(), krows[j], D);
-        scores[j] = s;
-        mx = std::max(mx, s);
+      // 4. text part of the output of all rows: O (m x D) = P_text V_text
+      bool acc_set = false;
+      if constexpr (kGemm) {
+        if (gemm_text > 0) {
+          at::native::cpublas::brgemm(m, D, gemm_text, max_keys, a.text_v.s2, D, false, scores.data(), tv0,
+                                      acc.data(), /*is_vnni=*/false);
+          acc_set = true;
+        }
       }
-      float sum = 0.f;
-      for (j = 0; j < n; ++j) {
-        const float p = fast_exp2(scores[j] - mx);
-        scores[j] = p;
-        sum += p;
+      if (!acc_set) std::fill(acc.begin(), acc.begin() + m * D, 0.f);
+      // 5. per row: the other weighted values, normalise, write
+      for (int64_t r = 0; r < m; ++r) {
+        const int64_t b = order[item.first + r];
+        const T* vc = static_cast<const T*>(a.v_cache.data) + b * a.v_cache.s0 + h * a.v_cache.s1;
+        const int64_t n = n_keys[b];
+        const int64_t* kp = key_pos.data() + b * max_keys;
+        const float* sc = scores.data() + r * max_keys;
+        float* ac = acc.data() + r * D;
+        int64_t j = gemm_text;
+        for (; j < n; ++j) {
+          const T* vr = shared && j < n_text[b] ? tv0 + j * a.text_v.s2
+                                                : vc + (kp[j] - a.cache_offset) * a.v_cache.s2;
+          const float p = sc[j];
+          for (int64_t d = 0; d < D; ++d) ac[d] += p * load(vr, d);
+        }
+        float* o = a.out + (b * H + h) * D;
+        const float inv = 1.f / sums[r];
+        for (int64_t d = 0; d < D; ++d) o[d] = ac[d] * inv;
       }
-      // 3. weighted values
-      float* ac = acc.data();
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (j = 0; j < n; ++j) {
-        const T* vr = vrows[j];
-        const float p = scores[j];
-        for (int64_t d = 0; d < D; ++d) ac[d] += p * load(vr, d);
-      }
-      float* o = a.out + row * D;
-      const float inv = 1.f / sum;
-      for (int64_t d = 0; d < D; ++d) o[d] = ac[d] * inv;
     }
     }
+    if (grouped) at::native::cpublas::brgemm_release(false);
   });
 }
 
