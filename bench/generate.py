@@ -51,18 +51,6 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_full(model, text, n, mode, opts, device, repeat=1):
-    """Seconds of one complete generation (best of ``repeat``)."""
-    best = float("inf")
-    for _ in range(repeat):
-        _sync(device)
-        t = time.perf_counter()
-        generate_codes(model, text, n, attention=mode, seed=0, cfg_scale=opts.cfg_scale)
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 @torch.no_grad()
 def time_uncached_sampled(model, text, n, opts, device, steps, repeat):
     """Estimate one complete no-cache generation from ``steps`` steps at evenly spread positions
@@ -244,11 +232,18 @@ def main(argv=None) -> int:
     print(f"# {args.preset}: text {cfg.text_len} + {cfg.image_size}x{cfg.image_size} image tokens, depth {cfg.depth}, "
           f"dim {cfg.dim}, {args.batch} prompt(s) x {args.n}, cfg_scale {args.cfg_scale}, {dtype}, {device}")
     modes = args.modes.split(",")
+    # complete generations of the measured modes run in turn (after one warm-up each), so a change
+    # in the machine's load hits them alike
+    measured = [m for m in modes if args.full or m != "none"]
+
+    def full_run(mode):
+        return lambda: generate_codes(model, text, args.n, attention=mode, seed=0, cfg_scale=opts.cfg_scale)
+
+    full_secs = dict(zip(measured, _best_interleaved([full_run(m) for m in measured], args.repeat, device)))
     for mode in modes:
-        if args.full or mode != "none":
-            time_full(model, text, args.n, mode, opts, device)  # warm-up (lazy inits, tile tables, allocator)
-            secs, first, step = time_full(model, text, args.n, mode, opts, device, args.repeat), None, None
-            how = f"measured, best of {args.repeat}"
+        if mode in full_secs:
+            secs, first, step = full_secs[mode], None, None
+            how = f"measured, best of {args.repeat} (modes interleaved)"
         else:
             secs, first, step = time_uncached_sampled(model, text, args.n, opts, device, args.sample_steps,
                                                       args.repeat)
