@@ -319,7 +319,7 @@ def test_torch_compile_mutates_cache():
     assert torch.equal(out, ref)
     torch.testing.assert_close(kc, kc2, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(vc, vc2, rtol=0, atol=0, equal_nan=True)
-    assert torch.equal(kc[:, :, 4:5][0], qs.new_tensor(ks[0]))
+    assert torch.equal(kc[:, :, 4:5][0], ks[0])
 
 
 # --------------------------------------------------------------------------------- CUDA
