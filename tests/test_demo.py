@@ -35,3 +35,22 @@ def test_demo_rejects_bad_arguments(tmp_path, capsys):
     assert "--candidates" in capsys.readouterr().err
     assert main(["demo", "--out", str(tmp_path), "--dvae-steps", "0"]) == 2
     assert "--dvae-steps" in capsys.readouterr().err
+
+
+def test_demo_dvae_recipe():
+    from dalle_fast.demo import demo_dvae_config
+    cfg = demo_dvae_config(1000, vocab_size=64, n_hid=16)
+    assert cfg.likelihood == "gaussian" and cfg.latent_size == 8 and cfg.vocab_size == 64
+    assert (cfg.n_hid, cfg.n_init, cfg.tau_anneal_steps, cfg.kl_warmup_steps) == (16, 16, 1000, 100)
+
+
+def test_targets_cover_accuracy_reranking_and_time():
+    from dalle_fast.demo import targets
+
+    def acc(first1, reranked16):
+        return {"accuracy": {"1": {"first": first1}, "16": {"reranked": reranked16}}}
+
+    results = {"splits": {"seen": acc(0.5, 0.7), "held-out": acc(0.3, 0.6)}, "timings_s": {"total_s": 1199.0}}
+    assert [met for _, met, _ in targets(results)] == [True, True, True, True]
+    results = {"splits": {"seen": acc(0.7, 0.7), "held-out": acc(0.3, 0.59)}, "timings_s": {"total_s": 1200.0}}
+    assert [met for _, met, _ in targets(results)] == [False, False, True, False]

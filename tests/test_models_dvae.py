@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dalle_fast.models.dvae import DVAE, DVAEConfig, codebook_usage, logit_laplace_nll
+from dalle_fast.models.dvae import DVAE, DVAEConfig, codebook_usage, gaussian_nll, logit_laplace_nll, map_pixels
 
 torch.set_num_threads(1)
 
@@ -20,6 +20,41 @@ def test_presets():
         DVAEConfig.preset("huge")
     with pytest.raises(ValueError, match="image_size"):
         DVAEConfig(image_size=100, group_count=4)
+
+
+def test_demo_preset_and_likelihood_options():
+    demo = DVAEConfig.preset("demo")
+    assert demo.latent_size == 8 and demo.vocab_size == 128 and demo.likelihood == "gaussian"
+    for name in ("paper", "small", "tiny"):  # the paper recipe stays the default elsewhere
+        assert DVAEConfig.preset(name).likelihood == "logit_laplace"
+    assert DVAEConfig().likelihood == "logit_laplace"
+    with pytest.raises(ValueError, match="likelihood"):
+        DVAEConfig(likelihood="mse")
+    with pytest.raises(ValueError, match="gaussian_sigma"):
+        DVAEConfig(gaussian_sigma=0.0)
+
+
+def test_gaussian_nll_is_the_normal_log_density():
+    torch.manual_seed(0)
+    x, mu = map_pixels(torch.rand(2, 3, 4, 4)), torch.randn(2, 3, 4, 4)
+    ref = -torch.distributions.Normal(torch.sigmoid(mu), 0.1).log_prob(x)
+    torch.testing.assert_close(gaussian_nll(x, mu, 0.1), ref)
+
+
+@pytest.mark.parametrize("likelihood", ["logit_laplace", "gaussian"])
+def test_forward_recon_uses_the_configured_likelihood(likelihood):
+    torch.manual_seed(0)
+    m = DVAE(DVAEConfig.preset("demo", likelihood=likelihood))
+    x = torch.rand(2, 3, 32, 32)
+    torch.manual_seed(1)
+    out = m(x, step=5)
+    torch.manual_seed(1)  # same gumbel noise
+    tau, _ = m.schedule(5)
+    stats = m.decoder(torch.nn.functional.gumbel_softmax(m.logits(x), tau=tau, dim=1))
+    mx = map_pixels(x)
+    nll = (gaussian_nll(mx, stats[:, :3], 0.1) if likelihood == "gaussian"
+           else logit_laplace_nll(mx, stats[:, :3], stats[:, 3:]))
+    torch.testing.assert_close(out["recon"], nll.mean())
 
 
 def test_encode_decode_shapes():
