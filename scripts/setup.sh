@@ -8,7 +8,7 @@
 # MAX_JOBS (parallel compile jobs), DALLE_FAST_SKIP_CUDA=1 (CPU only).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="${1:-$root/.venv}"
+venv="$(realpath -m "${1:-$root/.venv}")"  # absolute: used after cd below
 python="${PYTHON:-python3}"
 
 if [ ! -x "$venv/bin/python" ]; then

@@ -14,6 +14,7 @@
 
 #include "common/decode_index.h"
 #include "cpu/decode.h"
+#include "cpu/simd.h"
 
 namespace dalle_fast {
 namespace cpu {
@@ -201,9 +202,9 @@ void run(const DecodeArgs& a) {
         if (shared)
           for (; j < n_text[b]; ++j) sc[j] = dot(qf.data() + r * D, tk0 + j * a.text_k.s2, D);
         for (; j < n; ++j) sc[j] = dot(qf.data() + r * D, kc + (kp[j] - a.cache_offset) * a.k_cache.s2, D);
-        float mx = -INFINITY;
-        for (j = 0; j < n; ++j) mx = std::max(mx, sc[j]);
+        const float mx = max_of(sc, n);
         float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
         for (j = 0; j < n; ++j) {
           const float p = fast_exp2(sc[j] - mx);
           sc[j] = p;

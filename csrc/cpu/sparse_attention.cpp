@@ -11,6 +11,7 @@
 // passes. All GEMMs are row-major C (+)= A B through ATen's brgemm (oneDNN micro-kernels, with a
 // BLAS fallback), which is why the caller passes transposed copies where a GEMM needs X^T.
 #include "cpu/sparse_attention.h"
+#include "cpu/simd.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -195,9 +196,7 @@ void fwd_query_tile(const Schedule& s, const AttnProblem& p, const float* q, con
     // online softmax over this run
     for (int64_t r = 0; r < mq; ++r) {
       float* sr = Sp + r * klen;
-      float mx = NEG_INF;  // of the unscaled scores: scale > 0 keeps the order
-#pragma omp simd reduction(max : mx)
-      for (int64_t c = 0; c < klen; ++c) mx = std::max(mx, sr[c]);
+      const float mx = max_of(sr, klen);  // of the unscaled scores: scale > 0 keeps the order
       if (mx == NEG_INF) {  // nothing allowed for this row in this run
         std::fill(sr, sr + klen, 0.f);
         continue;
