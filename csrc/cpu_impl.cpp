@@ -15,10 +15,6 @@
 namespace dalle_fast {
 namespace {
 
-// Tile sizes of the CPU kernels: 64 queries x 32 keys wastes little on row/column masks
-// (S = 32) while keeping the GEMMs large enough for the BLAS.
-constexpr int64_t CPU_BM = 64;
-constexpr int64_t CPU_BN = 32;
 constexpr int64_t CPU_MAX_HEAD_DIM = 256;
 
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const LayoutParams& L) {
@@ -57,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(const at::Tensor& q,
   check_qkv(q, k, v, L);
   TORCH_CHECK(scale > 0, "dalle_fast.sparse_attention: scale must be positive, got ", scale);
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
-  auto sched = cpu::get_schedule(L, N, CPU_BM, CPU_BN);
+  auto sched = cpu::get_schedule(L, N, cpu::TILE_M, cpu::TILE_N);
   // float32, contiguous, sequence order: the kernel handles the permutation itself
   const at::Tensor qc = f32(q), kc = f32(k), vc = f32(v);
   at::Tensor out = at::empty({B, H, N, D}, q.options().dtype(at::kFloat));
@@ -90,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
                 "(batch, heads, seq), got ", grad_lse->sizes());
     glse = f32(*grad_lse);
   }
-  auto sched = cpu::get_schedule(L, N, CPU_BM, CPU_BN);
+  auto sched = cpu::get_schedule(L, N, cpu::TILE_M, cpu::TILE_N);
   // float32, contiguous, sequence order (no copies for float32 contiguous inputs): the kernel does
   // the permutation, scaling, transposes and delta itself, per head
   const at::Tensor qc = f32(q), kc = f32(k), vc = f32(v), gc = f32(grad_out), oc = f32(out), lc = f32(lse);

@@ -26,19 +26,20 @@ __all__ = ["sparse_attention", "decode_attention", "sample", "BACKENDS", "resolv
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 CPU_MAX_HEAD_DIM = 256
-#: (query, key) tile sizes each block-sparse backend computes with (csrc/cpu_impl.cpp for cpu);
-#: the triton backend sets its entry when it loads.
-TILE_SIZES: Dict[str, tuple] = {"cpu": (64, 32)}
+#: (query, key) tile sizes each block-sparse backend computes with (cpu: read from the extension
+#: below); the triton backend sets its entry when it loads.
+TILE_SIZES: Dict[str, tuple] = {}
 
 
 def _load_extension():
     try:
-        from . import _C  # noqa: F401  (registers the ops with the dispatcher)
+        from . import _C  # registers the ops with the dispatcher
     except ImportError as e:  # pragma: no cover - only without a build
         raise ImportError(
             "dalle_fast._C is not built: install dalle_fast with `pip install --no-build-isolation .` "
             f"(or `python setup.py build_ext --inplace` for development). Original error: {e}"
         ) from e
+    TILE_SIZES["cpu"] = (_C.CPU_TILE_M, _C.CPU_TILE_N)
 
 
 _load_extension()

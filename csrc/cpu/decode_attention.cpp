@@ -61,24 +61,6 @@ inline float load<BF16>(const BF16* p, int64_t i) { return bf16_to_float(p[i].x)
 template <>
 inline float load<F16>(const F16* p, int64_t i) { return f16_to_float(p[i].x); }
 
-// 2^x for x <= 0, degree-6 polynomial (relative error < 3e-7), vectorisable; ~0 below -126.
-inline float fast_exp2(float x) {
-  x = std::max(x, -126.0f);
-  const float r = std::nearbyint(x);
-  const float f = x - r;
-  float p = 1.5403530393381608e-4f;
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(r) + 127) << 23;
-  float s;
-  std::memcpy(&s, &bits, 4);
-  return p * s;
-}
-
 constexpr int64_t CHUNK_ITEMS = 4;  // work items taken at once
 constexpr int64_t LANES = 16;  // independent accumulators: lets the compiler vectorise the dot
 constexpr int64_t GROUP_ROWS = 32;  // rows per work item that share one prompt's text caches
@@ -110,7 +92,7 @@ void run(const DecodeArgs& a) {
   const int64_t B = a.batch, H = a.heads, D = a.head_dim;
   const LayoutParams& L = a.layout;
   const int64_t max_keys = max_decode_keys(L);
-  const float qscale = a.scale * 1.44269504088896341f;  // scores in log2 units
+  const float qscale = a.scale * LOG2E;  // scores in log2 units
   const bool shared = a.text_k.data != nullptr;
   constexpr bool kGemm = std::is_same<T, float>::value;
   // key positions of each row (the same for all heads): B * max_keys int64, O(keys) per row
@@ -202,15 +184,7 @@ void run(const DecodeArgs& a) {
         if (shared)
           for (; j < n_text[b]; ++j) sc[j] = dot(qf.data() + r * D, tk0 + j * a.text_k.s2, D);
         for (; j < n; ++j) sc[j] = dot(qf.data() + r * D, kc + (kp[j] - a.cache_offset) * a.k_cache.s2, D);
-        const float mx = max_of(sc, n);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (j = 0; j < n; ++j) {
-          const float p = fast_exp2(sc[j] - mx);
-          sc[j] = p;
-          sum += p;
-        }
-        sums[r] = sum;
+        sums[r] = exp2_sum(sc, n, 1.f, max_of(sc, n));
       }
       // 4. text part of the output of all rows: O (m x D) = P_text V_text
       bool acc_set = false;

@@ -36,27 +36,6 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
   at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
 }
 
-// exp(x): 2^(x log2 e) split into 2^round * 2^frac, degree-6 Taylor polynomial for 2^frac
-// (|frac| <= 1/2, relative error < 2e-7). Vectorises (omp simd). Inputs below -87 flush to ~0.
-#pragma omp declare simd
-inline float fast_exp(float x) {
-  x = std::max(x, -87.0f);
-  const float t = x * 1.44269504088896341f;
-  const float r = std::nearbyint(t);
-  const float f = (t - r) * 0.69314718055994531f;  // in [-ln2/2, ln2/2]
-  float p = 1.0f / 720.0f;
-  p = p * f + 1.0f / 120.0f;
-  p = p * f + 1.0f / 24.0f;
-  p = p * f + 1.0f / 6.0f;
-  p = p * f + 0.5f;
-  p = p * f + 1.0f;
-  p = p * f + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(r) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(float));
-  return p * scale;
-}
-
 // A maximal run of consecutive tiles from a tile list.
 struct Run {
   int64_t first;  // index into the TileRef list
@@ -202,14 +181,8 @@ void fwd_query_tile(const Schedule& s, const AttnProblem& p, const float* q, con
         continue;
       }
       const float mnew = std::max(m[r], mx * scale);
-      const float alpha = m[r] == NEG_INF ? 0.f : fast_exp(m[r] - mnew);
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < klen; ++c) {
-        const float e = sr[c] == NEG_INF ? 0.f : fast_exp(sr[c] * scale - mnew);
-        sr[c] = e;
-        sum += e;
-      }
+      const float alpha = m[r] == NEG_INF ? 0.f : fast_exp2((m[r] - mnew) * LOG2E);
+      const float sum = exp2_sum(sr, klen, scale * LOG2E, mnew * LOG2E);  // exp(scale * s - mnew)
       l[r] = l[r] * alpha + sum;
       m[r] = mnew;
       if (alpha != 1.f) {
@@ -269,7 +242,7 @@ inline void softmax_grad(float* S, float* dP, int64_t rows, int64_t cols, const 
     if (KEY_MAJOR) {
 #pragma omp simd
       for (int64_t c = 0; c < cols; ++c) {
-        const float pe = sr[c] == NEG_INF ? 0.f : fast_exp(sr[c] - lse[c]);
+        const float pe = sr[c] == NEG_INF ? 0.f : fast_exp2((sr[c] - lse[c]) * LOG2E);
         sr[c] = pe;
         dr[c] = pe * (dr[c] - delta[c]);
       }
@@ -277,7 +250,7 @@ inline void softmax_grad(float* S, float* dP, int64_t rows, int64_t cols, const 
       const float lr = lse[r], dl = delta[r];
 #pragma omp simd
       for (int64_t c = 0; c < cols; ++c) {
-        const float pe = sr[c] == NEG_INF ? 0.f : fast_exp(sr[c] - lr);
+        const float pe = sr[c] == NEG_INF ? 0.f : fast_exp2((sr[c] - lr) * LOG2E);
         sr[c] = pe;
         dr[c] = pe * (dr[c] - dl);
       }
