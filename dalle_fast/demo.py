@@ -37,8 +37,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-shapes", type=int, choices=[1, 2], default=1,
                    help="shapes per scene: 1 (colour, shape, size, grid position) or 2 (two shapes in a relation)")
     p.add_argument("--dataset-size", type=int, default=20_000, help="training scenes")
-    p.add_argument("--dvae-steps", type=int, default=1200)
-    p.add_argument("--clip-steps", type=int, default=1000)
+    p.add_argument("--dvae-steps", type=int, default=1800)
+    p.add_argument("--clip-steps", type=int, default=5000)
     p.add_argument("--dalle-steps", type=int, default=800)
     p.add_argument("--batch-size", type=int, default=64, help="batch size of CLIP and transformer training")
     p.add_argument("--dvae-batch-size", type=int, default=32)
@@ -47,7 +47,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dvae-hidden", type=int, default=32, help="dVAE width n_hid (multiple of 4)")
     p.add_argument("--dim", type=int, default=192, help="transformer width")
     p.add_argument("--depth", type=int, default=4, help="transformer layers (paper schedule of row/col/conv masks)")
-    p.add_argument("--captions", type=int, default=24, help="evaluation captions per split (seen, held-out)")
+    p.add_argument("--captions", type=int, default=48,
+                   help="evaluation captions per split (seen, held-out; 54 distinct held-out ones by default)")
     p.add_argument("--candidates", type=int, default=16, help="images per caption (a multiple of 16)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: off)")

@@ -52,7 +52,7 @@ def test_forward_recon_uses_the_configured_likelihood(likelihood):
     tau, _ = m.schedule(5)
     stats = m.decoder(torch.nn.functional.gumbel_softmax(m.logits(x), tau=tau, dim=1))
     mx = map_pixels(x)
-    nll = (gaussian_nll(mx, stats[:, :3], 0.1) if likelihood == "gaussian"
+    nll = (gaussian_nll(mx, stats[:, :3], m.config.gaussian_sigma) if likelihood == "gaussian"
            else logit_laplace_nll(mx, stats[:, :3], stats[:, 3:]))
     torch.testing.assert_close(out["recon"], nll.mean())
 
