@@ -34,6 +34,30 @@ def test_demo_preset_and_likelihood_options():
         DVAEConfig(gaussian_sigma=0.0)
 
 
+def test_diversity_term_is_the_entropy_deficit_of_the_mean_posterior():
+    import math
+    assert DVAEConfig.preset("demo").diversity_weight > 0
+    assert all(DVAEConfig.preset(n).diversity_weight == 0 for n in ("paper", "small", "tiny"))
+    with pytest.raises(ValueError, match="diversity_weight"):
+        DVAEConfig(diversity_weight=-1.0)
+    torch.manual_seed(0)
+    m = DVAE(DVAEConfig.preset("demo", diversity_weight=0.0))
+    x = torch.rand(3, 3, 32, 32)
+    q_bar = torch.softmax(m.logits(x).double(), 1).mean((0, 2, 3))
+    want = math.log(128) + (q_bar * q_bar.log()).sum()
+    torch.manual_seed(1)
+    off = m(x, step=5)
+    torch.testing.assert_close(off["diversity"].double(), want, rtol=1e-4, atol=1e-6)
+    m.config = DVAEConfig.preset("demo", diversity_weight=2.0)
+    torch.manual_seed(1)  # same gumbel noise: the loss differs by exactly the weighted term
+    on = m(x, step=5)
+    torch.testing.assert_close(on["loss"], off["loss"] + 2.0 * off["diversity"])
+    # one code everywhere: the deficit is log K
+    with torch.no_grad():
+        m.encoder.blocks.output.conv.bias.zero_()[7] = 1e4
+    assert abs(m(x, step=5)["diversity"].item() - math.log(128)) < 1e-3
+
+
 def test_gaussian_nll_is_the_normal_log_density():
     torch.manual_seed(0)
     x, mu = map_pixels(torch.rand(2, 3, 4, 4)), torch.randn(2, 3, 4, 4)

@@ -96,6 +96,10 @@ class DVAEConfig:
     # on the mapped pixels; the decoder's log-scale channels are then unused)
     likelihood: str = "logit_laplace"
     gaussian_sigma: float = 0.1
+    # codebook diversity penalty (wav2vec 2.0, Baevski et al. 2020): ``diversity_weight * (log K - H(q_bar))``
+    # with ``q_bar`` the encoder's softmax averaged over the batch and the latent grid. 0 (off) in the
+    # paper presets; the demo preset needs it to avoid a seed-dependent collapse onto one code.
+    diversity_weight: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("image_size", "channels", "vocab_size", "n_hid", "n_init", "n_blk_per_group", "group_count"):
@@ -117,6 +121,8 @@ class DVAEConfig:
             raise ValueError(f"gaussian_sigma must be > 0, got {self.gaussian_sigma}")
         if self.kl_weight < 0:
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
+        if self.diversity_weight < 0:
+            raise ValueError(f"diversity_weight must be >= 0, got {self.diversity_weight}")
 
     @property
     def latent_size(self) -> int:
@@ -147,8 +153,13 @@ DVAE_PRESETS: dict[str, DVAEConfig] = {
     # sigma 0.05 instead of 0.1 (4x the reconstruction weight against the KL) sharpens corners:
     # round trips of 400 held-out scenes passing the scorer after 1200 steps, 46% -> 64% (seen 74% ->
     # 81%); a fixed-scale Laplace (L1) collapsed to one code at b = 0.1 and 0.03.
+    # diversity_weight 1: without it the encoder's logits of some seeds (seed 1 of the demo) blow up
+    # within the first 25-50 steps onto one code for every cell (logit gap > 100, KL = log K, zero
+    # gradient) and never recover; seed 0 escaped only after ~200 steps. Lower lr (1e-3), longer
+    # warmup, the full KL weight from step 0 or sigma annealed from 0.2 did not prevent it.
     "demo": DVAEConfig(image_size=32, vocab_size=128, n_hid=32, n_init=32, n_blk_per_group=1, group_count=3,
-                       tau_anneal_steps=1_800, kl_warmup_steps=180, likelihood="gaussian", gaussian_sigma=0.05),
+                       tau_anneal_steps=1_800, kl_warmup_steps=180, likelihood="gaussian", gaussian_sigma=0.05,
+                       diversity_weight=1.0),
 }
 
 
@@ -326,7 +337,8 @@ class DVAE(nn.Module):
 
         images (B, C, H, W) in [0, 1]. Returns a dict of scalars: ``loss`` (to minimise), ``recon``
         (NLL of the configured likelihood per dimension), ``kl`` (KL to the uniform prior per latent cell),
-        ``tau``, ``beta`` and codebook usage (``perplexity``, ``codes_used``) of the argmax codes.
+        ``diversity`` (``log K`` minus the entropy of the batch-mean posterior; added to the loss times
+        ``diversity_weight``), ``tau``, ``beta`` and codebook usage (``perplexity``, ``codes_used``) of the argmax codes.
         """
         logits = self.logits(images)  # (B, K, s, s)
         tau, beta = self.schedule(step)
@@ -344,11 +356,17 @@ class DVAE(nn.Module):
         recon_per_image = recon.flatten(1).sum(1)
         kl_per_image = kl.flatten(1).sum(1)
         loss = ((recon_per_image + beta * kl_per_image) / dims).mean()
+        # entropy of the batch-mean posterior: its deficit from log K is large when every cell picks one code
+        q_bar = log_q.exp().mean(dim=(0, 2, 3))
+        diversity = math.log(self.config.vocab_size) + (q_bar * q_bar.clamp_min(1e-12).log()).sum()
+        if self.config.diversity_weight:
+            loss = loss + self.config.diversity_weight * diversity
         usage = codebook_usage(logits.detach().argmax(1), self.config.vocab_size)
         return {
             "loss": loss,
             "recon": recon_per_image.mean().detach() / dims,
             "kl": kl.mean().detach(),
+            "diversity": diversity.detach(),
             "tau": torch.tensor(tau),
             "beta": torch.tensor(beta),
             "perplexity": torch.tensor(usage["perplexity"]),
