@@ -25,6 +25,7 @@ from pathlib import Path
 
 DEFAULT_HOLDOUT = ("red triangle", "green square", "blue circle")
 N_VALUES = (1, 4, 16)
+MAX_CAPTIONS = 54  # default evaluation captions per split (all 54 held-out ones of the default hold-out)
 TIME_TARGET_S = 20 * 60  # issue 6: the whole demo in under 20 minutes on a 2-core CPU
 
 
@@ -39,7 +40,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset-size", type=int, default=20_000, help="training scenes")
     p.add_argument("--dvae-steps", type=int, default=1800)
     p.add_argument("--clip-steps", type=int, default=5000)
-    p.add_argument("--dalle-steps", type=int, default=800)
+    p.add_argument("--dalle-steps", type=int, default=1200)
     p.add_argument("--batch-size", type=int, default=64, help="batch size of CLIP and transformer training")
     p.add_argument("--dvae-batch-size", type=int, default=32)
     p.add_argument("--dvae-lr", type=float, default=3e-3, help="dVAE peak learning rate")
@@ -47,11 +48,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dvae-hidden", type=int, default=32, help="dVAE width n_hid (multiple of 4)")
     p.add_argument("--dim", type=int, default=192, help="transformer width")
     p.add_argument("--depth", type=int, default=4, help="transformer layers (paper schedule of row/col/conv masks)")
-    p.add_argument("--captions", type=int, default=48,
-                   help="evaluation captions per split (seen, held-out; 54 distinct held-out ones by default)")
-    p.add_argument("--candidates", type=int, default=16, help="images per caption (a multiple of 16)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: off)")
+    p.add_argument("--captions", type=int, default=None,
+                   help=f"evaluation captions per split (default: every held-out caption, at most {MAX_CAPTIONS}; "
+                        "54 with the default hold-out)")
+    p.add_argument("--candidates", type=int, default=32,
+                   help="images per caption (a multiple of 16; 32 = two groups of 16 per caption)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
+    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1: off)")
     p.add_argument("--device", default="cpu", help="e.g. cpu, cuda")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default); 1 is faster on a CPU shared with other jobs")
@@ -69,6 +72,8 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("dataset_size", "dvae_steps", "clip_steps", "dalle_steps", "batch_size", "dvae_batch_size",
                  "dvae_vocab", "dvae_hidden", "dim", "depth", "captions", "candidates"):
         value = getattr(args, name)
+        if name == "captions" and value is None:
+            continue
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {value}")
     if not args.dvae_lr > 0:
@@ -114,14 +119,15 @@ def machine_description() -> dict:
     return info
 
 
-def distinct_captions(dataset, count: int) -> list[str]:
-    """The first ``count`` distinct captions of ``dataset`` in index order."""
+def distinct_captions(dataset, count: int, allow_fewer: bool = False) -> list[str]:
+    """The first ``count`` distinct captions of ``dataset`` in index order (all of them, if it holds
+    fewer and ``allow_fewer``)."""
     seen: dict[str, None] = {}
     for i in range(len(dataset)):
         seen.setdefault(dataset.scene(i).caption, None)
         if len(seen) == count:
             break
-    if len(seen) < count:
+    if len(seen) < count and not allow_fewer:
         raise ValueError(f"the dataset holds only {len(seen)} distinct captions, fewer than --captions {count}")
     return list(seen)
 
@@ -225,11 +231,13 @@ def run_demo(args: argparse.Namespace) -> dict:
     train_set = ShapesDataset(size=size, length=args.dataset_size, seed=args.seed, holdout=holdout,
                               max_shapes=args.max_shapes)
     # evaluation captions: held-out combinations, and seen ones from a fresh draw of the training split
-    eval_len = max(2000, 20 * args.captions)
+    n_captions = MAX_CAPTIONS if args.captions is None else args.captions
+    eval_len = max(2000, 20 * n_captions)
     heldout_captions = distinct_captions(
-        ShapesDataset(size, eval_len, args.seed + 1, holdout, "heldout", args.max_shapes), args.captions)
+        ShapesDataset(size, eval_len, args.seed + 1, holdout, "heldout", args.max_shapes), n_captions,
+        allow_fewer=args.captions is None)
     seen_captions = distinct_captions(ShapesDataset(size, eval_len, args.seed + 1, holdout, "train", args.max_shapes),
-                                      args.captions)
+                                      len(heldout_captions))
 
     # 1. dVAE
     t = time.perf_counter()
@@ -334,7 +342,7 @@ def run_demo(args: argparse.Namespace) -> dict:
                      "clip_steps": args.clip_steps, "dalle_steps": args.dalle_steps, "batch_size": args.batch_size,
                      "dim": args.dim, "depth": args.depth, "layer_kinds": list(dalle_cfg.layer_kinds()),
                      "text_len": dalle_cfg.text_len, "text_vocab": dalle_cfg.text_vocab,
-                     "candidates": args.candidates, "captions_per_split": args.captions,
+                     "candidates": args.candidates, "captions_per_split": len(heldout_captions),
                      "temperature": args.temperature, "cfg_scale": args.cfg_scale, "device": args.device},
         "final_losses": {"dvae": dvae_tr.history[-1].get("loss") if dvae_tr.history else None,
                          "clip": clip_tr.history[-1].get("loss") if clip_tr.history else None,
