@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One command from a fresh clone: set up .venv (torch + an editable build of dalle_fast, rebuilt
-# when the C++/CUDA sources change) and run the benchmark or the tests.
+# when the C++/CUDA sources change) and run the benchmark, the tests or the demo.
 #
 #   bash scripts/run.sh bench [bench/attention.py options]    CPU defaults when there is no GPU
 #   bash scripts/run.sh test  [pytest options]
+#   bash scripts/run.sh demo  [dalle-fast demo options]     e.g. --out demo (about 15 min on 2 cores)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -20,5 +21,6 @@ shift || true
 case "$cmd" in
   bench) exec "$venv/bin/python" bench/attention.py "$@" ;;
   test) exec "$venv/bin/python" -m pytest tests -q "$@" ;;
-  *) echo "usage: bash scripts/run.sh bench|test [options]" >&2; exit 2 ;;
+  demo) exec "$venv/bin/dalle-fast" demo "$@" ;;
+  *) echo "usage: bash scripts/run.sh bench|test|demo [options]" >&2; exit 2 ;;
 esac
