@@ -351,13 +351,14 @@ class DVAE(nn.Module):
         else:
             recon = logit_laplace_nll(x, stats[:, :c].float(), stats[:, c:].float())
         log_q = F.log_softmax(logits.float(), dim=1)
-        kl = (log_q.exp() * log_q).sum(dim=1) + math.log(self.config.vocab_size)  # (B, s, s)
+        q = log_q.exp()
+        kl = (q * log_q).sum(dim=1) + math.log(self.config.vocab_size)  # (B, s, s)
         dims = images[0].numel()
         recon_per_image = recon.flatten(1).sum(1)
         kl_per_image = kl.flatten(1).sum(1)
         loss = ((recon_per_image + beta * kl_per_image) / dims).mean()
         # entropy of the batch-mean posterior: its deficit from log K is large when every cell picks one code
-        q_bar = log_q.exp().mean(dim=(0, 2, 3))
+        q_bar = q.mean(dim=(0, 2, 3))
         diversity = math.log(self.config.vocab_size) + (q_bar * q_bar.clamp_min(1e-12).log()).sum()
         if self.config.diversity_weight:
             loss = loss + self.config.diversity_weight * diversity
