@@ -18,6 +18,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode  # noqa: E501
 
 from .masks import KINDS, Layout
 
@@ -95,8 +96,46 @@ def _register_autograd():
                                 torch.ops.dalle_fast.triton_sparse_attention_bwd)
 
 
+class _EagerSparseAttention(torch.autograd.Function):
+    """Eager autograd of the Triton kernels without the dispatcher round trips of the custom ops
+    (the same kernels and launch plans; the ops remain what torch.compile, fake tensors, dispatch
+    modes and functorch transforms see)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout, scale):
+        out, lse = kernels().attention_forward(q, k, v, layout, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.scale = layout, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = kernels().attention_backward(grad_out, q, k, v, out, lse, ctx.layout, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def _plain_eager(*tensors: Tensor) -> bool:
+    """True when nothing but eager autograd can observe the call: plain tensors, no torch.compile
+    tracing, no dispatch mode (fake tensors, FlopCounter, ...), no functorch transform."""
+    if torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if type(t) is not Tensor:
+            return False
+    return _current_dispatch_mode() is None and not torch._C._are_functorch_transforms_active()
+
+
 def triton_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Layout, scale: float) -> Tensor:
-    """Backend ``triton`` of :func:`dalle_fast.sparse_attention` (arguments already checked there)."""
-    check_static(q)  # the op re-checks everything (device included) in its implementation
+    """Backend ``triton`` of :func:`dalle_fast.sparse_attention` (arguments already checked there).
+
+    Plain eager calls launch the kernels directly (inference) or through a ``torch.autograd.Function``
+    (training); everything else (torch.compile, fake tensors, dispatch modes, functorch) goes
+    through the registered custom ops."""
+    check_static(q)  # the kernels re-check everything (device included) when they plan a problem
+    if _plain_eager(q, k, v):
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return _EagerSparseAttention.apply(q, k, v, layout, scale)
+        return kernels().attention_forward(q, k, v, layout, scale)[0]
     out, _ = torch.ops.dalle_fast.triton_sparse_attention_fwd(q, k, v, *layout.params(), scale)
     return out

@@ -42,6 +42,7 @@ __all__ = [
     "attention_forward",
     "attention_backward",
     "prepare_tables",
+    "clear_caches",
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -98,9 +99,11 @@ def _default_configs(head_dim: int, dtype: torch.dtype):
     if dtype == torch.float32:  # IEEE fp32 dots run on FMA units: small tiles (also compile faster)
         w = 8 if head_dim == 128 else 4
         return TileConfig(32, 32, w, 2), TileConfig(32, 32, w, 2), TileConfig(32, 32, w, 2)
+    # dK/dV with 8 warps: at 4 warps the 32 x 128 tile spills registers on sm_90a for head_dim 64
+    # and 128, as does 64 x 128 x 8 x 2 for 128 (bench/kernel_resources.py, Triton 3.8)
     if head_dim == 128:
-        return TileConfig(128, 64, 8, 3), TileConfig(64, 128, 8, 2), TileConfig(128, 32, 8, 3)
-    return TileConfig(128, 64, 4, 3), TileConfig(32, 128, 4, 3), TileConfig(128, 32, 4, 3)
+        return TileConfig(128, 64, 8, 3), TileConfig(32, 128, 8, 3), TileConfig(128, 32, 8, 3)
+    return TileConfig(128, 64, 4, 3), TileConfig(32, 128, 8, 3), TileConfig(128, 32, 4, 3)
 
 
 def _all_tiles():
@@ -448,10 +451,19 @@ _BEST: dict = {}  # (kernel, N, T, S, KIND, HEAD_DIM, dtype) -> TileConfig
 
 
 def _tune(name, launch, key):
-    """Times ``launch(config)`` for every candidate of kernel ``name`` (configs that do not fit the
-    GPU are skipped) and caches the fastest under ``key``."""
-    best, best_ms = None, float("inf")
+    """Times ``launch(config)`` for every candidate of kernel ``name`` and caches the fastest under
+    ``key``. Configurations that do not fit the GPU are skipped, and so are those whose compiled
+    kernel spills registers (``n_spills`` of Triton's compiled kernel, read after the first launch)
+    unless every candidate spills."""
+    fitting, spilling = [], []
     for cfg in _CANDIDATES[name]:
+        try:
+            compiled = launch(cfg)  # compiles (once per configuration) and loads
+        except OutOfResources:
+            continue
+        (spilling if getattr(compiled, "n_spills", 0) else fitting).append(cfg)
+    best, best_ms = None, float("inf")
+    for cfg in fitting or spilling:
         try:
             ms = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20)
         except OutOfResources:
@@ -518,50 +530,183 @@ def _layout_args(layout: Layout):
     return dict(T=T, S=S, KS=KS, DIL=DIL, KIND=kind)
 
 
-def _launch(name, config, grid_rows, B, H, args, consts, dtype, device):
-    """Launches kernel ``name`` (fwd, dkdv, dq) with ``config``, or when ``config`` is None with the
-    configuration tuned for this problem (tuning on first use; the default one while a CUDA graph
-    is being captured, where timing is impossible). Returns the configuration used."""
-    kernel = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}[name]
+_KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "pre": _attn_bwd_preprocess}
+
+
+class _Launch(NamedTuple):
+    """Everything of one kernel launch but its tensors: built once per problem (see _plan)."""
+
+    kernel: str
+    grid: tuple
+    meta: dict  # layout constants, BLOCK_M/BLOCK_N, num_warps/num_stages
+    config: TileConfig
+
+
+def _select(name, config, grid_rows, B, H, args, consts, dtype, device):
+    """The configuration of kernel ``name`` for this problem: ``config`` if given; else the tuned one
+    (tuning on first use, by launching on ``args``; the default while a CUDA graph is being
+    captured, where timing is impossible). Returns ``(config, final)``: ``final`` is False only for
+    that capture-time default, which must not be cached."""
+    if config is not None:
+        if (config.block_m, config.block_n) not in TILES:
+            raise ValueError(f"config {config}: tile {config.block_m} x {config.block_n} is not one of the "
+                             f"packed tile shapes {TILES}")
+        return config, True
+    key = (name, grid_rows, _bh_bucket(B * H), consts["T"], consts["S"], consts["KIND"], consts["HEAD_DIM"], dtype)
+    best = _BEST.get(key)
+    if best is not None:
+        return best, True
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return _default_configs(consts["HEAD_DIM"], dtype)[("fwd", "dkdv", "dq").index(name)], False
 
     def launch(cfg):
-        tile = cfg.block_n if name == "dkdv" else cfg.block_m
-        kernel[(triton.cdiv(grid_rows, tile), B * H)](
-            *args, **consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return _run(_make_launch(name, cfg, grid_rows, B, H, consts), args)
 
-    if config is not None and (config.block_m, config.block_n) not in TILES:
-        raise ValueError(f"config {config}: tile {config.block_m} x {config.block_n} is not one of the packed "
-                         f"tile shapes {TILES}")
-    if config is None:
-        key = (name, grid_rows, consts["T"], consts["S"], consts["KIND"], consts["HEAD_DIM"], dtype)
-        config = _BEST.get(key)
-        if config is None:
-            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                config = _default_configs(consts["HEAD_DIM"], dtype)[("fwd", "dkdv", "dq").index(name)]
-            else:
-                config = _tune(name, launch, key)
-    launch(config)
-    return config
+    return _tune(name, launch, key), True
+
+
+def _bh_bucket(bh: int) -> int:
+    """batch * heads rounded up to a power of two: the tuning key's grid size (how many waves)."""
+    return 1 << max(bh - 1, 0).bit_length()
+
+
+def _make_launch(name, cfg, grid_rows, B, H, consts) -> _Launch:
+    tile = cfg.block_n if name == "dkdv" else cfg.block_m
+    meta = dict(consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
+    return _Launch(name, (triton.cdiv(grid_rows, tile), B * H), meta, cfg)
+
+
+def _run(launch: _Launch, args):
+    """Launches; returns what Triton's launch returns (the compiled kernel on a GPU)."""
+    return _KERNELS[launch.kernel][launch.grid](*args, **launch.meta)
+
+
+# Launch plans per problem: (kind of call, layout, scale, configs asked for, shapes, dtypes, devices,
+# strides) -> what check_inputs accepted, the tables and the launches. A cached call does one dict
+# lookup, allocates its outputs and launches: no checks, table lookups or tuning-key building.
+_PLANS: dict = {}
+
+
+_MAX_PLANS = 4096
+
+
+def _problem_key(what, layout, scale, config, tensors):
+    auto = config is None and _autotune_enabled(tensors[1].dtype)
+    return (what, layout, scale, config, auto) + tuple((t.shape, t.dtype, t.device, t.stride()) for t in tensors)
+
+
+def _remember(key, plan) -> None:
+    if len(_PLANS) >= _MAX_PLANS:  # a long run over ever new shapes or strides: start over
+        _PLANS.clear()
+    _PLANS[key] = plan
+
+
+def clear_caches() -> None:
+    """Forget the tuned configurations, launch plans and device tables (tests; a changed GPU)."""
+    _BEST.clear()
+    _PLANS.clear()
+    _TABLES.clear()
+
+
+class _FwdPlan(NamedTuple):
+    perm: torch.Tensor
+    tables: torch.Tensor
+    launch: _Launch
+
+
+def _fwd_plan(q, k, v, layout, scale, config):
+    check_inputs(q, k, v, layout)
+    B, H, N, D = q.shape
+    perm, tables, permuted = prepare_tables(layout, N, q.device)
+    if config is None and not _autotune_enabled(q.dtype):
+        config = _default_configs(D, q.dtype)[0]
+    consts = dict(H=H, N=N, qk_scale=scale * LOG2E, PERMUTED=permuted, HEAD_DIM=D,
+                  IEEE=q.dtype == torch.float32, **_layout_args(layout))
+    out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    cfg, final = _select("fwd", config, N, B, H, _fwd_args(q, k, v, out, lse, perm, tables), consts, q.dtype,
+                         q.device)
+    return _FwdPlan(perm, tables, _make_launch("fwd", cfg, N, B, H, consts)), final
+
+
+def _fwd_args(q, k, v, out, lse, perm, tables):
+    return (q, k, v, out, lse, perm, tables, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *out.stride()[:3])
 
 
 def attention_forward(q, k, v, layout: Layout, scale: float, config: Optional[TileConfig] = None):
     """Sparse attention forward. q, k, v: ``(B, H, N, D)``. Returns ``(out (B, H, N, D) contiguous
     in q's dtype, lse (B, H, N) float32)``. ``config`` forces a tile configuration (default:
     autotuned for float16/bfloat16 on a GPU, a fixed one otherwise)."""
-    check_inputs(q, k, v, layout)
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        check_inputs(q, k, v, layout)
+        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    key = _problem_key("fwd", layout, scale, config, (q, k, v))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan, final = _fwd_plan(q, k, v, layout, scale, config)
+        if final:
+            _remember(key, plan)
     B, H, N, D = q.shape
-    perm, tables, permuted = prepare_tables(layout, N, q.device)
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    if config is None and not _autotune_enabled(q.dtype):
-        config = _default_configs(D, q.dtype)[0]
-    args = (q, k, v, out, lse, perm, tables, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
-    consts = dict(H=H, N=N, qk_scale=scale * LOG2E, PERMUTED=permuted, HEAD_DIM=D,
-                  IEEE=q.dtype == torch.float32, **_layout_args(layout))
-    _LAST_FWD[:] = [_launch("fwd", config, N, B, H, args, consts, q.dtype, q.device)]
+    _run(plan.launch, _fwd_args(q, k, v, out, lse, plan.perm, plan.tables))
+    _LAST_FWD[:] = [plan.launch.config]
     return out, lse
+
+
+class _BwdPlan(NamedTuple):
+    perm: torch.Tensor
+    tables: torch.Tensor
+    pre: _Launch
+    dkdv: _Launch
+    dq: _Launch
+
+
+def _bwd_plan(grad_out, q, k, v, out, lse, layout, scale, configs, grad_lse):
+    check_inputs(q, k, v, layout)
+    B, H, N, D = q.shape
+    if grad_out.shape != q.shape or out.shape != q.shape:
+        raise ValueError(f"grad_out and out must have q's shape {tuple(q.shape)}, got "
+                         f"{tuple(grad_out.shape)} and {tuple(out.shape)}")
+    if lse.shape != (B, H, N) or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be float32 of shape {(B, H, N)}, got {lse.dtype} {tuple(lse.shape)}")
+    if grad_lse is not None and grad_lse.shape != (B, H, N):
+        raise ValueError(f"grad_lse must have shape {(B, H, N)}, got {tuple(grad_lse.shape)}")
+    for name, t in (("grad_out", grad_out), ("out", out), ("lse", lse)):
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    perm, tables, permuted = prepare_tables(layout, N, q.device)
+    block = 16 if INTERPRET else 64
+    pre = _Launch("pre", (triton.cdiv(N, block), B * H),
+                  dict(H=H, N=N, HEAD_DIM=D, BLOCK=block, HAS_DLSE=grad_lse is not None), None)
+    if configs is None and not _autotune_enabled(q.dtype):
+        configs = _default_configs(D, q.dtype)[1:]
+    cfg_dkdv, cfg_dq = configs if configs is not None else (None, None)
+    consts = dict(H=H, N=N, qk_scale=scale * LOG2E, sm_scale=scale, PERMUTED=permuted, HEAD_DIM=D,
+                  IEEE=q.dtype == torch.float32, **_layout_args(layout))
+    delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    grads = [torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3)]
+    if cfg_dkdv is None or cfg_dq is None:  # tuning launches dK/dV and dQ: they need delta
+        _run(pre, _pre_args(out, grad_out, grad_lse, lse, delta))
+    launches, final = {}, True
+    for name, cfg in (("dkdv", cfg_dkdv), ("dq", cfg_dq)):
+        args = _bwd_args(name, q, k, v, grad_out, lse, delta, *grads, perm, tables)
+        cfg, ok = _select(name, cfg, N, B, H, args, consts, q.dtype, q.device)
+        launches[name], final = _make_launch(name, cfg, N, B, H, consts), final and ok
+    return _BwdPlan(perm, tables, pre, launches["dkdv"], launches["dq"]), final
+
+
+def _pre_args(out, grad_out, grad_lse, lse, delta):
+    return (out, grad_out, grad_lse if grad_lse is not None else lse, delta, *out.stride()[:3],
+            *grad_out.stride()[:3])
+
+
+def _bwd_args(name, q, k, v, grad_out, lse, delta, dq, dk, dv, perm, tables):
+    outs = (dk, dv) if name == "dkdv" else (dq,)
+    return (q, k, v, grad_out, lse, delta, *outs, perm, tables, *q.stride()[:3], *k.stride()[:3],
+            *v.stride()[:3], *grad_out.stride()[:3])
 
 
 def attention_backward(grad_out, q, k, v, out, lse, layout: Layout, scale: float,
@@ -570,41 +715,31 @@ def attention_backward(grad_out, q, k, v, out, lse, layout: Layout, scale: float
     returned by :func:`attention_forward`) and the optional gradient of lse, ``grad_lse (B, H, N)``.
     Returns ``(dq, dk, dv)``, contiguous, in q's dtype. ``configs`` = (dkdv, dq) forces tile
     configurations."""
-    check_inputs(q, k, v, layout)
-    if grad_out.shape != q.shape or out.shape != q.shape:
-        raise ValueError(f"grad_out and out must have q's shape {tuple(q.shape)}, got "
-                         f"{tuple(grad_out.shape)} and {tuple(out.shape)}")
-    B, H, N, D = q.shape
-    if lse.shape != (B, H, N) or lse.dtype != torch.float32:
-        raise ValueError(f"lse must be float32 of shape {(B, H, N)}, got {lse.dtype} {tuple(lse.shape)}")
-    q, k, v, out = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(out)
-    grad_out = _unit_last(grad_out.to(q.dtype))
-    lse = lse.contiguous()
-    if grad_lse is not None:
-        if grad_lse.shape != (B, H, N):
-            raise ValueError(f"grad_lse must have shape {(B, H, N)}, got {tuple(grad_lse.shape)}")
+    if grad_out.dtype != q.dtype:
+        grad_out = grad_out.to(q.dtype)
+    tensors = (grad_out, q, k, v, out)
+    if any(t.stride(-1) != 1 for t in tensors):
+        check_inputs(q, k, v, layout)
+        grad_out, q, k, v, out = (_unit_last(t) for t in tensors)
+    if not lse.is_contiguous():
+        lse = lse.contiguous()
+    if grad_lse is not None and (grad_lse.dtype != torch.float32 or not grad_lse.is_contiguous()):
         grad_lse = grad_lse.to(torch.float32).contiguous()
-    perm, tables, permuted = prepare_tables(layout, N, q.device)
-
+    key = _problem_key("bwd", layout, scale, configs,
+                       (grad_out, q, k, v, out, lse) + ((grad_lse,) if grad_lse is not None else ()))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan, final = _bwd_plan(grad_out, q, k, v, out, lse, layout, scale, configs, grad_lse)
+        if final:
+            _remember(key, plan)
+    B, H, N, D = q.shape
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    block = 16 if INTERPRET else 64
-    _attn_bwd_preprocess[(triton.cdiv(N, block), B * H)](
-        out, grad_out, grad_lse if grad_lse is not None else lse, delta, *out.stride()[:3],
-        *grad_out.stride()[:3], H, N, HEAD_DIM=D, BLOCK=block, HAS_DLSE=grad_lse is not None)
-
     dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     dv = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
-    if configs is None and not _autotune_enabled(q.dtype):
-        configs = _default_configs(D, q.dtype)[1:]
-    cfg_dkdv, cfg_dq = configs if configs is not None else (None, None)
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
-    consts = dict(H=H, N=N, qk_scale=scale * LOG2E, sm_scale=scale, PERMUTED=permuted, HEAD_DIM=D,
-                  IEEE=q.dtype == torch.float32, **_layout_args(layout))
-    _launch("dkdv", cfg_dkdv, N, B, H, (q, k, v, grad_out, lse, delta, dk, dv, perm, tables, *strides), consts,
-            q.dtype, q.device)
-    _launch("dq", cfg_dq, N, B, H, (q, k, v, grad_out, lse, delta, dq, perm, tables, *strides), consts, q.dtype,
-            q.device)
+    _run(plan.pre, _pre_args(out, grad_out, grad_lse, lse, delta))
+    _run(plan.dkdv, _bwd_args("dkdv", q, k, v, grad_out, lse, delta, dq, dk, dv, plan.perm, plan.tables))
+    _run(plan.dq, _bwd_args("dq", q, k, v, grad_out, lse, delta, dq, dk, dv, plan.perm, plan.tables))
     return dq, dk, dv
 
 

@@ -1,0 +1,79 @@
+"""Static resources of the Triton attention kernels on Hopper, without a GPU.
+
+Compiles every kernel (forward, dK/dV, dQ) for each tile configuration to sm_90a cubin with this
+machine's Triton and reads the result back with the ``cuobjdump`` / ``nvdisasm`` Triton ships:
+registers per thread, stack (register spills), shared memory, and the SASS instructions that show
+how the kernel moves data (``LDGSTS``: asynchronous global -> shared copies, ``HGMMA``: Hopper
+warpgroup MMAs, ``LDG``/``STG``: plain global loads/stores). The launches are specialised as at the
+benchmark's shape (16-byte aligned pointers and strides divisible by 16), as Triton's JIT would.
+
+What it cannot tell: time. It is the check that needs no GPU: a configuration that spills or
+loses its asynchronous copies is slow on any Hopper card, and the default configurations (used
+under CUDA-graph capture before tuning, and with tuning off) must do neither. Register allocation
+is ptxas's, so a different Triton release (the lent GPU machines run 3.6) can differ.
+
+    python bench/kernel_resources.py                       # defaults + candidates, bf16, D=64, row/col
+    python bench/kernel_resources.py --kinds conv --head-dims 128 --defaults-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real
+
+ROOT = Path(__file__).resolve().parent.parent
+try:
+    import dalle_fast  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(ROOT))
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from dalle_fast import KINDS  # noqa: E402
+from dalle_fast._triton_ops import kernels  # noqa: E402
+
+K = kernels()  # imports triton (not interpreted: TRITON_INTERPRET is unset above)
+from dalle_fast.kernels.resources import KERNELS, compile_for_hopper, resources  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kinds", default="row,col")
+    p.add_argument("--dtypes", default="bfloat16")
+    p.add_argument("--head-dims", default="64")
+    p.add_argument("--defaults-only", action="store_true", help="only the default configurations")
+    args = p.parse_args(argv)
+    print(f"# Triton {triton.__version__}, sm_90a, B*H any, H=16, N=1280 (text 256 + 32 x 32)")
+    print(f"{'kernel':<5} {'kind':<9} {'dtype':<9} {'D':>4} {'config (M, N, warps, stages)':<30} {'regs':>5} "
+          f"{'stack':>6} {'smem KiB':>9} {'LDGSTS':>7} {'HGMMA':>6} {'LDG':>4} {'insts':>6}  note")
+    for dname in args.dtypes.split(","):
+        dtype = getattr(torch, dname)
+        for head_dim in (int(x) for x in args.head_dims.split(",")):
+            defaults = dict(zip(("fwd", "dkdv", "dq"), K._default_configs(head_dim, dtype)))
+            for kname in args.kinds.split(","):
+                kind = KINDS.index(kname)
+                for name, fn in KERNELS.items():
+                    cands = [defaults[name]]
+                    if not args.defaults_only and dtype != torch.float32:
+                        cands += [c for c in K._CANDIDATES[name] if c != defaults[name]]
+                    for cfg in cands:
+                        try:
+                            r = resources(compile_for_hopper(fn, dtype, kind, head_dim, cfg))
+                        except Exception as e:  # noqa: BLE001 - report and go on
+                            print(f"{name:<5} {kname:<9} {dname:<9} {head_dim:>4} {str(tuple(cfg)):<30} failed: "
+                                  f"{type(e).__name__}: {str(e)[:80]}")
+                            continue
+                        note = "default" if cfg == defaults[name] else ""
+                        if r["stack"] or r["local"]:
+                            note += " SPILLS"
+                        print(f"{name:<5} {kname:<9} {dname:<9} {head_dim:>4} {str(tuple(cfg)):<30} {r['regs']:>5} "
+                              f"{r['stack']:>6} {r['smem'] / 1024:>9.1f} {r['ldgsts']:>7} {r['hgmma']:>6} "
+                              f"{r['ldg']:>4} {r['instructions']:>6}  {note.strip()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Static resources of the Triton attention kernels compiled for Hopper (sm_90a), without a GPU.
+
+``compile_for_hopper`` compiles one kernel for one tile configuration as Triton's JIT would
+specialise it at a problem (16-byte aligned pointers, strides divisible by 16), and ``resources``
+reads the cubin back with the ``cuobjdump`` / ``nvdisasm`` that Triton ships: registers per
+thread, stack bytes (register spills), shared memory, and counts of the SASS instructions that show
+how data moves (``LDGSTS`` asynchronous global -> shared copies, ``HGMMA`` warpgroup MMAs, plain
+``LDG`` / ``STG``). Used by ``bench/kernel_resources.py`` and by the tests, which hold the default
+configurations to no spills. Needs a real (not interpreted) Triton: import it without
+``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from ..masks import KINDS
+from . import sparse_attention as K
+
+__all__ = ["KERNELS", "compile_for_hopper", "resources", "tool"]
+
+TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+FLOAT_PTRS = ("LSE", "DELTA", "DLSE")
+INT_PTRS = ("PERM", "TAB")
+FLOATS = ("qk_scale", "sm_scale")
+KERNELS = {"fwd": K._attn_fwd, "dkdv": K._attn_bwd_dkdv, "dq": K._attn_bwd_dq}
+
+
+def tool(name: str) -> str:
+    """Path of a binary Triton ships for NVIDIA (cuobjdump, nvdisasm)."""
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: this Triton does not ship {name}")
+    return str(path)
+
+
+def compile_for_hopper(fn, dtype, kind, head_dim, cfg, *, heads=16, seq=1280, text_len=256, image_size=32):
+    """sm_90a compilation of kernel ``fn`` as the JIT would specialise it at this problem."""
+    consts = dict(KIND=kind, PERMUTED=KINDS[kind] in ("col", "axial_col"), HEAD_DIM=head_dim,
+                  IEEE=dtype == torch.float32, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+    ints = dict(H=heads, N=seq, T=text_len, S=image_size, KS=3, DIL=1)
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in FLOAT_PTRS or name in INT_PTRS:
+            sig[name] = "*fp32" if name in FLOAT_PTRS else "*i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in FLOATS:
+            sig[name] = "fp32"
+        elif name.isupper() and name not in ints:  # Q, K, V, O, DO, DQ, DK, DV
+            sig[name] = TYPES[dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:  # strides (all multiples of 16 at the benchmark's shape) and layout sizes
+            sig[name] = "i32"
+            value = ints.get(name, 16 * head_dim)
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+
+_OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[0-9T] )?([A-Z0-9_]+)(?:\.[A-Z0-9_.]+)?")
+
+
+def resources(compiled) -> dict:
+    """Registers, stack bytes, shared memory and SASS opcode counts of a compiled kernel."""
+    with tempfile.TemporaryDirectory() as d:
+        cubin = Path(d) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+    if m is None:
+        raise RuntimeError(f"unexpected cuobjdump output: {usage[-500:]}")
+    ops = collections.Counter(_OP.findall(sass))
+    return dict(regs=int(m[1]), stack=int(m[2]), local=int(m[4]), smem=int(compiled.metadata.shared),
+                ldgsts=ops["LDGSTS"], hgmma=ops["HGMMA"], ldg=ops["LDG"], stg=ops["STG"],
+                instructions=sum(ops.values()))
