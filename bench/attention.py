@@ -319,7 +319,53 @@ def main(argv=None):
         w.writeheader()
         w.writerows(rows)
     print(f"# wrote {stem}.csv and {stem}.json")
+    if not cpu:
+        write_tuning_log(f"{stem}_tuning.csv", B * H, args.text_len, args.image_size)
     return rows
+
+
+# GEMMs per score entry of each Triton kernel (x 2 D FLOPs each): forward QK^T, PV; dK/dV QK^T,
+# dO V^T, P^T dO, dS^T Q; dQ QK^T, dO V^T, dS K
+_KERNEL_GEMMS = {"fwd": 2, "dkdv": 4, "dq": 3}
+
+
+def write_tuning_log(path, bh, text_len, image_size):
+    """The Triton tuner's timing of every candidate configuration (kernel time, do_bench) with
+    TFLOP/s on that configuration's computed tiles; prints the best and worst per kernel and kind."""
+    if "dalle_fast.kernels.sparse_attention" not in sys.modules:
+        return
+    from dalle_fast import KINDS
+    from dalle_fast.kernels.sparse_attention import TUNING_LOG
+
+    rows = []
+    for e in TUNING_LOG:
+        _, n, _, _, _, kind, d, dtype = e["key"]
+        cfg = e["config"]
+        pairs = Layout(KINDS[kind], text_len, image_size).tile_table(n, cfg.block_m, cfg.block_n).computed_pairs()
+        flops = 2 * _KERNEL_GEMMS[e["kernel"]] * pairs * d * bh
+        rows.append(dict(kernel=e["kernel"], kind=KINDS[kind], seq=n, head_dim=d, dtype=str(dtype).replace("torch.", ""),
+                         block_m=cfg.block_m, block_n=cfg.block_n, warps=cfg.num_warps, stages=cfg.num_stages,
+                         us=None if e["ms"] is None else round(e["ms"] * 1e3, 2),
+                         tflops=None if e["ms"] is None else round(flops / e["ms"] / 1e9, 1),
+                         n_regs=e["n_regs"], n_spills=e["n_spills"], note=e["note"]))
+    if not rows:
+        return
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"# Triton tuner, kernel time per candidate (do_bench), {len(rows)} timings -> {path}")
+    groups = {}
+    for r in rows:
+        if r["us"] is not None:
+            groups.setdefault((r["kernel"], r["kind"], r["head_dim"], r["dtype"]), []).append(r)
+    for (kernel, kind, d, dt), rs in groups.items():
+        rs.sort(key=lambda r: r["us"])
+        b, w_ = rs[0], rs[-1]
+        print(f"#   {kernel:<5}{kind:<10}D={d} {dt}: best {b['block_m']}x{b['block_n']} w{b['warps']} s{b['stages']} "
+              f"{b['us']:.1f} us {b['tflops']:.0f} TFLOP/s; worst {w_['block_m']}x{w_['block_n']} w{w_['warps']} "
+              f"s{w_['stages']} {w_['us']:.1f} us; spilling skipped: "
+              f"{sum(1 for r in rows if r['note'].startswith('spills') and r['kernel'] == kernel and r['kind'] == kind)}")
 
 
 if __name__ == "__main__":

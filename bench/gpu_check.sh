@@ -2,7 +2,8 @@
 # GPU check of dalle_fast on a fresh GPU machine (torch, triton, nvcc; no internet needed):
 #   1. environment (GPU, driver, versions)       4. bench/decode.py / bench/sampling.py --quick (if present)
 #   2. build dalle_fast._C in place (CUDA)       5. GPU tests, one pytest run per test file
-#   3. bench/attention.py --device cuda (bf16)   6. summary table (last)
+#   3. bench/attention.py --device cuda (bf16),  6. summary table (last)
+#      bench/host_overhead.py --device cuda
 # The benchmarks run before the tests so that their numbers come in even when the tests use up the
 # budget (the tests then reuse the kernels the benchmark compiled, from Triton's cache).
 # Every step runs under `timeout`, a failed step does not stop the others, and the script exits
@@ -89,6 +90,10 @@ else
   NAMES+=("bench_attention"); RESULTS+=("FAIL(bench/attention.py missing)"); SECONDS_USED+=(0); FAILED=1
 fi
 
+# host time per call with real launches, tiny problem (dalle_fast vs SDPA causal)
+step bench_host_overhead 60 "$PY" bench/host_overhead.py --device cuda --calls 200 --rounds 5 \
+  --out "$OUT/host_overhead.json"
+
 # 4. decode / sampling benchmarks (when present) ----------------------------------------------------
 for b in decode sampling; do
   if [[ -f "bench/$b.py" ]]; then
@@ -122,9 +127,11 @@ for f in $GPU_TESTS; do
 done
 
 # 6. summary --------------------------------------------------------------------------------------
-for f in "$OUT"/attention/*.csv; do
+for f in "$OUT"/attention/attention_cuda.csv; do
   [[ -f "$f" ]] && { echo "--- $f"; column -s, -t <"$f" 2>/dev/null || cat "$f"; }
 done
+[[ -f "$OUT/bench_attention.log" ]] && { echo "--- Triton tuner (kernel time of every candidate: $OUT/attention/attention_cuda_tuning.csv)"; grep -E "^#   (fwd|dkdv|dq) " "$OUT/bench_attention.log"; }
+[[ -f "$OUT/bench_host_overhead.log" ]] && { echo "--- host overhead"; tail -n 11 "$OUT/bench_host_overhead.log"; }
 echo
 echo "dalle_fast GPU check: $(date -u +%Y-%m-%dT%H:%MZ), total $(($(date +%s) - T0))s, outputs in $OUT"
 printf '%-28s %-34s %8s\n' "step" "result" "seconds"

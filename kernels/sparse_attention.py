@@ -43,6 +43,7 @@ __all__ = [
     "attention_backward",
     "prepare_tables",
     "clear_caches",
+    "TUNING_LOG",
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -450,25 +451,37 @@ _CANDIDATES = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}
 _BEST: dict = {}  # (kernel, N, T, S, KIND, HEAD_DIM, dtype) -> TileConfig
 
 
+#: every timing the tuner took: dicts of kernel, key, config, ms (None: not timed), n_regs, n_spills
+TUNING_LOG: list = []
+
+
 def _tune(name, launch, key):
     """Times ``launch(config)`` for every candidate of kernel ``name`` and caches the fastest under
     ``key``. Configurations that do not fit the GPU are skipped, and so are those whose compiled
     kernel spills registers (``n_spills`` of Triton's compiled kernel, read after the first launch)
-    unless every candidate spills."""
-    fitting, spilling = [], []
+    unless every candidate spills. Each candidate's outcome is appended to ``TUNING_LOG``."""
+    fitting, spilling, info = [], [], {}
     for cfg in _CANDIDATES[name]:
         try:
             compiled = launch(cfg)  # compiles (once per configuration) and loads
         except OutOfResources:
+            TUNING_LOG.append(dict(kernel=name, key=key, config=cfg, ms=None, n_regs=None, n_spills=None,
+                                   note="out of resources"))
             continue
-        (spilling if getattr(compiled, "n_spills", 0) else fitting).append(cfg)
+        info[cfg] = (getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None))
+        (spilling if info[cfg][1] else fitting).append(cfg)
     best, best_ms = None, float("inf")
-    for cfg in fitting or spilling:
-        try:
-            ms = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20)
-        except OutOfResources:
-            continue
-        if ms < best_ms:
+    timed = fitting or spilling
+    for cfg in fitting + spilling:
+        ms, note = None, "spills: not timed"
+        if cfg in timed:
+            try:
+                ms, note = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20), ""
+            except OutOfResources:
+                note = "out of resources"
+        TUNING_LOG.append(dict(kernel=name, key=key, config=cfg, ms=ms, n_regs=info[cfg][0],
+                               n_spills=info[cfg][1], note=note))
+        if ms is not None and ms < best_ms:
             best, best_ms = cfg, ms
     if best is None:
         raise RuntimeError(f"dalle_fast: no {name} tile configuration fits this GPU")

@@ -477,6 +477,7 @@ def test_tuner_skips_spilling_configs(monkeypatch):
     monkeypatch.setitem(K._CANDIDATES, "fwd", (spiller, small))
     monkeypatch.setattr(K, "_BEST", {})
     monkeypatch.setattr(K, "_PLANS", {})
+    monkeypatch.setattr(K, "TUNING_LOG", [])
     real_run = K._run
 
     class Compiled:
@@ -500,6 +501,9 @@ def test_tuner_skips_spilling_configs(monkeypatch):
     q, k, v, _ = _inputs(1, 2, layout.seq_len, 32, torch.float32, seed=14)
     K.attention_forward(q, k, v, layout, 0.25)
     assert timed == [0] and list(K._BEST.values()) == [small]
+    log = {e["config"]: e for e in K.TUNING_LOG}
+    assert log[small]["ms"] == 2.0 and log[spiller]["ms"] is None and log[spiller]["n_spills"] == 16
+    assert log[spiller]["note"].startswith("spills")
     # when every candidate spills, the fastest of them is taken
     monkeypatch.setitem(K._CANDIDATES, "fwd", (spiller,))
     K.clear_caches()

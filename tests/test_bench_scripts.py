@@ -1,0 +1,82 @@
+"""The benchmark scripts run on this machine's CPU (GPU providers skipped with a note) and report
+what they claim to; each runs in a subprocess, as a user would start it."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+
+
+def _run(script, *args, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    r = subprocess.run([sys.executable, str(BENCH / script), *args], env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def test_attention_bench_runs_on_cpu(tmp_path):
+    out = _run("attention.py", "--device", "cpu", "--kinds", "row", "--modes", "fwd", "--providers",
+               "dalle_fast,sdpa_mask", "--batch", "1", "--heads", "2", "--repeats", "2", "--warmup", "1",
+               "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "attention_cpu.json").read_text())["rows"]
+    assert {r["provider"] for r in rows} == {"dalle_fast", "sdpa_mask"}
+    assert all(r["ms"] > 0 for r in rows)
+    sdpa = next(r for r in rows if r["provider"] == "sdpa_mask")
+    assert sdpa["speedup_of_dalle_fast"] > 0 and "sdpa_mask" in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_host_overhead_bench_counts_the_launches(tmp_path):
+    _run("host_overhead.py", "--calls", "20", "--rounds", "2", "--out", str(tmp_path / "h.json"))
+    res = json.loads((tmp_path / "h.json").read_text())
+    assert res["stubbed"] and res["device"] == "cpu"
+    launches = {r["call"]: r["launches"] for r in res["rows"]}
+    # forward: one kernel; backward: delta, dK/dV, dQ
+    assert launches == {"fwd (no_grad)": 1, "fwd (autograd)": 1, "bwd": 3, "fwd+bwd": 4}
+    assert all(r["us"] > 0 for r in res["rows"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_kernel_resources_cli(tmp_path):
+    out = _run("kernel_resources.py", "--kinds", "row", "--head-dims", "32", "--defaults-only")
+    lines = [ln for ln in out.splitlines() if ln.startswith(("fwd ", "dkdv ", "dq "))]
+    assert len(lines) == 3 and all("default" in ln and "SPILLS" not in ln for ln in lines), out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_tuning_log_table(tmp_path, monkeypatch):
+    """bench/attention.py turns the tuner's log into per-candidate rows with TFLOP/s on the computed
+    tiles of each candidate's tile shape."""
+    from dalle_fast import KINDS, Layout
+    from dalle_fast._triton_ops import kernels
+
+    K = kernels()
+    spec = importlib.util.spec_from_file_location("bench_attention", BENCH / "attention.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    fast, slow = K.TileConfig(64, 64, 4, 3), K.TileConfig(128, 32, 4, 3)
+    key = ("fwd", 1280, 8, 256, 32, KINDS.index("row"), 64, torch.bfloat16)
+    monkeypatch.setattr(K, "TUNING_LOG", [
+        dict(kernel="fwd", key=key, config=fast, ms=0.05, n_regs=128, n_spills=0, note=""),
+        dict(kernel="fwd", key=key, config=slow, ms=0.1, n_regs=200, n_spills=0, note=""),
+        dict(kernel="fwd", key=key, config=K.TileConfig(128, 64, 4, 4), ms=None, n_regs=255, n_spills=8,
+             note="spills: not timed"),
+    ])
+    path = tmp_path / "tuning.csv"
+    bench.write_tuning_log(str(path), 8 * 16, 256, 32)
+    text = path.read_text().splitlines()
+    assert len(text) == 4 and text[0].startswith("kernel,kind,seq")
+    pairs = Layout("row", 256, 32).tile_table(1280, 64, 64).computed_pairs()
+    expect = 4 * pairs * 64 * 128 / 0.05e-3 / 1e12
+    got = float(text[1].split(",")[10])
+    assert abs(got - expect) < 0.1, (got, expect)
