@@ -203,16 +203,19 @@ def _positions(PERM, slot, N, PERMUTED: tl.constexpr, INVALID_BEFORE: tl.constex
 
 @triton.jit
 def _fwd_step(acc, l_i, m_i, q, k, v, qk_scale, allowed, MASKED: tl.constexpr, IEEE: tl.constexpr):
-    """One online-softmax step over a key tile (scores in log2 units: scale * log2(e) folded in)."""
-    qk = _dot(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], dtype=tl.float32), IEEE) * qk_scale
+    """One online-softmax step over a key tile (running max m_i in log2 units: scale * log2(e)
+    folded in). The raw scores are scaled inside the exponent, ``exp2(qk * scale - m)``: one FFMA
+    per score instead of a multiply and a subtract (the max of the raw row, times the positive
+    scale, is the max of the scaled row)."""
+    qk = _dot(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], dtype=tl.float32), IEEE)
     if MASKED:
         qk = tl.where(allowed, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     if MASKED:  # a row with nothing allowed so far keeps m = -inf; subtract 0 instead of -inf
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_use = m_new
-    p = tl.exp2(qk - m_use[:, None])
+    p = tl.exp2(qk * qk_scale - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
