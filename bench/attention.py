@@ -349,6 +349,8 @@ def write_tuning_log(path, bh, text_len, image_size):
                          tflops=None if e["ms"] is None else round(flops / e["ms"] / 1e9, 1),
                          n_regs=e["n_regs"], n_spills=e["n_spills"], note=e["note"]))
     if not rows:
+        print("# Triton tuner: no timings in this run (configurations from the tuning cache, "
+              "DALLE_FAST_TUNING_CACHE=0 re-tunes; or tuning off)")
         return
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))

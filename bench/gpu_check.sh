@@ -24,7 +24,11 @@ export MAX_JOBS="${MAX_JOBS:-16}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET DALLE_FAST_BACKEND DALLE_FAST_SKIP_CUDA
+unset TRITON_INTERPRET DALLE_FAST_BACKEND DALLE_FAST_SKIP_CUDA DALLE_FAST_TUNING_CACHE DALLE_FAST_TRITON_AUTOTUNE
+# a fresh tuning cache, so that the benchmark times every candidate (its tuning table); the tests
+# use private ones (tests/conftest.py)
+export DALLE_FAST_CACHE_DIR="$OUT/tuning-cache"
+rm -rf "$DALLE_FAST_CACHE_DIR"
 
 T0=$(date +%s)
 NAMES=()

@@ -29,6 +29,7 @@ import triton.testing
 from triton.runtime.errors import OutOfResources
 
 from ..masks import Layout
+from . import tuning_cache
 
 __all__ = [
     "HEAD_DIMS",
@@ -572,13 +573,19 @@ def _select(name, config, grid_rows, B, H, args, consts, dtype, device):
     best = _BEST.get(key)
     if best is not None:
         return best, True
+    stored = tuning_cache.lookup(name, key, device, _CANDIDATES[name])
+    if stored is not None:  # tuned by an earlier process on this kind of GPU
+        best = _BEST[key] = TileConfig(*stored)
+        return best, True
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return _default_configs(consts["HEAD_DIM"], dtype)[("fwd", "dkdv", "dq").index(name)], False
 
     def launch(cfg):
         return _run(_make_launch(name, cfg, grid_rows, B, H, consts), args)
 
-    return _tune(name, launch, key), True
+    best = _tune(name, launch, key)
+    tuning_cache.store(name, key, device, _CANDIDATES[name], tuple(best))
+    return best, True
 
 
 def _bh_bucket(bh: int) -> int:

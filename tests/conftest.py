@@ -8,6 +8,12 @@ import torch
 torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _private_tuning_cache(tmp_path_factory, monkeypatch):
+    """Each test gets an empty on-disk Triton tuning cache: nothing read from or left in the user's."""
+    monkeypatch.setenv("DALLE_FAST_CACHE_DIR", str(tmp_path_factory.mktemp("dalle_fast_cache")))
+
+
 def has_cuda() -> bool:
     return torch.cuda.is_available()
 

@@ -11,6 +11,7 @@ order), and computed entirely in float16/bfloat16 for those inputs (factor 2, pl
 the reference values to that dtype, as flash-attention 3's tests add).
 """
 
+import json
 import os
 
 import pytest
@@ -510,3 +511,66 @@ def test_tuner_skips_spilling_configs(monkeypatch):
     timed.clear()
     K.attention_forward(q, k, v, layout, 0.25)
     assert timed == [16] and list(K._BEST.values()) == [spiller]
+
+
+def _fake_tuning(monkeypatch, timings):
+    """Tuning on CPU: two candidates, do_bench faked (timings in call order), fresh caches."""
+    monkeypatch.setattr(K, "_autotune_enabled", lambda dtype: True)
+    small, wide = K.TileConfig(16, 16, 4, 1), K.TileConfig(64, 32, 4, 1)
+    monkeypatch.setitem(K._CANDIDATES, "fwd", (small, wide))
+    monkeypatch.setattr(K, "_BEST", {})
+    monkeypatch.setattr(K, "_PLANS", {})
+    timed = []
+
+    def fake_bench(fn, warmup, rep):
+        fn()
+        timed.append(1)
+        return timings[len(timed) - 1]
+
+    monkeypatch.setattr(K.triton.testing, "do_bench", fake_bench)
+    return small, wide, timed
+
+
+def test_tuning_choice_persists_across_processes(monkeypatch):
+    """The tuner's choice goes to the on-disk cache; a process that has only the file (in-memory
+    caches cleared) launches it without timing anything; DALLE_FAST_TUNING_CACHE=0 ignores it."""
+    from dalle_fast.kernels import tuning_cache
+
+    small, wide, timed = _fake_tuning(monkeypatch, [5.0, 1.0, 1.0, 5.0])
+    layout = Layout("row", 7, 5)
+    q, k, v, _ = _inputs(1, 2, layout.seq_len, 32, torch.float32, seed=15)
+    K.attention_forward(q, k, v, layout, 0.25)
+    assert len(timed) == 2 and list(K._BEST.values()) == [wide]
+    data = json.loads(tuning_cache.cache_file().read_text())
+    assert list(data.values()) == [list(wide)]
+    K.clear_caches()
+    out, _ = K.attention_forward(q, k, v, layout, 0.25)
+    assert len(timed) == 2 and list(K._BEST.values()) == [wide] and K.last_forward_tiles(q.dtype, 32) == (64, 32)
+    ref = reference.sparse_attention(q.double(), k.double(), v.double(), layout, 0.25)
+    assert _max_err(out, ref) < 1e-5
+    monkeypatch.setenv("DALLE_FAST_TUNING_CACHE", "0")
+    K.clear_caches()
+    K.attention_forward(q, k, v, layout, 0.25)  # times again; this time small wins
+    assert len(timed) == 4 and list(K._BEST.values()) == [small]
+    assert list(json.loads(tuning_cache.cache_file().read_text()).values()) == [list(wide)]
+
+
+def test_corrupt_tuning_cache_is_ignored_and_replaced(monkeypatch):
+    from dalle_fast.kernels import tuning_cache
+
+    small, wide, timed = _fake_tuning(monkeypatch, [5.0, 1.0, 5.0, 1.0])
+    monkeypatch.setattr(tuning_cache, "_WARNED", set())
+    path = tuning_cache.cache_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{not json")
+    layout = Layout("row", 7, 5)
+    q, k, v, _ = _inputs(1, 2, layout.seq_len, 32, torch.float32, seed=16)
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        K.attention_forward(q, k, v, layout, 0.25)
+    assert len(timed) == 2 and list(json.loads(path.read_text()).values()) == [list(wide)]
+    # a stored choice that is not one of the candidates is not used: tuning runs again
+    entry = next(iter(json.loads(path.read_text())))
+    path.write_text(json.dumps({entry: [128, 128, 8, 3]}))
+    K.clear_caches()
+    K.attention_forward(q, k, v, layout, 0.25)
+    assert len(timed) == 4 and list(json.loads(path.read_text()).values()) == [list(wide)]
