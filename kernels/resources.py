@@ -47,6 +47,8 @@ def compile_for_hopper(fn, dtype, kind, head_dim, cfg, *, heads=16, seq=1280, te
     """sm_90a compilation of kernel ``fn`` as the JIT would specialise it at this problem."""
     consts = dict(KIND=kind, PERMUTED=KINDS[kind] in ("col", "axial_col"), HEAD_DIM=head_dim,
                   IEEE=dtype == torch.float32, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+    if "HAS_DLSE" in fn.arg_names:  # dQ: without the lse gradient, as in training
+        consts["HAS_DLSE"] = False
     ints = dict(H=heads, N=seq, T=text_len, S=image_size, KS=3, DIL=1)
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):

@@ -286,29 +286,6 @@ def _attn_fwd(
 # backward
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _attn_bwd_preprocess(
-    O, DO, DLSE, DELTA, s_ob, s_oh, s_on, s_db, s_dh, s_dn, H, N,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr,
-):
-    """delta = rowsum(dO * O) - dlse in float32 (dlse: gradient of the lse output, whose score
-    gradient p * dlse folds into delta), one program per (row block, batch*head); reads O and dO
-    once, writes B*H*N floats."""
-    pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < N
-    offs_d = tl.arange(0, HEAD_DIM)
-    o = tl.load(O + b * s_ob + h * s_oh + offs[:, None] * s_on + offs_d[None, :], mask=valid[:, None], other=0.0)
-    do = tl.load(DO + b * s_db + h * s_dh + offs[:, None] * s_dn + offs_d[None, :], mask=valid[:, None], other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + pid_bh.to(tl.int64) * N + offs, mask=valid, other=0.0)
-    tl.store(DELTA + pid_bh.to(tl.int64) * N + offs, delta, mask=valid)
-
-
-@triton.jit
 def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, allowedT, MASKED: tl.constexpr, IEEE: tl.constexpr):
     """dK/dV contribution of one query tile, computed transposed (keys x queries)."""
     qkT = _dot(k, tl.trans(q), tl.zeros([k.shape[0], q.shape[0]], dtype=tl.float32), IEEE)
@@ -394,13 +371,15 @@ def _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, allowed, MASKED: tl.constex
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, PERM, TAB,
-    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn,
+    Q, K, V, DO, LSE, DELTA, DQ, PERM, TAB, O, DLSE,
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn, s_ob, s_oh, s_on,
     H, N, T, S, KS, DIL, qk_scale, sm_scale,
     KIND: tl.constexpr, PERMUTED: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dQ, one program per (query tile, batch*head): q, dO, lse, delta held, the K/V tiles of its
+    """dQ, one program per (query tile, batch*head): q, dO and lse held, delta = rowsum(dO * O) -
+    dlse computed from its O tile (the gradient of the lse output, dlse, folds into delta: its score
+    gradient is p * dlse) and written for the dK/dV kernel, which runs next; the K/V tiles of its
     forward table row streamed once (probabilities recomputed); writes dQ once, no atomics."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # late (heavier causal) query tiles first
     pid_bh = tl.program_id(1)
@@ -423,7 +402,12 @@ def _attn_bwd_dq(
     q = tl.load(q_base + pos_q[:, None] * s_qn + offs_d[None, :], mask=valid_q[:, None], other=0.0)
     do = tl.load(do_base + pos_q[:, None] * s_dn + offs_d[None, :], mask=valid_q[:, None], other=0.0)
     lse2 = tl.load(LSE + row_base + pos_q, mask=valid_q, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + row_base + pos_q, mask=valid_q, other=0.0)
+    o = tl.load(O + b * s_ob + h * s_oh + pos_q[:, None] * s_on + offs_d[None, :], mask=valid_q[:, None],
+                other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + row_base + pos_q, mask=valid_q, other=0.0)
+    tl.store(DELTA + row_base + pos_q, delta, mask=valid_q)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for i in range(0, nfull):
         slot_k = tl.load(lut + i) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -547,7 +531,7 @@ def _layout_args(layout: Layout):
     return dict(T=T, S=S, KS=KS, DIL=DIL, KIND=kind)
 
 
-_KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "pre": _attn_bwd_preprocess}
+_KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
 
 
 class _Launch(NamedTuple):
@@ -682,9 +666,8 @@ def attention_forward(q, k, v, layout: Layout, scale: float, config: Optional[Ti
 class _BwdPlan(NamedTuple):
     perm: torch.Tensor
     tables: torch.Tensor
-    pre: _Launch
-    dkdv: _Launch
     dq: _Launch
+    dkdv: _Launch
 
 
 def _bwd_plan(grad_out, q, k, v, out, lse, layout, scale, configs, grad_lse):
@@ -697,39 +680,33 @@ def _bwd_plan(grad_out, q, k, v, out, lse, layout, scale, configs, grad_lse):
         raise ValueError(f"lse must be float32 of shape {(B, H, N)}, got {lse.dtype} {tuple(lse.shape)}")
     if grad_lse is not None and grad_lse.shape != (B, H, N):
         raise ValueError(f"grad_lse must have shape {(B, H, N)}, got {tuple(grad_lse.shape)}")
-    for name, t in (("grad_out", grad_out), ("out", out), ("lse", lse)):
-        if t.device != q.device:
+    for name, t in (("grad_out", grad_out), ("out", out), ("lse", lse), ("grad_lse", grad_lse)):
+        if t is not None and t.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
     perm, tables, permuted = prepare_tables(layout, N, q.device)
-    block = 16 if INTERPRET else 64
-    pre = _Launch("pre", (triton.cdiv(N, block), B * H),
-                  dict(H=H, N=N, HEAD_DIM=D, BLOCK=block, HAS_DLSE=grad_lse is not None), None)
     if configs is None and not _autotune_enabled(q.dtype):
         configs = _default_configs(D, q.dtype)[1:]
     cfg_dkdv, cfg_dq = configs if configs is not None else (None, None)
-    consts = dict(H=H, N=N, qk_scale=scale * LOG2E, sm_scale=scale, PERMUTED=permuted, HEAD_DIM=D,
-                  IEEE=q.dtype == torch.float32, **_layout_args(layout))
+    base = dict(H=H, N=N, qk_scale=scale * LOG2E, sm_scale=scale, PERMUTED=permuted, HEAD_DIM=D,
+                IEEE=q.dtype == torch.float32, **_layout_args(layout))
+    consts = {"dq": dict(base, HAS_DLSE=grad_lse is not None), "dkdv": base}
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     grads = [torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3)]
-    if cfg_dkdv is None or cfg_dq is None:  # tuning launches dK/dV and dQ: they need delta
-        _run(pre, _pre_args(out, grad_out, grad_lse, lse, delta))
     launches, final = {}, True
-    for name, cfg in (("dkdv", cfg_dkdv), ("dq", cfg_dq)):
-        args = _bwd_args(name, q, k, v, grad_out, lse, delta, *grads, perm, tables)
-        cfg, ok = _select(name, cfg, N, B, H, args, consts, q.dtype, q.device)
-        launches[name], final = _make_launch(name, cfg, N, B, H, consts), final and ok
-    return _BwdPlan(perm, tables, pre, launches["dkdv"], launches["dq"]), final
+    # dQ first: its launches (tuning included) write the delta that dK/dV reads
+    for name, cfg in (("dq", cfg_dq), ("dkdv", cfg_dkdv)):
+        args = _bwd_args(name, q, k, v, grad_out, out, lse, grad_lse, delta, *grads, perm, tables)
+        cfg, ok = _select(name, cfg, N, B, H, args, consts[name], q.dtype, q.device)
+        launches[name], final = _make_launch(name, cfg, N, B, H, consts[name]), final and ok
+    return _BwdPlan(perm, tables, launches["dq"], launches["dkdv"]), final
 
 
-def _pre_args(out, grad_out, grad_lse, lse, delta):
-    return (out, grad_out, grad_lse if grad_lse is not None else lse, delta, *out.stride()[:3],
-            *grad_out.stride()[:3])
-
-
-def _bwd_args(name, q, k, v, grad_out, lse, delta, dq, dk, dv, perm, tables):
-    outs = (dk, dv) if name == "dkdv" else (dq,)
-    return (q, k, v, grad_out, lse, delta, *outs, perm, tables, *q.stride()[:3], *k.stride()[:3],
-            *v.stride()[:3], *grad_out.stride()[:3])
+def _bwd_args(name, q, k, v, grad_out, out, lse, grad_lse, delta, dq, dk, dv, perm, tables):
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
+    if name == "dkdv":
+        return (q, k, v, grad_out, lse, delta, dk, dv, perm, tables, *strides)
+    return (q, k, v, grad_out, lse, delta, dq, perm, tables, out, grad_lse if grad_lse is not None else lse,
+            *strides, *out.stride()[:3])
 
 
 def attention_backward(grad_out, q, k, v, out, lse, layout: Layout, scale: float,
@@ -737,7 +714,8 @@ def attention_backward(grad_out, q, k, v, out, lse, layout: Layout, scale: float
     """Sparse attention backward. All tensors ``(B, H, N, D)`` except lse ``(B, H, N)`` float32 (as
     returned by :func:`attention_forward`) and the optional gradient of lse, ``grad_lse (B, H, N)``.
     Returns ``(dq, dk, dv)``, contiguous, in q's dtype. ``configs`` = (dkdv, dq) forces tile
-    configurations."""
+    configurations. Two launches: dQ (which also computes delta = rowsum(dO * O) - dlse), then
+    dK/dV."""
     if grad_out.dtype != q.dtype:
         grad_out = grad_out.to(q.dtype)
     tensors = (grad_out, q, k, v, out)
@@ -760,9 +738,9 @@ def attention_backward(grad_out, q, k, v, out, lse, layout: Layout, scale: float
     dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     dv = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
-    _run(plan.pre, _pre_args(out, grad_out, grad_lse, lse, delta))
-    _run(plan.dkdv, _bwd_args("dkdv", q, k, v, grad_out, lse, delta, dq, dk, dv, plan.perm, plan.tables))
-    _run(plan.dq, _bwd_args("dq", q, k, v, grad_out, lse, delta, dq, dk, dv, plan.perm, plan.tables))
+    _run(plan.dq, _bwd_args("dq", q, k, v, grad_out, out, lse, grad_lse, delta, dq, dk, dv, plan.perm, plan.tables))
+    _run(plan.dkdv, _bwd_args("dkdv", q, k, v, grad_out, out, lse, grad_lse, delta, dq, dk, dv, plan.perm,
+                              plan.tables))
     return dq, dk, dv
 
 

@@ -41,8 +41,8 @@ def test_host_overhead_bench_counts_the_launches(tmp_path):
     res = json.loads((tmp_path / "h.json").read_text())
     assert res["stubbed"] and res["device"] == "cpu"
     launches = {r["call"]: r["launches"] for r in res["rows"]}
-    # forward: one kernel; backward: delta, dK/dV, dQ
-    assert launches == {"fwd (no_grad)": 1, "fwd (autograd)": 1, "bwd": 3, "fwd+bwd": 4}
+    # forward: one kernel; backward: dQ (with delta), dK/dV
+    assert launches == {"fwd (no_grad)": 1, "fwd (autograd)": 1, "bwd": 2, "fwd+bwd": 3}
     assert all(r["us"] > 0 for r in res["rows"])
 
 
