@@ -148,13 +148,18 @@ def _allowed(pq, pk, T, S, KS, DIL, KIND: tl.constexpr):
 
     Out-of-range slots must carry positions that fail causality (queries -1, keys >= seq_len).
     """
+    if KIND == 1:
+        # row (the previous S image tokens and itself; text keys causally): allowed exactly when
+        # 0 <= pq - pk <= limit(pk), limit = S for image keys and "any" for text keys. One unsigned
+        # compare per score (negative differences wrap to huge) where the generic form below costs
+        # two compares and three selects (sm_90a PTX of the forward's masked tiles).
+        limit = tl.where(pk < T, 1 << 30, S)
+        return (pq - pk).to(tl.uint32, bitcast=True) <= limit.to(tl.uint32, bitcast=True)
     causal = pk <= pq
     m = pq - T
     mk = pk - T
     img = causal
-    if KIND == 1:  # row: the previous S image tokens and itself
-        img = mk >= m - S
-    elif KIND == 2:  # col: same column
+    if KIND == 2:  # col: same column
         img = (mk % S) == (m % S)
     elif KIND == 5:  # axial_col: same column (identical image rule to col)
         img = (mk % S) == (m % S)
