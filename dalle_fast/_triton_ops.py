@@ -109,6 +109,7 @@ class _EagerSparseAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # double backward raises, as through the op
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = kernels().attention_backward(grad_out, q, k, v, out, lse, ctx.layout, ctx.scale)

@@ -289,6 +289,19 @@ def test_eager_path_matches_custom_op():
     assert torch.equal(seen, out)
 
 
+def test_double_backward_raises_on_both_paths():
+    """No second-order formula: differentiating the gradient raises (on the eager path too, where
+    an unmarked autograd.Function would silently drop the term)."""
+    layout = Layout("row", 7, 5)
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 32, 32, torch.float32, seed=17)[:3])
+    eager = dalle_fast.sparse_attention(q, k, v, layout, backend="triton")
+    op, _ = torch.ops.dalle_fast.triton_sparse_attention_fwd(q, k, v, *layout.params(), 32 ** -0.5)
+    for out, match in ((eager, "once_differentiable"), (op, "no autograd formula")):
+        g, = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+        with pytest.raises(RuntimeError, match=match):
+            (g.square().sum() + q.sum()).backward()
+
+
 def test_launch_plans_are_cached_per_problem(monkeypatch):
     """A problem is checked and planned once; new strides or shapes get their own plan; bad inputs
     raise every time and leave no plan behind."""
