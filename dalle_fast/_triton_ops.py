@@ -117,12 +117,13 @@ class _EagerSparseAttention(torch.autograd.Function):
 
 
 def _plain_eager(*tensors: Tensor) -> bool:
-    """True when nothing but eager autograd can observe the call: plain tensors, no torch.compile
-    tracing, no dispatch mode (fake tensors, FlopCounter, ...), no functorch transform."""
-    if torch.compiler.is_compiling():
+    """True when nothing but eager autograd can observe the call: plain tensors with data (not
+    meta), no torch.compile or torch.jit tracing, no dispatch mode (fake tensors, FlopCounter, ...), no functorch
+    transform."""
+    if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:  # compile, jit.trace
         return False
     for t in tensors:
-        if type(t) is not Tensor:
+        if type(t) is not Tensor or t.is_meta:  # meta tensors: the op's fake kernel gives shapes
             return False
     return _current_dispatch_mode() is None and not torch._C._are_functorch_transforms_active()
 

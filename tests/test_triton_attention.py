@@ -287,6 +287,19 @@ def test_eager_path_matches_custom_op():
         seen = dalle_fast.sparse_attention(q, k, v, layout, backend="triton")
     assert "dalle_fast.triton_sparse_attention_fwd.default" in rec.ops
     assert torch.equal(seen, out)
+    traced = torch.jit.trace(lambda q, k, v: dalle_fast.sparse_attention(q, k, v, layout, backend="triton"),
+                             (q, k, v))
+    assert "dalle_fast::triton_sparse_attention_fwd" in str(traced.graph)
+    assert torch.equal(traced(q, k, v), out)
+
+
+def test_meta_tensors_give_shapes():
+    """Meta tensors (shape inference, deferred init) go through the op's fake kernel, autograd too."""
+    q = torch.randn(2, 3, 29, 32, device="meta", requires_grad=True)
+    out = dalle_fast.sparse_attention(q, q, q, Layout("col", 7, 5), backend="triton")
+    assert out.device.type == "meta" and out.shape == q.shape and out.dtype == q.dtype
+    out.sum().backward()
+    assert q.grad.shape == q.shape and q.grad.device.type == "meta"
 
 
 def test_double_backward_raises_on_both_paths():
