@@ -441,7 +441,7 @@ def _attn_bwd_dq(
 # triton.autotune's per-call argument processing (the op is launch-bound at DALL-E sizes, where one
 # forward takes ~0.1 ms on a Hopper GPU).
 _CANDIDATES = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}
-_BEST: dict = {}  # (kernel, N, T, S, KIND, HEAD_DIM, dtype) -> TileConfig
+_BEST: dict = {}  # (kernel, N, batch*heads bucket, T, S, KIND, HEAD_DIM, dtype) -> TileConfig
 
 
 #: every timing the tuner took: dicts of kernel, key, config, ms (None: not timed), n_regs, n_spills
@@ -540,7 +540,7 @@ _KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
 
 
 class _Launch(NamedTuple):
-    """Everything of one kernel launch but its tensors: built once per problem (see _plan)."""
+    """Everything of one kernel launch but its tensors: built once per problem (_fwd_plan, _bwd_plan)."""
 
     kernel: str
     grid: tuple
@@ -598,8 +598,6 @@ def _run(launch: _Launch, args):
 # strides) -> what check_inputs accepted, the tables and the launches. A cached call does one dict
 # lookup, allocates its outputs and launches: no checks, table lookups or tuning-key building.
 _PLANS: dict = {}
-
-
 _MAX_PLANS = 4096
 
 

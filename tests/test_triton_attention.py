@@ -471,22 +471,35 @@ def test_kernels_compile_for_hopper():
     assert r.returncode == 0 and "compiled" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 
-def test_tuner_picks_fastest_and_caches(monkeypatch):
-    """The per-problem tuner times every candidate once, launches the fastest, and afterwards only
-    looks it up (timing faked on CPU: the candidate with 64 x 32 tiles is reported fastest)."""
+def _tuning_on(monkeypatch, candidates):
+    """Tuning on CPU: autotuning forced on for these forward candidates, fresh in-memory caches."""
     monkeypatch.setattr(K, "_autotune_enabled", lambda dtype: True)
-    small, wide = K.TileConfig(16, 16, 4, 1), K.TileConfig(64, 32, 4, 1)
-    monkeypatch.setitem(K._CANDIDATES, "fwd", (small, wide))
+    monkeypatch.setitem(K._CANDIDATES, "fwd", candidates)
     monkeypatch.setattr(K, "_BEST", {})
     monkeypatch.setattr(K, "_PLANS", {})
+    monkeypatch.setattr(K, "TUNING_LOG", [])
+
+
+def _fake_tuning(monkeypatch, timings):
+    """Two candidates (16 x 16, 64 x 32), do_bench faked: a real launch, then ``timings`` in call
+    order. Returns (small, wide, list of timed calls)."""
+    small, wide = K.TileConfig(16, 16, 4, 1), K.TileConfig(64, 32, 4, 1)
+    _tuning_on(monkeypatch, (small, wide))
     timed = []
 
     def fake_bench(fn, warmup, rep):
         fn()  # a real launch of the candidate
         timed.append(1)
-        return 1.0 if len(timed) == 2 else 5.0
+        return timings[len(timed) - 1]
 
     monkeypatch.setattr(K.triton.testing, "do_bench", fake_bench)
+    return small, wide, timed
+
+
+def test_tuner_picks_fastest_and_caches(monkeypatch):
+    """The per-problem tuner times every candidate once, launches the fastest, and afterwards only
+    looks it up (timing faked on CPU: the candidate with 64 x 32 tiles is reported fastest)."""
+    small, wide, timed = _fake_tuning(monkeypatch, [5.0, 1.0])
     layout = Layout("row", 7, 5)
     q, k, v, _ = _inputs(1, 2, layout.seq_len, 32, torch.float32, seed=3)
     out, _ = K.attention_forward(q, k, v, layout, 0.25)
@@ -502,12 +515,8 @@ def test_tuner_skips_spilling_configs(monkeypatch):
     """A candidate whose compiled kernel spills registers is not timed while others do not spill
     (spills read from the compiled kernel Triton returns; faked here, where the interpreter returns
     none), even when it would time fastest."""
-    monkeypatch.setattr(K, "_autotune_enabled", lambda dtype: True)
     small, spiller = K.TileConfig(16, 16, 4, 1), K.TileConfig(64, 32, 4, 1)
-    monkeypatch.setitem(K._CANDIDATES, "fwd", (spiller, small))
-    monkeypatch.setattr(K, "_BEST", {})
-    monkeypatch.setattr(K, "_PLANS", {})
-    monkeypatch.setattr(K, "TUNING_LOG", [])
+    _tuning_on(monkeypatch, (spiller, small))
     real_run = K._run
 
     class Compiled:
@@ -540,24 +549,6 @@ def test_tuner_skips_spilling_configs(monkeypatch):
     timed.clear()
     K.attention_forward(q, k, v, layout, 0.25)
     assert timed == [16] and list(K._BEST.values()) == [spiller]
-
-
-def _fake_tuning(monkeypatch, timings):
-    """Tuning on CPU: two candidates, do_bench faked (timings in call order), fresh caches."""
-    monkeypatch.setattr(K, "_autotune_enabled", lambda dtype: True)
-    small, wide = K.TileConfig(16, 16, 4, 1), K.TileConfig(64, 32, 4, 1)
-    monkeypatch.setitem(K._CANDIDATES, "fwd", (small, wide))
-    monkeypatch.setattr(K, "_BEST", {})
-    monkeypatch.setattr(K, "_PLANS", {})
-    timed = []
-
-    def fake_bench(fn, warmup, rep):
-        fn()
-        timed.append(1)
-        return timings[len(timed) - 1]
-
-    monkeypatch.setattr(K.triton.testing, "do_bench", fake_bench)
-    return small, wide, timed
 
 
 def test_tuning_choice_persists_across_processes(monkeypatch):
