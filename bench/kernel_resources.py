@@ -4,7 +4,9 @@ Compiles every kernel (forward, dK/dV, dQ) for each tile configuration to sm_90a
 machine's Triton and reads the result back with the ``cuobjdump`` / ``nvdisasm`` Triton ships:
 registers per thread, stack (register spills), shared memory, and the SASS instructions that show
 how the kernel moves data (``LDGSTS``: asynchronous global -> shared copies, ``HGMMA``: Hopper
-warpgroup MMAs, ``LDG``/``STG``: plain global loads/stores). The launches are specialised as at the
+warpgroup MMAs, ``LDG``/``STG``: plain global loads/stores), and ``bufs``, the depth of the
+shallowest multi-buffered tile in shared memory (``num_stages`` when every streamed tile is
+prefetched ``num_stages - 1`` iterations ahead; Triton single-buffers at 2 stages). The launches are specialised as at the
 benchmark's shape (16-byte aligned pointers and strides divisible by 16), as Triton's JIT would.
 
 What it cannot tell: time. It is the check that needs no GPU: a configuration that spills or
@@ -49,7 +51,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     print(f"# Triton {triton.__version__}, sm_90a, B*H any, H=16, N=1280 (text 256 + 32 x 32)")
     print(f"{'kernel':<5} {'kind':<9} {'dtype':<9} {'D':>4} {'config (M, N, warps, stages)':<30} {'regs':>5} "
-          f"{'stack':>6} {'smem KiB':>9} {'LDGSTS':>7} {'HGMMA':>6} {'LDG':>4} {'insts':>6}  note")
+          f"{'stack':>6} {'smem KiB':>9} {'LDGSTS':>7} {'HGMMA':>6} {'LDG':>4} {'insts':>6} {'bufs':>4}  note")
     for dname in args.dtypes.split(","):
         dtype = getattr(torch, dname)
         for head_dim in (int(x) for x in args.head_dims.split(",")):
@@ -72,7 +74,7 @@ def main(argv=None):
                             note += " SPILLS"
                         print(f"{name:<5} {kname:<9} {dname:<9} {head_dim:>4} {str(tuple(cfg)):<30} {r['regs']:>5} "
                               f"{r['stack']:>6} {r['smem'] / 1024:>9.1f} {r['ldgsts']:>7} {r['hgmma']:>6} "
-                              f"{r['ldg']:>4} {r['instructions']:>6}  {note.strip()}")
+                              f"{r['ldg']:>4} {r['instructions']:>6} {r['tile_buffers']:>4}  {note.strip()}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ specialise it at a problem (16-byte aligned pointers, strides divisible by 16), 
 reads the cubin back with the ``cuobjdump`` / ``nvdisasm`` that Triton ships: registers per
 thread, stack bytes (register spills), shared memory, and counts of the SASS instructions that show
 how data moves (``LDGSTS`` asynchronous global -> shared copies, ``HGMMA`` warpgroup MMAs, plain
-``LDG`` / ``STG``). Used by ``bench/kernel_resources.py`` and by the tests, which hold the default
+``LDG`` / ``STG``), and from the TTGIR how deep the software pipeline buffers the streamed tiles
+(``tile_buffers``: the multi-buffered shared-memory tiles' depths, ``num_stages`` when every tile
+load is prefetched ``num_stages - 1`` iterations ahead). Used by ``bench/kernel_resources.py`` and by the tests, which hold the default
 configurations to no spills. Needs a real (not interpreted) Triton: import it without
 ``TRITON_INTERPRET=1``.
 """
@@ -72,11 +74,13 @@ def compile_for_hopper(fn, dtype, kind, head_dim, cfg, *, heads=16, seq=1280, te
                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
+_TILE_BUFFER = re.compile(r"ttg\.local_alloc : \(\) -> !ttg\.memdesc<(\d+)x(\d+)x(\d+)x")
 _OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[0-9T] )?([A-Z0-9_]+)(?:\.[A-Z0-9_.]+)?")
 
 
 def resources(compiled) -> dict:
-    """Registers, stack bytes, shared memory and SASS opcode counts of a compiled kernel."""
+    """Registers, stack bytes, shared memory, SASS opcode counts and the shallowest pipeline buffer
+    of 2-D tiles (``tile_buffers``, 0 if none) of a compiled kernel."""
     with tempfile.TemporaryDirectory() as d:
         cubin = Path(d) / "k.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
@@ -87,6 +91,7 @@ def resources(compiled) -> dict:
     if m is None:
         raise RuntimeError(f"unexpected cuobjdump output: {usage[-500:]}")
     ops = collections.Counter(_OP.findall(sass))
+    depths = [int(d) for d, _, _ in _TILE_BUFFER.findall(compiled.asm["ttgir"])]
     return dict(regs=int(m[1]), stack=int(m[2]), local=int(m[4]), smem=int(compiled.metadata.shared),
                 ldgsts=ops["LDGSTS"], hgmma=ops["HGMMA"], ldg=ops["LDG"], stg=ops["STG"],
-                instructions=sum(ops.values()))
+                instructions=sum(ops.values()), tile_buffers=min(depths) if depths else 0)

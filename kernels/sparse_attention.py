@@ -182,29 +182,75 @@ def _allowed(pq, pk, T, S, KS, DIL, KIND: tl.constexpr):
 
 
 @triton.jit
-def _positions(PERM, slot, N, PERMUTED: tl.constexpr, INVALID_BEFORE: tl.constexpr, FULL: tl.constexpr):
-    """(positions for addressing, positions for the mask) of slot indices.
+def _positions(PERM, slot, N, PERMUTED: tl.constexpr, INVALID_BEFORE: tl.constexpr):
+    """(positions for addressing, positions for the mask) of the slots of the tile a program holds.
 
-    Out-of-range slots (only in partial tiles) address position 0 and get mask position -1
-    (queries, INVALID_BEFORE) or the slot itself (keys, >= N), which fail causality.
+    Out-of-range slots address position 0 and get mask position -1 (queries, INVALID_BEFORE) or the
+    slot itself (keys, >= N), which fail causality.
     """
-    if FULL:
-        if PERMUTED:
-            pos = tl.load(PERM + slot)
-        else:
-            pos = slot
-        mpos = pos
+    valid = slot < N
+    if PERMUTED:
+        pos = tl.load(PERM + slot, mask=valid, other=0)
     else:
-        valid = slot < N
-        if PERMUTED:
-            pos = tl.load(PERM + slot, mask=valid, other=0)
-        else:
-            pos = tl.where(valid, slot, 0)
-        if INVALID_BEFORE:
-            mpos = tl.where(valid, pos, -1)
-        else:
-            mpos = tl.where(valid, pos, slot)
+        pos = tl.where(valid, slot, 0)
+    if INVALID_BEFORE:
+        mpos = tl.where(valid, pos, -1)
+    else:
+        mpos = tl.where(valid, pos, slot)
     return pos, mpos
+
+
+@triton.jit
+def _fetch(LUT, j, count, PERM, N, BLOCK: tl.constexpr, PERMUTED: tl.constexpr, INVALID_BEFORE: tl.constexpr):
+    """``(t, addr)`` of entry ``j`` of a table row with ``count`` entries, which a loop fetches one
+    iteration ahead and carries into the next: the tile index ``t``, and what the tile's loads address
+    through, ``addr``: its positions for permuted kinds (``perm`` gathered; out-of-range slots -1 for
+    queries, ``N`` for keys), else ``t`` again. ``j == count`` fetches tile 0, never used.
+
+    Fetched inside the iteration instead (table entry -> [perm ->] K/V), the table and ``perm`` loads
+    count as levels of indirection to Triton's pipeliner, which divides the ``num_stages - 1`` stages
+    of prefetch between the levels (``AssignLatencies``): K/V were prefetched one tile ahead instead of
+    ``num_stages - 1`` in the full-tile loops, and in every loop of the permuted kinds (sm_90a TTGIR;
+    ``tests/test_triton_attention.py::test_kernels_compile_for_hopper``). Only the next tile's values
+    are carried: what the mask needs later in the pipeline comes from :func:`_mask_positions`.
+    """
+    t = tl.load(LUT + j, mask=j < count, other=0)
+    if PERMUTED:
+        slot = t * BLOCK + tl.arange(0, BLOCK)
+        return t, tl.load(PERM + slot, mask=slot < N, other=-1 if INVALID_BEFORE else N)
+    else:
+        return t, t
+
+
+@triton.jit
+def _address(addr, N, BLOCK: tl.constexpr, PERMUTED: tl.constexpr, INVALID_BEFORE: tl.constexpr):
+    """(positions to address, in range) of a streamed tile from its fetched ``addr``; out-of-range
+    slots are only addressed under the ``in range`` mask."""
+    if PERMUTED:
+        pos = addr
+        valid = (pos >= 0) if INVALID_BEFORE else (pos < N)
+    else:
+        pos = addr * BLOCK + tl.arange(0, BLOCK)
+        valid = pos < N
+    return pos, valid
+
+
+@triton.jit
+def _mask_positions(PERM, t, N, BLOCK: tl.constexpr, PERMUTED: tl.constexpr, INVALID_BEFORE: tl.constexpr):
+    """Mask positions of streamed tile ``t`` (out-of-range slots: queries -1, keys the slot, >= N).
+
+    Permuted kinds load them from ``perm`` again rather than keeping the fetched addresses: that load
+    feeds the mask directly, so the pipeliner prefetches it into shared memory like K and V, where
+    keeping the addresses until the masking stage held one register copy per stage (sm_90a: 152 -> 227
+    registers for the col forward at 128 x 64, 8 warps)."""
+    slot = t * BLOCK + tl.arange(0, BLOCK)
+    valid = slot < N
+    if PERMUTED:
+        return tl.load(PERM + slot, mask=valid, other=-1 if INVALID_BEFORE else N)
+    elif INVALID_BEFORE:
+        return tl.where(valid, slot, -1)
+    else:
+        return slot
 
 
 @triton.jit
@@ -258,24 +304,25 @@ def _attn_fwd(
     offs_d = tl.arange(0, HEAD_DIM)
     slot_q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     valid_q = slot_q < N
-    pos_q, mpos_q = _positions(PERM, slot_q, N, PERMUTED, True, False)
+    pos_q, mpos_q = _positions(PERM, slot_q, N, PERMUTED, True)
     q = tl.load(q_base + pos_q[:, None] * s_qn + offs_d[None, :], mask=valid_q[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    t, addr = _fetch(lut, 0, count, PERM, N, BLOCK_N, PERMUTED, False)
     for i in range(0, nfull):  # full tiles: every pair in range and allowed
-        slot_k = tl.load(lut + i) * BLOCK_N + tl.arange(0, BLOCK_N)
-        pos_k, _ = _positions(PERM, slot_k, N, PERMUTED, False, True)
+        pos_k, _ = _address(addr, N, BLOCK_N, PERMUTED, False)
         k = tl.load(k_base + pos_k[:, None] * s_kn + offs_d[None, :])
         v = tl.load(v_base + pos_k[:, None] * s_vn + offs_d[None, :])
+        t, addr = _fetch(lut, i + 1, count, PERM, N, BLOCK_N, PERMUTED, False)  # the next tile's
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k, v, qk_scale, None, False, IEEE)
     for i in range(nfull, count):  # partial tiles: element mask
-        slot_k = tl.load(lut + i) * BLOCK_N + tl.arange(0, BLOCK_N)
-        valid_k = slot_k < N
-        pos_k, mpos_k = _positions(PERM, slot_k, N, PERMUTED, False, False)
+        pos_k, valid_k = _address(addr, N, BLOCK_N, PERMUTED, False)
         k = tl.load(k_base + pos_k[:, None] * s_kn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
         v = tl.load(v_base + pos_k[:, None] * s_vn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
+        mpos_k = _mask_positions(PERM, t, N, BLOCK_N, PERMUTED, False)
+        t, addr = _fetch(lut, i + 1, count, PERM, N, BLOCK_N, PERMUTED, False)
         allowed = _allowed(mpos_q[:, None], mpos_k[None, :], T, S, KS, DIL, KIND)
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k, v, qk_scale, allowed, True, IEEE)
 
@@ -332,27 +379,28 @@ def _attn_bwd_dkdv(
     offs_d = tl.arange(0, HEAD_DIM)
     slot_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     valid_k = slot_k < N
-    pos_k, mpos_k = _positions(PERM, slot_k, N, PERMUTED, False, False)
+    pos_k, mpos_k = _positions(PERM, slot_k, N, PERMUTED, False)
     k = tl.load(k_base + pos_k[:, None] * s_kn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
     v = tl.load(v_base + pos_k[:, None] * s_vn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    for i in range(0, nfull):
-        slot_q = tl.load(lut + i) * BLOCK_M + tl.arange(0, BLOCK_M)
-        pos_q, _ = _positions(PERM, slot_q, N, PERMUTED, True, True)
+    t, addr = _fetch(lut, 0, count, PERM, N, BLOCK_M, PERMUTED, True)
+    for i in range(0, nfull):  # full tiles: every pair in range and allowed
+        pos_q, _ = _address(addr, N, BLOCK_M, PERMUTED, True)
         q = tl.load(q_base + pos_q[:, None] * s_qn + offs_d[None, :])
         do = tl.load(do_base + pos_q[:, None] * s_dn + offs_d[None, :])
         lse2 = tl.load(LSE + row_base + pos_q) * 1.4426950408889634
         delta = tl.load(DELTA + row_base + pos_q)
+        t, addr = _fetch(lut, i + 1, count, PERM, N, BLOCK_M, PERMUTED, True)  # the next tile's
         dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, None, False, IEEE)
-    for i in range(nfull, count):
-        slot_q = tl.load(lut + i) * BLOCK_M + tl.arange(0, BLOCK_M)
-        valid_q = slot_q < N
-        pos_q, mpos_q = _positions(PERM, slot_q, N, PERMUTED, True, False)
+    for i in range(nfull, count):  # partial tiles: element mask
+        pos_q, valid_q = _address(addr, N, BLOCK_M, PERMUTED, True)
         q = tl.load(q_base + pos_q[:, None] * s_qn + offs_d[None, :], mask=valid_q[:, None], other=0.0)
         do = tl.load(do_base + pos_q[:, None] * s_dn + offs_d[None, :], mask=valid_q[:, None], other=0.0)
         lse2 = tl.load(LSE + row_base + pos_q, mask=valid_q, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + row_base + pos_q, mask=valid_q, other=0.0)
+        mpos_q = _mask_positions(PERM, t, N, BLOCK_M, PERMUTED, True)
+        t, addr = _fetch(lut, i + 1, count, PERM, N, BLOCK_M, PERMUTED, True)
         allowedT = _allowed(mpos_q[None, :], mpos_k[:, None], T, S, KS, DIL, KIND)
         dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, allowedT, True, IEEE)
 
@@ -403,7 +451,7 @@ def _attn_bwd_dq(
     offs_d = tl.arange(0, HEAD_DIM)
     slot_q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     valid_q = slot_q < N
-    pos_q, mpos_q = _positions(PERM, slot_q, N, PERMUTED, True, False)
+    pos_q, mpos_q = _positions(PERM, slot_q, N, PERMUTED, True)
     q = tl.load(q_base + pos_q[:, None] * s_qn + offs_d[None, :], mask=valid_q[:, None], other=0.0)
     do = tl.load(do_base + pos_q[:, None] * s_dn + offs_d[None, :], mask=valid_q[:, None], other=0.0)
     lse2 = tl.load(LSE + row_base + pos_q, mask=valid_q, other=0.0) * 1.4426950408889634
@@ -414,18 +462,19 @@ def _attn_bwd_dq(
         delta -= tl.load(DLSE + row_base + pos_q, mask=valid_q, other=0.0)
     tl.store(DELTA + row_base + pos_q, delta, mask=valid_q)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for i in range(0, nfull):
-        slot_k = tl.load(lut + i) * BLOCK_N + tl.arange(0, BLOCK_N)
-        pos_k, _ = _positions(PERM, slot_k, N, PERMUTED, False, True)
+    t, addr = _fetch(lut, 0, count, PERM, N, BLOCK_N, PERMUTED, False)
+    for i in range(0, nfull):  # full tiles: every pair in range and allowed
+        pos_k, _ = _address(addr, N, BLOCK_N, PERMUTED, False)
         k = tl.load(k_base + pos_k[:, None] * s_kn + offs_d[None, :])
         v = tl.load(v_base + pos_k[:, None] * s_vn + offs_d[None, :])
+        t, addr = _fetch(lut, i + 1, count, PERM, N, BLOCK_N, PERMUTED, False)  # the next tile's
         dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, None, False, IEEE)
-    for i in range(nfull, count):
-        slot_k = tl.load(lut + i) * BLOCK_N + tl.arange(0, BLOCK_N)
-        valid_k = slot_k < N
-        pos_k, mpos_k = _positions(PERM, slot_k, N, PERMUTED, False, False)
+    for i in range(nfull, count):  # partial tiles: element mask
+        pos_k, valid_k = _address(addr, N, BLOCK_N, PERMUTED, False)
         k = tl.load(k_base + pos_k[:, None] * s_kn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
         v = tl.load(v_base + pos_k[:, None] * s_vn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
+        mpos_k = _mask_positions(PERM, t, N, BLOCK_N, PERMUTED, False)
+        t, addr = _fetch(lut, i + 1, count, PERM, N, BLOCK_N, PERMUTED, False)
         allowed = _allowed(mpos_q[:, None], mpos_k[None, :], T, S, KS, DIL, KIND)
         dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, allowed, True, IEEE)
 
