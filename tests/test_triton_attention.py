@@ -424,6 +424,27 @@ def test_every_tile_config():
             _assert_close(f"{name} {cfg_dkdv} {cfg_dq}", g, rg, bg, dtype)
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="test_every_tile_config covers every candidate on a GPU")
+@pytest.mark.parametrize("layout", [Layout("col", 40, 10), Layout("conv", 40, 10, kernel_size=3)], ids=str)
+def test_rectangular_tiles_interpreted(layout):
+    """Under the interpreter, tiles other than the 16 x 16 default: BLOCK_M != BLOCK_N in both
+    directions, several full and partial tiles per table row, a run (131) that ends inside a tile
+    and inside an image row; col through the permutation."""
+    n, dtype = 131, torch.float32
+    q, k, v, do = _inputs(1, 2, n, 32, dtype, seed=11)
+    ref, _, ref_grads = _dense(q, k, v, do, layout, torch.float64)
+    base, _, base_grads = _dense(q, k, v, do, layout, dtype)
+    scale = 32 ** -0.5
+    tall, wide = K.TileConfig(64, 32, 4, 1), K.TileConfig(32, 64, 4, 1)
+    for cfg in (tall, wide):
+        out, lse = K.attention_forward(q, k, v, layout, scale, config=cfg)
+        _assert_close(f"out {cfg}", out, ref, base, dtype)
+    for configs in ((tall, wide), (wide, tall)):
+        grads = K.attention_backward(do, q, k, v, out, lse, layout, scale, configs=configs)
+        for name, g, rg, bg in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
+            _assert_close(f"{name} {configs}", g, rg, bg, dtype)
+
+
 @needs_gpu
 def test_autotuned_at_paper_size(monkeypatch):
     """The autotuned path at the paper's sequence (text 256 + 32 x 32), bfloat16, col layer."""
