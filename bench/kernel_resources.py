@@ -6,8 +6,9 @@ registers per thread, stack (register spills), shared memory, and the SASS instr
 how the kernel moves data (``LDGSTS``: asynchronous global -> shared copies, ``HGMMA``: Hopper
 warpgroup MMAs, ``LDG``/``STG``: plain global loads/stores), and ``bufs``, the depth of the
 shallowest multi-buffered tile in shared memory (``num_stages`` when every streamed tile is
-prefetched ``num_stages - 1`` iterations ahead; Triton single-buffers at 2 stages). The launches are specialised as at the
-benchmark's shape (16-byte aligned pointers and strides divisible by 16), as Triton's JIT would.
+prefetched ``num_stages - 1`` iterations ahead; Triton single-buffers at 2 stages). The launches
+are specialised as at the benchmark's shape (16-byte aligned pointers and strides divisible by 16),
+as Triton's JIT would.
 
 What it cannot tell: time. It is the check that needs no GPU: a configuration that spills or
 loses its asynchronous copies is slow on any Hopper card, and the default configurations (used

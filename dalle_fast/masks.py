@@ -152,10 +152,9 @@ PACKED_SLOTS = 9 * 9
 class PackedTileTables:
     """Tile tables of one (layout, seq_len) for several tile shapes, packed into one int32 buffer.
 
-    A kernel that picks its tile shape at compile time (autotuning over ``BLOCK_M``/``BLOCK_N``)
-    finds its tables without host work: the record of shape ``(bm, bn)`` sits at
-    ``tables[8 * ((bm // 16) * 9 + bn // 16) : ... + 8]`` and holds absolute offsets into
-    ``tables``: ``(lut, lut_width, counts, num_full, t_lut, t_lut_width, t_counts, t_num_full)``,
+    One device buffer serves every tile shape a kernel may be tuned to; the record of shape
+    ``(bm, bn)`` (:meth:`record`; the launch passes its offsets to the kernel as arguments) sits at
+    ``tables[8 * ((bm // 16) * 9 + bn // 16) : ... + 8]`` and holds absolute offsets into ``tables``: ``(lut, lut_width, counts, num_full, t_lut, t_lut_width, t_counts, t_num_full)``,
     the padded forms of :meth:`TileTable.padded` (row ``i`` of ``lut`` starts at
     ``lut + i * lut_width``). Records of shapes not packed are -1.
 

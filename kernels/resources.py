@@ -6,10 +6,10 @@ reads the cubin back with the ``cuobjdump`` / ``nvdisasm`` that Triton ships: re
 thread, stack bytes (register spills), shared memory, and counts of the SASS instructions that show
 how data moves (``LDGSTS`` asynchronous global -> shared copies, ``HGMMA`` warpgroup MMAs, plain
 ``LDG`` / ``STG``), and from the TTGIR how deep the software pipeline buffers the streamed tiles
-(``tile_buffers``: the multi-buffered shared-memory tiles' depths, ``num_stages`` when every tile
-load is prefetched ``num_stages - 1`` iterations ahead). Used by ``bench/kernel_resources.py`` and by the tests, which hold the default
-configurations to no spills. Needs a real (not interpreted) Triton: import it without
-``TRITON_INTERPRET=1``.
+(``tile_buffers``: the shallowest multi-buffered shared-memory tile, ``num_stages`` when every
+tile load is prefetched ``num_stages - 1`` iterations ahead). Used by ``bench/kernel_resources.py``
+and by the tests, which hold the default configurations to no spills and full-depth buffers. Needs
+a real (not interpreted) Triton: import it without ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def compile_for_hopper(fn, dtype, kind, head_dim, cfg, *, heads=16, seq=1280, te
     if "HAS_DLSE" in fn.arg_names:  # dQ: without the lse gradient, as in training
         consts["HAS_DLSE"] = False
     ints = dict(H=heads, N=seq, T=text_len, S=image_size, KS=3, DIL=1)
+    unspecialized = {fn.arg_names[i] if isinstance(i, int) else i for i in fn.do_not_specialize}
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -61,13 +62,13 @@ def compile_for_hopper(fn, dtype, kind, head_dim, cfg, *, heads=16, seq=1280, te
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in FLOATS:
             sig[name] = "fp32"
-        elif name.isupper() and name not in ints:  # Q, K, V, O, DO, DQ, DK, DV
+        elif name.isupper() and name not in ints and name not in unspecialized:  # Q, K, V, O, DO, DQ, DK, DV
             sig[name] = TYPES[dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
-        else:  # strides (all multiples of 16 at the benchmark's shape) and layout sizes
+        else:  # strides (all multiples of 16 at the benchmark's shape), layout sizes, table offsets
             sig[name] = "i32"
             value = ints.get(name, 16 * head_dim)
-            if value % 16 == 0:
+            if value % 16 == 0 and name not in unspecialized:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),

@@ -99,8 +99,11 @@ def _default_configs(head_dim: int, dtype: torch.dtype):
     if INTERPRET:
         return INTERPRET_CONFIG, INTERPRET_CONFIG, INTERPRET_CONFIG
     if dtype == torch.float32:  # IEEE fp32 dots run on FMA units: small tiles (also compile faster)
-        w = 8 if head_dim == 128 else 4
-        return TileConfig(32, 32, w, 2), TileConfig(32, 32, w, 2), TileConfig(32, 32, w, 2)
+        # FMA dots hold whole operand rows per thread: 32 x 32 with 4 warps spilled the dK/dV kernel
+        # (16 B at head_dim 32, 576 B at 64) and every kernel at 128 even with 8 warps (32-1248 B);
+        # these do not spill (sm_90a, bench/kernel_resources.py --dtypes float32)
+        cfg = TileConfig(16, 16, 4, 2) if head_dim == 128 else TileConfig(32, 32, 8, 2)
+        return cfg, cfg, cfg
     # dK/dV with 8 warps: at 4 warps the 32 x 128 tile spills registers on sm_90a for head_dim 64
     # and 128, as does 64 x 128 x 8 x 2 for 128 (bench/kernel_resources.py, Triton 3.8)
     if head_dim == 128:
@@ -277,11 +280,11 @@ def _fwd_step(acc, l_i, m_i, q, k, v, qk_scale, allowed, MASKED: tl.constexpr, I
 # ---------------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["LUT_OFF", "LUT_W", "CNT_OFF", "FULL_OFF"])
 def _attn_fwd(
     Q, K, V, O, LSE, PERM, TAB,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
-    H, N, T, S, KS, DIL, qk_scale,
+    LUT_OFF, LUT_W, CNT_OFF, FULL_OFF, H, N, T, S, KS, DIL, qk_scale,
     KIND: tl.constexpr, PERMUTED: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -296,10 +299,9 @@ def _attn_fwd(
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
     o_base = O + b * s_ob + h * s_oh
-    rec = TAB + ((BLOCK_M // 16) * 9 + BLOCK_N // 16) * 8
-    lut = TAB + tl.load(rec) + pid_m * tl.load(rec + 1)
-    count = tl.load(TAB + tl.load(rec + 2) + pid_m)
-    nfull = tl.load(TAB + tl.load(rec + 3) + pid_m)
+    lut = TAB + LUT_OFF + pid_m * LUT_W  # this program's table row (offsets resolved on the host)
+    count = tl.load(TAB + CNT_OFF + pid_m)
+    nfull = tl.load(TAB + FULL_OFF + pid_m)
 
     offs_d = tl.arange(0, HEAD_DIM)
     slot_q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -312,19 +314,21 @@ def _attn_fwd(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     t, addr = _fetch(lut, 0, count, PERM, N, BLOCK_N, PERMUTED, False)
     for i in range(0, nfull):  # full tiles: every pair in range and allowed
+        t_next, addr_next = _fetch(lut, i + 1, count, PERM, N, BLOCK_N, PERMUTED, False)  # next tile's, issued first
         pos_k, _ = _address(addr, N, BLOCK_N, PERMUTED, False)
         k = tl.load(k_base + pos_k[:, None] * s_kn + offs_d[None, :])
         v = tl.load(v_base + pos_k[:, None] * s_vn + offs_d[None, :])
-        t, addr = _fetch(lut, i + 1, count, PERM, N, BLOCK_N, PERMUTED, False)  # the next tile's
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k, v, qk_scale, None, False, IEEE)
+        t, addr = t_next, addr_next
     for i in range(nfull, count):  # partial tiles: element mask
+        t_next, addr_next = _fetch(lut, i + 1, count, PERM, N, BLOCK_N, PERMUTED, False)
         pos_k, valid_k = _address(addr, N, BLOCK_N, PERMUTED, False)
         k = tl.load(k_base + pos_k[:, None] * s_kn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
         v = tl.load(v_base + pos_k[:, None] * s_vn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
         mpos_k = _mask_positions(PERM, t, N, BLOCK_N, PERMUTED, False)
-        t, addr = _fetch(lut, i + 1, count, PERM, N, BLOCK_N, PERMUTED, False)
         allowed = _allowed(mpos_q[:, None], mpos_k[None, :], T, S, KS, DIL, KIND)
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k, v, qk_scale, allowed, True, IEEE)
+        t, addr = t_next, addr_next
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only out-of-range rows (never stored)
     out = acc / l_safe[:, None]
@@ -351,11 +355,11 @@ def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, allowedT, MASKED: tl.
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["LUT_OFF", "LUT_W", "CNT_OFF", "FULL_OFF"])
 def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, PERM, TAB,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn,
-    H, N, T, S, KS, DIL, qk_scale, sm_scale,
+    LUT_OFF, LUT_W, CNT_OFF, FULL_OFF, H, N, T, S, KS, DIL, qk_scale, sm_scale,
     KIND: tl.constexpr, PERMUTED: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -371,10 +375,9 @@ def _attn_bwd_dkdv(
     v_base = V + b * s_vb + h * s_vh
     do_base = DO + b * s_db + h * s_dh
     row_base = pid_bh.to(tl.int64) * N  # lse, delta, dk, dv are contiguous
-    rec = TAB + ((BLOCK_M // 16) * 9 + BLOCK_N // 16) * 8
-    lut = TAB + tl.load(rec + 4) + pid_n * tl.load(rec + 5)
-    count = tl.load(TAB + tl.load(rec + 6) + pid_n)
-    nfull = tl.load(TAB + tl.load(rec + 7) + pid_n)
+    lut = TAB + LUT_OFF + pid_n * LUT_W  # this program's transposed table row
+    count = tl.load(TAB + CNT_OFF + pid_n)
+    nfull = tl.load(TAB + FULL_OFF + pid_n)
 
     offs_d = tl.arange(0, HEAD_DIM)
     slot_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -386,23 +389,25 @@ def _attn_bwd_dkdv(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     t, addr = _fetch(lut, 0, count, PERM, N, BLOCK_M, PERMUTED, True)
     for i in range(0, nfull):  # full tiles: every pair in range and allowed
+        t_next, addr_next = _fetch(lut, i + 1, count, PERM, N, BLOCK_M, PERMUTED, True)  # next tile's, issued first
         pos_q, _ = _address(addr, N, BLOCK_M, PERMUTED, True)
         q = tl.load(q_base + pos_q[:, None] * s_qn + offs_d[None, :])
         do = tl.load(do_base + pos_q[:, None] * s_dn + offs_d[None, :])
         lse2 = tl.load(LSE + row_base + pos_q) * 1.4426950408889634
         delta = tl.load(DELTA + row_base + pos_q)
-        t, addr = _fetch(lut, i + 1, count, PERM, N, BLOCK_M, PERMUTED, True)  # the next tile's
         dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, None, False, IEEE)
+        t, addr = t_next, addr_next
     for i in range(nfull, count):  # partial tiles: element mask
+        t_next, addr_next = _fetch(lut, i + 1, count, PERM, N, BLOCK_M, PERMUTED, True)
         pos_q, valid_q = _address(addr, N, BLOCK_M, PERMUTED, True)
         q = tl.load(q_base + pos_q[:, None] * s_qn + offs_d[None, :], mask=valid_q[:, None], other=0.0)
         do = tl.load(do_base + pos_q[:, None] * s_dn + offs_d[None, :], mask=valid_q[:, None], other=0.0)
         lse2 = tl.load(LSE + row_base + pos_q, mask=valid_q, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + row_base + pos_q, mask=valid_q, other=0.0)
         mpos_q = _mask_positions(PERM, t, N, BLOCK_M, PERMUTED, True)
-        t, addr = _fetch(lut, i + 1, count, PERM, N, BLOCK_M, PERMUTED, True)
         allowedT = _allowed(mpos_q[None, :], mpos_k[:, None], T, S, KS, DIL, KIND)
         dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, allowedT, True, IEEE)
+        t, addr = t_next, addr_next
 
     dk = dk * sm_scale
     out_off = row_base * HEAD_DIM + pos_k[:, None] * HEAD_DIM + offs_d[None, :]
@@ -422,11 +427,11 @@ def _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, allowed, MASKED: tl.constex
     return _dot(ds.to(k.dtype), k, dq, IEEE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["LUT_OFF", "LUT_W", "CNT_OFF", "FULL_OFF"])
 def _attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, PERM, TAB, O, DLSE,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn, s_ob, s_oh, s_on,
-    H, N, T, S, KS, DIL, qk_scale, sm_scale,
+    LUT_OFF, LUT_W, CNT_OFF, FULL_OFF, H, N, T, S, KS, DIL, qk_scale, sm_scale,
     KIND: tl.constexpr, PERMUTED: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
     HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -443,10 +448,9 @@ def _attn_bwd_dq(
     v_base = V + b * s_vb + h * s_vh
     do_base = DO + b * s_db + h * s_dh
     row_base = pid_bh.to(tl.int64) * N
-    rec = TAB + ((BLOCK_M // 16) * 9 + BLOCK_N // 16) * 8
-    lut = TAB + tl.load(rec) + pid_m * tl.load(rec + 1)
-    count = tl.load(TAB + tl.load(rec + 2) + pid_m)
-    nfull = tl.load(TAB + tl.load(rec + 3) + pid_m)
+    lut = TAB + LUT_OFF + pid_m * LUT_W  # this program's table row (offsets resolved on the host)
+    count = tl.load(TAB + CNT_OFF + pid_m)
+    nfull = tl.load(TAB + FULL_OFF + pid_m)
 
     offs_d = tl.arange(0, HEAD_DIM)
     slot_q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -464,19 +468,21 @@ def _attn_bwd_dq(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     t, addr = _fetch(lut, 0, count, PERM, N, BLOCK_N, PERMUTED, False)
     for i in range(0, nfull):  # full tiles: every pair in range and allowed
+        t_next, addr_next = _fetch(lut, i + 1, count, PERM, N, BLOCK_N, PERMUTED, False)  # next tile's, issued first
         pos_k, _ = _address(addr, N, BLOCK_N, PERMUTED, False)
         k = tl.load(k_base + pos_k[:, None] * s_kn + offs_d[None, :])
         v = tl.load(v_base + pos_k[:, None] * s_vn + offs_d[None, :])
-        t, addr = _fetch(lut, i + 1, count, PERM, N, BLOCK_N, PERMUTED, False)  # the next tile's
         dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, None, False, IEEE)
+        t, addr = t_next, addr_next
     for i in range(nfull, count):  # partial tiles: element mask
+        t_next, addr_next = _fetch(lut, i + 1, count, PERM, N, BLOCK_N, PERMUTED, False)
         pos_k, valid_k = _address(addr, N, BLOCK_N, PERMUTED, False)
         k = tl.load(k_base + pos_k[:, None] * s_kn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
         v = tl.load(v_base + pos_k[:, None] * s_vn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
         mpos_k = _mask_positions(PERM, t, N, BLOCK_N, PERMUTED, False)
-        t, addr = _fetch(lut, i + 1, count, PERM, N, BLOCK_N, PERMUTED, False)
         allowed = _allowed(mpos_q[:, None], mpos_k[None, :], T, S, KS, DIL, KIND)
         dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, allowed, True, IEEE)
+        t, addr = t_next, addr_next
 
     dq = dq * sm_scale
     out_off = row_base * HEAD_DIM + pos_q[:, None] * HEAD_DIM + offs_d[None, :]
@@ -597,7 +603,7 @@ class _Launch(NamedTuple):
     config: TileConfig
 
 
-def _select(name, config, grid_rows, B, H, args, consts, dtype, device):
+def _select(name, config, layout, grid_rows, B, H, args, consts, dtype, device):
     """The configuration of kernel ``name`` for this problem: ``config`` if given; else the tuned one
     (tuning on first use, by launching on ``args``; the default while a CUDA graph is being
     captured, where timing is impossible). Returns ``(config, final)``: ``final`` is False only for
@@ -619,7 +625,7 @@ def _select(name, config, grid_rows, B, H, args, consts, dtype, device):
         return _default_configs(consts["HEAD_DIM"], dtype)[("fwd", "dkdv", "dq").index(name)], False
 
     def launch(cfg):
-        return _run(_make_launch(name, cfg, grid_rows, B, H, consts), args)
+        return _run(_make_launch(name, cfg, layout, grid_rows, B, H, consts), args)
 
     best = _tune(name, launch, key)
     tuning_cache.store(name, key, device, _CANDIDATES[name], tuple(best))
@@ -631,10 +637,15 @@ def _bh_bucket(bh: int) -> int:
     return 1 << max(bh - 1, 0).bit_length()
 
 
-def _make_launch(name, cfg, grid_rows, B, H, consts) -> _Launch:
+def _make_launch(name, cfg, layout, grid_rows, B, H, consts) -> _Launch:
     tile = cfg.block_n if name == "dkdv" else cfg.block_m
-    meta = dict(consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages)
+    # where this tile shape's tables start in the packed buffer: plain arguments, so that a program
+    # starts with its own row's count and first entry instead of first reading the record (one
+    # dependent global load less before the first K/V tile can be requested)
+    rec = layout.packed_tile_tables(grid_rows, TILES).record(cfg.block_m, cfg.block_n)
+    rec = rec[4:] if name == "dkdv" else rec[:4]
+    meta = dict(consts, LUT_OFF=rec[0], LUT_W=rec[1], CNT_OFF=rec[2], FULL_OFF=rec[3], BLOCK_M=cfg.block_m,
+                BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return _Launch(name, (triton.cdiv(grid_rows, tile), B * H), meta, cfg)
 
 
@@ -684,9 +695,9 @@ def _fwd_plan(q, k, v, layout, scale, config):
                   IEEE=q.dtype == torch.float32, **_layout_args(layout))
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    cfg, final = _select("fwd", config, N, B, H, _fwd_args(q, k, v, out, lse, perm, tables), consts, q.dtype,
+    cfg, final = _select("fwd", config, layout, N, B, H, _fwd_args(q, k, v, out, lse, perm, tables), consts, q.dtype,
                          q.device)
-    return _FwdPlan(perm, tables, _make_launch("fwd", cfg, N, B, H, consts)), final
+    return _FwdPlan(perm, tables, _make_launch("fwd", cfg, layout, N, B, H, consts)), final
 
 
 def _fwd_args(q, k, v, out, lse, perm, tables):
@@ -748,8 +759,8 @@ def _bwd_plan(grad_out, q, k, v, out, lse, layout, scale, configs, grad_lse):
     # dQ first: its launches (tuning included) write the delta that dK/dV reads
     for name, cfg in (("dq", cfg_dq), ("dkdv", cfg_dkdv)):
         args = _bwd_args(name, q, k, v, grad_out, out, lse, grad_lse, delta, *grads, perm, tables)
-        cfg, ok = _select(name, cfg, N, B, H, args, consts[name], q.dtype, q.device)
-        launches[name], final = _make_launch(name, cfg, N, B, H, consts[name]), final and ok
+        cfg, ok = _select(name, cfg, layout, N, B, H, args, consts[name], q.dtype, q.device)
+        launches[name], final = _make_launch(name, cfg, layout, N, B, H, consts[name]), final and ok
     return _BwdPlan(perm, tables, launches["dq"], launches["dkdv"]), final
 
 

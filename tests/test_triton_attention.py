@@ -459,9 +459,9 @@ from dalle_fast.kernels.resources import KERNELS, compile_for_hopper, resources
 from dalle_fast import KINDS
 assert not K.INTERPRET
 # bfloat16, every head_dim: row, col (permuted gathers) and conv (the busiest element mask), all three
-# kernels, each in its default configuration; float32 (IEEE dots, slow to compile): col forward
+# kernels, each in its default configuration; float32 (IEEE dots, slow to compile): col
 CASES = [(torch.bfloat16, d, kind, 3) for d in K.HEAD_DIMS for kind in ("row", "col", "conv")]
-CASES += [(torch.float32, 64, "col", 1)]
+CASES += [(torch.float32, d, "col", 3) for d in (64, 128)]
 bad = []
 for dtype, d, kind, nk in CASES:
     for (name, fn), cfg in list(zip(KERNELS.items(), K._default_configs(d, dtype)))[:nk]:
