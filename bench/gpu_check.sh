@@ -2,8 +2,8 @@
 # GPU check of dalle_fast on a fresh GPU machine (torch, triton, nvcc; no internet needed):
 #   1. environment (GPU, driver, versions)       4. bench/decode.py / bench/sampling.py --quick (if present)
 #   2. build dalle_fast._C in place (CUDA)       5. GPU tests, one pytest run per test file
-#   3. bench/attention.py --device cuda (bf16),  6. summary table (last)
-#      bench/host_overhead.py --device cuda
+#   3. bench/attention.py --device cuda (bf16),  6. bench/kernel_resources.py (static, this Triton)
+#      bench/host_overhead.py --device cuda       7. summary table (last)
 # The benchmarks run before the tests so that their numbers come in even when the tests use up the
 # budget (the tests then reuse the kernels the benchmark compiled, from Triton's cache).
 # Every step runs under `timeout`, a failed step does not stop the others, and the script exits
@@ -129,6 +129,11 @@ for f in $GPU_TESTS; do
   name="test_$(basename "$f" .py | sed 's/^test_//')"
   step "$name" 240 "$PY" -m pytest "$f" -q -x -m "$DESELECT" ${DESELECT_K:+-k "$DESELECT_K"} -p no:cacheprovider
 done
+
+# static sm_90a resources with this machine's Triton (registers, spills, pipeline buffer depth of
+# the default configurations; CI checks them with its own Triton release, which may allocate
+# differently): last, so it only uses what the budget leaves
+step kernel_resources 60 "$PY" bench/kernel_resources.py --kinds row,col,conv --defaults-only
 
 # 6. summary --------------------------------------------------------------------------------------
 for f in "$OUT"/attention/attention_cuda.csv; do
