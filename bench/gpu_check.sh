@@ -88,7 +88,8 @@ step import 60 "$PY" -c "import dalle_fast, torch; import dalle_fast._C; print('
 
 # 3. attention benchmark --------------------------------------------------------------------------
 if [[ -f bench/attention.py ]]; then
-  step bench_attention 230 "$PY" bench/attention.py --device cuda --dtype bfloat16 --batch 8 --heads 16 \
+  # DALLE_FAST_TRITON_FLAT=1: the tuner also times the flat work-list forward (opt-in until measured)
+  step bench_attention 230 env DALLE_FAST_TRITON_FLAT=1 "$PY" bench/attention.py --device cuda --dtype bfloat16 --batch 8 --heads 16 \
     --head-dim 64 --kinds row,col,conv,full --modes fwd,bwd,fwdbwd --quick-flex --out "$OUT/attention"
 else
   NAMES+=("bench_attention"); RESULTS+=("FAIL(bench/attention.py missing)"); SECONDS_USED+=(0); FAILED=1

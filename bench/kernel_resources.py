@@ -51,7 +51,7 @@ def main(argv=None):
     p.add_argument("--defaults-only", action="store_true", help="only the default configurations")
     args = p.parse_args(argv)
     print(f"# Triton {triton.__version__}, sm_90a, B*H any, H=16, N=1280 (text 256 + 32 x 32)")
-    print(f"{'kernel':<5} {'kind':<9} {'dtype':<9} {'D':>4} {'config (M, N, warps, stages)':<30} {'regs':>5} "
+    print(f"{'kernel':<8} {'kind':<9} {'dtype':<9} {'D':>4} {'config (M, N, warps, stages, flat)':<34} {'regs':>5} "
           f"{'stack':>6} {'smem KiB':>9} {'LDGSTS':>7} {'HGMMA':>6} {'LDG':>4} {'insts':>6} {'bufs':>4}  note")
     for dname in args.dtypes.split(","):
         dtype = getattr(torch, dname)
@@ -60,20 +60,25 @@ def main(argv=None):
             for kname in args.kinds.split(","):
                 kind = KINDS.index(kname)
                 for name, fn in KERNELS.items():
-                    cands = [defaults[name]]
-                    if not args.defaults_only and dtype != torch.float32:
-                        cands += [c for c in K._CANDIDATES[name] if c != defaults[name]]
+                    if name == "fwd_flat":  # no default: opt-in candidates (DALLE_FAST_TRITON_FLAT=1)
+                        cands = [] if args.defaults_only or dtype == torch.float32 else list(K.FLAT_FWD_CONFIGS)
+                    else:
+                        cands = [defaults[name]]
+                        if not args.defaults_only and dtype != torch.float32:
+                            cands += [c for c in K._CANDIDATES[name] if c != defaults[name] and not c.flat]
                     for cfg in cands:
                         try:
                             r = resources(compile_for_hopper(fn, dtype, kind, head_dim, cfg))
                         except Exception as e:  # noqa: BLE001 - report and go on
-                            print(f"{name:<5} {kname:<9} {dname:<9} {head_dim:>4} {str(tuple(cfg)):<30} failed: "
+                            print(f"{name:<8} {kname:<9} {dname:<9} {head_dim:>4} {str(tuple(cfg)):<34} failed: "
                                   f"{type(e).__name__}: {str(e)[:80]}")
                             continue
                         note = "default" if cfg == defaults[name] else ""
                         if r["stack"] or r["local"]:
                             note += " SPILLS"
-                        print(f"{name:<5} {kname:<9} {dname:<9} {head_dim:>4} {str(tuple(cfg)):<30} {r['regs']:>5} "
+                        if r["wgmma_serialized"]:
+                            note += " WGMMA-SERIALIZED"
+                        print(f"{name:<8} {kname:<9} {dname:<9} {head_dim:>4} {str(tuple(cfg)):<34} {r['regs']:>5} "
                               f"{r['stack']:>6} {r['smem'] / 1024:>9.1f} {r['ldgsts']:>7} {r['hgmma']:>6} "
                               f"{r['ldg']:>4} {r['instructions']:>6} {r['tile_buffers']:>4}  {note.strip()}")
 

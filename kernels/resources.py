@@ -8,7 +8,8 @@ how data moves (``LDGSTS`` asynchronous global -> shared copies, ``HGMMA`` warpg
 ``LDG`` / ``STG``), and from the TTGIR how deep the software pipeline buffers the streamed tiles
 (``tile_buffers``: the shallowest multi-buffered shared-memory tile, ``num_stages`` when every
 tile load is prefetched ``num_stages - 1`` iterations ahead). Used by ``bench/kernel_resources.py``
-and by the tests, which hold the default configurations to no spills and full-depth buffers. Needs
+and by the tests, which hold the default configurations to no spills, full-depth buffers and
+unserialized warpgroup MMAs (ptxas's own report on the PTX). Needs
 a real (not interpreted) Triton: import it without ``TRITON_INTERPRET=1``.
 """
 
@@ -32,9 +33,9 @@ __all__ = ["KERNELS", "compile_for_hopper", "resources", "tool"]
 
 TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 FLOAT_PTRS = ("LSE", "DELTA", "DLSE")
-INT_PTRS = ("PERM", "TAB")
+INT_PTRS = ("PERM", "TAB", "WORK")
 FLOATS = ("qk_scale", "sm_scale")
-KERNELS = {"fwd": K._attn_fwd, "dkdv": K._attn_bwd_dkdv, "dq": K._attn_bwd_dq}
+KERNELS = {"fwd": K._attn_fwd, "dkdv": K._attn_bwd_dkdv, "dq": K._attn_bwd_dq, "fwd_flat": K._attn_fwd_flat}
 
 
 def tool(name: str) -> str:
@@ -80,14 +81,21 @@ _OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[0-9T] )?([A-Z0-9_]+)(?:\.[A-Z0
 
 
 def resources(compiled) -> dict:
-    """Registers, stack bytes, shared memory, SASS opcode counts and the shallowest pipeline buffer
-    of 2-D tiles (``tile_buffers``, 0 if none) of a compiled kernel."""
+    """Registers, stack bytes, shared memory, SASS opcode counts, the shallowest pipeline buffer of
+    2-D tiles (``tile_buffers``, 0 if none) and whether ptxas serialized its warpgroup MMAs
+    (``wgmma_serialized``) of a compiled kernel."""
     with tempfile.TemporaryDirectory() as d:
         cubin = Path(d) / "k.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
         usage = subprocess.run([tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
                                check=True).stdout
         sass = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True).stdout
+        ptx = Path(d) / "k.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        # ptxas reports (C7514/C7515) when it has to serialize the warpgroup MMAs: each wgmma then
+        # waits for the previous one, whatever Triton's pipelining asked for
+        ptxas_log = subprocess.run([tool("ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", str(Path(d) / "re.cubin")],
+                                   capture_output=True, text=True).stderr
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
     if m is None:
         raise RuntimeError(f"unexpected cuobjdump output: {usage[-500:]}")
@@ -95,4 +103,5 @@ def resources(compiled) -> dict:
     depths = [int(d) for d, _, _ in _TILE_BUFFER.findall(compiled.asm["ttgir"])]
     return dict(regs=int(m[1]), stack=int(m[2]), local=int(m[4]), smem=int(compiled.metadata.shared),
                 ldgsts=ops["LDGSTS"], hgmma=ops["HGMMA"], ldg=ops["LDG"], stg=ops["STG"],
-                instructions=sum(ops.values()), tile_buffers=min(depths) if depths else 0)
+                instructions=sum(ops.values()), tile_buffers=min(depths) if depths else 0,
+                wgmma_serialized="wgmma.mma_async instructions are serialized" in ptxas_log)

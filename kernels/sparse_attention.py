@@ -54,12 +54,17 @@ LOG2E = 1.4426950408889634
 
 
 class TileConfig(NamedTuple):
-    """One launch configuration: ``BLOCK_M`` query rows x ``BLOCK_N`` key rows per tile."""
+    """One launch configuration: ``BLOCK_M`` query rows x ``BLOCK_N`` key rows per tile.
+
+    ``flat`` (forward only): 0 runs ``_attn_fwd``, one program per query tile; ``n > 0`` runs the
+    flat work-list forward ``_attn_fwd_flat`` with about ``n`` (query tile, key tile) pairs per
+    program."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    flat: int = 0
 
 
 # Autotuning candidates (float16/bfloat16 on a GPU; few per kernel so tuning stays cheap).
@@ -72,6 +77,14 @@ FWD_CONFIGS = (
     TileConfig(64, 64, 4, 3),
     TileConfig(64, 64, 4, 4),
     TileConfig(64, 32, 4, 3),
+)
+# The flat work-list forward: candidates only with DALLE_FAST_TRITON_FLAT=1 until it has been timed
+# and checked on a GPU (interpreter tests pass; see bench/RESULTS.md).
+FLAT_FWD_CONFIGS = (
+    TileConfig(64, 64, 4, 3, 16),
+    TileConfig(64, 64, 4, 3, 32),
+    TileConfig(64, 32, 4, 3, 32),
+    TileConfig(128, 64, 8, 3, 16),
 )
 # dK/dV: BLOCK_M = query rows streamed, BLOCK_N = key rows held by the program.
 DKDV_CONFIGS = (
@@ -113,7 +126,7 @@ def _default_configs(head_dim: int, dtype: torch.dtype):
 
 def _all_tiles():
     tiles = {INTERPRET_CONFIG[:2]}
-    for c in FWD_CONFIGS + DKDV_CONFIGS + DQ_CONFIGS:
+    for c in FWD_CONFIGS + FLAT_FWD_CONFIGS + DKDV_CONFIGS + DQ_CONFIGS:
         tiles.add(c[:2])
     for hd in HEAD_DIMS:
         for dt in DTYPES:
@@ -338,6 +351,117 @@ def _attn_fwd(
     tl.store(LSE + pid_bh.to(tl.int64) * N + pos_q, lse, mask=valid_q)
 
 
+# Pair codes of the flat forward's work list: key tile | query tile << 13 | flags (13 bits each:
+# at most 8191 tiles per axis)
+PAIR_BITS = 13
+PAIR_PARTIAL, PAIR_FIRST, PAIR_LAST = 1 << 26, 1 << 27, 1 << 28
+
+
+@triton.jit
+def _flat_fetch(PAIRS, j, end, PERM, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PERMUTED: tl.constexpr):
+    """Pair ``j`` of a program's range ``[.., end)`` and what its loads address through (see
+    :func:`_fetch`): ``(code, q addr, k addr)``; ``j == end`` fetches pair 0, never used."""
+    e = tl.load(PAIRS + j, mask=j < end, other=0)
+    kt = e & 8191
+    qt = (e >> 13) & 8191
+    if PERMUTED:
+        slot_q = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+        slot_k = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+        qa = tl.load(PERM + slot_q, mask=slot_q < N, other=-1)
+        ka = tl.load(PERM + slot_k, mask=slot_k < N, other=N)
+        return e, qa, ka
+    else:
+        return e, qt, kt
+
+
+@triton.jit
+def _attn_fwd_flat(
+    Q, K, V, O, LSE, PERM, TAB,
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
+    WORK, H, N, T, S, KS, DIL, qk_scale,
+    KIND: tl.constexpr, PERMUTED: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Forward over a flat work list: one program per (group of consecutive query tiles,
+    batch*head) walks every (query tile, key tile) pair of its group in one loop, so the software
+    pipeline runs across query tiles (the next tile's q, K and V are in flight while one query tile
+    finishes; ``_attn_fwd`` drains and refills it per query tile, which at DALL-E's 4-8 tiles per
+    query tile is a large share of a program). ``WORK``: ``G + 1`` group starts, then the pair codes
+    (``PAIR_*``: key tile, query tile, partial / first / last flags). The q tile is reloaded with
+    every pair (a prefetched copy, where ``_attn_fwd`` holds it); a pair flagged *first* writes out
+    and lse of the previous query tile and restarts the online softmax (the running max goes to
+    -inf, so the rescale factor clears l and acc). Same results as ``_attn_fwd`` up to summation
+    order (the same tiles in the same order: bit-identical in practice)."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    q_base = Q + b * s_qb + h * s_qh
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+    o_base = O + b * s_ob + h * s_oh
+    start = tl.load(WORK + pid)
+    end = tl.load(WORK + pid + 1)
+    PAIRS = WORK + tl.num_programs(0) + 1
+
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    e, qa, ka = _flat_fetch(PAIRS, start, end, PERM, N, BLOCK_M, BLOCK_N, PERMUTED)
+    qa_done = qa  # q addressing of the query tile being accumulated
+    for j in range(start, end):
+        e_next, qa_next, ka_next = _flat_fetch(PAIRS, j + 1, end, PERM, N, BLOCK_M, BLOCK_N, PERMUTED)
+        pos_q, valid_q = _address(qa, N, BLOCK_M, PERMUTED, True)
+        pos_k, valid_k = _address(ka, N, BLOCK_N, PERMUTED, False)
+        q = tl.load(q_base + pos_q[:, None] * s_qn + offs_d[None, :], mask=valid_q[:, None], other=0.0)
+        k = tl.load(k_base + pos_k[:, None] * s_kn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
+        v = tl.load(v_base + pos_k[:, None] * s_vn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
+        qt = (e >> 13) & 8191
+        kt = e & 8191
+        if PERMUTED:  # mask positions: a prefetched reload (see _mask_positions), needed for partial pairs
+            mpos_q = _mask_positions(PERM, qt, N, BLOCK_M, PERMUTED, True)
+            mpos_k = _mask_positions(PERM, kt, N, BLOCK_N, PERMUTED, False)
+        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+        first = (e & 134217728) != 0  # PAIR_FIRST: a new query tile
+        # the previous query tile is complete: write it here, after the scores' MMA wait (which also
+        # covers the last P @ V), not in a branch after P @ V: reading the accumulator while an MMA
+        # on its registers may be in flight makes ptxas serialize every wgmma of the kernel (C7514).
+        # The branch yields acc (cleared: the restart clears it anyway) so that P @ V depends on it
+        # and the scheduler cannot sink the stores below that MMA.
+        if first and j > start:
+            _flat_store(o_base, LSE, pid_bh, qa_done, acc, l_i, m_i, s_on, offs_d, N, BLOCK_M, PERMUTED)
+            acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        qa_done = qa
+        m_i = tl.where(first, float("-inf"), m_i)  # restart: the rescale factor below clears l and acc
+        if (e & 67108864) != 0:  # PAIR_PARTIAL: element mask
+            if not PERMUTED:
+                mpos_q = _mask_positions(PERM, qt, N, BLOCK_M, PERMUTED, True)
+                mpos_k = _mask_positions(PERM, kt, N, BLOCK_N, PERMUTED, False)
+            qk = tl.where(_allowed(mpos_q[:, None], mpos_k[None, :], T, S, KS, DIL, KIND), qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(qk * qk_scale - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)  # 0 after a restart
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
+        m_i = m_new
+        e, qa, ka = e_next, qa_next, ka_next
+    if end > start:  # the last query tile of the range
+        _flat_store(o_base, LSE, pid_bh, qa_done, acc, l_i, m_i, s_on, offs_d, N, BLOCK_M, PERMUTED)
+
+
+@triton.jit
+def _flat_store(o_base, LSE, pid_bh, qa, acc, l_i, m_i, s_on, offs_d, N, BLOCK_M: tl.constexpr,
+                PERMUTED: tl.constexpr):
+    """Out and lse of a completed query tile of the flat forward."""
+    pos_q, valid_q = _address(qa, N, BLOCK_M, PERMUTED, True)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only out-of-range rows (never stored)
+    tl.store(o_base + pos_q[:, None] * s_on + offs_d[None, :], (acc / l_safe[:, None]).to(o_base.dtype.element_ty),
+             mask=valid_q[:, None])
+    tl.store(LSE + pid_bh.to(tl.int64) * N + pos_q, (m_i + tl.log2(l_safe)) * 0.6931471805599453, mask=valid_q)
+
+
 # ---------------------------------------------------------------------------------------------
 # backward
 # ---------------------------------------------------------------------------------------------
@@ -496,6 +620,14 @@ def _attn_bwd_dq(
 # triton.autotune's per-call argument processing (the op is launch-bound at DALL-E sizes, where one
 # forward takes ~0.1 ms on a Hopper GPU).
 _CANDIDATES = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}
+
+
+def _candidates(name: str) -> tuple:
+    """Tuning candidates of kernel ``name``; with ``DALLE_FAST_TRITON_FLAT=1`` the forward's also
+    include the flat work-list forward (``FLAT_FWD_CONFIGS``)."""
+    if name == "fwd" and os.environ.get("DALLE_FAST_TRITON_FLAT", "0") == "1":
+        return _CANDIDATES[name] + FLAT_FWD_CONFIGS
+    return _CANDIDATES[name]
 _BEST: dict = {}  # (kernel, N, batch*heads bucket, T, S, KIND, HEAD_DIM, dtype) -> TileConfig
 
 
@@ -509,7 +641,7 @@ def _tune(name, launch, key):
     kernel spills registers (``n_spills`` of Triton's compiled kernel, read after the first launch)
     unless every candidate spills. Each candidate's outcome is appended to ``TUNING_LOG``."""
     fitting, spilling, info = [], [], {}
-    for cfg in _CANDIDATES[name]:
+    for cfg in _candidates(name):
         try:
             compiled = launch(cfg)  # compiles (once per configuration) and loads
         except OutOfResources:
@@ -591,7 +723,39 @@ def _layout_args(layout: Layout):
     return dict(T=T, S=S, KS=KS, DIL=DIL, KIND=kind)
 
 
-_KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
+_KERNELS = {"fwd": _attn_fwd, "fwd_flat": _attn_fwd_flat, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
+
+_WORK: dict = {}  # (layout, seq_len, block_m, block_n, pairs per program, device) -> (work, groups)
+
+
+def flat_work(layout: Layout, seq_len: int, block_m: int, block_n: int, pairs: int, device):
+    """``(work, groups)`` of the flat forward: int32 ``work`` = ``groups + 1`` starts of the groups
+    of consecutive query tiles (about ``pairs`` (query tile, key tile) pairs each, split where the
+    running count crosses a multiple of total / groups), then every pair's code in query-tile order
+    (full tiles first within a query tile, as in the tile table). Cached per device."""
+    key = (layout, seq_len, block_m, block_n, pairs, str(device))
+    hit = _WORK.get(key)
+    if hit is None:
+        tt = layout.tile_table(seq_len, block_m, block_n)
+        if max(tt.num_q_tiles, tt.num_k_tiles) >= 1 << PAIR_BITS:
+            raise ValueError(f"seq_len {seq_len} has too many tiles for the flat forward at {block_m} x {block_n}")
+        counts = (tt.row_ptr[1:] - tt.row_ptr[:-1]).long()
+        total, nq = int(counts.sum()), tt.num_q_tiles
+        groups = max(1, min(nq, -(-total // pairs)))
+        cum = torch.cumsum(counts, 0)
+        cuts = torch.searchsorted(cum, torch.arange(1, groups) * total / groups, right=False) + 1
+        bounds = torch.cat([torch.zeros(1, dtype=torch.long), cuts.clamp(max=nq), torch.full((1,), nq)])
+        bounds = torch.cummax(bounds, 0).values  # monotone (empty groups are harmless: start == end)
+        q_of = torch.repeat_interleave(torch.arange(nq), counts)
+        rank = torch.arange(total) - tt.row_ptr[:-1].long()[q_of]  # index within the query tile's list
+        code = tt.col_idx.long() | (q_of << PAIR_BITS)
+        code |= torch.where(rank >= tt.num_full.long()[q_of], PAIR_PARTIAL, 0)
+        code |= torch.where(rank == 0, PAIR_FIRST, 0)
+        code |= torch.where(rank == counts[q_of] - 1, PAIR_LAST, 0)
+        starts = tt.row_ptr.long()[bounds]
+        work = torch.cat([starts, code]).to(torch.int32).to(device)
+        hit = _WORK[key] = (work, groups)
+    return hit
 
 
 class _Launch(NamedTuple):
@@ -617,7 +781,7 @@ def _select(name, config, layout, grid_rows, B, H, args, consts, dtype, device):
     best = _BEST.get(key)
     if best is not None:
         return best, True
-    stored = tuning_cache.lookup(name, key, device, _CANDIDATES[name])
+    stored = tuning_cache.lookup(name, key, device, _candidates(name))
     if stored is not None:  # tuned by an earlier process on this kind of GPU
         best = _BEST[key] = TileConfig(*stored)
         return best, True
@@ -625,10 +789,10 @@ def _select(name, config, layout, grid_rows, B, H, args, consts, dtype, device):
         return _default_configs(consts["HEAD_DIM"], dtype)[("fwd", "dkdv", "dq").index(name)], False
 
     def launch(cfg):
-        return _run(_make_launch(name, cfg, layout, grid_rows, B, H, consts), args)
+        return _run(_make_launch(name, cfg, layout, grid_rows, B, H, consts, device), args)
 
     best = _tune(name, launch, key)
-    tuning_cache.store(name, key, device, _CANDIDATES[name], tuple(best))
+    tuning_cache.store(name, key, device, _candidates(name), tuple(best))
     return best, True
 
 
@@ -637,7 +801,12 @@ def _bh_bucket(bh: int) -> int:
     return 1 << max(bh - 1, 0).bit_length()
 
 
-def _make_launch(name, cfg, layout, grid_rows, B, H, consts) -> _Launch:
+def _make_launch(name, cfg, layout, grid_rows, B, H, consts, device) -> _Launch:
+    if name == "fwd" and cfg.flat:
+        work, groups = flat_work(layout, grid_rows, cfg.block_m, cfg.block_n, cfg.flat, device)
+        meta = dict(consts, WORK=work, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages)
+        return _Launch("fwd_flat", (groups, B * H), meta, cfg)
     tile = cfg.block_n if name == "dkdv" else cfg.block_m
     # where this tile shape's tables start in the packed buffer: plain arguments, so that a program
     # starts with its own row's count and first entry instead of first reading the record (one
@@ -697,7 +866,7 @@ def _fwd_plan(q, k, v, layout, scale, config):
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     cfg, final = _select("fwd", config, layout, N, B, H, _fwd_args(q, k, v, out, lse, perm, tables), consts, q.dtype,
                          q.device)
-    return _FwdPlan(perm, tables, _make_launch("fwd", cfg, layout, N, B, H, consts)), final
+    return _FwdPlan(perm, tables, _make_launch("fwd", cfg, layout, N, B, H, consts, q.device)), final
 
 
 def _fwd_args(q, k, v, out, lse, perm, tables):
@@ -760,7 +929,7 @@ def _bwd_plan(grad_out, q, k, v, out, lse, layout, scale, configs, grad_lse):
     for name, cfg in (("dq", cfg_dq), ("dkdv", cfg_dkdv)):
         args = _bwd_args(name, q, k, v, grad_out, out, lse, grad_lse, delta, *grads, perm, tables)
         cfg, ok = _select(name, cfg, layout, N, B, H, args, consts[name], q.dtype, q.device)
-        launches[name], final = _make_launch(name, cfg, layout, N, B, H, consts[name]), final and ok
+        launches[name], final = _make_launch(name, cfg, layout, N, B, H, consts[name], q.device), final and ok
     return _BwdPlan(perm, tables, launches["dq"], launches["dkdv"]), final
 
 

@@ -82,12 +82,12 @@ def _read() -> dict:
 
 
 def lookup(name: str, key: tuple, device: torch.device, candidates: Sequence) -> Optional[tuple]:
-    """The stored choice, as ``(block_m, block_n, num_warps, num_stages)``, if it is one of
+    """The stored choice, as the tuple of its ``TileConfig`` fields, if it is one of
     ``candidates``; else None."""
     if not enabled():
         return None
     hit = _read().get(_entry_key(name, key, device, candidates))
-    if not (isinstance(hit, list) and len(hit) == 4):
+    if not (isinstance(hit, list) and all(isinstance(x, int) for x in hit)):
         return None
     hit = tuple(hit)
     return hit if hit in {tuple(c) for c in candidates} else None

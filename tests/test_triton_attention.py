@@ -415,7 +415,7 @@ def test_every_tile_config():
     ref, _, ref_grads = _dense(q, k, v, do, layout, torch.float64)
     base, _, base_grads = _dense(q, k, v, do, layout, dtype)
     scale = 64 ** -0.5
-    for cfg in K.FWD_CONFIGS:
+    for cfg in K.FWD_CONFIGS + K.FLAT_FWD_CONFIGS:
         out, lse = K.attention_forward(q, k, v, layout, scale, config=cfg)
         _assert_close(f"out {cfg}", out, ref, base, dtype)
     for cfg_dkdv, cfg_dq in zip(K.DKDV_CONFIGS, K.DQ_CONFIGS):
@@ -445,6 +445,75 @@ def test_rectangular_tiles_interpreted(layout):
             _assert_close(f"{name} {configs}", g, rg, bg, dtype)
 
 
+_FLAT_INTERPRETED = [K.TileConfig(16, 16, 4, 1, 1), K.TileConfig(16, 16, 4, 1, 3), K.TileConfig(16, 16, 4, 1, 1000),
+                     K.TileConfig(32, 64, 4, 1, 5), K.TileConfig(64, 32, 4, 1, 7)]
+
+
+@pytest.mark.parametrize("layout,n", [
+    pytest.param(Layout("row", 7, 5), 29, id="row-n29"),
+    pytest.param(Layout("col", 40, 10), 131, id="col-n131"),
+    pytest.param(Layout("conv", 20, 6, kernel_size=3), 56, id="conv-n56"),
+    pytest.param(Layout("axial_col", 9, 4), 23, id="axial_col-n23"),
+    pytest.param(Layout("conv_like", 9, 6, kernel_size=3, dilation=2), 45, id="conv_like-n45"),
+    pytest.param(Layout("full", 5, 4), 21, id="full-n21"),
+])
+def test_flat_forward_matches_reference(layout, n):
+    """The flat work-list forward (one loop over the (query tile, key tile) pairs of a group of
+    query tiles): out and lse against float64 for groups of one query tile, a few, and all of
+    them, square and rectangular tiles; the backward from its out/lse too. On a GPU: the opt-in
+    candidates in bfloat16 (test_every_tile_config) and here in float32."""
+    dtype = torch.float32
+    q, k, v, do = _inputs(2, 3, n, 32, dtype, seed=12)
+    ref, ref_lse, ref_grads = _dense(q, k, v, do, layout, torch.float64)
+    base, base_lse, base_grads = _dense(q, k, v, do, layout, dtype)
+    scale = 32 ** -0.5
+    configs = K.FLAT_FWD_CONFIGS if HAS_CUDA else _FLAT_INTERPRETED
+    for cfg in configs:
+        out, lse = K.attention_forward(q, k, v, layout, scale, config=cfg)
+        _assert_close(f"out {cfg}", out, ref, base, dtype)
+        _assert_close(f"lse {cfg}", lse, ref_lse, base_lse, dtype)
+    grads = K.attention_backward(do, q, k, v, out, lse, layout, scale)
+    for name, g, rg, bg in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
+        _assert_close(f"{name} after flat forward", g, rg, bg, dtype)
+
+
+def test_flat_work_list():
+    """Groups are consecutive whole query tiles covering every pair once, balanced to within one
+    query tile's list; each code names the tile table's (query, key) pair and its flags."""
+    layout, n, bm, bn = Layout("conv", 20, 6, kernel_size=3), 56, 16, 16
+    tt = layout.tile_table(n, bm, bn)
+    counts = (tt.row_ptr[1:] - tt.row_ptr[:-1]).tolist()
+    for pairs in (1, 4, 9, 10 ** 6):
+        work, groups = K.flat_work(layout, n, bm, bn, pairs, "cpu")
+        assert K.flat_work(layout, n, bm, bn, pairs, "cpu")[0] is work  # cached
+        work = work.long()
+        starts, codes = work[:groups + 1].tolist(), work[groups + 1:]
+        total = tt.nnz
+        assert groups == max(1, min(tt.num_q_tiles, -(-total // pairs)))
+        assert starts[0] == 0 and starts[-1] == total and starts == sorted(starts)
+        assert set(starts) <= set(tt.row_ptr.tolist())  # whole query tiles
+        sizes = [b - a for a, b in zip(starts, starts[1:])]
+        assert max(sizes) - total / groups <= max(counts), sizes
+        kt, qt = codes & 8191, (codes >> 13) & 8191
+        assert torch.equal(kt, tt.col_idx.long())
+        assert torch.equal(qt, torch.repeat_interleave(torch.arange(tt.num_q_tiles), torch.tensor(counts)))
+        for r in range(tt.num_q_tiles):
+            c = codes[tt.row_ptr[r]:tt.row_ptr[r + 1]]
+            flags = [(bool(x & K.PAIR_PARTIAL), bool(x & K.PAIR_FIRST), bool(x & K.PAIR_LAST)) for x in c.tolist()]
+            nf = int(tt.num_full[r])
+            assert [f[0] for f in flags] == [i >= nf for i in range(len(c))]
+            assert [f[1] for f in flags] == [i == 0 for i in range(len(c))]
+            assert [f[2] for f in flags] == [i == len(c) - 1 for i in range(len(c))]
+
+
+def test_flat_candidates_are_opt_in(monkeypatch):
+    monkeypatch.delenv("DALLE_FAST_TRITON_FLAT", raising=False)
+    assert not any(c.flat for c in K._candidates("fwd"))
+    monkeypatch.setenv("DALLE_FAST_TRITON_FLAT", "1")
+    assert set(K.FLAT_FWD_CONFIGS) <= set(K._candidates("fwd"))
+    assert not any(c.flat for c in K._candidates("dq") + K._candidates("dkdv"))
+
+
 @needs_gpu
 def test_autotuned_at_paper_size(monkeypatch):
     """The autotuned path at the paper's sequence (text 256 + 32 x 32), bfloat16, col layer."""
@@ -471,9 +540,18 @@ for dtype, d, kind, nk in CASES:
             bad.append(f"{name} {kind} {dtype} head_dim {d} {tuple(cfg)} spills: {r}")
         if dtype != torch.float32 and not (r["ldgsts"] and r["hgmma"]):
             bad.append(f"{name} {kind} {dtype} head_dim {d} {tuple(cfg)}: no async copies or no wgmma: {r}")
+        if r["wgmma_serialized"]:
+            bad.append(f"{name} {kind} {dtype} head_dim {d} {tuple(cfg)}: ptxas serialized its wgmmas")
         # a streamed tile prefetched less than num_stages - 1 ahead (at 2 stages Triton single-buffers)
         if cfg.num_stages >= 3 and r["tile_buffers"] < cfg.num_stages:
             bad.append(f"{name} {kind} {dtype} head_dim {d} {tuple(cfg)}: tiles buffered {r['tile_buffers']} deep")
+# the opt-in flat forward's candidates (bfloat16, head_dim 64; col: permuted): the same requirements
+for kind in ("row", "col"):
+    for cfg in K.FLAT_FWD_CONFIGS:
+        r = resources(compile_for_hopper(KERNELS["fwd_flat"], torch.bfloat16, KINDS.index(kind), 64, cfg))
+        print("fwd_flat", kind, tuple(cfg), r)
+        if r["stack"] or r["local"] or r["wgmma_serialized"] or r["tile_buffers"] < cfg.num_stages:
+            bad.append(f"fwd_flat {kind} {tuple(cfg)}: {r}")
 assert not bad, "\n".join(bad)
 print("compiled")
 '''
