@@ -429,7 +429,7 @@ def _attn_fwd_flat(
         # on its registers may be in flight makes ptxas serialize every wgmma of the kernel (C7514).
         # The branch yields acc (cleared: the restart clears it anyway) so that P @ V depends on it
         # and the scheduler cannot sink the stores below that MMA.
-        if first and j > start:
+        if first & (j > start):
             _flat_store(o_base, LSE, pid_bh, qa_done, acc, l_i, m_i, s_on, offs_d, N, BLOCK_M, PERMUTED)
             acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         qa_done = qa
