@@ -352,10 +352,14 @@ def _attn_fwd(
     tl.store(LSE + pid_bh.to(tl.int64) * N + pos_q, lse, mask=valid_q)
 
 
-# Pair codes of the flat forward's work list: key tile | query tile << 13 | flags (13 bits each:
-# at most 8191 tiles per axis)
+# Pair codes of the flat forward's work list: key tile (bits 0-12) | query tile << 13 (bits 13-25) |
+# flags in bits 26-28; at most 8191 tiles per axis
 PAIR_BITS = 13
 PAIR_PARTIAL, PAIR_FIRST, PAIR_LAST = 1 << 26, 1 << 27, 1 << 28
+_TILE_MASK = tl.constexpr((1 << PAIR_BITS) - 1)
+_PAIR_SHIFT = tl.constexpr(PAIR_BITS)
+_PARTIAL = tl.constexpr(PAIR_PARTIAL)
+_FIRST = tl.constexpr(PAIR_FIRST)
 
 
 @triton.jit
@@ -363,8 +367,8 @@ def _flat_fetch(PAIRS, j, end, PERM, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
     """Pair ``j`` of a program's range ``[.., end)`` and what its loads address through (see
     :func:`_fetch`): ``(code, q addr, k addr)``; ``j == end`` fetches pair 0, never used."""
     e = tl.load(PAIRS + j, mask=j < end, other=0)
-    kt = e & 8191
-    qt = (e >> 13) & 8191
+    kt = e & _TILE_MASK
+    qt = (e >> _PAIR_SHIFT) & _TILE_MASK
     if PERMUTED:
         slot_q = qt * BLOCK_M + tl.arange(0, BLOCK_M)
         slot_k = kt * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -391,8 +395,10 @@ def _attn_fwd_flat(
     (``PAIR_*``: key tile, query tile, partial / first / last flags). The q tile is reloaded with
     every pair (a prefetched copy, where ``_attn_fwd`` holds it); a pair flagged *first* writes out
     and lse of the previous query tile and restarts the online softmax (the running max goes to
-    -inf, so the rescale factor clears l and acc). Same results as ``_attn_fwd`` up to summation
-    order (the same tiles in the same order: bit-identical in practice)."""
+    -inf, so the rescale factor clears l and acc). The same tiles in the same order as
+    ``_attn_fwd`` at the same tile shape, with the same arithmetic (bit-identical under the
+    interpreter, tested). The last flag of a pair (``PAIR_LAST``) is for tests and tools: the
+    kernel writes a tile when the next one starts, or after its loop."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -418,13 +424,13 @@ def _attn_fwd_flat(
         q = tl.load(q_base + pos_q[:, None] * s_qn + offs_d[None, :], mask=valid_q[:, None], other=0.0)
         k = tl.load(k_base + pos_k[:, None] * s_kn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
         v = tl.load(v_base + pos_k[:, None] * s_vn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
-        qt = (e >> 13) & 8191
-        kt = e & 8191
+        qt = (e >> _PAIR_SHIFT) & _TILE_MASK
+        kt = e & _TILE_MASK
         if PERMUTED:  # mask positions: a prefetched reload (see _mask_positions), needed for partial pairs
             mpos_q = _mask_positions(PERM, qt, N, BLOCK_M, PERMUTED, True)
             mpos_k = _mask_positions(PERM, kt, N, BLOCK_N, PERMUTED, False)
         qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
-        first = (e & 134217728) != 0  # PAIR_FIRST: a new query tile
+        first = (e & _FIRST) != 0  # a new query tile
         # the previous query tile is complete: write it here, after the scores' MMA wait (which also
         # covers the last P @ V), not in a branch after P @ V: reading the accumulator while an MMA
         # on its registers may be in flight makes ptxas serialize every wgmma of the kernel (C7514).
@@ -435,7 +441,7 @@ def _attn_fwd_flat(
             acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         qa_done = qa
         m_i = tl.where(first, float("-inf"), m_i)  # restart: the rescale factor below clears l and acc
-        if (e & 67108864) != 0:  # PAIR_PARTIAL: element mask
+        if (e & _PARTIAL) != 0:  # element mask
             if not PERMUTED:
                 mpos_q = _mask_positions(PERM, qt, N, BLOCK_M, PERMUTED, True)
                 mpos_k = _mask_positions(PERM, kt, N, BLOCK_N, PERMUTED, False)
