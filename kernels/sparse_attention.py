@@ -849,10 +849,12 @@ def _remember(key, plan) -> None:
 
 
 def clear_caches() -> None:
-    """Forget the tuned configurations, launch plans and device tables (tests; a changed GPU)."""
+    """Forget the tuned configurations, launch plans and device tables and work lists (tests; a
+    changed GPU)."""
     _BEST.clear()
     _PLANS.clear()
     _TABLES.clear()
+    _WORK.clear()
 
 
 class _FwdPlan(NamedTuple):
