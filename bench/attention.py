@@ -275,20 +275,13 @@ def main(argv=None):
             for prov, (ms, peak) in time_cases(cases, device, args.warmup, args.repeats).items():
                 rate = cases[prov][1] / ms / 1e6  # GFLOP/s
                 rows.append(dict(kind=kind, mode=mode, provider=prov, ms=ms, rate=rate / div, peak_mib=peak))
+                print(f"# {kind} {mode} {prov}: {ms:.3f} ms", flush=True)
+        # results so far on disk and in the log after every kind: a run cut short (the GPU check's
+        # time limit) keeps what it measured
+        write_outputs(args, summarize(rows), notes, machine, dtype, B, H, D, device, unit)
 
-    # best smaller Flex block size per (kind, mode): keep flex128 and the faster of 64/32
-    best = {}
-    for r in rows:
-        if r["provider"] in ("flex64", "flex32"):
-            key = (r["kind"], r["mode"])
-            if key not in best or r["ms"] < best[key]["ms"]:
-                best[key] = r
-    rows = [r for r in rows if r["provider"] not in ("flex64", "flex32") or best[(r["kind"], r["mode"])] is r]
-
+    rows = summarize(rows)
     ours = {(r["kind"], r["mode"]): r["ms"] for r in rows if r["provider"] == "dalle_fast"}
-    for r in rows:
-        base = ours.get((r["kind"], r["mode"]))
-        r["speedup_of_dalle_fast"] = (r["ms"] / base) if base and r["provider"] != "dalle_fast" else None
 
     header = f"{'kind':<10}{'mode':<8}{'provider':<13}{'ms':>10}{unit:>10}{'dalle_fast x':>14}"
     if not cpu:
@@ -306,6 +299,32 @@ def main(argv=None):
     for n in notes:
         print(f"# {n}")
 
+    stem = write_outputs(args, rows, notes, machine, dtype, B, H, D, device, unit)
+    print(f"# wrote {stem}.csv and {stem}.json")
+    if not cpu:
+        write_tuning_log(f"{stem}_tuning.csv", B * H, args.text_len, args.image_size)
+    return rows
+
+
+def summarize(rows):
+    """Keeps flex128 and the faster of flex64/flex32 per (kind, mode) and adds each baseline's time
+    over dalle_fast's (``speedup_of_dalle_fast``). Returns new row dicts."""
+    best = {}
+    for r in rows:
+        if r["provider"] in ("flex64", "flex32"):
+            key = (r["kind"], r["mode"])
+            if key not in best or r["ms"] < best[key]["ms"]:
+                best[key] = r
+    rows = [dict(r) for r in rows if r["provider"] not in ("flex64", "flex32") or best[(r["kind"], r["mode"])] is r]
+    ours = {(r["kind"], r["mode"]): r["ms"] for r in rows if r["provider"] == "dalle_fast"}
+    for r in rows:
+        base = ours.get((r["kind"], r["mode"]))
+        r["speedup_of_dalle_fast"] = (r["ms"] / base) if base and r["provider"] != "dalle_fast" else None
+    return rows
+
+
+def write_outputs(args, rows, notes, machine, dtype, B, H, D, device, unit):
+    """CSV and JSON of ``rows`` (and on CUDA the tuner's table) under ``--out``; returns the stem."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"attention_{device}"
@@ -318,10 +337,9 @@ def main(argv=None):
         w = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else ["kind"])
         w.writeheader()
         w.writerows(rows)
-    print(f"# wrote {stem}.csv and {stem}.json")
-    if not cpu:
-        write_tuning_log(f"{stem}_tuning.csv", B * H, args.text_len, args.image_size)
-    return rows
+    if device == "cuda":
+        write_tuning_log(f"{stem}_tuning.csv", B * H, args.text_len, args.image_size, quiet=True)
+    return stem
 
 
 # GEMMs per score entry of each Triton kernel (x 2 D FLOPs each): forward QK^T, PV; dK/dV QK^T,
@@ -329,9 +347,10 @@ def main(argv=None):
 _KERNEL_GEMMS = {"fwd": 2, "dkdv": 4, "dq": 3}
 
 
-def write_tuning_log(path, bh, text_len, image_size):
+def write_tuning_log(path, bh, text_len, image_size, quiet=False):
     """The Triton tuner's timing of every candidate configuration (kernel time, do_bench) with
-    TFLOP/s on that configuration's computed tiles; prints the best and worst per kernel and kind."""
+    TFLOP/s on that configuration's computed tiles; prints the best and worst per kernel and kind
+    (unless ``quiet``: the partial writes during a run)."""
     if "dalle_fast.kernels.sparse_attention" not in sys.modules:
         return
     from dalle_fast import KINDS
@@ -350,13 +369,16 @@ def write_tuning_log(path, bh, text_len, image_size):
                          tflops=None if e["ms"] is None else round(flops / e["ms"] / 1e9, 1),
                          n_regs=e["n_regs"], n_spills=e["n_spills"], note=e["note"]))
     if not rows:
-        print("# Triton tuner: no timings in this run (configurations from the tuning cache, "
-              "DALLE_FAST_TUNING_CACHE=0 re-tunes; or tuning off)")
+        if not quiet:
+            print("# Triton tuner: no timings in this run (configurations from the tuning cache, "
+                  "DALLE_FAST_TUNING_CACHE=0 re-tunes; or tuning off)")
         return
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
         w.writeheader()
         w.writerows(rows)
+    if quiet:
+        return
     print(f"# Triton tuner, kernel time per candidate (do_bench), {len(rows)} timings -> {path}")
     groups = {}
     for r in rows:
