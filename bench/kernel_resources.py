@@ -73,7 +73,7 @@ def main(argv=None):
                             print(f"{name:<8} {kname:<9} {dname:<9} {head_dim:>4} {str(tuple(cfg)):<34} failed: "
                                   f"{type(e).__name__}: {str(e)[:80]}")
                             continue
-                        note = "default" if cfg == defaults[name] else ""
+                        note = "default" if cfg == defaults.get(name) else ""
                         if r["stack"] or r["local"]:
                             note += " SPILLS"
                         if r["wgmma_serialized"]:
