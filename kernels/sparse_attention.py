@@ -263,7 +263,7 @@ def _address(addr, N, BLOCK: tl.constexpr, PERMUTED: tl.constexpr, INVALID_BEFOR
 
 @triton.jit
 def _mask_positions(PERM, t, N, BLOCK: tl.constexpr, PERMUTED: tl.constexpr, INVALID_BEFORE: tl.constexpr):
-    """Mask positions of streamed tile ``t`` (out-of-range slots: queries -1, keys the slot, >= N).
+    """Mask positions of streamed tile ``t`` (out-of-range slots fail causality: queries -1, keys >= N).
 
     Permuted kinds load them from ``perm`` again rather than keeping the fetched addresses: that load
     feeds the mask directly, so the pipeliner prefetches it into shared memory like K and V, where
@@ -352,18 +352,22 @@ def _attn_fwd(
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k, v, qk_scale, allowed, True, IEEE)
         t, addr = t_next, addr_next
 
+    _store_out(o_base, LSE, pid_bh, pos_q, valid_q, acc, l_i, m_i, s_on, offs_d, N)
+
+
+@triton.jit
+def _store_out(o_base, LSE, pid_bh, pos_q, valid_q, acc, l_i, m_i, s_on, offs_d, N):
+    """Out (acc / l) and the natural-log lse of a finished query tile."""
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only out-of-range rows (never stored)
-    out = acc / l_safe[:, None]
-    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # natural log
-    tl.store(o_base + pos_q[:, None] * s_on + offs_d[None, :], out.to(O.dtype.element_ty),
+    tl.store(o_base + pos_q[:, None] * s_on + offs_d[None, :], (acc / l_safe[:, None]).to(o_base.dtype.element_ty),
              mask=valid_q[:, None])
-    tl.store(LSE + pid_bh.to(tl.int64) * N + pos_q, lse, mask=valid_q)
+    tl.store(LSE + pid_bh.to(tl.int64) * N + pos_q, (m_i + tl.log2(l_safe)) * 0.6931471805599453, mask=valid_q)
 
 
 # Pair codes of the flat forward's work list: key tile (bits 0-12) | query tile << 13 (bits 13-25) |
-# flags in bits 26-28; at most 8191 tiles per axis
+# flags in bits 26 (partial tile) and 27 (first pair of a query tile); at most 8191 tiles per axis
 PAIR_BITS = 13
-PAIR_PARTIAL, PAIR_FIRST, PAIR_LAST = 1 << 26, 1 << 27, 1 << 28
+PAIR_PARTIAL, PAIR_FIRST = 1 << 26, 1 << 27
 _TILE_MASK = tl.constexpr((1 << PAIR_BITS) - 1)
 _PAIR_SHIFT = tl.constexpr(PAIR_BITS)
 _PARTIAL = tl.constexpr(PAIR_PARTIAL)
@@ -396,13 +400,12 @@ def _attn_fwd_flat(
     pipeline runs across query tiles (the next tile's q, K and V are in flight while one query tile
     finishes; ``_attn_fwd`` drains and refills it per query tile, which at DALL-E's 4-8 tiles per
     query tile is a large share of a program). ``WORK``: ``G + 1`` group starts, then the pair codes
-    (``PAIR_*``: key tile, query tile, partial / first / last flags). The q tile is reloaded with
+    (``PAIR_*``: key tile, query tile, partial / first flags). The q tile is reloaded with
     every pair (a prefetched copy, where ``_attn_fwd`` holds it); a pair flagged *first* writes out
     and lse of the previous query tile and restarts the online softmax (the running max goes to
     -inf, so the rescale factor clears l and acc). The same tiles in the same order as
     ``_attn_fwd`` at the same tile shape, with the same arithmetic (bit-identical under the
-    interpreter, tested). The last flag of a pair (``PAIR_LAST``) is for tests and tools: the
-    kernel writes a tile when the next one starts, or after its loop."""
+    interpreter, tested). A query tile is written when the next one starts, or after the loop."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -441,7 +444,8 @@ def _attn_fwd_flat(
         # The branch yields acc (cleared: the restart clears it anyway) so that P @ V depends on it
         # and the scheduler cannot sink the stores below that MMA.
         if first & (j > start):
-            _flat_store(o_base, LSE, pid_bh, qa_done, acc, l_i, m_i, s_on, offs_d, N, BLOCK_M, PERMUTED)
+            pos_d, valid_d = _address(qa_done, N, BLOCK_M, PERMUTED, True)
+            _store_out(o_base, LSE, pid_bh, pos_d, valid_d, acc, l_i, m_i, s_on, offs_d, N)
             acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         qa_done = qa
         m_i = tl.where(first, float("-inf"), m_i)  # restart: the rescale factor below clears l and acc
@@ -459,18 +463,8 @@ def _attn_fwd_flat(
         m_i = m_new
         e, qa, ka = e_next, qa_next, ka_next
     if end > start:  # the last query tile of the range
-        _flat_store(o_base, LSE, pid_bh, qa_done, acc, l_i, m_i, s_on, offs_d, N, BLOCK_M, PERMUTED)
-
-
-@triton.jit
-def _flat_store(o_base, LSE, pid_bh, qa, acc, l_i, m_i, s_on, offs_d, N, BLOCK_M: tl.constexpr,
-                PERMUTED: tl.constexpr):
-    """Out and lse of a completed query tile of the flat forward."""
-    pos_q, valid_q = _address(qa, N, BLOCK_M, PERMUTED, True)
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only out-of-range rows (never stored)
-    tl.store(o_base + pos_q[:, None] * s_on + offs_d[None, :], (acc / l_safe[:, None]).to(o_base.dtype.element_ty),
-             mask=valid_q[:, None])
-    tl.store(LSE + pid_bh.to(tl.int64) * N + pos_q, (m_i + tl.log2(l_safe)) * 0.6931471805599453, mask=valid_q)
+        pos_d, valid_d = _address(qa_done, N, BLOCK_M, PERMUTED, True)
+        _store_out(o_base, LSE, pid_bh, pos_d, valid_d, acc, l_i, m_i, s_on, offs_d, N)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -639,6 +633,8 @@ def _candidates(name: str) -> tuple:
     if name == "fwd" and os.environ.get("DALLE_FAST_TRITON_FLAT", "0") == "1":
         return _CANDIDATES[name] + FLAT_FWD_CONFIGS
     return _CANDIDATES[name]
+
+
 _BEST: dict = {}  # (kernel, N, batch*heads bucket, T, S, KIND, HEAD_DIM, dtype) -> TileConfig
 
 
@@ -754,7 +750,8 @@ def flat_work(layout: Layout, seq_len: int, block_m: int, block_n: int, pairs: i
         total, nq = int(counts.sum()), tt.num_q_tiles
         groups = max(1, min(nq, -(-total // pairs)))
         cum = torch.cumsum(counts, 0)
-        cuts = torch.searchsorted(cum, torch.arange(1, groups) * total / groups, right=False) + 1
+        targets = -(-torch.arange(1, groups) * total // groups)  # ceil(g * total / groups)
+        cuts = torch.searchsorted(cum, targets, right=False) + 1
         bounds = torch.cat([torch.zeros(1, dtype=torch.long), cuts.clamp(max=nq), torch.full((1,), nq)])
         bounds = torch.cummax(bounds, 0).values  # monotone (empty groups are harmless: start == end)
         q_of = torch.repeat_interleave(torch.arange(nq), counts)
@@ -762,7 +759,6 @@ def flat_work(layout: Layout, seq_len: int, block_m: int, block_n: int, pairs: i
         code = tt.col_idx.long() | (q_of << PAIR_BITS)
         code |= torch.where(rank >= tt.num_full.long()[q_of], PAIR_PARTIAL, 0)
         code |= torch.where(rank == 0, PAIR_FIRST, 0)
-        code |= torch.where(rank == counts[q_of] - 1, PAIR_LAST, 0)
         starts = tt.row_ptr.long()[bounds]
         work = torch.cat([starts, code]).to(torch.int32).to(device)
         hit = _WORK[key] = (work, groups)
