@@ -118,8 +118,8 @@ class _EagerSparseAttention(torch.autograd.Function):
 
 def _plain_eager(*tensors: Tensor) -> bool:
     """True when nothing but eager autograd can observe the call: plain tensors with data (not
-    meta), no torch.compile or torch.jit tracing, no dispatch mode (fake tensors, FlopCounter, ...), no functorch
-    transform."""
+    meta), no torch.compile or torch.jit tracing, no dispatch mode (fake tensors, FlopCounter, ...),
+    no functorch transform."""
     if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:  # compile, jit.trace
         return False
     for t in tensors:
