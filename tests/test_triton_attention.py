@@ -699,3 +699,104 @@ def test_corrupt_tuning_cache_is_ignored_and_replaced(monkeypatch):
     K.clear_caches()
     K.attention_forward(q, k, v, layout, 0.25)
     assert len(timed) == 4 and list(json.loads(path.read_text()).values()) == [list(wide)]
+
+
+def test_precompile_compiles_candidates_concurrently(monkeypatch):
+    """The tuner's candidates are compiled at once in a thread pool (Triton's AsyncCompileMode: a
+    ``warmup`` under it submits the compile instead of running it), each once, all finished before
+    ``_precompile`` returns; a failing compile does not stop the others (its own launch reports it);
+    one thread, or no AsyncCompileMode, compiles nothing ahead. The JIT is faked here (no GPU): it
+    submits as Triton's ``_do_compile`` does."""
+    import threading
+    import time
+
+    from triton.runtime import _async_compile
+
+    state = dict(running=0, peak=0, done=[], threads=set())
+    lock = threading.Lock()
+
+    class FakeJIT:
+        def warmup(self, *args, grid, **meta):
+            mode = _async_compile.active_mode.get()
+            assert mode is not None, "warmup outside AsyncCompileMode"
+            assert args == ("q", "k") and grid == (meta["BLOCK_M"], 2)
+
+            def compile_fn():
+                with lock:
+                    state["running"] += 1
+                    state["peak"] = max(state["peak"], state["running"])
+                    state["threads"].add(threading.current_thread().name)
+                time.sleep(0.2)
+                with lock:
+                    state["running"] -= 1
+                if meta["BLOCK_M"] == 3:
+                    raise RuntimeError("this candidate does not compile")
+                state["done"].append(meta["BLOCK_M"])
+                return meta["BLOCK_M"]
+
+            return mode.submit(("key", meta["BLOCK_M"]), compile_fn, lambda kernel: None)
+
+    monkeypatch.setitem(K._KERNELS, "fake", FakeJIT())
+    launches = [K._Launch("fake", (m, 2), dict(BLOCK_M=m), None) for m in range(1, 7)]
+    monkeypatch.setenv("DALLE_FAST_COMPILE_THREADS", "4")
+    K._precompile(launches, ("q", "k"))
+    assert sorted(state["done"]) == [1, 2, 4, 5, 6]  # every candidate but the failing one, each once
+    assert state["peak"] >= 2 and len(state["threads"]) >= 2 and state["running"] == 0
+    assert all(t.startswith("dalle_fast-compile") for t in state["threads"])
+    assert _async_compile.active_mode.get() is None
+    state["done"].clear()
+    monkeypatch.setenv("DALLE_FAST_COMPILE_THREADS", "1")
+    K._precompile(launches, ("q", "k"))
+    assert state["done"] == []
+    monkeypatch.setenv("DALLE_FAST_COMPILE_THREADS", "4")
+    import concurrent.futures
+    import sys
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, _async_compile.AsyncCompileMode(pool):
+        K._precompile(launches, ("q", "k"))  # someone else's mode is active: left alone
+    assert state["done"] == []
+    monkeypatch.delattr(triton.runtime, "_async_compile")
+    monkeypatch.setitem(sys.modules, "triton.runtime._async_compile", None)  # a Triton without it
+    K._precompile(launches, ("q", "k"))
+    assert state["done"] == []
+    monkeypatch.delenv("DALLE_FAST_COMPILE_THREADS")
+    assert 1 <= K.compile_threads() <= 16
+    for bad in ("zero", "0"):
+        monkeypatch.setenv("DALLE_FAST_COMPILE_THREADS", bad)
+        with pytest.raises(ValueError, match="DALLE_FAST_COMPILE_THREADS"):
+            K._precompile(launches, ("q", "k"))
+
+
+@needs_gpu
+def test_tuning_compiles_each_candidate_once_ahead(monkeypatch):
+    """On a GPU the tuner's concurrent warmups compile exactly the kernels its launches then run:
+    Triton's compile hook sees every candidate once, as a warmup, and no launch compiles again (a
+    warmup that specialised differently would make the launch compile a second kernel). A layout
+    (the JIT's in-memory cache emptied: kernels then come from Triton's disk cache, and still pass
+    the hook)."""
+    import collections
+
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None or not hasattr(knobs.runtime, "jit_cache_hook") or not hasattr(K._attn_fwd, "device_caches"):
+        pytest.skip("this Triton has no jit_cache_hook / device_caches")
+    pytest.importorskip("triton.runtime._async_compile")
+    monkeypatch.setattr(K._attn_fwd, "device_caches", collections.defaultdict(K._attn_fwd.create_binder))
+
+    monkeypatch.setenv("DALLE_FAST_TRITON_AUTOTUNE", "1")
+    monkeypatch.setenv("DALLE_FAST_TUNING_CACHE", "0")
+    monkeypatch.setenv("DALLE_FAST_COMPILE_THREADS", "8")
+    monkeypatch.setattr(K, "_BEST", {})
+    monkeypatch.setattr(K, "_PLANS", {})
+    monkeypatch.setattr(K, "TUNING_LOG", [])
+    compiles = []
+    monkeypatch.setattr(knobs.runtime, "jit_cache_hook",
+                        lambda **kw: compiles.append((kw["fn"].name, kw["is_manual_warmup"])) and False)
+    layout = Layout("conv_like", 72, 9, kernel_size=5, dilation=2)
+    q, k, v, do = _inputs(1, 2, layout.seq_len, 32, torch.bfloat16, seed=21)
+    out, _ = K.attention_forward(q, k, v, layout, 32 ** -0.5)  # the references' default scale
+    n = len(K._candidates("fwd"))
+    assert [c for c in compiles if c[0] == "_attn_fwd"] == [("_attn_fwd", True)] * n, compiles
+    assert len([e for e in K.TUNING_LOG if e["kernel"] == "fwd"]) == n
+    base, _, _ = _dense(q, k, v, do, layout, torch.bfloat16)
+    ref64, _, _ = _dense(q, k, v, do, layout, torch.float64)
+    _assert_close("out", out, ref64, base, torch.bfloat16)
