@@ -298,8 +298,14 @@ def main(argv=None):
             print(f"# col / row time ({mode}): {ours[('col', mode)] / ours[('row', mode)]:.2f}")
     for n in notes:
         print(f"# {n}")
+    goals = targets(rows) if not cpu else []
+    if goals:
+        print(f"# issue 3's speed targets (stated for an H100; this run: {machine}):")
+        for g in goals:
+            print(f"#   {g['target']:<44} {g['kind']:<6} {g['value']:>8.2f} {g['goal']:<8} "
+                  f"{'met' if g['met'] else 'NOT met'}")
 
-    stem = write_outputs(args, rows, notes, machine, dtype, B, H, D, device, unit)
+    stem = write_outputs(args, rows, notes, machine, dtype, B, H, D, device, unit, goals)
     print(f"# wrote {stem}.csv and {stem}.json")
     if not cpu:
         write_tuning_log(f"{stem}_tuning.csv", B * H, args.text_len, args.image_size)
@@ -323,8 +329,45 @@ def summarize(rows):
     return rows
 
 
-def write_outputs(args, rows, notes, machine, dtype, B, H, D, device, unit):
-    """CSV and JSON of ``rows`` (and on CUDA the tuner's table) under ``--out``; returns the stem."""
+#: issue 3's speed targets: (label, mode, baselines (the fastest present is the one to beat), goal)
+_SPEEDUPS = (
+    ("forward vs compiled FlexAttention (x faster)", "fwd", ("flex128", "flex64", "flex32"), 1.5),
+    ("forward vs SDPA is_causal=True (x faster)", "fwd", ("sdpa_causal",), 2.0),
+    ("backward vs compiled FlexAttention (x faster)", "bwd", ("flex128", "flex64", "flex32"), 1.3),
+)
+
+
+def targets(rows):
+    """Issue 3's speed targets checked on ``rows`` (as ``summarize`` returns them): per kind the
+    speedups over the fastest FlexAttention and SDPA causal, forward TFLOP/s on the computed tiles,
+    and col's time over row's per mode. Returns dicts of target, kind, value, goal, met; a target
+    whose rows are missing (provider skipped, mode not run) is left out."""
+    by = {(r["kind"], r["mode"], r["provider"]): r for r in rows}
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    out = []
+    for kind in kinds:
+        for label, mode, bases, goal in _SPEEDUPS:
+            ours = by.get((kind, mode, "dalle_fast"))
+            times = [by[(kind, mode, b)]["ms"] for b in bases if (kind, mode, b) in by]
+            if ours and times:
+                v = min(times) / ours["ms"]
+                out.append(dict(target=label, kind=kind, value=v, goal=f">= {goal}", met=v >= goal))
+        ours = by.get((kind, "fwd", "dalle_fast"))
+        if ours:
+            out.append(dict(target="forward TFLOP/s on the computed tiles", kind=kind, value=ours["rate"],
+                            goal=">= 300", met=ours["rate"] >= 300))
+    for mode in ("fwd", "bwd", "fwdbwd"):
+        row, col = by.get(("row", mode, "dalle_fast")), by.get(("col", mode, "dalle_fast"))
+        if row and col:
+            v = col["ms"] / row["ms"]
+            out.append(dict(target=f"col time / row time ({mode})", kind="col", value=v, goal="<= 1.15",
+                            met=v <= 1.15))
+    return out
+
+
+def write_outputs(args, rows, notes, machine, dtype, B, H, D, device, unit, goals=None):
+    """CSV and JSON of ``rows`` (with the speed ``goals`` checked, if given) and on CUDA the tuner's
+    table, under ``--out``; returns the stem."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"attention_{device}"
@@ -332,7 +375,7 @@ def write_outputs(args, rows, notes, machine, dtype, B, H, D, device, unit):
                 batch=B, heads=H, head_dim=D, text_len=args.text_len, image_size=args.image_size,
                 rate_unit=unit, notes=notes)
     with open(f"{stem}.json", "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        json.dump(dict(meta=meta, rows=rows, targets=goals or []), f, indent=1)
     with open(f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else ["kind"])
         w.writeheader()

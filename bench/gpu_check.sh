@@ -19,7 +19,7 @@ OUT="${OUT:-bench/out}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
-BUDGET="${DALLE_FAST_CHECK_BUDGET:-470}"
+BUDGET="${DALLE_FAST_CHECK_BUDGET:-460}"
 export MAX_JOBS="${MAX_JOBS:-16}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -141,6 +141,7 @@ for f in "$OUT"/attention/attention_cuda.csv; do
   [[ -f "$f" ]] && { echo "--- $f"; column -s, -t <"$f" 2>/dev/null || cat "$f"; }
 done
 [[ -f "$OUT/bench_attention.log" ]] && { echo "--- Triton tuner (kernel time of every candidate: $OUT/attention/attention_cuda_tuning.csv)"; grep -E "^#   (fwd|dkdv|dq) " "$OUT/bench_attention.log"; }
+[[ -f "$OUT/bench_attention.log" ]] && sed -n '/speed targets/,/^# wrote/p' "$OUT/bench_attention.log" | grep -v '^# wrote'
 [[ -f "$OUT/bench_host_overhead.log" ]] && { echo "--- host overhead"; tail -n 11 "$OUT/bench_host_overhead.log"; }
 echo
 echo "dalle_fast GPU check: $(date -u +%Y-%m-%dT%H:%MZ), total $(($(date +%s) - T0))s, outputs in $OUT"

@@ -99,3 +99,32 @@ def test_tuning_log_table(tmp_path, monkeypatch):
     expect = 4 * pairs * 64 * 128 / 0.05e-3 / 1e12
     got = float(next(csv.DictReader(text))["tflops"])
     assert abs(got - expect) < 0.1, (got, expect)
+
+
+def test_speed_targets_table():
+    """bench/attention.py checks issue 3's targets against the fastest FlexAttention present and
+    SDPA causal, forward TFLOP/s, and col / row; missing providers or modes leave targets out."""
+    spec = importlib.util.spec_from_file_location("bench_attention", BENCH / "attention.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def row(kind, mode, provider, ms, rate=0.0):
+        return dict(kind=kind, mode=mode, provider=provider, ms=ms, rate=rate, peak_mib=None)
+
+    rows = bench.summarize([
+        row("row", "fwd", "dalle_fast", 0.05, 320.0), row("row", "fwd", "flex128", 0.1),
+        row("row", "fwd", "flex64", 0.07), row("row", "fwd", "sdpa_causal", 0.09),
+        row("row", "bwd", "dalle_fast", 0.2), row("row", "bwd", "flex128", 0.3),
+        row("col", "fwd", "dalle_fast", 0.06, 250.0), row("col", "fwd", "flex128", 0.2),
+    ])
+    got = {(g["target"], g["kind"]): g for g in bench.targets(rows)}
+    flex = got[("forward vs compiled FlexAttention (x faster)", "row")]
+    assert abs(flex["value"] - 0.07 / 0.05) < 1e-9 and not flex["met"]  # flex64 is the one to beat
+    assert got[("forward vs SDPA is_causal=True (x faster)", "row")]["value"] == pytest.approx(1.8)
+    assert got[("backward vs compiled FlexAttention (x faster)", "row")]["met"]  # 1.5 >= 1.3
+    assert got[("forward TFLOP/s on the computed tiles", "row")]["met"]
+    assert not got[("forward TFLOP/s on the computed tiles", "col")]["met"]
+    ratio = got[("col time / row time (fwd)", "col")]
+    assert ratio["value"] == pytest.approx(1.2) and not ratio["met"]
+    assert ("forward vs SDPA is_causal=True (x faster)", "col") not in got  # no sdpa_causal row for col
+    assert ("col time / row time (bwd)", "col") not in got and len(got) == 7
