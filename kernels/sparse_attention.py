@@ -58,13 +58,22 @@ class TileConfig(NamedTuple):
 
     ``flat`` (forward only): 0 runs ``_attn_fwd``, one program per query tile; ``n > 0`` runs the
     flat work-list forward ``_attn_fwd_flat`` with about ``n`` (query tile, key tile) pairs per
-    program."""
+    program.
+
+    ``order`` (not the flat forward; a launch argument, so both orders share one compiled kernel):
+    the order in which the GPU starts the programs. 0 (``ORDER_BH``): every tile of batch*head 0,
+    then of 1, ...; 1 (``ORDER_HEAVY``): tile-major, the heaviest tile of every batch*head first
+    (see :func:`_program`)."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
     flat: int = 0
+    order: int = 0
+
+
+ORDER_BH, ORDER_HEAVY = 0, 1
 
 
 # Autotuning candidates (float16/bfloat16 on a GPU; few per kernel so tuning stays cheap).
@@ -299,22 +308,48 @@ def _fwd_step(acc, l_i, m_i, q, k, v, qk_scale, allowed, MASKED: tl.constexpr, I
     return acc, l_i, m_new
 
 
+@triton.jit
+def _program(N, BH, ORDER, BLOCK: tl.constexpr, HEAVY_LAST_TILE: tl.constexpr):
+    """``(tile, batch*head)`` of this program of a 1-D grid of ``cdiv(N, BLOCK) * BH`` programs.
+
+    The GPU starts programs in grid order, and a program's work is its table row's length, which
+    grows with the query tile (forward, dQ: causal) and shrinks with the key tile (dK/dV: the text
+    keys are read by every query tile), so each batch*head walks its tiles heaviest first
+    (``HEAVY_LAST_TILE``: descending tile index). ``ORDER`` 0 runs all tiles of batch*head 0, then
+    1, ... (neighbouring programs share K/V or Q/dO in L2); 1 runs tile-major: the heaviest tile of
+    every batch*head, then the next, so that the grid ends on the lightest programs of all instead
+    of leaving a few heavy ones running alone (``bench/schedule_model.py``, a list-scheduling model
+    of an H100 at the benchmark's shape, predicts forward 1.05-1.15x, dQ 1.06-1.21x, dK/dV
+    1.10-1.19x), at the cost of a longer reuse distance in L2. The tuner times both."""
+    p = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK)
+    if ORDER == 1:
+        rank = p // BH
+        bh = p % BH
+    else:
+        rank = p % n_tiles
+        bh = p // n_tiles
+    tile = rank
+    if HEAVY_LAST_TILE:
+        tile = n_tiles - 1 - rank
+    return tile, bh
+
+
 # ---------------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["LUT_OFF", "LUT_W", "CNT_OFF", "FULL_OFF"])
+@triton.jit(do_not_specialize=["LUT_OFF", "LUT_W", "CNT_OFF", "FULL_OFF", "BH", "ORDER"])
 def _attn_fwd(
     Q, K, V, O, LSE, PERM, TAB,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
-    LUT_OFF, LUT_W, CNT_OFF, FULL_OFF, H, N, T, S, KS, DIL, qk_scale,
+    LUT_OFF, LUT_W, CNT_OFF, FULL_OFF, BH, ORDER, H, N, T, S, KS, DIL, qk_scale,
     KIND: tl.constexpr, PERMUTED: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Forward, one program per (query tile, batch*head): q tile held, K/V tiles of its table row
     streamed once (full tiles unmasked, then partial ones masked); reads q once and each listed K/V
     tile once, writes out and lse once; no N x N buffer."""
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # late (heavier causal) query tiles first
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program(N, BH, ORDER, BLOCK_M, True)  # late (heavier causal) query tiles first
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     q_base = Q + b * s_qb + h * s_qh
@@ -484,19 +519,18 @@ def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, allowedT, MASKED: tl.
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["LUT_OFF", "LUT_W", "CNT_OFF", "FULL_OFF"])
+@triton.jit(do_not_specialize=["LUT_OFF", "LUT_W", "CNT_OFF", "FULL_OFF", "BH", "ORDER"])
 def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, PERM, TAB,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn,
-    LUT_OFF, LUT_W, CNT_OFF, FULL_OFF, H, N, T, S, KS, DIL, qk_scale, sm_scale,
+    LUT_OFF, LUT_W, CNT_OFF, FULL_OFF, BH, ORDER, H, N, T, S, KS, DIL, qk_scale, sm_scale,
     KIND: tl.constexpr, PERMUTED: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV, one program per (key tile, batch*head): K/V tile held, the query tiles of its
     transposed table row streamed once (q, dO, lse, delta; probabilities recomputed from lse);
     writes dK and dV once, no atomics, no N x N buffer."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n, pid_bh = _program(N, BH, ORDER, BLOCK_N, False)  # text key tiles (the heaviest) first
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     q_base = Q + b * s_qb + h * s_qh
@@ -556,11 +590,11 @@ def _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, allowed, MASKED: tl.constex
     return _dot(ds.to(k.dtype), k, dq, IEEE)
 
 
-@triton.jit(do_not_specialize=["LUT_OFF", "LUT_W", "CNT_OFF", "FULL_OFF"])
+@triton.jit(do_not_specialize=["LUT_OFF", "LUT_W", "CNT_OFF", "FULL_OFF", "BH", "ORDER"])
 def _attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, PERM, TAB, O, DLSE,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn, s_ob, s_oh, s_on,
-    LUT_OFF, LUT_W, CNT_OFF, FULL_OFF, H, N, T, S, KS, DIL, qk_scale, sm_scale,
+    LUT_OFF, LUT_W, CNT_OFF, FULL_OFF, BH, ORDER, H, N, T, S, KS, DIL, qk_scale, sm_scale,
     KIND: tl.constexpr, PERMUTED: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
     HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -568,8 +602,7 @@ def _attn_bwd_dq(
     dlse computed from its O tile (the gradient of the lse output, dlse, folds into delta: its score
     gradient is p * dlse) and written for the dK/dV kernel, which runs next; the K/V tiles of its
     forward table row streamed once (probabilities recomputed); writes dQ once, no atomics."""
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # late (heavier causal) query tiles first
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program(N, BH, ORDER, BLOCK_M, True)  # late (heavier causal) query tiles first
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     q_base = Q + b * s_qb + h * s_qh
@@ -628,11 +661,15 @@ _CANDIDATES = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}
 
 
 def _candidates(name: str) -> tuple:
-    """Tuning candidates of kernel ``name``; with ``DALLE_FAST_TRITON_FLAT=1`` the forward's also
-    include the flat work-list forward (``FLAT_FWD_CONFIGS``)."""
+    """Tuning candidates of kernel ``name``: each of ``_CANDIDATES[name]`` in both program orders
+    (the order is a launch argument: one compile, two timings); with ``DALLE_FAST_TRITON_FLAT=1``
+    the forward's also include the flat work-list forward (``FLAT_FWD_CONFIGS``)."""
+    base = _CANDIDATES[name]
+    cands = base + tuple(c._replace(order=ORDER_HEAVY) for c in base if c.order == ORDER_BH and not c.flat
+                         and c._replace(order=ORDER_HEAVY) not in base)
     if name == "fwd" and os.environ.get("DALLE_FAST_TRITON_FLAT", "0") == "1":
-        return _CANDIDATES[name] + FLAT_FWD_CONFIGS
-    return _CANDIDATES[name]
+        return cands + FLAT_FWD_CONFIGS
+    return cands
 
 
 _BEST: dict = {}  # (kernel, N, batch*heads bucket, T, S, KIND, HEAD_DIM, dtype) -> TileConfig
@@ -868,9 +905,9 @@ def _make_launch(name, cfg, layout, grid_rows, B, H, consts, device) -> _Launch:
     # dependent global load less before the first K/V tile can be requested)
     rec = layout.packed_tile_tables(grid_rows, TILES).record(cfg.block_m, cfg.block_n)
     rec = rec[4:] if name == "dkdv" else rec[:4]
-    meta = dict(consts, LUT_OFF=rec[0], LUT_W=rec[1], CNT_OFF=rec[2], FULL_OFF=rec[3], BLOCK_M=cfg.block_m,
-                BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return _Launch(name, (triton.cdiv(grid_rows, tile), B * H), meta, cfg)
+    meta = dict(consts, LUT_OFF=rec[0], LUT_W=rec[1], CNT_OFF=rec[2], FULL_OFF=rec[3], BH=B * H, ORDER=cfg.order,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return _Launch(name, (triton.cdiv(grid_rows, tile) * B * H,), meta, cfg)
 
 
 def _run(launch: _Launch, args):

@@ -128,3 +128,22 @@ def test_speed_targets_table():
     assert ratio["value"] == pytest.approx(1.2) and not ratio["met"]
     assert ("forward vs SDPA is_causal=True (x faster)", "col") not in got  # no sdpa_causal row for col
     assert ("col time / row time (bwd)", "col") not in got and len(got) == 7
+
+
+def test_schedule_model():
+    """bench/schedule_model.py: list scheduling as documented (a hand-checked case), and on the
+    DALL-E tables the tile-major order never models slower than batch*head-major for dK/dV."""
+    spec = importlib.util.spec_from_file_location("schedule_model", BENCH / "schedule_model.py")
+    sm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sm)
+    # 2 slots: 3 -> slot A (0-3), 1 -> B (0-1), 1 -> B (1-2), 3 -> B (2-5): finish 5; heavy first: 4
+    assert sm.makespan([3, 1, 1, 3], 2) == 5 and sm.makespan([3, 3, 1, 1], 2) == 4
+    out = _run("schedule_model.py", "--kinds", "row,conv", "--bh", "24")
+    assert "o0 / o1" in out
+    from dalle_fast import Layout
+
+    for kind in ("row", "col", "conv", "full"):
+        layout = Layout(kind, 256, 32)
+        assert sm.row_lengths(layout, 1280, "fwd", 64, 64)[-1] >= sm.row_lengths(layout, 1280, "fwd", 64, 64)[0]
+        r = sm.model(layout, 1280, 64, "dkdv", 32, 128, 1, 132, 1.5)
+        assert 1.0 <= r["o1"] <= r["o0"], r

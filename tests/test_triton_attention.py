@@ -415,10 +415,12 @@ def test_every_tile_config():
     ref, _, ref_grads = _dense(q, k, v, do, layout, torch.float64)
     base, _, base_grads = _dense(q, k, v, do, layout, dtype)
     scale = 64 ** -0.5
-    for cfg in K.FWD_CONFIGS + K.FLAT_FWD_CONFIGS:
+    heavy = K.ORDER_HEAVY
+    for cfg in K.FWD_CONFIGS + tuple(c._replace(order=heavy) for c in K.FWD_CONFIGS) + K.FLAT_FWD_CONFIGS:
         out, lse = K.attention_forward(q, k, v, layout, scale, config=cfg)
         _assert_close(f"out {cfg}", out, ref, base, dtype)
-    for cfg_dkdv, cfg_dq in zip(K.DKDV_CONFIGS, K.DQ_CONFIGS):
+    pairs = list(zip(K.DKDV_CONFIGS, K.DQ_CONFIGS))
+    for cfg_dkdv, cfg_dq in pairs + [(a._replace(order=heavy), b._replace(order=heavy)) for a, b in pairs]:
         dq, dk, dv = K.attention_backward(do, q, k, v, out, lse, layout, scale, configs=(cfg_dkdv, cfg_dq))
         for name, g, rg, bg in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads, base_grads):
             _assert_close(f"{name} {cfg_dkdv} {cfg_dq}", g, rg, bg, dtype)
@@ -443,6 +445,41 @@ def test_rectangular_tiles_interpreted(layout):
         grads = K.attention_backward(do, q, k, v, out, lse, layout, scale, configs=configs)
         for name, g, rg, bg in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
             _assert_close(f"{name} {configs}", g, rg, bg, dtype)
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_program_order_changes_nothing_but_the_order(kind):
+    """Tile-major program order (``ORDER_HEAVY``) computes every tile exactly as the batch*head-major
+    order does: bit-identical out, lse and gradients, for every kind, with batch*heads (6) and tile
+    counts (4 query tiles of 16, the last partial; 56 = 20 text + 6 x 6) that divide nothing; and
+    both match the float64 reference."""
+    layout = Layout(kind, 20, 6, **({"kernel_size": 3} if kind in ("conv", "conv_like") else {}))
+    n, dtype, scale = 56, torch.float32, 32 ** -0.5
+    q, k, v, do = _inputs(2, 3, n, 32, dtype, seed=12)
+    ref, _, ref_grads = _dense(q, k, v, do, layout, torch.float64)
+    base, _, base_grads = _dense(q, k, v, do, layout, dtype)
+    results = []
+    for order in (K.ORDER_BH, K.ORDER_HEAVY):
+        cfg = K.INTERPRET_CONFIG._replace(order=order)
+        out, lse = K.attention_forward(q, k, v, layout, scale, config=cfg)
+        grads = K.attention_backward(do, q, k, v, out, lse, layout, scale, configs=(cfg, cfg))
+        results.append((out, lse, *grads))
+        _assert_close(f"out order {order}", out, ref, base, dtype)
+        for name, g, rg, bg in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
+            _assert_close(f"{name} order {order}", g, rg, bg, dtype)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_candidates_include_both_program_orders(monkeypatch):
+    monkeypatch.delenv("DALLE_FAST_TRITON_FLAT", raising=False)
+    for name, base in K._CANDIDATES.items():
+        cands = K._candidates(name)
+        assert cands[:len(base)] == base and len(set(cands)) == len(cands) == 2 * len(base)
+        assert {c._replace(order=K.ORDER_BH) for c in cands} == set(base)
+    monkeypatch.setenv("DALLE_FAST_TRITON_FLAT", "1")
+    cands = K._candidates("fwd")
+    assert cands[-len(K.FLAT_FWD_CONFIGS):] == K.FLAT_FWD_CONFIGS and len(cands) == 2 * len(K.FWD_CONFIGS) + 3
 
 
 _FLAT_INTERPRETED = [K.TileConfig(16, 16, 4, 1, 1), K.TileConfig(16, 16, 4, 1, 3), K.TileConfig(16, 16, 4, 1, 1000),
@@ -580,6 +617,8 @@ def _tuning_on(monkeypatch, candidates):
     """Tuning on CPU: autotuning forced on for these forward candidates, fresh in-memory caches."""
     monkeypatch.setattr(K, "_autotune_enabled", lambda dtype: True)
     monkeypatch.setitem(K._CANDIDATES, "fwd", candidates)
+    # exactly these (not also in the tile-major order, test_candidates_include_both_program_orders)
+    monkeypatch.setattr(K, "_candidates", lambda name: K._CANDIDATES[name])
     monkeypatch.setattr(K, "_BEST", {})
     monkeypatch.setattr(K, "_PLANS", {})
     monkeypatch.setattr(K, "TUNING_LOG", [])
@@ -785,6 +824,7 @@ def test_tuning_compiles_each_candidate_once_ahead(monkeypatch):
     monkeypatch.setenv("DALLE_FAST_TRITON_AUTOTUNE", "1")
     monkeypatch.setenv("DALLE_FAST_TUNING_CACHE", "0")
     monkeypatch.setenv("DALLE_FAST_COMPILE_THREADS", "8")
+    monkeypatch.delenv("DALLE_FAST_TRITON_FLAT", raising=False)
     monkeypatch.setattr(K, "_BEST", {})
     monkeypatch.setattr(K, "_PLANS", {})
     monkeypatch.setattr(K, "TUNING_LOG", [])
@@ -794,9 +834,10 @@ def test_tuning_compiles_each_candidate_once_ahead(monkeypatch):
     layout = Layout("conv_like", 72, 9, kernel_size=5, dilation=2)
     q, k, v, do = _inputs(1, 2, layout.seq_len, 32, torch.bfloat16, seed=21)
     out, _ = K.attention_forward(q, k, v, layout, 32 ** -0.5)  # the references' default scale
-    n = len(K._candidates("fwd"))
-    assert [c for c in compiles if c[0] == "_attn_fwd"] == [("_attn_fwd", True)] * n, compiles
-    assert len([e for e in K.TUNING_LOG if e["kernel"] == "fwd"]) == n
+    cands = K._candidates("fwd")
+    kernels = {c._replace(order=K.ORDER_BH) for c in cands if not c.flat}  # the order is a launch argument
+    assert [c for c in compiles if c[0] == "_attn_fwd"] == [("_attn_fwd", True)] * len(kernels), compiles
+    assert len([e for e in K.TUNING_LOG if e["kernel"] == "fwd"]) == len(cands)
     base, _, _ = _dense(q, k, v, do, layout, torch.bfloat16)
     ref64, _, _ = _dense(q, k, v, do, layout, torch.float64)
     _assert_close("out", out, ref64, base, torch.bfloat16)

@@ -1,0 +1,98 @@
+"""How much the Triton kernels' program order should matter: a list-scheduling model, no GPU.
+
+Each program of a kernel handles one table row (forward and dQ: a query tile's key tiles; dK/dV: a
+key tile's query tiles) and is modelled as costing its row length plus ``--overhead`` tiles
+(prologue, pipeline fill, epilogue). The GPU is modelled as ``--sms`` x ``programs per SM`` slots
+that take the programs in grid order, each the moment a slot frees (how the block scheduler hands
+out blocks when they are all alike in resources). The makespan is printed relative to the ideal
+(total cost / slots) for the two orders of ``TileConfig.order``:
+
+    o0  batch*head-major: every tile of batch*head 0 (heaviest first), then of 1, ...
+    o1  tile-major: the heaviest tile of every batch*head, then the next, ...
+
+What it leaves out: L2 reuse (o1 spreads the programs that share K/V or Q/dO over a whole wave),
+memory bandwidth, and that real tiles do not all cost the same. It says where a tail is to be
+expected, not what the GPU will measure.
+
+    python bench/schedule_model.py                      # the benchmark's shape, B*H = 128
+    python bench/schedule_model.py --bh 48 --kinds row,full
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+try:
+    import dalle_fast  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(ROOT))
+from dalle_fast import Layout  # noqa: E402
+
+#: (kernel, BLOCK_M, BLOCK_N, programs per SM) of the bfloat16 head_dim-64 defaults on sm_90a, from
+#: their resources (bench/kernel_resources.py; 64K registers and 227 KiB of shared memory per SM):
+#: forward 4 warps x 126-163 registers, 72 KiB: 3; dQ 4 warps x 191-221 registers, 56 KiB: 2;
+#: dK/dV 8 warps x 148-175 registers: 1
+KERNELS = (("fwd", 64, 64, 3), ("dq", 128, 32, 2), ("dkdv", 32, 128, 1))
+
+
+def makespan(costs, slots: int) -> float:
+    """Finish time of list scheduling ``costs`` in order on ``slots`` identical slots."""
+    free = [0.0] * slots
+    for c in costs:
+        heapq.heappush(free, heapq.heappop(free) + c)
+    return max(free)
+
+
+def row_lengths(layout: Layout, seq: int, kernel: str, block_m: int, block_n: int) -> list:
+    table = layout.tile_table(seq, block_m, block_n)
+    ptr = table.t_row_ptr if kernel == "dkdv" else table.row_ptr
+    return [int(ptr[i + 1] - ptr[i]) for i in range(len(ptr) - 1)]
+
+
+def model(layout: Layout, seq: int, bh: int, kernel: str, block_m: int, block_n: int, per_sm: int,
+          sms: int, overhead: float) -> dict:
+    """Makespans over the ideal of both program orders (``o0``, ``o1``) for one kernel."""
+    costs = [overhead + n for n in row_lengths(layout, seq, kernel, block_m, block_n)]
+    # each batch*head's tiles heaviest first, as the kernels walk them (_program): query tiles
+    # descending, key tiles ascending
+    tiles = list(range(len(costs))) if kernel == "dkdv" else list(reversed(range(len(costs))))
+    slots = sms * per_sm
+    ideal = sum(costs) * bh / slots
+    o0 = makespan([costs[t] for _ in range(bh) for t in tiles], slots) / ideal
+    o1 = makespan([costs[t] for t in tiles for _ in range(bh)], slots) / ideal
+    return dict(kernel=kernel, block_m=block_m, block_n=block_n, per_sm=per_sm, o0=o0, o1=o1,
+                rows=f"{min(costs) - overhead:.0f}-{max(costs) - overhead:.0f}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kinds", default="row,col,conv,full")
+    p.add_argument("--bh", type=int, default=128, help="batch * heads (default 8 x 16)")
+    p.add_argument("--text-len", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--sms", type=int, default=132, help="SMs (H100 SXM: 132)")
+    p.add_argument("--overhead", type=float, default=1.5, help="per-program cost in tiles")
+    args = p.parse_args(argv)
+    if args.bh < 1 or args.sms < 1 or args.overhead < 0:
+        p.error("--bh and --sms must be >= 1 and --overhead >= 0")
+    print(f"# list-scheduling model: B*H={args.bh}, {args.sms} SMs, {args.overhead} tiles of overhead per program; "
+          "makespan / ideal (1.00 = no tail)")
+    print(f"{'kind':<6} {'kernel':<6} {'tile':>8} {'per SM':>6} {'row len':>8} {'o0':>6} {'o1':>6} {'o0 / o1':>8}")
+    results = []
+    for kind in args.kinds.split(","):
+        layout = Layout(kind, args.text_len, args.image_size)
+        for kernel, bm, bn, per_sm in KERNELS:
+            r = model(layout, layout.seq_len, args.bh, kernel, bm, bn, per_sm, args.sms, args.overhead)
+            r["kind"] = kind
+            results.append(r)
+            print(f"{kind:<6} {kernel:<6} {f'{bm}x{bn}':>8} {per_sm:>6} {r['rows']:>8} {r['o0']:>6.3f} {r['o1']:>6.3f} "
+                  f"{r['o0'] / r['o1']:>7.3f}x")
+    return results
+
+
+if __name__ == "__main__":
+    main()
