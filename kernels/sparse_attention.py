@@ -250,7 +250,20 @@ def _fetch(LUT, j, count, PERM, N, BLOCK: tl.constexpr, PERMUTED: tl.constexpr, 
     ``tests/test_triton_attention.py::test_kernels_compile_for_hopper``). Only the next tile's values
     are carried: what the mask needs later in the pipeline comes from :func:`_mask_positions`.
     """
-    t = tl.load(LUT + j, mask=j < count, other=0)
+    return _addressed(tl.load(LUT + j, mask=j < count, other=0), PERM, N, BLOCK, PERMUTED, INVALID_BEFORE)
+
+
+@triton.jit
+def _fetch_first(LUT, PERM, N, BLOCK: tl.constexpr, PERMUTED: tl.constexpr, INVALID_BEFORE: tl.constexpr):
+    """:func:`_fetch` of entry 0, unmasked: every table row is padded to at least one entry (0, a
+    valid tile; ``masks._csr_to_padded``), so the first table load need not wait for the row's count
+    to come back: the count, the first entry and the q tile are requested at once, and the first
+    K/V tile is requested one dependent global load sooner."""
+    return _addressed(tl.load(LUT), PERM, N, BLOCK, PERMUTED, INVALID_BEFORE)
+
+
+@triton.jit
+def _addressed(t, PERM, N, BLOCK: tl.constexpr, PERMUTED: tl.constexpr, INVALID_BEFORE: tl.constexpr):
     if PERMUTED:
         return t, _perm_rows(PERM, t, N, BLOCK, INVALID_BEFORE)
     else:
@@ -369,7 +382,7 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    t, addr = _fetch(lut, 0, count, PERM, N, BLOCK_N, PERMUTED, False)
+    t, addr = _fetch_first(lut, PERM, N, BLOCK_N, PERMUTED, False)
     for i in range(0, nfull):  # full tiles: every pair in range and allowed
         t_next, addr_next = _fetch(lut, i + 1, count, PERM, N, BLOCK_N, PERMUTED, False)  # next tile's, issued first
         pos_k, _ = _address(addr, N, BLOCK_N, PERMUTED, False)
@@ -550,7 +563,7 @@ def _attn_bwd_dkdv(
     v = tl.load(v_base + pos_k[:, None] * s_vn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    t, addr = _fetch(lut, 0, count, PERM, N, BLOCK_M, PERMUTED, True)
+    t, addr = _fetch_first(lut, PERM, N, BLOCK_M, PERMUTED, True)
     for i in range(0, nfull):  # full tiles: every pair in range and allowed
         t_next, addr_next = _fetch(lut, i + 1, count, PERM, N, BLOCK_M, PERMUTED, True)  # next tile's, issued first
         pos_q, _ = _address(addr, N, BLOCK_M, PERMUTED, True)
@@ -628,7 +641,7 @@ def _attn_bwd_dq(
         delta -= tl.load(DLSE + row_base + pos_q, mask=valid_q, other=0.0)
     tl.store(DELTA + row_base + pos_q, delta, mask=valid_q)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    t, addr = _fetch(lut, 0, count, PERM, N, BLOCK_N, PERMUTED, False)
+    t, addr = _fetch_first(lut, PERM, N, BLOCK_N, PERMUTED, False)
     for i in range(0, nfull):  # full tiles: every pair in range and allowed
         t_next, addr_next = _fetch(lut, i + 1, count, PERM, N, BLOCK_N, PERMUTED, False)  # next tile's, issued first
         pos_k, _ = _address(addr, N, BLOCK_N, PERMUTED, False)
