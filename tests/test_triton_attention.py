@@ -819,7 +819,10 @@ def test_tuning_compiles_each_candidate_once_ahead(monkeypatch):
     if knobs is None or not hasattr(knobs.runtime, "jit_cache_hook") or not hasattr(K._attn_fwd, "device_caches"):
         pytest.skip("this Triton has no jit_cache_hook / device_caches")
     pytest.importorskip("triton.runtime._async_compile")
-    monkeypatch.setattr(K._attn_fwd, "device_caches", collections.defaultdict(K._attn_fwd.create_binder))
+    try:
+        monkeypatch.setattr(K._attn_fwd, "device_caches", collections.defaultdict(K._attn_fwd.create_binder))
+    except (AttributeError, TypeError) as e:
+        pytest.skip(f"cannot empty this Triton's JIT cache: {e}")
 
     monkeypatch.setenv("DALLE_FAST_TRITON_AUTOTUNE", "1")
     monkeypatch.setenv("DALLE_FAST_TUNING_CACHE", "0")
