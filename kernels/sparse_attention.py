@@ -90,10 +90,13 @@ FWD_CONFIGS = (
 # The flat work-list forward: candidates only with DALLE_FAST_TRITON_FLAT=1 until it has been timed
 # and checked on a GPU (interpreter tests pass; see bench/RESULTS.md).
 # Three, to keep the GPU check's tuning short: 64 x 32 fits 4 programs per SM (56 KiB of shared
-# memory, 120-142 registers), 64 x 64 two (80 KiB).
+# memory, 120-142 registers), 64 x 64 two (80 KiB), 128 x 64 with 8 warps one (155-179 registers,
+# 112 KiB) but reads the least from L2: the flat forward reloads q with every pair, which at the
+# benchmark's shape costs 40 FLOP per byte read at 64 x 64, 30 at 64 x 32, 59 at 128 x 64
+# (bench/RESULTS.md), where the forward needs ~60 to reach 300 TFLOP/s at ~5 TB/s of L2.
 FLAT_FWD_CONFIGS = (
     TileConfig(64, 64, 4, 3, 32),
-    TileConfig(64, 32, 4, 3, 16),
+    TileConfig(128, 64, 8, 3, 16),
     TileConfig(64, 32, 4, 3, 32),
 )
 # dK/dV: BLOCK_M = query rows streamed, BLOCK_N = key rows held by the program.
@@ -875,7 +878,7 @@ def _precompile(launches, args) -> None:
     """Compiles the kernels of ``launches`` (one per tuning candidate) concurrently before the tuner
     launches them one by one: Triton's ``AsyncCompileMode`` runs each ``warmup`` compile in a thread
     pool (the MLIR passes and ptxas release the GIL), so the first call of a new problem waits for
-    about the slowest candidate's compile instead of the sum (23 candidates per kind at the default
+    about the slowest candidate's compile instead of the sum (23 kernels per kind at the default
     GPU shape, ~1.3 s each single-threaded on a Xeon core). Results are unchanged: a warmup compiles
     exactly what the launch would (same arguments, same specialisation) into the same JIT cache.
     Without ``AsyncCompileMode`` (Triton < 3.4), inside another one, or with one thread, the tuner
