@@ -304,19 +304,14 @@ def _mask_positions(PERM, t, N, BLOCK: tl.constexpr, PERMUTED: tl.constexpr, INV
 
 
 @triton.jit
-def _fwd_step(acc, l_i, m_i, q, k, v, qk_scale, allowed, MASKED: tl.constexpr, IEEE: tl.constexpr):
-    """One online-softmax step over a key tile (running max m_i in log2 units: scale * log2(e)
-    folded in). The raw scores are scaled inside the exponent, ``exp2(qk * scale - m)``: one FFMA
-    per score instead of a multiply and a subtract (the max of the raw row, times the positive
-    scale, is the max of the scaled row)."""
-    qk = _dot(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], dtype=tl.float32), IEEE)
-    if MASKED:
-        qk = tl.where(allowed, qk, float("-inf"))
+def _fwd_step(acc, l_i, m_i, qk, v, qk_scale, IEEE: tl.constexpr):
+    """One online-softmax step over a key tile's raw scores ``qk`` (masked entries -inf; running max
+    m_i in log2 units: scale * log2(e) folded in). The raw scores are scaled inside the exponent,
+    ``exp2(qk * scale - m)``: one FFMA per score instead of a multiply and a subtract (the max of
+    the raw row, times the positive scale, is the max of the scaled row). A row with nothing allowed
+    so far keeps m = -inf and subtracts 0 instead."""
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    if MASKED:  # a row with nothing allowed so far keeps m = -inf; subtract 0 instead of -inf
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_use = m_new
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(qk * qk_scale - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -386,12 +381,16 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     t, addr = _fetch_first(lut, PERM, N, BLOCK_N, PERMUTED, False)
+    # two loops, unlike the backward kernels' one: a single loop with the mask in a branch cost the
+    # forward 25-47 registers (sm_90a: row 137 -> 162, conv 134 -> 181 at 64 x 64, 4 warps: 3 -> 2
+    # programs per SM) and serialized the wgmmas of three col candidates
     for i in range(0, nfull):  # full tiles: every pair in range and allowed
         t_next, addr_next = _fetch(lut, i + 1, count, PERM, N, BLOCK_N, PERMUTED, False)  # next tile's, issued first
         pos_k, _ = _address(addr, N, BLOCK_N, PERMUTED, False)
         k = tl.load(k_base + pos_k[:, None] * s_kn + offs_d[None, :])
         v = tl.load(v_base + pos_k[:, None] * s_vn + offs_d[None, :])
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k, v, qk_scale, None, False, IEEE)
+        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, qk, v, qk_scale, IEEE)
         t, addr = t_next, addr_next
     for i in range(nfull, count):  # partial tiles: element mask
         t_next, addr_next = _fetch(lut, i + 1, count, PERM, N, BLOCK_N, PERMUTED, False)
@@ -399,8 +398,9 @@ def _attn_fwd(
         k = tl.load(k_base + pos_k[:, None] * s_kn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
         v = tl.load(v_base + pos_k[:, None] * s_vn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
         mpos_k = _mask_positions(PERM, t, N, BLOCK_N, PERMUTED, False)
-        allowed = _allowed(mpos_q[:, None], mpos_k[None, :], T, S, KS, DIL, KIND)
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k, v, qk_scale, allowed, True, IEEE)
+        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+        qk = tl.where(_allowed(mpos_q[:, None], mpos_k[None, :], T, S, KS, DIL, KIND), qk, float("-inf"))
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, qk, v, qk_scale, IEEE)
         t, addr = t_next, addr_next
 
     _store_out(o_base, LSE, pid_bh, pos_q, valid_q, acc, l_i, m_i, s_on, offs_d, N)
@@ -505,13 +505,7 @@ def _attn_fwd_flat(
                 mpos_q = _mask_positions(PERM, qt, N, BLOCK_M, PERMUTED, True)
                 mpos_k = _mask_positions(PERM, kt, N, BLOCK_N, PERMUTED, False)
             qk = tl.where(_allowed(mpos_q[:, None], mpos_k[None, :], T, S, KS, DIL, KIND), qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(qk * qk_scale - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)  # 0 after a restart
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
-        m_i = m_new
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, qk, v, qk_scale, IEEE)  # alpha = 0 after a restart
         e, qa, ka = e_next, qa_next, ka_next
     if end > start:  # the last query tile of the range
         pos_d, valid_d = _address(qa_done, N, BLOCK_M, PERMUTED, True)
@@ -522,14 +516,11 @@ def _attn_fwd_flat(
 # backward
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, allowedT, MASKED: tl.constexpr, IEEE: tl.constexpr):
-    """dK/dV contribution of one query tile, computed transposed (keys x queries)."""
-    qkT = _dot(k, tl.trans(q), tl.zeros([k.shape[0], q.shape[0]], dtype=tl.float32), IEEE)
-    pT = tl.exp2(qkT * qk_scale - lse2[None, :])
-    if MASKED:
-        pT = tl.where(allowedT, pT, 0.0)
+def _dkdv_step(dk, dv, pT, v, q, do, delta, IEEE: tl.constexpr):
+    """dK/dV contribution of one query tile from its probabilities ``pT`` (keys x queries, masked
+    entries 0), computed transposed."""
     dv = _dot(pT.to(do.dtype), do, dv, IEEE)
-    dpT = _dot(v, tl.trans(do), tl.zeros([k.shape[0], q.shape[0]], dtype=tl.float32), IEEE)
+    dpT = _dot(v, tl.trans(do), tl.zeros([v.shape[0], q.shape[0]], dtype=tl.float32), IEEE)
     dsT = pT * (dpT - delta[None, :])
     dk = _dot(dsT.to(q.dtype), q, dk, IEEE)
     return dk, dv
@@ -567,25 +558,22 @@ def _attn_bwd_dkdv(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     t, addr = _fetch_first(lut, PERM, N, BLOCK_M, PERMUTED, True)
-    for i in range(0, nfull):  # full tiles: every pair in range and allowed
+    for i in range(0, count):  # full tiles first, then partial ones (element mask)
         t_next, addr_next = _fetch(lut, i + 1, count, PERM, N, BLOCK_M, PERMUTED, True)  # next tile's, issued first
-        pos_q, _ = _address(addr, N, BLOCK_M, PERMUTED, True)
-        q = tl.load(q_base + pos_q[:, None] * s_qn + offs_d[None, :])
-        do = tl.load(do_base + pos_q[:, None] * s_dn + offs_d[None, :])
-        lse2 = tl.load(LSE + row_base + pos_q) * 1.4426950408889634
-        delta = tl.load(DELTA + row_base + pos_q)
-        dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, None, False, IEEE)
-        t, addr = t_next, addr_next
-    for i in range(nfull, count):  # partial tiles: element mask
-        t_next, addr_next = _fetch(lut, i + 1, count, PERM, N, BLOCK_M, PERMUTED, True)
         pos_q, valid_q = _address(addr, N, BLOCK_M, PERMUTED, True)
         q = tl.load(q_base + pos_q[:, None] * s_qn + offs_d[None, :], mask=valid_q[:, None], other=0.0)
         do = tl.load(do_base + pos_q[:, None] * s_dn + offs_d[None, :], mask=valid_q[:, None], other=0.0)
         lse2 = tl.load(LSE + row_base + pos_q, mask=valid_q, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + row_base + pos_q, mask=valid_q, other=0.0)
-        mpos_q = _mask_positions(PERM, t, N, BLOCK_M, PERMUTED, True)
-        allowedT = _allowed(mpos_q[None, :], mpos_k[:, None], T, S, KS, DIL, KIND)
-        dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, allowedT, True, IEEE)
+        if PERMUTED:  # a prefetched load (see _mask_positions): outside the branch
+            mpos_q = _mask_positions(PERM, t, N, BLOCK_M, PERMUTED, True)
+        qkT = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), IEEE)
+        pT = tl.exp2(qkT * qk_scale - lse2[None, :])
+        if i >= nfull:
+            if not PERMUTED:
+                mpos_q = _mask_positions(PERM, t, N, BLOCK_M, PERMUTED, True)
+            pT = tl.where(_allowed(mpos_q[None, :], mpos_k[:, None], T, S, KS, DIL, KIND), pT, 0.0)
+        dk, dv = _dkdv_step(dk, dv, pT, v, q, do, delta, IEEE)
         t, addr = t_next, addr_next
 
     dk = dk * sm_scale
@@ -595,13 +583,9 @@ def _attn_bwd_dkdv(
 
 
 @triton.jit
-def _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, allowed, MASKED: tl.constexpr, IEEE: tl.constexpr):
-    """dQ contribution of one key tile."""
-    qk = _dot(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], dtype=tl.float32), IEEE)
-    p = tl.exp2(qk * qk_scale - lse2[:, None])
-    if MASKED:
-        p = tl.where(allowed, p, 0.0)
-    dp = _dot(do, tl.trans(v), tl.zeros([q.shape[0], k.shape[0]], dtype=tl.float32), IEEE)
+def _dq_step(dq, p, do, k, v, delta, IEEE: tl.constexpr):
+    """dQ contribution of one key tile from its probabilities ``p`` (masked entries 0)."""
+    dp = _dot(do, tl.trans(v), tl.zeros([do.shape[0], k.shape[0]], dtype=tl.float32), IEEE)
     ds = p * (dp - delta[:, None])
     return _dot(ds.to(k.dtype), k, dq, IEEE)
 
@@ -645,21 +629,20 @@ def _attn_bwd_dq(
     tl.store(DELTA + row_base + pos_q, delta, mask=valid_q)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     t, addr = _fetch_first(lut, PERM, N, BLOCK_N, PERMUTED, False)
-    for i in range(0, nfull):  # full tiles: every pair in range and allowed
+    for i in range(0, count):  # full tiles first, then partial ones (element mask)
         t_next, addr_next = _fetch(lut, i + 1, count, PERM, N, BLOCK_N, PERMUTED, False)  # next tile's, issued first
-        pos_k, _ = _address(addr, N, BLOCK_N, PERMUTED, False)
-        k = tl.load(k_base + pos_k[:, None] * s_kn + offs_d[None, :])
-        v = tl.load(v_base + pos_k[:, None] * s_vn + offs_d[None, :])
-        dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, None, False, IEEE)
-        t, addr = t_next, addr_next
-    for i in range(nfull, count):  # partial tiles: element mask
-        t_next, addr_next = _fetch(lut, i + 1, count, PERM, N, BLOCK_N, PERMUTED, False)
         pos_k, valid_k = _address(addr, N, BLOCK_N, PERMUTED, False)
         k = tl.load(k_base + pos_k[:, None] * s_kn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
         v = tl.load(v_base + pos_k[:, None] * s_vn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
-        mpos_k = _mask_positions(PERM, t, N, BLOCK_N, PERMUTED, False)
-        allowed = _allowed(mpos_q[:, None], mpos_k[None, :], T, S, KS, DIL, KIND)
-        dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, allowed, True, IEEE)
+        if PERMUTED:  # a prefetched load (see _mask_positions): outside the branch
+            mpos_k = _mask_positions(PERM, t, N, BLOCK_N, PERMUTED, False)
+        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+        p = tl.exp2(qk * qk_scale - lse2[:, None])
+        if i >= nfull:
+            if not PERMUTED:
+                mpos_k = _mask_positions(PERM, t, N, BLOCK_N, PERMUTED, False)
+            p = tl.where(_allowed(mpos_q[:, None], mpos_k[None, :], T, S, KS, DIL, KIND), p, 0.0)
+        dq = _dq_step(dq, p, do, k, v, delta, IEEE)
         t, addr = t_next, addr_next
 
     dq = dq * sm_scale
