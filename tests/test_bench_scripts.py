@@ -88,13 +88,16 @@ def test_tuning_log_table(tmp_path, monkeypatch):
     monkeypatch.setattr(K, "TUNING_LOG", [
         dict(kernel="fwd", key=key, config=fast, ms=0.05, n_regs=128, n_spills=0, note=""),
         dict(kernel="fwd", key=key, config=slow, ms=0.1, n_regs=200, n_spills=0, note=""),
+        dict(kernel="fwd", key=key, config=fast._replace(order=K.ORDER_HEAVY), ms=0.04, n_regs=128, n_spills=0,
+             note=""),
         dict(kernel="fwd", key=key, config=K.TileConfig(128, 64, 4, 4), ms=None, n_regs=255, n_spills=8,
              note="spills: not timed"),
     ])
     path = tmp_path / "tuning.csv"
     bench.write_tuning_log(str(path), 8 * 16, 256, 32)
     text = path.read_text().splitlines()
-    assert len(text) == 4 and text[0].startswith("kernel,kind,seq")
+    assert len(text) == 5 and text[0].startswith("kernel,kind,seq")
+    assert [r["order"] for r in csv.DictReader(text)] == ["0", "0", "1", "0"]
     pairs = Layout("row", 256, 32).tile_table(1280, 64, 64).computed_pairs()
     expect = 4 * pairs * 64 * 128 / 0.05e-3 / 1e12
     got = float(next(csv.DictReader(text))["tflops"])
