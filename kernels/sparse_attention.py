@@ -810,17 +810,20 @@ class _Launch(NamedTuple):
     config: TileConfig
 
 
-def _select(name, config, layout, grid_rows, B, H, args, consts, dtype, device):
-    """The configuration of kernel ``name`` for this problem: ``config`` if given; else the tuned one
-    (tuning on first use, by launching on ``args``; the default while a CUDA graph is being
-    captured, where timing is impossible). Returns ``(config, final)``: ``final`` is False only for
-    that capture-time default, which must not be cached."""
+def _tuning_key(name, grid_rows, B, H, consts, dtype):
+    return (name, grid_rows, _bh_bucket(B * H), consts["T"], consts["S"], consts["KIND"], consts["HEAD_DIM"], dtype)
+
+
+def _known(name, config, grid_rows, B, H, consts, dtype, device):
+    """``(config, final)`` of kernel ``name`` without tuning: ``config`` if given, the tuned one from
+    memory or the on-disk cache, or the default while a CUDA graph is being captured (where timing
+    is impossible; ``final`` False: not to be cached). None when the problem still needs tuning."""
     if config is not None:
         if (config.block_m, config.block_n) not in TILES:
             raise ValueError(f"config {config}: tile {config.block_m} x {config.block_n} is not one of the "
                              f"packed tile shapes {TILES}")
         return config, True
-    key = (name, grid_rows, _bh_bucket(B * H), consts["T"], consts["S"], consts["KIND"], consts["HEAD_DIM"], dtype)
+    key = _tuning_key(name, grid_rows, B, H, consts, dtype)
     best = _BEST.get(key)
     if best is not None:
         return best, True
@@ -830,12 +833,28 @@ def _select(name, config, layout, grid_rows, B, H, args, consts, dtype, device):
         return best, True
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return _default_configs(consts["HEAD_DIM"], dtype)[("fwd", "dkdv", "dq").index(name)], False
+    return None
+
+
+def _candidate_launches(name, layout, grid_rows, B, H, args, consts, device):
+    """``(launch, args)`` of every tuning candidate of kernel ``name``: what ``_precompile`` compiles."""
+    return [(_make_launch(name, c, layout, grid_rows, B, H, consts, device), args) for c in _candidates(name)]
+
+
+def _select(name, config, layout, grid_rows, B, H, args, consts, dtype, device, precompiled=False):
+    """The configuration of kernel ``name`` for this problem (see :func:`_known`), tuned on first use
+    by launching on ``args`` (its candidates compiled concurrently first, unless ``precompiled``).
+    Returns ``(config, final)``."""
+    known = _known(name, config, grid_rows, B, H, consts, dtype, device)
+    if known is not None:
+        return known
 
     def launch(cfg):
         return _run(_make_launch(name, cfg, layout, grid_rows, B, H, consts, device), args)
 
-    if device.type == "cuda" and not INTERPRET:
-        _precompile([_make_launch(name, c, layout, grid_rows, B, H, consts, device) for c in _candidates(name)], args)
+    if _can_precompile(device) and not precompiled:
+        _precompile(_candidate_launches(name, layout, grid_rows, B, H, args, consts, device))
+    key = _tuning_key(name, grid_rows, B, H, consts, dtype)
     best = _tune(name, launch, key)
     tuning_cache.store(name, key, device, _candidates(name), tuple(best))
     return best, True
@@ -857,9 +876,14 @@ def compile_threads() -> int:
     return max(1, min(cpus, 16))
 
 
-def _precompile(launches, args) -> None:
-    """Compiles the kernels of ``launches`` (one per tuning candidate) concurrently before the tuner
-    launches them one by one: Triton's ``AsyncCompileMode`` runs each ``warmup`` compile in a thread
+def _can_precompile(device) -> bool:
+    """Whether tuning compiles ahead: real (not interpreted) kernels on a GPU."""
+    return device.type == "cuda" and not INTERPRET
+
+
+def _precompile(jobs) -> None:
+    """Compiles the kernels of ``jobs``, ``(launch, args)`` pairs (the tuning candidates of one kernel,
+    or of dQ and dK/dV at once), concurrently before the tuner launches them one by one: Triton's ``AsyncCompileMode`` runs each ``warmup`` compile in a thread
     pool (the MLIR passes and ptxas release the GIL), so the first call of a new problem waits for
     about the slowest candidate's compile instead of the sum (23 kernels per kind at the default
     GPU shape, ~1.3 s each single-threaded on a Xeon core). Results are unchanged: a warmup compiles
@@ -867,7 +891,7 @@ def _precompile(launches, args) -> None:
     Without ``AsyncCompileMode`` (Triton < 3.4), inside another one, or with one thread, the tuner
     compiles one candidate after the other as before. A candidate that fails to compile here fails
     again, with its error, when the tuner launches it."""
-    threads = min(compile_threads(), len(launches))
+    threads = min(compile_threads(), len(jobs))
     if threads < 2:
         return
     try:
@@ -880,7 +904,7 @@ def _precompile(launches, args) -> None:
 
     with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="dalle_fast-compile") as pool:
         with _async_compile.AsyncCompileMode(pool, ignore_errors=True):
-            for launch in launches:
+            for launch, args in jobs:
                 try:
                     _KERNELS[launch.kernel].warmup(*args, grid=launch.grid, **launch.meta)
                 except Exception:  # noqa: BLE001 - the tuner's own launch reports it
@@ -1018,10 +1042,19 @@ def _bwd_plan(grad_out, q, k, v, out, lse, layout, scale, configs, grad_lse):
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     grads = [torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3)]
     launches, final = {}, True
+    args = {name: _bwd_args(name, q, k, v, grad_out, out, lse, grad_lse, delta, *grads, perm, tables)
+            for name in ("dq", "dkdv")}
+    cfgs = {"dq": cfg_dq, "dkdv": cfg_dkdv}
+    precompiled = _can_precompile(q.device)
+    if precompiled:  # both kernels' candidates in one pool: the backward waits for one slowest compile
+        jobs = [job for name in ("dq", "dkdv")
+                if _known(name, cfgs[name], N, B, H, consts[name], q.dtype, q.device) is None
+                for job in _candidate_launches(name, layout, N, B, H, args[name], consts[name], q.device)]
+        _precompile(jobs)
     # dQ first: its launches (tuning included) write the delta that dK/dV reads
-    for name, cfg in (("dq", cfg_dq), ("dkdv", cfg_dkdv)):
-        args = _bwd_args(name, q, k, v, grad_out, out, lse, grad_lse, delta, *grads, perm, tables)
-        cfg, ok = _select(name, cfg, layout, N, B, H, args, consts[name], q.dtype, q.device)
+    for name in ("dq", "dkdv"):
+        cfg, ok = _select(name, cfgs[name], layout, N, B, H, args[name], consts[name], q.dtype, q.device,
+                          precompiled)
         launches[name], final = _make_launch(name, cfg, layout, N, B, H, consts[name], q.device), final and ok
     return _BwdPlan(perm, tables, launches["dq"], launches["dkdv"]), final
 

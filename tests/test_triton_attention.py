@@ -783,40 +783,41 @@ def test_precompile_compiles_candidates_concurrently(monkeypatch):
     monkeypatch.setitem(K._KERNELS, "fake", FakeJIT())
     launches = [K._Launch("fake", (m, 2), dict(BLOCK_M=m), None) for m in range(1, 7)]
     monkeypatch.setenv("DALLE_FAST_COMPILE_THREADS", "4")
-    K._precompile(launches, ("q", "k"))
+    K._precompile([(launch, ("q", "k")) for launch in launches])
     assert sorted(state["done"]) == [1, 2, 4, 5, 6]  # every candidate but the failing one, each once
     assert state["peak"] >= 2 and len(state["threads"]) >= 2 and state["running"] == 0
     assert all(t.startswith("dalle_fast-compile") for t in state["threads"])
     assert _async_compile.active_mode.get() is None
     state["done"].clear()
     monkeypatch.setenv("DALLE_FAST_COMPILE_THREADS", "1")
-    K._precompile(launches, ("q", "k"))
+    K._precompile([(launch, ("q", "k")) for launch in launches])
     assert state["done"] == []
     monkeypatch.setenv("DALLE_FAST_COMPILE_THREADS", "4")
     import concurrent.futures
     import sys
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool, _async_compile.AsyncCompileMode(pool):
-        K._precompile(launches, ("q", "k"))  # someone else's mode is active: left alone
+        K._precompile([(launch, ("q", "k")) for launch in launches])  # another mode is active: left alone
     assert state["done"] == []
     monkeypatch.delattr(triton.runtime, "_async_compile")
     monkeypatch.setitem(sys.modules, "triton.runtime._async_compile", None)  # a Triton without it
-    K._precompile(launches, ("q", "k"))
+    K._precompile([(launch, ("q", "k")) for launch in launches])
     assert state["done"] == []
     monkeypatch.delenv("DALLE_FAST_COMPILE_THREADS")
     assert 1 <= K.compile_threads() <= 16
     for bad in ("zero", "0"):
         monkeypatch.setenv("DALLE_FAST_COMPILE_THREADS", bad)
         with pytest.raises(ValueError, match="DALLE_FAST_COMPILE_THREADS"):
-            K._precompile(launches, ("q", "k"))
+            K._precompile([(launch, ("q", "k")) for launch in launches])
 
 
 @needs_gpu
 def test_tuning_compiles_each_candidate_once_ahead(monkeypatch):
-    """On a GPU the tuner's concurrent warmups compile exactly the kernels its launches then run:
-    Triton's compile hook sees every candidate once, as a warmup, and no launch compiles again (a
-    warmup that specialised differently would make the launch compile a second kernel). A layout
-    (the JIT's in-memory cache emptied: kernels then come from Triton's disk cache, and still pass
+    """On a GPU the tuner's concurrent warmups (forward; dQ and dK/dV together) compile exactly the
+    kernels its launches then run: Triton's compile hook sees every candidate once, as a warmup,
+    and no launch compiles again (a warmup that specialised differently would make the launch
+    compile a second kernel); the backward's all come before the first backward timing. The JIT's
+    in-memory caches are emptied first (kernels then come from Triton's disk cache and still pass
     the hook)."""
     import collections
 
@@ -824,10 +825,11 @@ def test_tuning_compiles_each_candidate_once_ahead(monkeypatch):
     if knobs is None or not hasattr(knobs.runtime, "jit_cache_hook") or not hasattr(K._attn_fwd, "device_caches"):
         pytest.skip("this Triton has no jit_cache_hook / device_caches")
     pytest.importorskip("triton.runtime._async_compile")
-    try:
-        monkeypatch.setattr(K._attn_fwd, "device_caches", collections.defaultdict(K._attn_fwd.create_binder))
-    except (AttributeError, TypeError) as e:
-        pytest.skip(f"cannot empty this Triton's JIT cache: {e}")
+    for fn in (K._attn_fwd, K._attn_bwd_dq, K._attn_bwd_dkdv):
+        try:
+            monkeypatch.setattr(fn, "device_caches", collections.defaultdict(fn.create_binder))
+        except (AttributeError, TypeError) as e:
+            pytest.skip(f"cannot empty this Triton's JIT cache: {e}")
 
     monkeypatch.setenv("DALLE_FAST_TRITON_AUTOTUNE", "1")
     monkeypatch.setenv("DALLE_FAST_TUNING_CACHE", "0")
@@ -837,8 +839,14 @@ def test_tuning_compiles_each_candidate_once_ahead(monkeypatch):
     monkeypatch.setattr(K, "_PLANS", {})
     monkeypatch.setattr(K, "TUNING_LOG", [])
     compiles = []
-    monkeypatch.setattr(knobs.runtime, "jit_cache_hook",
-                        lambda **kw: compiles.append((kw["fn"].name, kw["is_manual_warmup"])) and False)
+    bwd_timed_at_compile = []
+
+    def hook(**kw):
+        compiles.append((kw["fn"].name, kw["is_manual_warmup"]))
+        bwd_timed_at_compile.append(sum(e["kernel"] != "fwd" for e in K.TUNING_LOG))
+        return False  # compile as usual
+
+    monkeypatch.setattr(knobs.runtime, "jit_cache_hook", hook)
     layout = Layout("conv_like", 72, 9, kernel_size=5, dilation=2)
     q, k, v, do = _inputs(1, 2, layout.seq_len, 32, torch.bfloat16, seed=21)
     out, _ = K.attention_forward(q, k, v, layout, 32 ** -0.5)  # the references' default scale
@@ -846,6 +854,54 @@ def test_tuning_compiles_each_candidate_once_ahead(monkeypatch):
     kernels = {c._replace(order=K.ORDER_BH) for c in cands if not c.flat}  # the order is a launch argument
     assert [c for c in compiles if c[0] == "_attn_fwd"] == [("_attn_fwd", True)] * len(kernels), compiles
     assert len([e for e in K.TUNING_LOG if e["kernel"] == "fwd"]) == len(cands)
-    base, _, _ = _dense(q, k, v, do, layout, torch.bfloat16)
-    ref64, _, _ = _dense(q, k, v, do, layout, torch.float64)
+    base, _, base_grads = _dense(q, k, v, do, layout, torch.bfloat16)
+    ref64, _, ref_grads = _dense(q, k, v, do, layout, torch.float64)
     _assert_close("out", out, ref64, base, torch.bfloat16)
+    # the backward: dQ's and dK/dV's candidates compiled together, each once, before either is timed
+    out, lse = K.attention_forward(q, k, v, layout, 32 ** -0.5)
+    grads = K.attention_backward(do, q, k, v, out, lse, layout, 32 ** -0.5)
+    for name, fn in (("dq", "_attn_bwd_dq"), ("dkdv", "_attn_bwd_dkdv")):
+        n = len({c._replace(order=K.ORDER_BH) for c in K._candidates(name)})
+        assert [c for c in compiles if c[0] == fn] == [(fn, True)] * n, compiles
+    assert not any(bwd_timed_at_compile) and any(e["kernel"] == "dkdv" for e in K.TUNING_LOG)
+    for name, g, rg, bg in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
+        _assert_close(name, g, rg, bg, torch.bfloat16)
+
+
+def test_backward_precompiles_dq_and_dkdv_at_once(monkeypatch):
+    """The backward hands dQ's and dK/dV's candidates to one ``_precompile`` call before tuning
+    either (the forward its own): on CPU the interpreter has nothing to compile, so the jobs are
+    launched here instead, which checks that each carries the arguments its kernel takes; the
+    tuned backward matches the reference."""
+    cands = (K.INTERPRET_CONFIG, K.INTERPRET_CONFIG._replace(order=K.ORDER_HEAVY))
+    monkeypatch.setattr(K, "_autotune_enabled", lambda dtype: True)
+    monkeypatch.setattr(K, "_candidates", lambda name: cands)
+    monkeypatch.setattr(K, "_BEST", {})
+    monkeypatch.setattr(K, "_PLANS", {})
+    monkeypatch.setattr(K, "TUNING_LOG", [])
+    monkeypatch.setenv("DALLE_FAST_TUNING_CACHE", "0")
+    monkeypatch.setattr(K.triton.testing, "do_bench", lambda fn, warmup, rep: (fn(), 1.0)[1])
+    monkeypatch.setattr(K, "_can_precompile", lambda device: True)
+    calls = []
+
+    def precompile(jobs):
+        calls.append(sorted({(launch.kernel, launch.config) for launch, _ in jobs}))
+        timed = len(K.TUNING_LOG)
+        for launch, args in jobs:
+            K._run(launch, args)
+        assert len(K.TUNING_LOG) == timed  # compiled ahead of any timing
+
+    monkeypatch.setattr(K, "_precompile", precompile)
+    layout = Layout("conv", 20, 6, kernel_size=3)
+    q, k, v, do = _inputs(2, 3, 56, 32, torch.float32, seed=23)
+    out, lse = K.attention_forward(q, k, v, layout, 32 ** -0.5)
+    grads = K.attention_backward(do, q, k, v, out, lse, layout, 32 ** -0.5)
+    assert calls == [[("fwd", c) for c in cands], sorted((n, c) for n in ("dkdv", "dq") for c in cands)]
+    assert sorted(e["kernel"] for e in K.TUNING_LOG) == ["dkdv"] * 2 + ["dq"] * 2 + ["fwd"] * 2
+    K.attention_backward(do, q, k, v, out, lse, layout, 32 ** -0.5)  # planned: nothing more
+    assert len(calls) == 2
+    ref, _, ref_grads = _dense(q, k, v, do, layout, torch.float64)
+    base, _, base_grads = _dense(q, k, v, do, layout, torch.float32)
+    _assert_close("out", out, ref, base, torch.float32)
+    for name, g, rg, bg in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
+        _assert_close(name, g, rg, bg, torch.float32)
