@@ -459,10 +459,11 @@ def test_program_order_changes_nothing_but_the_order(kind):
     ref, _, ref_grads = _dense(q, k, v, do, layout, torch.float64)
     base, _, base_grads = _dense(q, k, v, do, layout, dtype)
     results = []
+    fwd, dkdv, dq = K._default_configs(32, dtype)  # on a GPU: kernels test_matches_reference compiled
     for order in (K.ORDER_BH, K.ORDER_HEAVY):
-        cfg = K.INTERPRET_CONFIG._replace(order=order)
-        out, lse = K.attention_forward(q, k, v, layout, scale, config=cfg)
-        grads = K.attention_backward(do, q, k, v, out, lse, layout, scale, configs=(cfg, cfg))
+        out, lse = K.attention_forward(q, k, v, layout, scale, config=fwd._replace(order=order))
+        grads = K.attention_backward(do, q, k, v, out, lse, layout, scale,
+                                     configs=(dkdv._replace(order=order), dq._replace(order=order)))
         results.append((out, lse, *grads))
         _assert_close(f"out order {order}", out, ref, base, dtype)
         for name, g, rg, bg in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
@@ -873,9 +874,10 @@ def test_backward_precompiles_dq_and_dkdv_at_once(monkeypatch):
     either (the forward its own): on CPU the interpreter has nothing to compile, so the jobs are
     launched here instead, which checks that each carries the arguments its kernel takes; the
     tuned backward matches the reference."""
-    cands = (K.INTERPRET_CONFIG, K.INTERPRET_CONFIG._replace(order=K.ORDER_HEAVY))
+    defaults = dict(zip(("fwd", "dkdv", "dq"), K._default_configs(32, torch.float32)))
+    cands = {name: (c, c._replace(order=K.ORDER_HEAVY)) for name, c in defaults.items()}
     monkeypatch.setattr(K, "_autotune_enabled", lambda dtype: True)
-    monkeypatch.setattr(K, "_candidates", lambda name: cands)
+    monkeypatch.setattr(K, "_candidates", lambda name: cands[name])
     monkeypatch.setattr(K, "_BEST", {})
     monkeypatch.setattr(K, "_PLANS", {})
     monkeypatch.setattr(K, "TUNING_LOG", [])
@@ -896,7 +898,7 @@ def test_backward_precompiles_dq_and_dkdv_at_once(monkeypatch):
     q, k, v, do = _inputs(2, 3, 56, 32, torch.float32, seed=23)
     out, lse = K.attention_forward(q, k, v, layout, 32 ** -0.5)
     grads = K.attention_backward(do, q, k, v, out, lse, layout, 32 ** -0.5)
-    assert calls == [[("fwd", c) for c in cands], sorted((n, c) for n in ("dkdv", "dq") for c in cands)]
+    assert calls == [[("fwd", c) for c in cands["fwd"]], sorted((n, c) for n in ("dkdv", "dq") for c in cands[n])]
     assert sorted(e["kernel"] for e in K.TUNING_LOG) == ["dkdv"] * 2 + ["dq"] * 2 + ["fwd"] * 2
     K.attention_backward(do, q, k, v, out, lse, layout, 32 ** -0.5)  # planned: nothing more
     assert len(calls) == 2
