@@ -267,6 +267,7 @@ def _fetch_first(LUT, PERM, N, BLOCK: tl.constexpr, PERMUTED: tl.constexpr, INVA
 
 @triton.jit
 def _addressed(t, PERM, N, BLOCK: tl.constexpr, PERMUTED: tl.constexpr, INVALID_BEFORE: tl.constexpr):
+    """``(t, addr)`` of tile ``t``: see :func:`_fetch`."""
     if PERMUTED:
         return t, _perm_rows(PERM, t, N, BLOCK, INVALID_BEFORE)
     else:
@@ -430,12 +431,9 @@ def _flat_fetch(PAIRS, j, end, PERM, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
     """Pair ``j`` of a program's range ``[.., end)`` and what its loads address through (see
     :func:`_fetch`): ``(code, q addr, k addr)``; ``j == end`` fetches pair 0, never used."""
     e = tl.load(PAIRS + j, mask=j < end, other=0)
-    kt = e & _TILE_MASK
-    qt = (e >> _PAIR_SHIFT) & _TILE_MASK
-    if PERMUTED:
-        return e, _perm_rows(PERM, qt, N, BLOCK_M, True), _perm_rows(PERM, kt, N, BLOCK_N, False)
-    else:
-        return e, qt, kt
+    _, qa = _addressed((e >> _PAIR_SHIFT) & _TILE_MASK, PERM, N, BLOCK_M, PERMUTED, True)
+    _, ka = _addressed(e & _TILE_MASK, PERM, N, BLOCK_N, PERMUTED, False)
+    return e, qa, ka
 
 
 @triton.jit
@@ -664,8 +662,7 @@ def _candidates(name: str) -> tuple:
     (the order is a launch argument: one compile, two timings); with ``DALLE_FAST_TRITON_FLAT=1``
     the forward's also include the flat work-list forward (``FLAT_FWD_CONFIGS``)."""
     base = _CANDIDATES[name]
-    cands = base + tuple(c._replace(order=ORDER_HEAVY) for c in base if c.order == ORDER_BH and not c.flat
-                         and c._replace(order=ORDER_HEAVY) not in base)
+    cands = base + tuple(c._replace(order=ORDER_HEAVY) for c in base)
     if name == "fwd" and os.environ.get("DALLE_FAST_TRITON_FLAT", "0") == "1":
         return cands + FLAT_FWD_CONFIGS
     return cands
@@ -882,11 +879,12 @@ def _can_precompile(device) -> bool:
 
 
 def _precompile(jobs) -> None:
-    """Compiles the kernels of ``jobs``, ``(launch, args)`` pairs (the tuning candidates of one kernel,
-    or of dQ and dK/dV at once), concurrently before the tuner launches them one by one: Triton's ``AsyncCompileMode`` runs each ``warmup`` compile in a thread
-    pool (the MLIR passes and ptxas release the GIL), so the first call of a new problem waits for
-    about the slowest candidate's compile instead of the sum (23 kernels per kind at the default
-    GPU shape, ~1.3 s each single-threaded on a Xeon core). Results are unchanged: a warmup compiles
+    """Compiles the kernels of ``jobs``, ``(launch, args)`` pairs (the tuning candidates of one
+    kernel, or of dQ and dK/dV at once), concurrently before the tuner launches them one by one:
+    Triton's ``AsyncCompileMode`` runs each ``warmup`` compile in a thread pool (the MLIR passes and
+    ptxas release the GIL), so the first call of a new problem waits for about the slowest
+    candidate's compile instead of the sum (23 kernels per kind at the default GPU shape, ~1.3 s
+    each single-threaded on a Xeon core). Results are unchanged: a warmup compiles
     exactly what the launch would (same arguments, same specialisation) into the same JIT cache.
     Without ``AsyncCompileMode`` (Triton < 3.4), inside another one, or with one thread, the tuner
     compiles one candidate after the other as before. A candidate that fails to compile here fails
@@ -1045,16 +1043,14 @@ def _bwd_plan(grad_out, q, k, v, out, lse, layout, scale, configs, grad_lse):
     args = {name: _bwd_args(name, q, k, v, grad_out, out, lse, grad_lse, delta, *grads, perm, tables)
             for name in ("dq", "dkdv")}
     cfgs = {"dq": cfg_dq, "dkdv": cfg_dkdv}
-    precompiled = _can_precompile(q.device)
-    if precompiled:  # both kernels' candidates in one pool: the backward waits for one slowest compile
-        jobs = [job for name in ("dq", "dkdv")
-                if _known(name, cfgs[name], N, B, H, consts[name], q.dtype, q.device) is None
-                for job in _candidate_launches(name, layout, N, B, H, args[name], consts[name], q.device)]
-        _precompile(jobs)
+    known = {name: _known(name, cfgs[name], N, B, H, consts[name], q.dtype, q.device) for name in cfgs}
+    if _can_precompile(q.device):  # both kernels' candidates in one pool: one slowest compile to wait for
+        _precompile([job for name in ("dq", "dkdv") if known[name] is None
+                     for job in _candidate_launches(name, layout, N, B, H, args[name], consts[name], q.device)])
     # dQ first: its launches (tuning included) write the delta that dK/dV reads
     for name in ("dq", "dkdv"):
-        cfg, ok = _select(name, cfgs[name], layout, N, B, H, args[name], consts[name], q.dtype, q.device,
-                          precompiled)
+        cfg, ok = known[name] or _select(name, cfgs[name], layout, N, B, H, args[name], consts[name], q.dtype,
+                                         q.device, precompiled=True)
         launches[name], final = _make_launch(name, cfg, layout, N, B, H, consts[name], q.device), final and ok
     return _BwdPlan(perm, tables, launches["dq"], launches["dkdv"]), final
 
