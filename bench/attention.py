@@ -407,7 +407,7 @@ def write_tuning_log(path, bh, text_len, image_size, quiet=False):
         flops = 2 * _KERNEL_GEMMS[e["kernel"]] * pairs * d * bh
         rows.append(dict(kernel=e["kernel"], kind=KINDS[kind], seq=n, head_dim=d, dtype=str(dtype).replace("torch.", ""),
                          block_m=cfg.block_m, block_n=cfg.block_n, warps=cfg.num_warps, stages=cfg.num_stages,
-                         flat=cfg.flat, order=cfg.order,
+                         flat=cfg.flat, order=cfg.order, maxnreg=cfg.maxnreg,
                          us=None if e["ms"] is None else round(e["ms"] * 1e3, 2),
                          tflops=None if e["ms"] is None else round(flops / e["ms"] / 1e9, 1),
                          n_regs=e["n_regs"], n_spills=e["n_spills"], note=e["note"]))
@@ -431,17 +431,24 @@ def write_tuning_log(path, bh, text_len, image_size, quiet=False):
         rs.sort(key=lambda r: r["us"])
         b, w_ = rs[0], rs[-1]
         flat = [r for r in rs if r["flat"]]
-        flat_best = (f"; best flat {flat[0]['block_m']}x{flat[0]['block_n']} w{flat[0]['warps']} s{flat[0]['stages']} "
-                     f"f{flat[0]['flat']} {flat[0]['us']:.1f} us" if flat else "")
-        # order: o0 batch*head-major, o1 tile-major (heaviest tiles first); f<n>: flat forward
+        flat_best = f"; best flat {_label(flat[0])} {flat[0]['us']:.1f} us" if flat else ""
+        capped = [r for r in rs if r["maxnreg"]]
+        capped_best = f"; best capped {_label(capped[0])} {capped[0]['us']:.1f} us" if capped else ""
         by_order = {o: min((r["us"] for r in rs if r["order"] == o and not r["flat"]), default=None) for o in (0, 1)}
         orders = (f"; best o0 {by_order[0]:.1f} us, o1 {by_order[1]:.1f} us"
                   if None not in by_order.values() else "")
-        print(f"#   {kernel:<5}{kind:<10}D={d} {dt}: best {b['block_m']}x{b['block_n']} w{b['warps']} s{b['stages']}"
-              f"{' f' + str(b['flat']) if b['flat'] else ''} o{b['order']} "
-              f"{b['us']:.1f} us {b['tflops']:.0f} TFLOP/s; worst {w_['block_m']}x{w_['block_n']} w{w_['warps']} "
-              f"s{w_['stages']} {w_['us']:.1f} us{flat_best}{orders}; spilling skipped: "
+        print(f"#   {kernel:<5}{kind:<10}D={d} {dt}: best {_label(b)} "
+              f"{b['us']:.1f} us {b['tflops']:.0f} TFLOP/s; worst {_label(w_)} "
+              f"{w_['us']:.1f} us{flat_best}{capped_best}{orders}; spilling skipped: "
               f"{sum(1 for r in rows if r['note'].startswith('spills') and r['kernel'] == kernel and r['kind'] == kind)}")
+
+
+def _label(r) -> str:
+    """A tuning row's configuration, e.g. ``128x64 w8 s3 r128 o1``: tile, warps, stages, flat forward
+    (``f<pairs>``), register cap (``r<maxnreg>``), program order (``o0`` batch*head-major, ``o1``
+    tile-major, heaviest tiles first)."""
+    return (f"{r['block_m']}x{r['block_n']} w{r['warps']} s{r['stages']}" + (f" f{r['flat']}" if r["flat"] else "")
+            + (f" r{r['maxnreg']}" if r["maxnreg"] else "") + f" o{r['order']}")
 
 
 if __name__ == "__main__":

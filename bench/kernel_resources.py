@@ -54,7 +54,7 @@ def main(argv=None):
     p.add_argument("--defaults-only", action="store_true", help="only the default configurations")
     args = p.parse_args(argv)
     print(f"# Triton {triton.__version__}, sm_90a, B*H any, H=16, N=1280 (text 256 + 32 x 32)")
-    print(f"{'kernel':<8} {'kind':<9} {'dtype':<9} {'D':>4} {'config (M, N, warps, stages, flat, order)':<41} {'regs':>5} "
+    print(f"{'kernel':<8} {'kind':<9} {'dtype':<9} {'D':>4} {'config (M, N, warps, stages, flat, order, maxnreg)':<49} {'regs':>5} "
           f"{'stack':>6} {'smem KiB':>9} {'LDGSTS':>7} {'HGMMA':>6} {'LDG':>4} {'insts':>6} {'bufs':>4}  note")
     for dname in args.dtypes.split(","):
         dtype = getattr(torch, dname)
@@ -73,7 +73,7 @@ def main(argv=None):
                         try:
                             r = resources(compile_for_hopper(fn, dtype, kind, head_dim, cfg))
                         except Exception as e:  # noqa: BLE001 - report and go on
-                            print(f"{name:<8} {kname:<9} {dname:<9} {head_dim:>4} {str(tuple(cfg)):<41} failed: "
+                            print(f"{name:<8} {kname:<9} {dname:<9} {head_dim:>4} {str(tuple(cfg)):<49} failed: "
                                   f"{type(e).__name__}: {str(e)[:80]}")
                             continue
                         note = "default" if cfg == defaults.get(name) else ""
@@ -81,7 +81,7 @@ def main(argv=None):
                             note += " SPILLS"
                         if r["wgmma_serialized"]:
                             note += " WGMMA-SERIALIZED"
-                        print(f"{name:<8} {kname:<9} {dname:<9} {head_dim:>4} {str(tuple(cfg)):<41} {r['regs']:>5} "
+                        print(f"{name:<8} {kname:<9} {dname:<9} {head_dim:>4} {str(tuple(cfg)):<49} {r['regs']:>5} "
                               f"{r['stack']:>6} {r['smem'] / 1024:>9.1f} {r['ldgsts']:>7} {r['hgmma']:>6} "
                               f"{r['ldg']:>4} {r['instructions']:>6} {r['tile_buffers']:>4}  {note.strip()}")
 

@@ -72,8 +72,7 @@ def compile_for_hopper(fn, dtype, kind, head_dim, cfg, *, heads=16, seq=1280, te
             if value % 16 == 0 and name not in unspecialized:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=K.compile_options(cfg))
 
 
 _TILE_BUFFER = re.compile(r"ttg\.local_alloc : \(\) -> !ttg\.memdesc<(\d+)x(\d+)x(\d+)x")

@@ -19,9 +19,12 @@ This module imports triton; ``dalle_fast`` imports it lazily on the first triton
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -63,7 +66,12 @@ class TileConfig(NamedTuple):
     ``order`` (not the flat forward; a launch argument, so both orders share one compiled kernel):
     the order in which the GPU starts the programs. 0 (``ORDER_BH``): every tile of batch*head 0,
     then of 1, ...; 1 (``ORDER_HEAVY``): tile-major, the heaviest tile of every batch*head first
-    (see :func:`_program`)."""
+    (see :func:`_program`).
+
+    ``maxnreg``: 0 lets ptxas pick the registers per thread; ``n > 0`` caps them at ``n`` (Triton's
+    ``maxnreg`` option), so that one more program fits on an SM: an SM has 64 K registers, so a
+    256-thread program at 129-255 registers runs alone on it and at <= 128 beside a second one.
+    A cap that makes the kernel spill is skipped by the tuner like any spilling candidate."""
 
     block_m: int
     block_n: int
@@ -71,6 +79,7 @@ class TileConfig(NamedTuple):
     num_stages: int
     flat: int = 0
     order: int = 0
+    maxnreg: int = 0
 
 
 ORDER_BH, ORDER_HEAVY = 0, 1
@@ -86,18 +95,27 @@ FWD_CONFIGS = (
     TileConfig(64, 64, 4, 3),
     TileConfig(64, 64, 4, 4),
     TileConfig(64, 32, 4, 3),
+    # 8 warps at <= 128 registers: two programs per SM instead of one. Uncapped, Triton 3.6 (the lent
+    # GPU machines' release) gives these 147-149 registers for row and 186 for conv; capped, neither
+    # spills (col does, 56-64 B, and is skipped). 128-row query tiles read each K/V tile half as often
+    # as 64-row ones (bench/RESULTS.md, L2 traffic).
+    TileConfig(128, 64, 8, 3, maxnreg=128),
+    TileConfig(128, 64, 8, 4, maxnreg=128),
 )
 # The flat work-list forward: candidates only with DALLE_FAST_TRITON_FLAT=1 until it has been timed
 # and checked on a GPU (interpreter tests pass; see bench/RESULTS.md).
-# Three, to keep the GPU check's tuning short: 64 x 32 fits 4 programs per SM (56 KiB of shared
+# Few, to keep the GPU check's tuning short: 64 x 32 fits 4 programs per SM (56 KiB of shared
 # memory, 120-142 registers), 64 x 64 two (80 KiB), 128 x 64 with 8 warps one (155-179 registers,
 # 112 KiB) but reads the least from L2: the flat forward reloads q with every pair, which at the
 # benchmark's shape costs 40 FLOP per byte read at 64 x 64, 30 at 64 x 32, 59 at 128 x 64
 # (bench/RESULTS.md), where the forward needs ~60 to reach 300 TFLOP/s at ~5 TB/s of L2.
+# The 128 x 64 one capped at 128 registers too (two programs per SM: 224 KiB of shared memory;
+# 153-155 -> 123-124 registers for row, no spill; col spills 24 B, conv 80 B with Triton 3.6: skipped).
 FLAT_FWD_CONFIGS = (
     TileConfig(64, 64, 4, 3, 32),
     TileConfig(128, 64, 8, 3, 16),
     TileConfig(64, 32, 4, 3, 32),
+    TileConfig(128, 64, 8, 3, 16, maxnreg=128),
 )
 # dK/dV: BLOCK_M = query rows streamed, BLOCK_N = key rows held by the program.
 DKDV_CONFIGS = (
@@ -116,6 +134,9 @@ DQ_CONFIGS = (
     TileConfig(64, 64, 4, 3),
     TileConfig(64, 32, 4, 3),
     TileConfig(64, 32, 4, 4),
+    # two programs per SM instead of one (Triton 3.6: 149 registers for row, 176 for conv uncapped;
+    # capped, no spill for row, nor for conv with 3.6 (8 B with 3.8); col spills 32 B: skipped)
+    TileConfig(128, 64, 8, 3, maxnreg=128),
 )
 INTERPRET_CONFIG = TileConfig(16, 16, 4, 1)
 
@@ -733,9 +754,29 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layo
         raise ValueError(
             f"backend 'triton' needs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {dev}"
         )
+    if dev.type == "cpu":
+        _check_interpreter(triton.__version__, np.__version__)
     layout.check_seq_len(q.shape[2], "seq")
     if q.shape[0] * q.shape[1] > 65535:
         raise ValueError(f"batch * heads must be <= 65535 for backend 'triton', got {q.shape[0] * q.shape[1]}")
+
+
+def _major_minor(version: str):
+    m = re.match(r"(\d+)\.(\d+)", version)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _check_interpreter(triton_version: str, numpy_version: str) -> None:
+    """RuntimeError where Triton's interpreter cannot run these kernels: before 3.7 it converts a
+    loaded scalar (a 1-element array there) to a loop bound with ``int()``, which NumPy 2.4 refuses
+    ("only 0-dimensional arrays can be converted to Python scalars", deep inside the first loop)."""
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        raise RuntimeError(
+            f"TRITON_INTERPRET=1 cannot run the Triton kernels with triton {triton_version} and numpy "
+            f"{numpy_version}: Triton's interpreter before 3.7 fails on NumPy >= 2.4; install "
+            "'numpy<2.4' or triton >= 3.7 (the GPU path is not affected)"
+        )
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -917,8 +958,7 @@ def _bh_bucket(bh: int) -> int:
 def _make_launch(name, cfg, layout, grid_rows, B, H, consts, device) -> _Launch:
     if name == "fwd" and cfg.flat:
         work, groups = flat_work(layout, grid_rows, cfg.block_m, cfg.block_n, cfg.flat, device)
-        meta = dict(consts, WORK=work, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-                    num_stages=cfg.num_stages)
+        meta = dict(consts, WORK=work, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **compile_options(cfg))
         return _Launch("fwd_flat", (groups, B * H), meta, cfg)
     tile = cfg.block_n if name == "dkdv" else cfg.block_m
     # where this tile shape's tables start in the packed buffer: plain arguments, so that a program
@@ -927,8 +967,17 @@ def _make_launch(name, cfg, layout, grid_rows, B, H, consts, device) -> _Launch:
     rec = layout.packed_tile_tables(grid_rows, TILES).record(cfg.block_m, cfg.block_n)
     rec = rec[4:] if name == "dkdv" else rec[:4]
     meta = dict(consts, LUT_OFF=rec[0], LUT_W=rec[1], CNT_OFF=rec[2], FULL_OFF=rec[3], BH=B * H, ORDER=cfg.order,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **compile_options(cfg))
     return _Launch(name, (triton.cdiv(grid_rows, tile) * B * H,), meta, cfg)
+
+
+def compile_options(cfg: TileConfig) -> dict:
+    """Triton compile options of a configuration (``maxnreg`` only when capped)."""
+    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.maxnreg:
+        opts["maxnreg"] = cfg.maxnreg
+    return opts
+
 
 
 def _run(launch: _Launch, args):

@@ -73,7 +73,7 @@ kr.main(["--kinds", "row", "--head-dims", "32"])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
-def test_tuning_log_table(tmp_path, monkeypatch):
+def test_tuning_log_table(tmp_path, monkeypatch, capsys):
     """bench/attention.py turns the tuner's log into per-candidate rows with TFLOP/s on the computed
     tiles of each candidate's tile shape."""
     from dalle_fast import KINDS, Layout
@@ -92,16 +92,22 @@ def test_tuning_log_table(tmp_path, monkeypatch):
              note=""),
         dict(kernel="fwd", key=key, config=K.TileConfig(128, 64, 4, 4), ms=None, n_regs=255, n_spills=8,
              note="spills: not timed"),
+        dict(kernel="fwd", key=key, config=K.TileConfig(128, 64, 8, 3, maxnreg=128), ms=0.06, n_regs=128,
+             n_spills=0, note=""),
     ])
     path = tmp_path / "tuning.csv"
     bench.write_tuning_log(str(path), 8 * 16, 256, 32)
     text = path.read_text().splitlines()
-    assert len(text) == 5 and text[0].startswith("kernel,kind,seq")
-    assert [r["order"] for r in csv.DictReader(text)] == ["0", "0", "1", "0"]
+    assert len(text) == 6 and text[0].startswith("kernel,kind,seq")
+    assert [r["order"] for r in csv.DictReader(text)] == ["0", "0", "1", "0", "0"]
+    assert [r["maxnreg"] for r in csv.DictReader(text)] == ["0", "0", "0", "0", "128"]
     pairs = Layout("row", 256, 32).tile_table(1280, 64, 64).computed_pairs()
     expect = 4 * pairs * 64 * 128 / 0.05e-3 / 1e12
     got = float(next(csv.DictReader(text))["tflops"])
     assert abs(got - expect) < 0.1, (got, expect)
+    summary = capsys.readouterr().out
+    assert "best 64x64 w4 s3 o1 40.0 us" in summary and "worst 128x32 w4 s3 o0 100.0 us" in summary
+    assert "best capped 128x64 w8 s3 r128 o0 60.0 us" in summary
 
 
 def test_speed_targets_table():
