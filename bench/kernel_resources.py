@@ -11,7 +11,8 @@ are specialised as at the benchmark's shape (16-byte aligned pointers and stride
 as Triton's JIT would.
 
 The program order of a configuration (``order``) is a launch argument, not compiled in: each
-configuration is listed once, in order 0.
+configuration is listed once, in order 0. ``/SM``: programs per H100 SM (registers, shared memory,
+threads); ``cap``: the register cap the tuner would also try (``occupancy_cap``; ``-``: none).
 
 What it cannot tell: time. It is the check that needs no GPU: a configuration that spills or
 loses its asynchronous copies is slow on any Hopper card, and the default configurations (used
@@ -55,7 +56,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     print(f"# Triton {triton.__version__}, sm_90a, B*H any, H=16, N=1280 (text 256 + 32 x 32)")
     print(f"{'kernel':<8} {'kind':<9} {'dtype':<9} {'D':>4} {'config (M, N, warps, stages, flat, order, maxnreg)':<49} {'regs':>5} "
-          f"{'stack':>6} {'smem KiB':>9} {'LDGSTS':>7} {'HGMMA':>6} {'LDG':>4} {'insts':>6} {'bufs':>4}  note")
+          f"{'stack':>6} {'smem KiB':>9} {'LDGSTS':>7} {'HGMMA':>6} {'LDG':>4} {'insts':>6} {'bufs':>4} {'/SM':>3} {'cap':>4}  note")
     for dname in args.dtypes.split(","):
         dtype = getattr(torch, dname)
         for head_dim in (int(x) for x in args.head_dims.split(",")):
@@ -83,7 +84,9 @@ def main(argv=None):
                             note += " WGMMA-SERIALIZED"
                         print(f"{name:<8} {kname:<9} {dname:<9} {head_dim:>4} {str(tuple(cfg)):<49} {r['regs']:>5} "
                               f"{r['stack']:>6} {r['smem'] / 1024:>9.1f} {r['ldgsts']:>7} {r['hgmma']:>6} "
-                              f"{r['ldg']:>4} {r['instructions']:>6} {r['tile_buffers']:>4}  {note.strip()}")
+                              f"{r['ldg']:>4} {r['instructions']:>6} {r['tile_buffers']:>4} "
+                              f"{K.programs_per_sm(r['regs'], cfg.num_warps, r['smem'], K.HOPPER):>3} "
+                              f"{K.occupancy_cap(r['regs'], cfg.num_warps, r['smem'], K.HOPPER) or '-':>4}  {note.strip()}")
 
 
 if __name__ == "__main__":

@@ -69,9 +69,9 @@ class TileConfig(NamedTuple):
     (see :func:`_program`).
 
     ``maxnreg``: 0 lets ptxas pick the registers per thread; ``n > 0`` caps them at ``n`` (Triton's
-    ``maxnreg`` option), so that one more program fits on an SM: an SM has 64 K registers, so a
-    256-thread program at 129-255 registers runs alone on it and at <= 128 beside a second one.
-    A cap that makes the kernel spill is skipped by the tuner like any spilling candidate."""
+    ``maxnreg`` option) so that one more program fits on an SM (see :func:`occupancy_cap`: the
+    tuner derives such a candidate from every candidate that registers hold below what shared
+    memory and threads allow)."""
 
     block_m: int
     block_n: int
@@ -95,27 +95,18 @@ FWD_CONFIGS = (
     TileConfig(64, 64, 4, 3),
     TileConfig(64, 64, 4, 4),
     TileConfig(64, 32, 4, 3),
-    # 8 warps at <= 128 registers: two programs per SM instead of one. Uncapped, Triton 3.6 (the lent
-    # GPU machines' release) gives these 147-149 registers for row and 186 for conv; capped, neither
-    # spills (col does, 56-64 B, and is skipped). 128-row query tiles read each K/V tile half as often
-    # as 64-row ones (bench/RESULTS.md, L2 traffic).
-    TileConfig(128, 64, 8, 3, maxnreg=128),
-    TileConfig(128, 64, 8, 4, maxnreg=128),
 )
 # The flat work-list forward: candidates only with DALLE_FAST_TRITON_FLAT=1 until it has been timed
 # and checked on a GPU (interpreter tests pass; see bench/RESULTS.md).
-# Few, to keep the GPU check's tuning short: 64 x 32 fits 4 programs per SM (56 KiB of shared
+# Three, to keep the GPU check's tuning short: 64 x 32 fits 4 programs per SM (56 KiB of shared
 # memory, 120-142 registers), 64 x 64 two (80 KiB), 128 x 64 with 8 warps one (155-179 registers,
 # 112 KiB) but reads the least from L2: the flat forward reloads q with every pair, which at the
 # benchmark's shape costs 40 FLOP per byte read at 64 x 64, 30 at 64 x 32, 59 at 128 x 64
 # (bench/RESULTS.md), where the forward needs ~60 to reach 300 TFLOP/s at ~5 TB/s of L2.
-# The 128 x 64 one capped at 128 registers too (two programs per SM: 224 KiB of shared memory;
-# 153-155 -> 123-124 registers for row, no spill; col spills 24 B, conv 80 B with Triton 3.6: skipped).
 FLAT_FWD_CONFIGS = (
     TileConfig(64, 64, 4, 3, 32),
     TileConfig(128, 64, 8, 3, 16),
     TileConfig(64, 32, 4, 3, 32),
-    TileConfig(128, 64, 8, 3, 16, maxnreg=128),
 )
 # dK/dV: BLOCK_M = query rows streamed, BLOCK_N = key rows held by the program.
 DKDV_CONFIGS = (
@@ -134,9 +125,6 @@ DQ_CONFIGS = (
     TileConfig(64, 64, 4, 3),
     TileConfig(64, 32, 4, 3),
     TileConfig(64, 32, 4, 4),
-    # two programs per SM instead of one (Triton 3.6: 149 registers for row, 176 for conv uncapped;
-    # capped, no spill for row, nor for conv with 3.6 (8 B with 3.8); col spills 32 B: skipped)
-    TileConfig(128, 64, 8, 3, maxnreg=128),
 )
 INTERPRET_CONFIG = TileConfig(16, 16, 4, 1)
 
@@ -696,21 +684,95 @@ _BEST: dict = {}  # (kernel, N, batch*heads bucket, T, S, KIND, HEAD_DIM, dtype)
 TUNING_LOG: list = []
 
 
-def _tune(name, launch, key):
+class SMLimits(NamedTuple):
+    """What one SM holds (``torch.cuda.get_device_properties``): registers, shared memory in bytes,
+    threads."""
+
+    regs: int
+    smem: int
+    threads: int
+
+
+#: an H100 / H200 SM (sm_90): 64 K registers, 228 KiB of shared memory, 2048 threads
+HOPPER = SMLimits(65536, 233472, 2048)
+_SMEM_RESERVED = 1024  # shared memory the driver reserves per program (sm_80 and later)
+
+
+def programs_per_sm(n_regs: int, num_warps: int, smem: int, limits: SMLimits) -> int:
+    """Programs of a kernel (``n_regs`` registers per thread, ``smem`` bytes of shared memory) that
+    fit on one SM at once: registers are allocated per warp in units of 256 (8 per thread)."""
+    threads = num_warps * 32
+    by_regs = limits.regs // (max(-(-n_regs // 8) * 8, 8) * threads)
+    return min(by_regs, limits.smem // (smem + _SMEM_RESERVED), limits.threads // threads)
+
+
+def occupancy_cap(n_regs: int, num_warps: int, smem: int, limits: SMLimits) -> int:
+    """The register cap (``TileConfig.maxnreg``) that fits one more program per SM, when registers
+    are what stops it (shared memory and threads would allow more); 0 otherwise. For example a
+    256-thread program at 129-255 registers runs alone on a Hopper SM, at <= 128 beside another. No
+    cap below two thirds of ``n_regs``: ptxas's deepest clean cut in these kernels was 186 -> 128
+    (Triton 3.6, conv forward), and a deeper one would only cost a compile to find that it spills."""
+    threads = num_warps * 32
+    now = programs_per_sm(n_regs, num_warps, smem, limits)
+    if now >= min(limits.smem // (smem + _SMEM_RESERVED), limits.threads // threads):
+        return 0
+    cap = min(limits.regs // ((now + 1) * threads) // 8 * 8, 255)
+    return cap if 3 * cap >= 2 * n_regs and cap < n_regs else 0
+
+
+_LIMITS: dict = {}
+
+
+def sm_limits(device) -> Optional[SMLimits]:
+    """:class:`SMLimits` of a CUDA device (None for other devices, the interpreter, or a torch that
+    does not report them)."""
+    if device.type != "cuda" or INTERPRET:
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _LIMITS:
+        p = torch.cuda.get_device_properties(index)
+        try:
+            _LIMITS[index] = SMLimits(p.regs_per_multiprocessor, p.shared_memory_per_multiprocessor,
+                                      p.max_threads_per_multi_processor)
+        except AttributeError:
+            _LIMITS[index] = None
+    return _LIMITS[index]
+
+
+def _tune(name, launch, key, limits: Optional[SMLimits] = None, precompile=None):
     """Times ``launch(config)`` for every candidate of kernel ``name`` and caches the fastest under
     ``key``. Configurations that do not fit the GPU are skipped, and so are those whose compiled
     kernel spills registers (``n_spills`` of Triton's compiled kernel, read after the first launch)
-    unless every candidate spills. Each candidate's outcome is appended to ``TUNING_LOG``."""
+    unless every candidate spills. With the device's ``limits``, each non-spilling candidate that
+    registers hold below the programs per SM its shared memory and threads allow also gets a
+    register-capped variant (:func:`occupancy_cap`; ``precompile(configs)`` compiles those at once
+    first), timed like the rest unless the cap makes it spill. Each candidate's outcome is appended
+    to ``TUNING_LOG``."""
     fitting, spilling, info = [], [], {}
-    for cfg in _candidates(name):
-        try:
-            compiled = launch(cfg)  # compiles (once per configuration) and loads
-        except OutOfResources:
-            TUNING_LOG.append(dict(kernel=name, key=key, config=cfg, ms=None, n_regs=None, n_spills=None,
-                                   note="out of resources"))
-            continue
-        info[cfg] = (getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None))
-        (spilling if info[cfg][1] else fitting).append(cfg)
+
+    def compile_(cfgs):
+        for cfg in cfgs:
+            try:
+                compiled = launch(cfg)  # compiles (once per configuration) and loads
+            except OutOfResources:
+                TUNING_LOG.append(dict(kernel=name, key=key, config=cfg, ms=None, n_regs=None, n_spills=None,
+                                       note="out of resources"))
+                continue
+            info[cfg] = (getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None),
+                         getattr(getattr(compiled, "metadata", None), "shared", None))
+            (spilling if info[cfg][1] else fitting).append(cfg)
+
+    compile_(_candidates(name))
+    if limits is not None:
+        capped = []
+        for cfg in fitting:
+            regs, _, smem = info[cfg]
+            cap = 0 if cfg.maxnreg or regs is None or smem is None else occupancy_cap(regs, cfg.num_warps, smem, limits)
+            if cap and cfg._replace(maxnreg=cap) not in info:
+                capped.append(cfg._replace(maxnreg=cap))
+        if capped and precompile is not None:
+            precompile(capped)
+        compile_(capped)
     best, best_ms = None, float("inf")
     timed = fitting or spilling
     for cfg in fitting + spilling:
@@ -865,13 +927,21 @@ def _known(name, config, grid_rows, B, H, consts, dtype, device):
     best = _BEST.get(key)
     if best is not None:
         return best, True
-    stored = tuning_cache.lookup(name, key, device, _candidates(name))
+    stored = tuning_cache.lookup(name, key, device, _candidates(name), base=_uncapped)
     if stored is not None:  # tuned by an earlier process on this kind of GPU
         best = _BEST[key] = TileConfig(*stored)
         return best, True
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return _default_configs(consts["HEAD_DIM"], dtype)[("fwd", "dkdv", "dq").index(name)], False
     return None
+
+
+def _uncapped(fields: tuple) -> Optional[tuple]:
+    """The candidate a stored configuration derives from (its register cap dropped; None if the
+    fields do not make a :class:`TileConfig`)."""
+    if len(fields) != len(TileConfig._fields) or fields[-1] < 0:
+        return None
+    return tuple(TileConfig(*fields)._replace(maxnreg=0))
 
 
 def _candidate_launches(name, layout, grid_rows, B, H, args, consts, device):
@@ -890,10 +960,16 @@ def _select(name, config, layout, grid_rows, B, H, args, consts, dtype, device, 
     def launch(cfg):
         return _run(_make_launch(name, cfg, layout, grid_rows, B, H, consts, device), args)
 
-    if _can_precompile(device) and not precompiled:
-        _precompile(_candidate_launches(name, layout, grid_rows, B, H, args, consts, device))
+    precompile = None
+    if _can_precompile(device):
+        if not precompiled:
+            _precompile(_candidate_launches(name, layout, grid_rows, B, H, args, consts, device))
+
+        def precompile(cfgs):
+            _precompile([(_make_launch(name, c, layout, grid_rows, B, H, consts, device), args) for c in cfgs])
+
     key = _tuning_key(name, grid_rows, B, H, consts, dtype)
-    best = _tune(name, launch, key)
+    best = _tune(name, launch, key, sm_limits(device), precompile)
     tuning_cache.store(name, key, device, _candidates(name), tuple(best))
     return best, True
 

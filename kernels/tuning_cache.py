@@ -18,7 +18,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import triton
@@ -81,16 +81,19 @@ def _read() -> dict:
     return data
 
 
-def lookup(name: str, key: tuple, device: torch.device, candidates: Sequence) -> Optional[tuple]:
+def lookup(name: str, key: tuple, device: torch.device, candidates: Sequence,
+           base: Optional[Callable[[tuple], Optional[tuple]]] = None) -> Optional[tuple]:
     """The stored choice, as the tuple of its ``TileConfig`` fields, if it is one of
-    ``candidates``; else None."""
+    ``candidates`` or ``base(choice)`` is (a variant the tuner derived from a candidate; ``base``
+    returns None for a malformed choice); else None."""
     if not enabled():
         return None
     hit = _read().get(_entry_key(name, key, device, candidates))
     if not (isinstance(hit, list) and all(isinstance(x, int) for x in hit)):
         return None
     hit = tuple(hit)
-    return hit if hit in {tuple(c) for c in candidates} else None
+    allowed = {tuple(c) for c in candidates}
+    return hit if hit in allowed or (base is not None and base(hit) in allowed) else None
 
 
 def store(name: str, key: tuple, device: torch.device, candidates: Sequence, config: tuple) -> None:
