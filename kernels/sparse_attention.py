@@ -144,8 +144,13 @@ def _default_configs(head_dim: int, dtype: torch.dtype):
     if head_dim == 128:
         return TileConfig(128, 64, 8, 3), TileConfig(32, 128, 8, 3), TileConfig(128, 32, 8, 3)
     # forward 64 x 64 x 4 warps x 4 stages: the tuner's choice for row on the H200 (75 us, 2026-11-27);
-    # 128 x 64 x 4 warps sits at 254 registers for col (sm_90a, Triton 3.8), one step from spilling
-    return TileConfig(64, 64, 4, 4), TileConfig(32, 128, 8, 3), TileConfig(128, 32, 4, 3)
+    # 128 x 64 x 4 warps sits at 254 registers for col (sm_90a, Triton 3.8), one step from spilling.
+    # At head_dim 64 capped at 168 registers: three programs per SM, as many as its 72-73 KiB of shared
+    # memory allow, for every kind; uncapped, Triton 3.6 gives col and axial_col 172 and conv_like 201
+    # (two per SM); no kind spills at the cap with 3.6 or 3.8. Not at head_dim 32, where a cap of 168
+    # lets ptxas take more (Triton 3.8, col: 127 -> 141 registers, four programs per SM -> three).
+    fwd = TileConfig(64, 64, 4, 4, maxnreg=168 if head_dim == 64 else 0)
+    return fwd, TileConfig(32, 128, 8, 3), TileConfig(128, 32, 4, 3)
 
 
 def _all_tiles():

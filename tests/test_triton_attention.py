@@ -601,6 +601,9 @@ for dtype, d, kind, nk in CASES:
         # a streamed tile prefetched less than num_stages - 1 ahead (at 2 stages Triton single-buffers)
         if cfg.num_stages >= 3 and r["tile_buffers"] < cfg.num_stages:
             bad.append(f"{name} {kind} {dtype} head_dim {d} {tuple(cfg)}: tiles buffered {r['tile_buffers']} deep")
+        # the forward default held below the programs per SM its shared memory allows by its registers
+        if cfg.maxnreg and (r["regs"] > cfg.maxnreg or K.occupancy_cap(r["regs"], cfg.num_warps, r["smem"], K.HOPPER)):
+            bad.append(f"{name} {kind} {dtype} head_dim {d} {tuple(cfg)}: register-limited: {r}")
 # col's 4-warp dK/dV candidates: serialized (C7515) while the kernel had two loops (full, partial)
 for cfg in (K.TileConfig(32, 64, 4, 3), K.TileConfig(64, 64, 4, 3)):
     r = resources(compile_for_hopper(KERNELS["dkdv"], torch.bfloat16, KINDS.index("col"), 64, cfg))
