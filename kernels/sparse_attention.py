@@ -729,8 +729,8 @@ _LIMITS: dict = {}
 
 
 def sm_limits(device) -> Optional[SMLimits]:
-    """:class:`SMLimits` of a CUDA device (None for other devices, the interpreter, or a torch that
-    does not report them)."""
+    """:class:`SMLimits` of a CUDA device (None for other devices and the interpreter; for a torch
+    that does not report them, :data:`HOPPER` on sm_90 and None elsewhere)."""
     if device.type != "cuda" or INTERPRET:
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -740,7 +740,7 @@ def sm_limits(device) -> Optional[SMLimits]:
             _LIMITS[index] = SMLimits(p.regs_per_multiprocessor, p.shared_memory_per_multiprocessor,
                                       p.max_threads_per_multi_processor)
         except AttributeError:
-            _LIMITS[index] = None
+            _LIMITS[index] = HOPPER if (p.major, p.minor) == (9, 0) else None
     return _LIMITS[index]
 
 

@@ -759,6 +759,18 @@ def test_occupancy_cap():
     assert K.occupancy_cap(60, 32, 1024, H) == 0  # 1024 threads: two programs by threads already
 
 
+def test_sm_limits():
+    """The SM limits the tuner derives caps from: none off a GPU; on an H100 / H200 the device's
+    own report equals the constants the static checks use (``K.HOPPER``)."""
+    assert K.sm_limits(torch.device("cpu")) is None
+    if not HAS_CUDA:
+        return
+    limits = K.sm_limits(torch.device("cuda"))
+    assert limits is not None and limits.regs >= 32768 and limits.threads >= 1024
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert limits == K.HOPPER, limits
+
+
 def test_tuner_derives_register_capped_candidates(monkeypatch):
     """With the GPU's SM limits (faked), a candidate that registers hold below what its shared
     memory allows gets a capped variant, compiled and timed like the rest: it wins here, and the
