@@ -1060,7 +1060,6 @@ def compile_options(cfg: TileConfig) -> dict:
     return opts
 
 
-
 def _run(launch: _Launch, args):
     """Launches; returns what Triton's launch returns (the compiled kernel on a GPU)."""
     return _KERNELS[launch.kernel][launch.grid](*args, **launch.meta)
