@@ -108,7 +108,10 @@ FLAT_FWD_CONFIGS = (
     TileConfig(128, 64, 8, 3, 16),
     TileConfig(64, 32, 4, 3, 32),
 )
-# dK/dV: BLOCK_M = query rows streamed, BLOCK_N = key rows held by the program.
+# dK/dV: BLOCK_M = query rows streamed, BLOCK_N = key rows held by the program. 16 x 128 with 8
+# warps: half the scores per step of 32 x 128 (twice the steps, n16 wgmmas), and 122-146 registers
+# (sm_90a, head_dim 64, Triton 3.6/3.8) where 32 x 128 takes 143-177: two programs per SM instead of
+# one uncapped for row and conv with 3.8, capped (128) without spilling for col and conv with 3.6.
 DKDV_CONFIGS = (
     TileConfig(32, 128, 4, 3),
     TileConfig(32, 128, 4, 4),
@@ -116,6 +119,7 @@ DKDV_CONFIGS = (
     TileConfig(64, 128, 8, 3),
     TileConfig(32, 64, 4, 3),
     TileConfig(64, 64, 4, 3),
+    TileConfig(16, 128, 8, 3),
 )
 # dQ: BLOCK_M = query rows held by the program, BLOCK_N = key rows streamed.
 DQ_CONFIGS = (
