@@ -953,9 +953,11 @@ def _uncapped(fields: tuple) -> Optional[tuple]:
     return tuple(TileConfig(*fields)._replace(maxnreg=0))
 
 
-def _candidate_launches(name, layout, grid_rows, B, H, args, consts, device):
-    """``(launch, args)`` of every tuning candidate of kernel ``name``: what ``_precompile`` compiles."""
-    return [(_make_launch(name, c, layout, grid_rows, B, H, consts, device), args) for c in _candidates(name)]
+def _candidate_launches(name, layout, grid_rows, B, H, args, consts, device, configs=None):
+    """``(launch, args)`` of ``configs`` of kernel ``name`` (default: every tuning candidate): what
+    ``_precompile`` compiles."""
+    configs = _candidates(name) if configs is None else configs
+    return [(_make_launch(name, c, layout, grid_rows, B, H, consts, device), args) for c in configs]
 
 
 def _select(name, config, layout, grid_rows, B, H, args, consts, dtype, device, precompiled=False):
@@ -975,7 +977,7 @@ def _select(name, config, layout, grid_rows, B, H, args, consts, dtype, device, 
             _precompile(_candidate_launches(name, layout, grid_rows, B, H, args, consts, device))
 
         def precompile(cfgs):
-            _precompile([(_make_launch(name, c, layout, grid_rows, B, H, consts, device), args) for c in cfgs])
+            _precompile(_candidate_launches(name, layout, grid_rows, B, H, args, consts, device, cfgs))
 
     key = _tuning_key(name, grid_rows, B, H, consts, dtype)
     best = _tune(name, launch, key, sm_limits(device), precompile)

@@ -786,7 +786,8 @@ def test_tuner_derives_register_capped_candidates(monkeypatch):
 
     def run(launch, args):  # compiled-kernel facts as a GPU's Triton would report them
         real_run(launch, args)  # the interpreter ignores maxnreg
-        cfg = launched.append(launch.config) or launch.config
+        cfg = launch.config
+        launched.append(cfg)
         regs, smem = (147, 65536) if cfg.block_m == 64 else (100, 16384)
         spills = 8 if cfg == capped_light else 0
         return SimpleNamespace(n_regs=cfg.maxnreg or regs, n_spills=spills, metadata=SimpleNamespace(shared=smem))
