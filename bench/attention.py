@@ -390,10 +390,39 @@ def write_outputs(args, rows, notes, machine, dtype, B, H, D, device, unit, goal
 _KERNEL_GEMMS = {"fwd": 2, "dkdv": 4, "dq": 3}
 
 
+def l2_traffic(kernel: str, table, head_dim: int, elem_bytes: int, bh: int, flat: int = 0) -> int:
+    """Bytes one launch of a Triton kernel moves between L2 and the SMs, from its tile table (a
+    model: every tile counted once per program that loads it, nothing served from L1; reads and
+    writes, in-range rows only; table and index loads left out).
+
+    fwd: q once per query tile (per pair in the flat forward, which reloads it), K and V per pair,
+    out and lse written once. dq: q, dO, O and lse per query tile, K and V per pair, dq and delta
+    written. dkdv: K and V per key tile, q, dO, lse and delta per pair, dK and dV written. Set next
+    to a kernel's time (``l2_tbs`` in the tuning table) it says whether the kernel runs near what
+    L2 delivers (an H100's ~5.5-7 TB/s in published microbenchmarks)."""
+    n, bm, bn = table.seq_len, table.block_m, table.block_n
+    rows = torch.clamp(n - torch.arange(table.num_q_tiles) * bm, max=bm)  # in-range rows per query tile
+    cols = torch.clamp(n - torch.arange(table.num_k_tiles) * bn, max=bn)  # and per key tile
+    counts = (table.row_ptr[1:] - table.row_ptr[:-1]).long()
+    pair_rows = int(rows.repeat_interleave(counts).sum())  # query rows over all (query, key) tile pairs
+    pair_cols = int(cols[table.col_idx.long()].sum())  # key rows over all pairs
+    q_rows, k_rows, row, f32 = int(rows.sum()), int(cols.sum()), head_dim * elem_bytes, 4
+    if kernel == "fwd":
+        moved = (pair_rows if flat else q_rows) * row + 2 * pair_cols * row + q_rows * (row + f32)
+    elif kernel == "dq":
+        moved = q_rows * (3 * row + f32) + 2 * pair_cols * row + q_rows * (row + f32)
+    elif kernel == "dkdv":
+        moved = 2 * k_rows * row + pair_rows * (2 * row + 2 * f32) + 2 * k_rows * row
+    else:
+        raise ValueError(f"kernel must be one of fwd, dq, dkdv, got {kernel!r}")
+    return bh * moved
+
+
 def write_tuning_log(path, bh, text_len, image_size, quiet=False):
     """The Triton tuner's timing of every candidate configuration (kernel time, do_bench) with
-    TFLOP/s on that configuration's computed tiles; prints the best and worst per kernel and kind
-    (unless ``quiet``: the partial writes during a run)."""
+    TFLOP/s on that configuration's computed tiles and the L2 traffic of its tile table
+    (:func:`l2_traffic`); prints the best and worst per kernel and kind (unless ``quiet``: the
+    partial writes during a run)."""
     if "dalle_fast.kernels.sparse_attention" not in sys.modules:
         return
     from dalle_fast import KINDS
@@ -403,13 +432,16 @@ def write_tuning_log(path, bh, text_len, image_size, quiet=False):
     for e in TUNING_LOG:
         _, n, _, _, _, kind, d, dtype = e["key"]
         cfg = e["config"]
-        pairs = Layout(KINDS[kind], text_len, image_size).tile_table(n, cfg.block_m, cfg.block_n).computed_pairs()
-        flops = 2 * _KERNEL_GEMMS[e["kernel"]] * pairs * d * bh
+        table = Layout(KINDS[kind], text_len, image_size).tile_table(n, cfg.block_m, cfg.block_n)
+        flops = 2 * _KERNEL_GEMMS[e["kernel"]] * table.computed_pairs() * d * bh
+        moved = l2_traffic(e["kernel"], table, d, torch.finfo(dtype).bits // 8, bh, cfg.flat)
         rows.append(dict(kernel=e["kernel"], kind=KINDS[kind], seq=n, head_dim=d, dtype=str(dtype).replace("torch.", ""),
                          block_m=cfg.block_m, block_n=cfg.block_n, warps=cfg.num_warps, stages=cfg.num_stages,
                          flat=cfg.flat, order=cfg.order, maxnreg=cfg.maxnreg,
                          us=None if e["ms"] is None else round(e["ms"] * 1e3, 2),
                          tflops=None if e["ms"] is None else round(flops / e["ms"] / 1e9, 1),
+                         l2_mb=round(moved / 1e6, 1),
+                         l2_tbs=None if e["ms"] is None else round(moved / e["ms"] / 1e9, 2),
                          n_regs=e["n_regs"], n_spills=e["n_spills"], note=e["note"]))
     if not rows:
         if not quiet:
@@ -438,7 +470,7 @@ def write_tuning_log(path, bh, text_len, image_size, quiet=False):
         orders = (f"; best o0 {by_order[0]:.1f} us, o1 {by_order[1]:.1f} us"
                   if None not in by_order.values() else "")
         print(f"#   {kernel:<5}{kind:<10}D={d} {dt}: best {_label(b)} "
-              f"{b['us']:.1f} us {b['tflops']:.0f} TFLOP/s; worst {_label(w_)} "
+              f"{b['us']:.1f} us {b['tflops']:.0f} TFLOP/s, L2 {b['l2_tbs']:.1f} TB/s (model); worst {_label(w_)} "
               f"{w_['us']:.1f} us{flat_best}{capped_best}{orders}; spilling skipped: "
               f"{sum(1 for r in rows if r['note'].startswith('spills') and r['kernel'] == kernel and r['kind'] == kind)}")
 

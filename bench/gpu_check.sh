@@ -3,7 +3,8 @@
 #   1. environment (GPU, driver, versions)       4. bench/decode.py / bench/sampling.py --quick (if present)
 #   2. build dalle_fast._C in place (CUDA)       5. GPU tests, one pytest run per test file
 #   3. bench/attention.py --device cuda (bf16),  6. bench/kernel_resources.py (static, this Triton)
-#      bench/host_overhead.py --device cuda       7. summary table (last)
+#      bench/host_overhead.py --device cuda,      7. summary table (last)
+#      bench/l2_bandwidth.py --device cuda
 # The benchmarks run before the tests so that their numbers come in even when the tests use up the
 # budget (the tests then reuse the kernels the benchmark compiled, from Triton's cache).
 # Every step runs under `timeout`, a failed step does not stop the others, and the script exits
@@ -99,6 +100,9 @@ fi
 step bench_host_overhead 60 "$PY" bench/host_overhead.py --device cuda --calls 200 --rounds 5 \
   --out "$OUT/host_overhead.json"
 
+# read bandwidth from L2 and HBM, to set the tuning table's modelled L2 traffic (l2_tbs) against
+step bench_l2 45 "$PY" bench/l2_bandwidth.py --device cuda --out "$OUT/l2_bandwidth.json"
+
 # 4. decode / sampling benchmarks (when present) ----------------------------------------------------
 for b in decode sampling; do
   if [[ -f "bench/$b.py" ]]; then
@@ -143,6 +147,7 @@ done
 [[ -f "$OUT/bench_attention.log" ]] && { echo "--- Triton tuner (kernel time of every candidate: $OUT/attention/attention_cuda_tuning.csv)"; grep -E "^#   (fwd|dkdv|dq) " "$OUT/bench_attention.log"; }
 [[ -f "$OUT/bench_attention.log" ]] && sed -n '/speed targets/,/^# wrote/p' "$OUT/bench_attention.log" | grep -v '^# wrote'
 [[ -f "$OUT/bench_host_overhead.log" ]] && { echo "--- host overhead"; tail -n 11 "$OUT/bench_host_overhead.log"; }
+[[ -f "$OUT/bench_l2.log" ]] && { echo "--- read bandwidth (GB/s)"; grep -v '^# wrote' "$OUT/bench_l2.log" | tail -n 12; }
 echo
 echo "dalle_fast GPU check: $(date -u +%Y-%m-%dT%H:%MZ), total $(($(date +%s) - T0))s, outputs in $OUT"
 printf '%-28s %-34s %8s\n' "step" "result" "seconds"

@@ -36,6 +36,38 @@ def test_attention_bench_runs_on_cpu(tmp_path):
     assert sdpa["speedup_of_dalle_fast"] > 0 and "sdpa_mask" in out
 
 
+def test_l2_bandwidth_bench_runs_on_cpu(tmp_path):
+    out = _run("l2_bandwidth.py", "--device", "cpu", "--sizes-mb", "0.25,2", "--out", str(tmp_path / "l2.json"))
+    res = json.loads((tmp_path / "l2.json").read_text())
+    assert res["device"] == "cpu" and [r["method"] for r in res["rows"]] == ["torch.sum"] * 2
+    assert [r["size_mb"] for r in res["rows"]] == [0.25, 2.0] and all(r["gbps"] > 0 for r in res["rows"])
+    assert "torch.sum" in out
+    for bad in ("0", "x", "-1"):
+        r = subprocess.run([sys.executable, str(BENCH / "l2_bandwidth.py"), "--device", "cpu", "--sizes-mb", bad],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "--sizes-mb" in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_l2_read_kernel_interpreted():
+    """The GPU read kernel of bench/l2_bandwidth.py reads every element once (its per-program sums
+    add up to the buffer's), under the Triton interpreter on CPU tensors."""
+    code = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import l2_bandwidth as L
+x = torch.rand(3 * 2 * L.BLOCK)
+out = torch.empty(3)
+L._read_kernel()[(3,)](x, out, 2 * L.BLOCK, BLOCK=L.BLOCK)
+expect = x.view(3, -1).double().sum(1)
+assert torch.allclose(out.double(), expect, rtol=1e-5), (out, expect)
+print("ok")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run([sys.executable, "-c", code, str(BENCH)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_host_overhead_bench_counts_the_launches(tmp_path):
     _run("host_overhead.py", "--calls", "20", "--rounds", "2", "--out", str(tmp_path / "h.json"))
@@ -105,8 +137,21 @@ def test_tuning_log_table(tmp_path, monkeypatch, capsys):
     expect = 4 * pairs * 64 * 128 / 0.05e-3 / 1e12
     got = float(next(csv.DictReader(text))["tflops"])
     assert abs(got - expect) < 0.1, (got, expect)
+    # L2 traffic of row 64 x 64 at seq 1280, by hand: 20 query tiles of 64 rows; 105 (query, key)
+    # tile pairs (text query tiles 1 + 2 + 3 + 4, the first image tile 4 text + itself, the other 15
+    # image tiles 4 text + the previous + itself); 128 bytes per bf16 row of head_dim 64: q read
+    # once, K and V per pair, out (+ 4-byte lse) written once; x 128 batch*heads
+    moved = 128 * (1280 * 128 + 2 * 105 * 64 * 128 + 1280 * (128 + 4))
+    first = next(csv.DictReader(text))
+    assert abs(float(first["l2_mb"]) - moved / 1e6) < 0.1, (first["l2_mb"], moved)
+    assert abs(float(first["l2_tbs"]) - moved / 0.05e-3 / 1e12) < 0.01, first["l2_tbs"]
+    table = Layout("row", 256, 32).tile_table(1280, 64, 64)  # the flat forward reloads q with every pair
+    assert bench.l2_traffic("fwd", table, 64, 2, 128, flat=32) == moved + 128 * (105 - 20) * 64 * 128
+    with pytest.raises(ValueError, match="kernel"):
+        bench.l2_traffic("bwd", table, 64, 2, 128)
     summary = capsys.readouterr().out
-    assert "best 64x64 w4 s3 o1 40.0 us" in summary and "worst 128x32 w4 s3 o0 100.0 us" in summary
+    assert "best 64x64 w4 s3 o1 40.0 us 352 TFLOP/s, L2 6.6 TB/s (model)" in summary, summary
+    assert "worst 128x32 w4 s3 o0 100.0 us" in summary
     assert "best capped 128x64 w8 s3 r128 o0 60.0 us" in summary
 
 
