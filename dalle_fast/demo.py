@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -80,6 +81,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--dvae-lr must be > 0, got {args.dvae_lr}")
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    # the sampling arguments are only used after all three models are trained: checked up front
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be >= 0 and finite, got {args.temperature}")
+    if not math.isfinite(args.cfg_scale):
+        raise ValueError(f"--cfg-scale must be finite, got {args.cfg_scale}")
     if args.candidates % max(N_VALUES):
         raise ValueError(f"--candidates must be a multiple of {max(N_VALUES)}, got {args.candidates}")
     if args.dvae_hidden % 4:
@@ -147,11 +153,14 @@ def _clip_scores(clip, tokenizer, captions: list[str], images):
     """CLIP score of ``images`` ``(P, C, 3, H, W)`` against caption ``p`` -> ``(P, C)``."""
     import torch
     P, C = images.shape[:2]
+    device = next(clip.parameters()).device  # CLIP may sit on the GPU, the images on the CPU
     ids = tokenizer.encode(captions, text_len=clip.config.text_len).repeat_interleave(C, 0)
+    flat = images.flatten(0, 1)
     out = []
     with torch.no_grad():
         for start in range(0, P * C, 256):
-            out.append(clip.score(ids[start:start + 256], images.flatten(0, 1)[start:start + 256]).float())
+            out.append(clip.score(ids[start:start + 256].to(device),
+                                  flat[start:start + 256].to(device)).float().cpu())
     return torch.cat(out).view(P, C)
 
 

@@ -24,6 +24,7 @@ full static cache per row, text duplicated, and masked dense attention over the 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,6 +224,10 @@ def generate_codes(model: DALLE, text: torch.Tensor, num_images: int = 1, *, cfg
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"num_images must be a positive int, got {num_images!r}")
     model.check_text(text)
+    if text.shape[0] == 0:
+        raise ValueError("text must hold at least one prompt, got a batch of 0")
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale):
+        raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale!r}")
     cfg = model.config
     dev = model.head.weight.device
     text = text.to(dev).long()
@@ -340,6 +345,13 @@ def generate_images(model: DALLE, dvae, tokenizer, captions: str | Sequence[str]
     all); candidate ``c`` of caption ``p`` always uses seed ``seed + p * N + c``.
     """
     check_compatible(model, dvae, tokenizer, clip)
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise ValueError(f"num_images must be a positive int, got {num_images!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be None or a positive int, got {batch_size!r}")
+    if "seeds" in kwargs:
+        raise ValueError("seeds: generate_images gives candidate c of caption p the seed seed + p * num_images + c; "
+                         "pass seed= (or call generate_codes with seeds=)")
     captions = [captions] if isinstance(captions, str) else list(captions)
     if not captions:
         raise ValueError("captions must not be empty")

@@ -104,6 +104,11 @@ def test_bad_arguments(model):
             generate_codes(model, text, **{"num_images": 1, **kw})
     with pytest.raises(ValueError, match="cuda_graph"):
         generate_codes(model, text, 1, cuda_graph=True)
+    for scale in (None, True, "3", float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="cfg_scale"):
+            generate_codes(model, text, 1, cfg_scale=scale)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        generate_codes(model, text[:0], 1)
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +151,12 @@ def test_generation_errors(stack, tmp_path):
                         clip=CLIP(CLIPConfig.for_tokenizer(tok, "tiny", image_size=32, patch_size=4)))
     with pytest.raises(ValueError, match="checkpoint"):
         load_pipeline(tmp_path / "missing")
+    for kw, name in ((dict(num_images=0), "num_images"), (dict(num_images=1.5), "num_images"),
+                     (dict(num_images=True), "num_images"), (dict(batch_size=-1), "batch_size"),
+                     (dict(batch_size=True), "batch_size"), (dict(batch_size=2.0), "batch_size"),
+                     (dict(seeds=torch.zeros(1, dtype=torch.long)), "seeds")):
+        with pytest.raises(ValueError, match=name):
+            generate_images(model, dvae, tok, "a red circle", **{"num_images": 2, **kw})
 
 
 class _Fixed(torch.utils.data.Dataset):

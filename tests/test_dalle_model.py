@@ -149,3 +149,6 @@ def test_vocab_slice_cross_entropy_equals_the_masked_full_softmax():
         torch.testing.assert_close(ours, theirs)
     with pytest.raises(ValueError, match="target"):
         vocab_slice_cross_entropy(h, head, 7, 15, target[:, :4])
+    for lo, hi in ((-5, 15), (7, 21), (15, 7), (7, 7), (7.0, 15), (True, 15)):
+        with pytest.raises(ValueError, match="lo|hi"):
+            vocab_slice_cross_entropy(h, head, lo, hi, target)

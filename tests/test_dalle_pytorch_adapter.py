@@ -356,3 +356,8 @@ def test_refuses_unsupported_calls():
         dfp.generate(model, text, num_init_img_tokens=3)
     with pytest.raises(ValueError, match="num_init_img_tokens"):
         dfp.generate(model, text, img=torch.rand(2, 3, 16, 16), num_init_img_tokens=S * S)
+    for img in (torch.rand(2, 1, 16, 16), torch.rand(2, 3, 32, 32), torch.rand(1, 3, 16, 16)):
+        with pytest.raises(ValueError, match="img must be"):
+            dfp.generate(model, text, img=img, num_init_img_tokens=2)
+    with pytest.raises(ValueError, match="at least one caption"):
+        dfp.generate(model, text[:0])

@@ -35,6 +35,34 @@ def test_demo_rejects_bad_arguments(tmp_path, capsys):
     assert "--candidates" in capsys.readouterr().err
     assert main(["demo", "--out", str(tmp_path), "--dvae-steps", "0"]) == 2
     assert "--dvae-steps" in capsys.readouterr().err
+    # sampling arguments are used only after training: refused before anything is trained or written
+    for flag, value in (("--temperature", "-1"), ("--temperature", "nan"), ("--cfg-scale", "inf")):
+        out = tmp_path / f"bad{flag}{value}"
+        assert main(["demo", "--quick", "--out", str(out), flag, value]) == 2
+        assert flag in capsys.readouterr().err
+        assert not out.exists() or not any(out.iterdir())
+
+
+def test_demo_clip_scores_run_on_clip_device(monkeypatch):
+    """The demo's CLIP scoring moves caption ids and images to CLIP's device (the GPU with
+    --device cuda) a CLIP on the 'meta' device stands in for a GPU."""
+    import torch
+
+    from dalle_fast.demo import _clip_scores
+    from dalle_fast.models.clip import CLIP, CLIPConfig
+    from dalle_fast.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["a red circle", "a blue square"] * 20, vocab_size=300, text_len=8)
+    clip = CLIP(CLIPConfig.for_tokenizer(tok, "tiny", image_size=32)).to("meta")
+    seen = []
+
+    def score(ids, images):
+        seen.append((ids.device.type, images.device.type, ids.shape[0]))
+        return torch.zeros(ids.shape[0])
+
+    monkeypatch.setattr(clip, "score", score)
+    scores = _clip_scores(clip, tok, ["a red circle", "a blue square"], torch.rand(2, 3, 3, 32, 32))
+    assert seen == [("meta", "meta", 6)] and scores.shape == (2, 3)
 
 
 def test_demo_dvae_recipe():

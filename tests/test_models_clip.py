@@ -17,6 +17,10 @@ def test_config_and_checks():
     assert (cfg.vocab_size, cfg.pad_base, cfg.text_len) == (TOK.vocab_size, TOK.pad_base, 16)
     with pytest.raises(ValueError, match="patch_size"):
         CLIPConfig.preset("tiny", patch_size=5)
+    for name, value in (("init_temperature", 0.0), ("init_temperature", -1.0), ("max_logit_scale", -1.0),
+                        ("max_logit_scale", float("inf")), ("init_temperature", True)):
+        with pytest.raises(ValueError, match=name):
+            CLIPConfig.preset("tiny", **{name: value})
     m = CLIP(cfg)
     ids = TOK.encode(["a small red circle in the center"] * 2)
     with pytest.raises(ValueError, match="images"):

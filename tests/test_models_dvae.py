@@ -107,6 +107,7 @@ def test_decode_codes_equals_one_hot_decoder():
     (torch.rand(3, 32, 32), "4-d"),
     (torch.rand(1, 3, 32, 32) * 2, r"\[0, 1\]"),
     (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "floating"),
+    (torch.full((1, 3, 32, 32), float("nan")), "NaN"),
 ])
 def test_encode_rejects_bad_images(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -536,13 +536,18 @@ def generate(model, text: torch.Tensor, *, filter_thres: float = 0.5, temperatur
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {type(seed).__name__}")
     B = text.shape[0]
+    if B == 0:
+        raise ValueError("text must hold at least one caption, got a batch of 0")
     primed = None
     if img is not None:
         n = int(0.4375 * S2) if num_init_img_tokens is None else num_init_img_tokens
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < S2:
             raise ValueError(f"num_init_img_tokens must be an int in [0, {S2}), got {n!r}")
-        if not isinstance(img, torch.Tensor) or img.dim() != 4 or img.shape[0] != B:
-            raise ValueError(f"img must be a (batch = {B}, channels, height, width) tensor")
+        size, channels = getattr(model.vae, "image_size", None), getattr(model.vae, "channels", 3)
+        if (not isinstance(img, torch.Tensor) or img.dim() != 4 or img.shape[0] != B or img.shape[1] != channels
+                or (size is not None and tuple(img.shape[2:]) != (size, size))):
+            raise ValueError(f"img must be a (batch = {B}, {channels}, {size or 'height'}, {size or 'width'}) tensor, "
+                             f"got {tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__}")
         primed = model.vae.get_codebook_indices(img.to(device))[:, :n]
     elif num_init_img_tokens is not None:
         raise ValueError("num_init_img_tokens needs img")

@@ -56,6 +56,10 @@ class CLIPConfig:
             raise ValueError(f"image_size {self.image_size} must be divisible by patch_size {self.patch_size}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
+        for name in ("init_temperature", "max_logit_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "CLIPConfig":

@@ -287,6 +287,8 @@ class DVAE(nn.Module):
         if images.shape[2] != cfg.image_size or images.shape[3] != cfg.image_size:
             raise ValueError(f"{name} is {images.shape[2]}x{images.shape[3]} but the model takes "
                              f"{cfg.image_size}x{cfg.image_size}")
+        if images.isnan().any():  # NaN passes both range compares
+            raise ValueError(f"{name} contains NaN")
         if images.numel() and (images.min() < 0 or images.max() > 1):
             raise ValueError(f"{name} values must lie in [0, 1], got range "
                              f"[{images.min().item():.3g}, {images.max().item():.3g}]")

@@ -15,6 +15,12 @@ def vocab_slice_cross_entropy(h: torch.Tensor, head: nn.Linear, lo: int, hi: int
     -finfo.max, as DALLE-pytorch does), at ``(hi - lo) / out_features`` of the GEMM cost and without
     materialising the masked logits. Softmax in float32 for half-precision ``h``, else in ``h``'s dtype.
     """
+    n = head.out_features
+    for name, value in (("lo", lo), ("hi", hi)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an int, got {type(value).__name__}")
+    if not 0 <= lo < hi <= n:
+        raise ValueError(f"need 0 <= lo < hi <= head.out_features = {n}, got lo={lo}, hi={hi}")
     if target.shape != h.shape[:-1]:
         raise ValueError(f"target must have h's leading shape {tuple(h.shape[:-1])}, got {tuple(target.shape)}")
     bias = None if head.bias is None else head.bias[lo:hi]
