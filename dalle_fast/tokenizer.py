@@ -1,7 +1,8 @@
 """BPE text tokenizer for DALL-E captions, built on Hugging Face ``tokenizers``.
 
-Byte-level BPE with NFC + lowercase normalisation (so every string is encodable and decoding gives
-back the normalised text exactly). The id space is ``[0, vocab_size)``::
+Byte-level BPE with NFC + lowercase normalisation, so every non-empty string (whitespace-only ones
+included) is encodable and decoding gives back the normalised text exactly. The empty string
+tokenizes to nothing and is refused with a ValueError. The id space is ``[0, vocab_size)``::
 
     [0, bpe_size)                        BPE tokens
     bos_id = bpe_size                    beginning-of-sequence token (for the transformer to prepend)
@@ -60,14 +61,25 @@ class Tokenizer:
         which case :attr:`vocab_size` is smaller than asked."""
         if not isinstance(text_len, int) or text_len < 1:
             raise ValueError(f"text_len must be a positive int, got {text_len!r}")
-        bpe_size = vocab_size - 1 - text_len
-        if not isinstance(vocab_size, int) or bpe_size <= _BYTE_ALPHABET:
-            raise ValueError(f"vocab_size must exceed text_len + 1 + {_BYTE_ALPHABET} (byte alphabet) = "
-                             f"{text_len + 1 + _BYTE_ALPHABET}, got {vocab_size!r}")
+        if not isinstance(vocab_size, int) or vocab_size - 1 - text_len <= _BYTE_ALPHABET:
+            raise ValueError(f"vocab_size must be an int above text_len + 1 + {_BYTE_ALPHABET} (byte alphabet) "
+                             f"= {text_len + 1 + _BYTE_ALPHABET}, got {vocab_size!r}")
+        if not isinstance(min_frequency, int) or min_frequency < 0:
+            raise ValueError(f"min_frequency must be a non-negative int, got {min_frequency!r}")
+        if isinstance(texts, str) or not isinstance(texts, Iterable):
+            raise ValueError(f"texts must be an iterable of str, got {type(texts).__name__}")
+
+        def checked() -> Iterable[str]:
+            for i, t in enumerate(texts):
+                if not isinstance(t, str):
+                    raise ValueError(f"texts[{i}] must be a str, got {type(t).__name__}")
+                yield t
+
         hf = _hf_tokenizer()
-        trainer = trainers.BpeTrainer(vocab_size=bpe_size, min_frequency=min_frequency, show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-        hf.train_from_iterator(texts, trainer=trainer)
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1 - text_len, min_frequency=min_frequency,
+                                      show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      special_tokens=[])
+        hf.train_from_iterator(checked(), trainer=trainer)
         return cls(hf, text_len)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -80,12 +92,32 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Read a file written by :meth:`save`."""
-        with open(path, encoding="utf-8") as f:
-            payload = json.load(f)
+        """Read a file written by :meth:`save`. A missing, unreadable or damaged file raises ValueError."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                payload = json.load(f)
+        except FileNotFoundError:
+            raise ValueError(f"path {str(path)!r} does not exist") from None
+        except OSError as err:
+            raise ValueError(f"path {str(path)!r} cannot be read: {err}") from err
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"path {str(path)!r} is not valid JSON: {err}") from err
         if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
             raise ValueError(f"path {str(path)!r} is not a dalle_fast tokenizer file")
-        return cls(HFTokenizer.from_str(json.dumps(payload["bpe"])), int(payload["text_len"]))
+        missing = [key for key in ("text_len", "bpe") if key not in payload]
+        if missing:
+            raise ValueError(f"path {str(path)!r} is a damaged tokenizer file: "
+                             f"no {', '.join(map(repr, missing))}")
+        text_len = payload["text_len"]
+        if not isinstance(text_len, int) or isinstance(text_len, bool) or text_len < 1:
+            raise ValueError(f"path {str(path)!r} is a damaged tokenizer file: text_len {text_len!r} "
+                             "is not a positive int")
+        try:
+            hf = HFTokenizer.from_str(json.dumps(payload["bpe"]))
+        except Exception as err:  # tokenizers raises a bare Exception
+            raise ValueError(f"path {str(path)!r} is a damaged tokenizer file: bad 'bpe' model: "
+                             f"{err}") from err
+        return cls(hf, text_len)
 
     # -- encoding ----------------------------------------------------------------------------
     def normalize(self, text: str) -> str:
@@ -146,7 +178,7 @@ class Tokenizer:
             raise ValueError(f"ids must be integers, got {t.dtype}")
         if t.numel() and (t.min() < 0 or t.max() >= self.vocab_size):
             raise ValueError(f"ids must lie in [0, {self.vocab_size}), got range [{int(t.min())}, {int(t.max())}]")
-        rows = t.reshape(-1, t.shape[-1]).tolist()
+        rows = t.tolist() if t.dim() == 2 else [t.tolist()]  # (0,) -> "", (0, L) -> [], (B, 0) -> [""] * B
         texts = [self._hf.decode([i for i in row if i < self.bos_id]) for row in rows]
         return texts[0] if t.dim() == 1 else texts
 

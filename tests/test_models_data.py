@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dalle_fast.data import shapes
 from dalle_fast.data.folder import ImageFolderDataset, SkippedFileWarning
 from dalle_fast.data.shapes import (
     COLOURS,
@@ -13,6 +14,7 @@ from dalle_fast.data.shapes import (
     parse_caption,
     parse_holdout,
     perturb,
+    pil_to_tensor,
     render,
     score,
 )
@@ -151,3 +153,92 @@ def test_shards_roundtrip(tmp_path):
         assert torch.allclose(it["image"], d[i]["image"], atol=1 / 255)
     resized = next(iter(shard_dataset(paths[0], size=8)))
     assert resized["image"].shape == (3, 8, 8)
+
+
+def test_folder_dataset_all_unreadable_is_value_error(tmp_path):
+    _write_folder(tmp_path, n=2)
+    for i in range(2):
+        (tmp_path / f"img{i}.png").write_bytes(b"not an image")
+    ds = ImageFolderDataset(tmp_path, size=16)
+    with pytest.warns(SkippedFileWarning), pytest.raises(ValueError, match="every image under .* is unreadable"):
+        ds[0]
+
+
+_RAMP = np.linspace(0, 1, 64)
+
+
+def _ramp_image(mode):
+    """A 64x64 horizontal greyscale ramp 0 -> 1 in PIL ``mode``."""
+    if mode == "F":
+        return Image.fromarray(np.tile(_RAMP, (64, 1)).astype(np.float32))
+    ramp16 = np.tile(np.round(_RAMP * 65535).astype(np.uint16), (64, 1))
+    if mode == "I;16B":
+        return Image.frombytes("I;16B", (64, 64), ramp16.astype(">u2").tobytes())
+    img = Image.fromarray(ramp16)  # I;16
+    return img if mode == "I;16" else img.convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I", "F"])
+def test_high_bit_depth_images_scaled_to_unit_range(mode):
+    img = _ramp_image(mode)
+    assert img.mode == mode
+    expected = torch.from_numpy(_RAMP).float().expand(3, 64, 64)
+    assert torch.allclose(pil_to_tensor(img), expected, atol=0.5 / 255 + 1e-6)
+    # the scorer's input conversion too (it takes user images)
+    assert np.allclose(shapes._to_array(img), expected.permute(1, 2, 0).numpy(), atol=0.5 / 255 + 1e-6)
+
+
+def test_high_bit_depth_out_of_range_rejected():
+    with pytest.raises(ValueError, match="mode 'F'"):
+        pil_to_tensor(Image.fromarray(np.full((4, 4), 2.0, dtype=np.float32)))
+    with pytest.raises(ValueError, match="mode 'I'"):
+        pil_to_tensor(Image.fromarray(np.full((4, 4), 70000, dtype=np.int32)))
+
+
+def test_16bit_png_in_folder_and_shards(tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    _ramp_image("I;16").save(folder / "ramp.png")  # 16-bit greyscale PNG
+    (folder / "ramp.txt").write_text("a grey ramp\n")
+    expected = torch.from_numpy(_RAMP).float().expand(3, 64, 64)
+    image = ImageFolderDataset(folder, size=64)[0]["image"]
+    assert torch.allclose(image, expected, atol=0.5 / 255 + 1e-6)
+    # written from a 16-bit PIL image
+    paths = write_shards([{"image": Image.open(folder / "ramp.png"), "caption": "a grey ramp"}], tmp_path / "a")
+    assert torch.allclose(next(iter(shard_dataset(paths, size=64)))["image"], expected, atol=0.5 / 255 + 1e-6)
+    # a shard made elsewhere that holds the 16-bit PNG itself
+    import webdataset as wds
+    with wds.TarWriter(str(tmp_path / "b.tar")) as sink:
+        sink.write({"__key__": "0", "png": (folder / "ramp.png").read_bytes(), "txt": "a grey ramp"})
+    assert torch.allclose(next(iter(shard_dataset(str(tmp_path / "b.tar"), size=64)))["image"], expected,
+                          atol=0.5 / 255 + 1e-6)
+
+
+def test_write_shards_returns_only_this_write_and_refuses_old_shards(tmp_path):
+    d = ShapesDataset(size=16, length=7, seed=0)
+    assert len(write_shards((d[i] for i in range(7)), tmp_path, max_count=3)) == 3
+    with pytest.raises(ValueError, match="overwrite"):
+        write_shards((d[i] for i in range(2)), tmp_path, max_count=3)
+    assert len(list(tmp_path.glob("shard-*.tar"))) == 3  # refused: nothing touched
+    paths = write_shards((d[i] for i in range(2)), tmp_path, max_count=3, overwrite=True)
+    assert paths == [str(tmp_path / "shard-000000.tar")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.tar"]  # the old shards are gone
+    assert [it["caption"] for it in shard_dataset(paths, size=16)] == [d[0]["caption"], d[1]["caption"]]
+    # another prefix in the same directory is independent
+    other = write_shards((d[i] for i in range(1)), tmp_path, prefix="other")
+    assert other == [str(tmp_path / "other-000000.tar")] and (tmp_path / "shard-000000.tar").is_file()
+    assert write_shards([], tmp_path / "empty") == [] and list((tmp_path / "empty").iterdir()) == []
+
+
+def test_write_shards_failure_leaves_no_partial_shards(tmp_path):
+    d = ShapesDataset(size=16, length=5, seed=0)
+    samples = [d[i] for i in range(4)] + [{"image": d[4]["image"], "caption": 5}]
+    with pytest.raises(ValueError, match=r"samples\[4\]"):
+        write_shards(samples, tmp_path, max_count=3)
+    assert list(tmp_path.glob("shard-*.tar")) == []
+    with pytest.raises(ValueError, match=r"samples\[0\]"):
+        write_shards(samples[4:], tmp_path)
+    with pytest.raises(ValueError, match=r"samples\[1\] needs an 'image'"):
+        write_shards([samples[0], {"caption": "no image"}], tmp_path)
+    assert list(tmp_path.glob("shard-*.tar")) == []
+    assert len(write_shards(samples[:4], tmp_path, max_count=3)) == 2  # a retry needs no overwrite

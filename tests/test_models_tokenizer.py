@@ -1,4 +1,6 @@
 """BPE tokenizer: roundtrip, truncation report, per-position padding, save/load."""
+import json
+import re
 import warnings
 
 import pytest
@@ -98,3 +100,54 @@ def test_roundtrip_property(text):
     ids, truncated = tok.encode([text], return_truncated=True)
     assert truncated == []  # at most 7 chars x 4 bytes < 32 tokens
     assert tok.decode(ids[0]) == tok.normalize(text)
+
+
+def test_decode_empty(tok):
+    assert tok.decode([]) == ""
+    assert tok.decode(torch.empty(0, dtype=torch.long)) == ""
+    assert tok.decode(torch.empty(2, 0, dtype=torch.long)) == ["", ""]
+    assert tok.decode(torch.empty(0, 5, dtype=torch.long)) == []
+    assert tok.decode([[]]) == [""]
+
+
+def test_train_checks_argument_types_first():
+    for kwargs, name in [({"vocab_size": "600"}, "vocab_size"), ({"vocab_size": 600.0}, "vocab_size"),
+                         ({"text_len": "32"}, "text_len"), ({"min_frequency": "2"}, "min_frequency"),
+                         ({"min_frequency": -1}, "min_frequency")]:
+        with pytest.raises(ValueError, match=name):
+            Tokenizer.train(CORPUS, **{"vocab_size": 600, "text_len": 32, **kwargs})
+    with pytest.raises(ValueError, match="texts"):
+        Tokenizer.train("a red circle", vocab_size=600, text_len=32)  # a str, not a list of str
+    with pytest.raises(ValueError, match="texts"):
+        Tokenizer.train(None, vocab_size=600, text_len=32)
+    with pytest.raises(ValueError, match=r"texts\[1\]"):
+        Tokenizer.train(["a red circle", 3], vocab_size=600, text_len=32)
+
+
+def test_load_errors_name_the_path(tok, tmp_path):
+    good = tmp_path / "tok.json"
+    tok.save(good)
+    payload = json.loads(good.read_text())
+    cases = {"missing.json": None, "corrupt.json": "{not json", "binary.json": b"\xff\xfe\x00",
+             "no_bpe.json": json.dumps({k: v for k, v in payload.items() if k != "bpe"}),
+             "no_text_len.json": json.dumps({k: v for k, v in payload.items() if k != "text_len"}),
+             "bad_text_len.json": json.dumps({**payload, "text_len": "32"}),
+             "bad_bpe.json": json.dumps({**payload, "bpe": {"model": 1}})}
+    for name, content in cases.items():
+        path = tmp_path / name
+        if isinstance(content, str):
+            path.write_text(content)
+        elif content is not None:
+            path.write_bytes(content)
+        with pytest.raises(ValueError, match=re.escape(repr(str(path)))):
+            Tokenizer.load(path)
+    with pytest.raises(ValueError, match="missing.*does not exist"):
+        Tokenizer.load(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="JSON"):
+        Tokenizer.load(tmp_path / "corrupt.json")
+    with pytest.raises(ValueError, match="'bpe'"):
+        Tokenizer.load(tmp_path / "no_bpe.json")
+    with pytest.raises(ValueError, match="text_len"):
+        Tokenizer.load(tmp_path / "bad_text_len.json")
+    with pytest.raises(ValueError, match="is a directory|cannot be read"):
+        Tokenizer.load(tmp_path)

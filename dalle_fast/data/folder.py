@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .shapes import pil_to_tensor
+from .shapes import pil_to_tensor, to_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -26,8 +26,9 @@ class SkippedFileWarning(UserWarning):
 
 
 def resize_center_crop(img: Image.Image, size: int) -> torch.Tensor:
-    """PIL image -> (3, size, size) float tensor in [0, 1]: shorter side to ``size``, centre crop."""
-    img = img.convert("RGB")
+    """PIL image (any mode, see :func:`~.shapes.to_rgb`) -> (3, size, size) float tensor in [0, 1]:
+    shorter side to ``size``, centre crop."""
+    img = to_rgb(img)
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -106,4 +107,4 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 continue
             rng = np.random.default_rng([self.seed, self.epoch, i])
             return {"image": image, "caption": captions[int(rng.integers(len(captions)))], "path": str(path)}
-        raise RuntimeError(f"every image under {self.root} is unreadable ({dict(self.skipped)})")
+        raise ValueError(f"every image under {self.root} is unreadable ({dict(self.skipped)})")

@@ -174,9 +174,23 @@ def render(scene: Scene, size: int) -> Image.Image:
     return img
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """PIL image of any mode -> 8-bit RGB. Integer greyscale (``I;16*``, ``I``: how 16-bit PNGs open)
+    is read as [0, 65535] and float greyscale (``F``) as [0, 1]; ``convert("RGB")`` alone would clip
+    them at 255. Values outside that range raise ValueError."""
+    if img.mode.startswith("I") or img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        full = 1.0 if img.mode == "F" else 65535.0
+        if arr.size and not (np.isfinite(arr).all() and 0 <= arr.min() and arr.max() <= full):
+            raise ValueError(f"image of mode {img.mode!r} must hold values in [0, {full:g}], "
+                             f"got range [{arr.min():g}, {arr.max():g}]")
+        img = Image.fromarray(np.round(arr * (255.0 / full)).astype(np.uint8))
+    return img.convert("RGB")
+
+
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL RGB image -> float tensor (3, H, W) in [0, 1]."""
-    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+    """PIL image (any mode, see :func:`to_rgb`) -> float tensor (3, H, W) in [0, 1]."""
+    return torch.from_numpy(np.asarray(to_rgb(img), dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
 class ShapesDataset(torch.utils.data.Dataset):
@@ -280,7 +294,7 @@ class ScoreResult:
 
 def _to_array(image) -> np.ndarray:
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+        return np.asarray(to_rgb(image), dtype=np.float32) / 255.0
     if isinstance(image, torch.Tensor):
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"image tensor must be (3, H, W), got {tuple(image.shape)}")
@@ -385,4 +399,4 @@ def perturb(description: Description, rng: np.random.Generator) -> Description:
 
 __all__ = ["SHAPES", "COLOURS", "SIZES", "RELATIONS", "POSITIONS", "ObjectSpec", "Description", "Scene",
            "ShapesDataset", "DetectedObject", "ScoreResult", "parse_caption", "parse_holdout", "sample_scene",
-           "render", "pil_to_tensor", "detect_objects", "score", "perturb"]
+           "render", "to_rgb", "pil_to_tensor", "detect_objects", "score", "perturb"]

@@ -8,6 +8,7 @@ specs work as in ``webdataset``); each DataLoader worker and each DDP rank reads
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from .folder import resize_center_crop
+from .folder import IMAGE_EXTENSIONS, resize_center_crop
+from .shapes import to_rgb
 
 
 def _png_bytes(image: torch.Tensor | Image.Image) -> bytes:
@@ -27,25 +29,60 @@ def _png_bytes(image: torch.Tensor | Image.Image) -> bytes:
     if not isinstance(image, Image.Image):
         raise ValueError(f"image must be a PIL image or a (3, H, W) tensor, got {type(image).__name__}")
     buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="PNG")
+    to_rgb(image).save(buf, format="PNG")
     return buf.getvalue()
 
 
 def write_shards(samples: Iterable[dict], directory: str | Path, max_count: int = 1000,
-                 prefix: str = "shard") -> list[str]:
+                 prefix: str = "shard", overwrite: bool = False) -> list[str]:
     """Write ``samples`` (dicts with ``image``: tensor (3, H, W) in [0, 1] or PIL, ``caption``: str)
-    as ``directory/prefix-000000.tar, ...`` with at most ``max_count`` samples each. Returns the paths."""
+    as ``directory/prefix-000000.tar, ...`` with at most ``max_count`` samples each. Returns the paths
+    written (none for no samples).
+
+    A directory that already holds ``prefix-NNNNNN.tar`` shards is refused (ValueError), so a reader
+    of the directory never mixes old and new shards; ``overwrite=True`` deletes them first. If writing
+    fails, the shards this call wrote are deleted."""
     if not isinstance(max_count, int) or max_count < 1:
         raise ValueError(f"max_count must be a positive int, got {max_count!r}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    shard_name = re.compile(re.escape(prefix) + r"-\d{6,}\.tar")
+    old = sorted(p for p in directory.iterdir() if shard_name.fullmatch(p.name))
+    if old and not overwrite:
+        raise ValueError(f"directory {str(directory)!r} already holds {len(old)} {prefix}-*.tar shards; "
+                         "pass overwrite=True to replace them")
+    for p in old:
+        p.unlink()
     pattern = str(directory / f"{prefix}-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=max_count, verbose=0) as sink:
-        for i, sample in enumerate(samples):
-            if not isinstance(sample.get("caption"), str):
-                raise ValueError(f"samples[{i}] needs a str 'caption'")
-            sink.write({"__key__": f"{i:09d}", "png": _png_bytes(sample["image"]), "txt": sample["caption"]})
-    return sorted(str(p) for p in directory.glob(f"{prefix}-*.tar"))
+    written: list[str] = []
+    count = 0
+    try:
+        with wds.ShardWriter(pattern, maxcount=max_count, verbose=0) as sink:
+            written.append(sink.fname)  # the writer creates its first shard at once
+            for i, sample in enumerate(samples):
+                if not isinstance(sample, dict) or "image" not in sample or not isinstance(sample.get("caption"), str):
+                    raise ValueError(f"samples[{i}] needs an 'image' and a str 'caption'")
+                sink.write({"__key__": f"{i:09d}", "png": _png_bytes(sample["image"]), "txt": sample["caption"]})
+                count += 1
+                if sink.fname != written[-1]:
+                    written.append(sink.fname)
+    except BaseException:
+        count = 0
+        raise
+    finally:
+        if not count:  # failed, or no samples: leave no (partial or empty) shard behind
+            for p in written:
+                Path(p).unlink(missing_ok=True)
+    return written if count else []
+
+
+def _decode_image(key: str, data: bytes) -> Image.Image | None:
+    """Image bytes -> PIL image in its own mode (``resize_center_crop`` converts it, 16-bit included)."""
+    if "." + key.rsplit(".", 1)[-1].lower() not in IMAGE_EXTENSIONS:
+        return None
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
 
 
 def shard_dataset(urls: str | list[str], size: int, shuffle: int = 0, seed: int = 0) -> wds.WebDataset:
@@ -62,6 +99,6 @@ def shard_dataset(urls: str | list[str], size: int, shuffle: int = 0, seed: int 
                         workersplitter=wds.split_by_worker, handler=wds.warn_and_continue, seed=seed)
     if shuffle:
         ds = ds.shuffle(shuffle)
-    return (ds.decode("pil", handler=wds.warn_and_continue)
+    return (ds.decode(_decode_image, handler=wds.warn_and_continue)
               .rename(image="png;jpg;jpeg;webp", caption="txt", handler=wds.warn_and_continue)
               .map(to_item, handler=wds.warn_and_continue))
