@@ -39,6 +39,7 @@ def atomic_write(path: str | Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; a plain open() would honour the umask
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -58,6 +59,12 @@ def atomic_write(path: str | Path, data: bytes) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 # -- RNG state -----------------------------------------------------------------------------------
@@ -136,8 +143,10 @@ def save_checkpoint(directory: str | Path, step: int, model: nn.Module, optimize
     """Write the checkpoint of ``step`` (see the module docstring); returns its JSON path.
 
     ``model_config``: a dataclass or dict (stored as JSON). ``rng``: per-rank RNG states (default: this
-    process's). ``keep``: delete all but the newest ``keep`` checkpoints afterwards.
+    process's). ``keep``: delete all but the newest ``keep`` (>= 1) checkpoints afterwards.
     """
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ValueError(f"keep must be None or a positive int, got {keep!r}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -172,26 +181,30 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     return sorted((p for p in directory.iterdir() if _NAME_RE.fullmatch(p.name)), key=lambda p: int(_NAME_RE.fullmatch(p.name)[1]))
 
 
+def remove_checkpoints(directory: str | Path) -> int:
+    """Delete every checkpoint (JSON and weights) in ``directory``, nothing else; returns how many."""
+    found = list_checkpoints(directory)
+    for old in found:
+        old.unlink(missing_ok=True)  # the JSON first: a checkpoint without it is never listed
+        old.with_suffix(".safetensors").unlink(missing_ok=True)
+    return len(found)
+
+
 def latest_checkpoint(directory: str | Path) -> Path | None:
     """The newest complete checkpoint in ``directory``, or None."""
     found = list_checkpoints(directory)
     return found[-1] if found else None
 
 
-@dataclasses.dataclass
-class Checkpoint:
-    """A loaded checkpoint: ``meta`` (the JSON), ``model_state`` and ``optimizer_state`` (or None)."""
-    meta: dict[str, Any]
-    model_state: dict[str, torch.Tensor]
-    optimizer_state: dict | None
-
-    @property
-    def step(self) -> int:
-        return int(self.meta["step"])
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step in a checkpoint JSON's file name, or None if the name is not a checkpoint's."""
+    m = _NAME_RE.fullmatch(Path(path).name)
+    return int(m[1]) if m else None
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a checkpoint by its JSON path, or the newest one in a directory. Verifies the weights hash."""
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The JSON path a checkpoint reference names: the file itself, the JSON beside a
+    ``.safetensors`` file, or the newest checkpoint of a directory (ValueError if none)."""
     path = Path(path)
     if path.is_dir():
         found = latest_checkpoint(path)
@@ -202,10 +215,40 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         path = path.with_suffix(".json")
     if not path.is_file():
         raise ValueError(f"path {str(path)!r} is not a checkpoint file")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
+    return path
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A loaded checkpoint: ``meta`` (the JSON), ``model_state`` and ``optimizer_state`` (or None),
+    read from ``path`` (the JSON file)."""
+    meta: dict[str, Any]
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict | None
+    path: Path | None = None
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint by its JSON path, or the newest one in a directory. Verifies the weights hash."""
+    path = resolve_checkpoint(path)
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"path {str(path)!r} is not a readable checkpoint: {err}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"path {str(path)!r} is not a dalle_fast checkpoint")
-    blob = (path.parent / meta["weights"]).read_bytes()
+    missing = [k for k in ("step", "model_type", "weights", "weights_sha256") if k not in meta]
+    if missing:
+        raise ValueError(f"checkpoint {str(path)!r} lacks {', '.join(missing)} (truncated or hand-edited file)")
+    weights = path.parent / str(meta["weights"])
+    try:
+        blob = weights.read_bytes()
+    except OSError as err:
+        raise ValueError(f"weights of checkpoint {str(path)!r} cannot be read ({weights}: {err.strerror})") from None
     if hashlib.sha256(blob).hexdigest() != meta["weights_sha256"]:
         raise ValueError(f"weights of {str(path)!r} do not match their recorded SHA-256 (corrupt file)")
     tensors = st_load(blob)
@@ -213,7 +256,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     optim = None
     if meta.get("optimizer") is not None:
         optim = _join_optimizer_state({k: v for k, v in tensors.items() if k.startswith("optimizer.")}, meta["optimizer"])
-    return Checkpoint(meta, model_state, optim)
+    return Checkpoint(meta, model_state, optim, path)
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -224,8 +267,16 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn
     if model_type not in MODEL_TYPES:
         raise ValueError(f"checkpoint model_type {model_type!r} is not registered ({sorted(MODEL_TYPES)})")
     model_cls, config_cls = MODEL_TYPES[model_type]
-    model = model_cls(config_cls(**ckpt.meta["model_config"]))
-    model.load_state_dict(ckpt.model_state)
+    try:
+        config = config_cls(**ckpt.meta["model_config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"checkpoint {str(ckpt.path)!r}: its {model_type} config does not build: {err}") from None
+    model = model_cls(config)
+    try:
+        model.load_state_dict(ckpt.model_state)
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint {str(ckpt.path)!r}: weights do not fit its {model_type} config: "
+                         f"{str(err).splitlines()[0]}") from None
     return model.to(map_location).eval()
 
 

@@ -101,12 +101,13 @@ def _configure_train_vae(p: argparse.ArgumentParser) -> None:
 
 def _run_train_vae(args: argparse.Namespace) -> int:
     from .models.dvae import DVAEConfig
-    from .train import init_distributed, train_dvae
+    from .train import init_distributed, resolve_device, train_dvae
     init_distributed()
-    overrides = {"image_size": args.image_size} if args.image_size else {}
+    device = resolve_device(args.device, "--device")
+    overrides = {"image_size": args.image_size} if args.image_size is not None else {}
     cfg = DVAEConfig.preset(args.preset, **overrides)
     dataset = dataset_from_args(args, cfg.image_size)
-    trainer = train_dvae(cfg, train_config_from_args(args), dataset, args.out, resume=args.resume, device=args.device)
+    trainer = train_dvae(cfg, train_config_from_args(args), dataset, args.out, resume=args.resume, device=device)
     return _report(trainer, args.out)
 
 
@@ -119,25 +120,40 @@ def _configure_train_clip(p: argparse.ArgumentParser) -> None:
 
 def add_tokenizer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", type=Path, default=None,
-                   help="tokenizer JSON; default: OUT/tokenizer.json, trained on the captions if missing")
-    p.add_argument("--vocab-size", type=int, default=16384, help="vocabulary size when training a tokenizer")
-    p.add_argument("--text-len", type=int, default=256, help="text positions when training a tokenizer")
+                   help="tokenizer JSON (must exist); default: OUT/tokenizer.json, trained on the captions if missing")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="vocabulary size when training a tokenizer (default 16384)")
+    p.add_argument("--text-len", type=int, default=None, help="text positions when training a tokenizer (default 256)")
 
 
 def tokenizer_from_args(args: argparse.Namespace, dataset):
-    """``--tokenizer``, or OUT/tokenizer.json, trained on the dataset's captions (rank 0) if missing;
-    a copy is kept in OUT beside the checkpoints."""
+    """``--tokenizer`` (which must exist), or OUT/tokenizer.json, trained on the dataset's captions
+    (rank 0) if missing; a copy is kept in OUT beside the checkpoints. ``--vocab-size`` and
+    ``--text-len`` only shape a tokenizer trained here: a warning says when an existing one differs."""
+    import warnings
+
     import torch.distributed as dist
 
     from .tokenizer import Tokenizer
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if args.tokenizer is not None and not args.tokenizer.is_file():
+        raise ValueError(f"--tokenizer: {str(args.tokenizer)!r} is not a file (leave --tokenizer out to train one "
+                         "into OUT/tokenizer.json)")
     path = args.tokenizer or args.out / "tokenizer.json"
-    if not path.is_file() and rank == 0:
+    trained = not path.is_file()
+    if trained and rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        Tokenizer.train(dataset.captions(), vocab_size=args.vocab_size, text_len=args.text_len).save(path)
+        Tokenizer.train(dataset.captions(), vocab_size=16384 if args.vocab_size is None else args.vocab_size,
+                        text_len=256 if args.text_len is None else args.text_len).save(path)
     if world > 1:
         dist.barrier()
     tokenizer = Tokenizer.load(path)
+    asked = {"--vocab-size": (args.vocab_size, tokenizer.vocab_size), "--text-len": (args.text_len, tokenizer.text_len)}
+    ignored = [f"{flag} {want}" for flag, (want, have) in asked.items() if want is not None and want != have]
+    if not trained and rank == 0 and ignored:
+        warnings.warn(f"using the existing tokenizer {str(path)!r} (vocab_size {tokenizer.vocab_size}, text_len "
+                      f"{tokenizer.text_len}); {', '.join(ignored)} only apply to a tokenizer trained here",
+                      stacklevel=2)
     if rank == 0 and path.resolve() != (args.out / "tokenizer.json").resolve():
         args.out.mkdir(parents=True, exist_ok=True)
         tokenizer.save(args.out / "tokenizer.json")
@@ -146,14 +162,15 @@ def tokenizer_from_args(args: argparse.Namespace, dataset):
 
 def _run_train_clip(args: argparse.Namespace) -> int:
     from .models.clip import CLIPConfig
-    from .train import init_distributed, train_clip
+    from .train import init_distributed, resolve_device, train_clip
     init_distributed()
+    device = resolve_device(args.device, "--device")
     cfg = CLIPConfig.preset(args.preset)
     dataset = dataset_from_args(args, cfg.image_size)
     tokenizer = tokenizer_from_args(args, dataset)
     cfg = CLIPConfig.for_tokenizer(tokenizer, args.preset)
     trainer = train_clip(cfg, tokenizer, train_config_from_args(args), dataset, args.out, resume=args.resume,
-                         device=args.device)
+                         device=device)
     return _report(trainer, args.out)
 
 
@@ -171,18 +188,17 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    import torch
     import torch.distributed as dist
 
     from .checkpoint import load_checkpoint, load_model
-    from .data.codes import CodesDataset, encode_dataset
+    from .data.codes import CodesDataset, data_fingerprint, encode_dataset, tokenizer_fingerprint
     from .models.dalle import DALLEConfig
     from .models.dvae import DVAE
-    from .train import init_distributed, train_dalle
+    from .train import init_distributed, resolve_device, train_dalle
     rank, world, _ = init_distributed()
     dvae_ck = load_checkpoint(args.dvae)  # ValueError for a path without a checkpoint
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dvae = load_model(args.dvae, device)
+    device = resolve_device(args.device, "--device")
+    dvae = load_model(dvae_ck.path, device)  # the checkpoint just read, not whatever is newest by now
     if not isinstance(dvae, DVAE):
         raise ValueError(f"dvae: {str(args.dvae)!r} holds a {type(dvae).__name__}, not a DVAE")
     dataset = dataset_from_args(args, dvae.config.image_size)
@@ -190,17 +206,22 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg = DALLEConfig.for_tokenizer(tokenizer, args.preset, image_size=dvae.config.latent_size,
                                     image_vocab=dvae.config.vocab_size, caption_dropout=args.caption_dropout)
     cache = args.out / "codes"
-    describe = {"dvae_sha256": dvae_ck.meta["weights_sha256"], "data": str(args.data), "seed": args.seed,
-                "shapes_length": args.shapes_length, "holdout": list(args.holdout), "tokenizer": repr(tokenizer)}
+    # what the cached codes were made from: a change in any of these re-encodes
+    describe = {"dvae_sha256": dvae_ck.meta["weights_sha256"], "data": str(args.data),
+                "data_files": data_fingerprint(args.data) if args.data is not None else None, "seed": args.seed,
+                "shapes_length": args.shapes_length, "holdout": list(args.holdout),
+                "tokenizer": tokenizer_fingerprint(tokenizer)}
     if rank == 0:
         encode_dataset(dvae, tokenizer, dataset, cfg.text_len - 1, cache, describe,
                        batch_size=args.encode_batch_size, progress=not args.no_progress)
     if world > 1:
         dist.barrier()
     del dvae
-    dvae_path = Path(args.dvae).resolve()
+    # the dVAE checkpoint file these codes came from (not its directory, whose newest checkpoint moves
+    # on if the dVAE trains further), and its weights' hash, which load_pipeline checks
     trainer = train_dalle(cfg, train_config_from_args(args), CodesDataset.load(cache), args.out, resume=args.resume,
-                          device=args.device, extra_meta={"dvae_checkpoint": str(dvae_path)})
+                          device=device, extra_meta={"dvae_checkpoint": str(dvae_ck.path.resolve()),
+                                                     "dvae_sha256": dvae_ck.meta["weights_sha256"]})
     return _report(trainer, args.out)
 
 
@@ -246,9 +267,10 @@ def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .generate import load_pipeline
+    from .train import resolve_device
     if args.rerank and args.clip is None:
         raise ValueError("--rerank needs --clip CHECKPOINT")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
     pipe = load_pipeline(args.checkpoint, dvae=args.dvae, clip=args.clip if args.rerank else None,
                          tokenizer=args.tokenizer, device=device)
     result = pipe(args.captions, args.num_images, cfg_scale=args.cfg_scale, temperature=args.temperature,
@@ -292,6 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:  # bad user input: one line, not a traceback
         print(f"dalle-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # a diverging run: what happened and where to restart from
+        print(f"dalle-fast {args.command}: training diverged: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -211,7 +211,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     """Run the demo; returns the results dict (also written to OUT/results.json)."""
     import torch
 
-    from .data.codes import CodesDataset, encode_dataset
+    from .data.codes import CodesDataset, encode_dataset, tokenizer_fingerprint
     from .data.shapes import ShapesDataset
     from .generate import generate_images
     from .models.clip import CLIPConfig
@@ -226,6 +226,11 @@ def run_demo(args: argparse.Namespace) -> dict:
     holdout = list(DEFAULT_HOLDOUT if args.holdout is None else args.holdout)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    # the demo trains from scratch: a rerun into the same OUT replaces its own earlier checkpoints
+    # (training refuses to start a new run over another run's checkpoints)
+    from .checkpoint import remove_checkpoints
+    for stage in ("dvae", "clip", "dalle"):
+        remove_checkpoints(out / stage)
     progress = not args.no_progress
     machine = machine_description()
     timings: dict[str, float] = {}
@@ -272,7 +277,8 @@ def run_demo(args: argparse.Namespace) -> dict:
                                           image_vocab=dvae_cfg.vocab_size, dim=args.dim, depth=args.depth,
                                           heads=args.dim // 32, dim_head=32)
     describe = {"demo": True, "seed": args.seed, "dataset_size": args.dataset_size, "holdout": holdout,
-                "max_shapes": args.max_shapes, "dvae_steps": args.dvae_steps, "tokenizer": repr(tokenizer)}
+                "max_shapes": args.max_shapes, "dvae_steps": args.dvae_steps,
+                "tokenizer": tokenizer_fingerprint(tokenizer)}
     import hashlib
     describe["dvae_sha"] = hashlib.sha256(b"".join(
         p.detach().cpu().numpy().tobytes() for p in dvae.state_dict().values())).hexdigest()

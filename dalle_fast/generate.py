@@ -396,8 +396,9 @@ class Pipeline:
 def load_pipeline(checkpoint: str | Path, dvae: str | Path | None = None, clip: str | Path | None = None,
                   tokenizer: str | Path | None = None, device: str | torch.device = "cpu") -> Pipeline:
     """Load a transformer checkpoint (file or directory written by ``dalle-fast train``) with its dVAE
-    (default: the one recorded at training time), tokenizer (default: ``tokenizer.json`` beside the
-    checkpoint) and optional CLIP checkpoint."""
+    (default: the checkpoint recorded at training time, whose weights must still be the ones the
+    training codes came from), tokenizer (default: ``tokenizer.json`` beside the checkpoint) and
+    optional CLIP checkpoint."""
     from .checkpoint import load_checkpoint, load_model
     from .tokenizer import Tokenizer
     ck = load_checkpoint(checkpoint)  # ValueError for a path that holds no checkpoint
@@ -405,9 +406,21 @@ def load_pipeline(checkpoint: str | Path, dvae: str | Path | None = None, clip: 
         raise ValueError(f"checkpoint {str(checkpoint)!r} holds a {ck.meta.get('model_type')!r} model, not 'dalle'")
     root = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
     extra = ck.meta.get("extra", {})
+    recorded = dvae is None
     dvae = dvae or extra.get("dvae_checkpoint")
     if dvae is None:
         raise ValueError("dvae: the checkpoint records no dVAE; pass its checkpoint")
+    if recorded:
+        try:
+            dvae_ck = load_checkpoint(dvae)
+        except ValueError as err:
+            raise ValueError(f"dvae: the dVAE recorded at training time cannot be loaded ({err}); pass the dVAE "
+                             "checkpoint the transformer was trained on") from None
+        want = extra.get("dvae_sha256")
+        if want is not None and dvae_ck.meta["weights_sha256"] != want:
+            raise ValueError(f"dvae: {str(dvae_ck.path)!r} is not the dVAE the transformer was trained on (its "
+                             "weights changed since); pass that dVAE's checkpoint")
+        dvae = dvae_ck.path
     tok_path = Path(tokenizer) if tokenizer is not None else root / "tokenizer.json"
     if not tok_path.is_file():
         raise ValueError(f"tokenizer: {str(tok_path)!r} is not a file")

@@ -66,10 +66,22 @@ class TrainConfig:
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        if self.warmup_steps < 0 or self.num_workers < 0:
-            raise ValueError("warmup_steps and num_workers must be >= 0")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("warmup_steps", "num_workers", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or (value < 0 and name != "seed"):
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}" if name != "seed"
+                                 else f"seed must be an int, got {value!r}")
+        keep = self.keep_checkpoints
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+            raise ValueError(f"keep_checkpoints must be None (keep all) or a positive int, got {keep!r}")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < float("inf")):
+            raise ValueError(f"lr must be > 0 and finite, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.weight_decay < float("inf"):
+            raise ValueError(f"weight_decay must be >= 0 and finite, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -108,6 +120,24 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_device(device: str | torch.device | None, name: str = "device") -> torch.device:
+    """``device`` as a torch.device (None: :func:`default_device`); ValueError naming ``name`` for a
+    string torch does not parse or a CUDA device this machine does not have."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{name}: {device!r} is not a device ({err})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}: {device!r} asked for, but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}: {device!r} asked for, but this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s)")
+    return dev
+
+
 def move_to(batch: Any, device: torch.device) -> Any:
     """Move every tensor in a nested dict/list/tuple to ``device``."""
     if isinstance(batch, torch.Tensor):
@@ -117,6 +147,13 @@ def move_to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_to(v, device) for v in batch)
     return batch
+
+
+def _jsonable(config: Any) -> dict:
+    """A model config (dataclass or dict) as the checkpoint JSON stores it (tuples as lists)."""
+    if dataclasses.is_dataclass(config):
+        config = dataclasses.asdict(config)
+    return json.loads(json.dumps(config))
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -147,7 +184,7 @@ class Trainer:
         self.steps_per_epoch = len(dataset) // config.batch_size
         if self.steps_per_epoch < 1:
             raise ValueError(f"dataset has {len(dataset)} items, fewer than one batch of {config.batch_size}")
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         self.model = model.to(self.device)
         self.loss_fn, self.dataset, self.collate_fn = loss_fn, dataset, collate_fn
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -215,21 +252,78 @@ class Trainer:
     def load(self, path: str | Path) -> None:
         """Restore weights, optimizer, step and RNG states from a checkpoint (file or directory)."""
         ck = ckpt_lib.load_checkpoint(path)
-        self.model.load_state_dict(ck.model_state)
-        if ck.optimizer_state is not None:
-            self.optimizer.load_state_dict(move_to(ck.optimizer_state, self.device))
+        where = f"resume: checkpoint {str(ck.path)!r}"
+        if ck.meta.get("model_type") != self.model_type:
+            raise ValueError(f"{where} holds a {ck.meta.get('model_type')!r} model, this run trains {self.model_type!r}")
+        if self.model_config is not None and ck.meta.get("model_config") is not None:
+            ours = _jsonable(self.model_config)
+            theirs = ck.meta["model_config"]
+            differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+            if differ:
+                raise ValueError(f"{where} was trained with a different model config: "
+                                 + ", ".join(f"{k}={theirs.get(k)!r} (this run: {ours.get(k)!r})" for k in differ))
+        try:
+            self.model.load_state_dict(ck.model_state)
+            if ck.optimizer_state is not None:
+                self.optimizer.load_state_dict(move_to(ck.optimizer_state, self.device))
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ValueError(f"{where} does not fit this model: {str(err).splitlines()[0]}") from None
         self.step = ck.step
         saved = ck.meta.get("extra", {}).get("train_config", {})
         for key in ("seed", "batch_size"):
             if key in saved and saved[key] != getattr(self.config, key):
                 warnings.warn(f"resuming with {key}={getattr(self.config, key)} but the checkpoint used "
                               f"{saved[key]}: the data order differs from the original run", stacklevel=2)
+        schedule = [k for k in ("steps", "lr", "warmup_steps", "min_lr_ratio")
+                    if k in saved and saved[k] != getattr(self.config, k)]
+        if schedule:
+            warnings.warn("resuming with " + ", ".join(f"{k}={getattr(self.config, k)} (checkpoint: {saved[k]})"
+                                                       for k in schedule)
+                          + ": the learning-rate schedule differs from the original run's from here on",
+                          stacklevel=2)
         rng = ck.meta.get("rng") or []
         if len(rng) == self.world:
             ckpt_lib.set_rng_state(rng[self.rank])
         else:
             warnings.warn(f"checkpoint has RNG states of {len(rng)} ranks, running {self.world}: reseeding", stacklevel=2)
             self._seed()
+
+    def _check_out_dir(self, resume) -> str | None:
+        """Why training into ``out_dir`` from ``resume`` would mix two runs' files, or None. A run
+        starts in a directory without checkpoints, or continues from the newest one there (so that
+        pruning, ``resume="auto"`` and the dVAE a transformer records only ever see one run)."""
+        existing = ckpt_lib.list_checkpoints(self.out_dir) if self.out_dir is not None else []
+        if not existing:
+            return None
+        newest = existing[-1]
+        if resume is None:
+            return (f"out_dir {str(self.out_dir)!r} already holds checkpoints (newest: {newest.name}); "
+                    "resume='auto' (--resume auto) continues that run; a new run needs a new out_dir")
+        resolved = ckpt_lib.resolve_checkpoint(resume)
+        if resolved.resolve() != newest.resolve():
+            return (f"resume: {str(resolved)!r} is not the newest checkpoint of out_dir {str(self.out_dir)!r} "
+                    f"({newest.name}): training on from it would mix two runs' checkpoints there; resume from "
+                    "the newest, or write this run to a new out_dir")
+        return None
+
+    def _trim_metrics(self) -> None:
+        """Drop the records of ``metrics.jsonl`` past the step this run starts from (a resumed run
+        logs those steps again; a fresh one starts the file anew), and unreadable lines."""
+        if self.out_dir is None or not (self.out_dir / "metrics.jsonl").is_file():
+            return
+        path = self.out_dir / "metrics.jsonl"
+        kept, dropped = [], False
+        for line in path.read_text().splitlines():
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                step = None
+            if isinstance(step, int) and step <= self.step:
+                kept.append(line)
+            else:
+                dropped = True
+        if dropped:
+            ckpt_lib.atomic_write(path, "".join(x + "\n" for x in kept).encode())
 
     def _seed(self) -> None:
         seed = self.config.seed * 1000 + self.rank
@@ -243,10 +337,19 @@ class Trainer:
         newest checkpoint in ``out_dir`` if there is one. Returns the logged metrics of this call."""
         if resume == "auto":
             resume = ckpt_lib.latest_checkpoint(self.out_dir) if self.out_dir is not None else None
+        problem = self._check_out_dir(resume) if self.rank == 0 else None
+        if self.world > 1:  # every rank stops, or none
+            box = [problem]
+            dist.broadcast_object_list(box, src=0)
+            problem = box[0]
+        if problem:
+            raise ValueError(problem)
         if resume is not None:
             self.load(resume)
         else:
             self._seed()
+        if self.rank == 0:
+            self._trim_metrics()
         model = self.model
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -271,7 +374,9 @@ class Trainer:
                 out = self.loss_fn(model, batch, step)
             loss = out["loss"]
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+                last = ckpt_lib.latest_checkpoint(self.out_dir) if self.out_dir is not None else None
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}"
+                                         + (f"; the newest checkpoint is {last}" if last else ""))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else None
@@ -319,8 +424,9 @@ class TokenizingCollate:
         captions = [it["caption"] for it in items]
         ids, truncated = self.tokenizer.encode(captions, return_truncated=True)
         if truncated:
+            from .tokenizer import TruncationWarning
             warnings.warn(f"{len(truncated)} captions in a batch were truncated to {self.tokenizer.text_len} tokens",
-                          stacklevel=2)
+                          TruncationWarning, stacklevel=2)
         return {**image_collate(items), "caption": captions, "text_ids": ids}
 
 

@@ -51,3 +51,62 @@ def test_bench_generate_quick(tmp_path):
     result = json.loads((tmp_path / "generate.json").read_text())
     assert [r["mode"] for r in result["results"]] == ["sparse", "dense", "none"]
     assert all(r["images_per_s"] > 0 for r in result["results"]) and "torch" in result["machine"]
+
+
+def test_cli_train_caches_by_content_and_records_the_dvae_file(tmp_path, capsys):
+    """The cached codes are rebuilt when the tokenizer's merges or the image folder's files change
+    (not only their sizes or path), and the transformer records the dVAE checkpoint file it was
+    trained on, which generate checks by its weights' hash."""
+    import json
+
+    import torch
+
+    from dalle_fast.tokenizer import Tokenizer
+
+    common = ["--batch-size", "4", "--no-progress", "--device", "cpu"]
+    assert main(["train-vae", "--steps", "1", "--shapes-length", "8", "--out", str(tmp_path / "dvae")] + common) == 0
+    folder = tmp_path / "images"
+    folder.mkdir()
+    captions = ["a red circle", "a blue square", "a green triangle", "a red square"]
+    rng = np.random.default_rng(0)
+    for i, cap in enumerate(captions):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(cap)
+    toks = {}
+    for name, seed in (("a", 1), ("b", 2)):  # enough distinct text that both reach the full vocabulary
+        words = ["".join(np.random.default_rng([seed, i]).choice(list("abcdefghilmnorstu"), 6)) for i in range(400)]
+        toks[name] = Tokenizer.train(captions * 5 + words, vocab_size=320, text_len=12)
+        toks[name].save(tmp_path / f"tok_{name}.json")
+    assert repr(toks["a"]) == repr(toks["b"])  # same sizes: the old cache key could not tell them apart
+    out = tmp_path / "dalle"
+
+    def train(tok):
+        ck.remove_checkpoints(out)  # a new run each time, over the same codes cache
+        assert main(["train", "--dvae", str(tmp_path / "dvae"), "--tokenizer", str(tmp_path / f"tok_{tok}.json"),
+                     "--data", str(folder), "--steps", "1", "--out", str(out)] + common) == 0
+        return np.load(out / "codes" / "text.npy")
+
+    first = train("a")
+    seen = [toks["a"].decode(torch.from_numpy(row.astype(np.int64))) for row in first]  # the folder's item order
+    assert sorted(seen) == sorted(captions)
+    second = train("b")
+    expect = toks["b"].encode(seen, text_len=second.shape[1]).numpy()
+    assert np.array_equal(second, expect) and not np.array_equal(first, second)
+    edited = folder / f"img{captions.index(seen[0])}.txt"
+    edited.write_text("a blue circle")
+    third = train("a")
+    assert toks["a"].decode(torch.from_numpy(third[0].astype(np.int64))) == "a blue circle"
+    # the dVAE file, not its directory: training the dVAE on does not change what generate decodes with
+    meta = json.loads(ck.latest_checkpoint(out).read_text())
+    assert meta["extra"]["dvae_checkpoint"].endswith("checkpoint-00000001.json")
+    assert meta["extra"]["dvae_sha256"] == json.loads(ck.latest_checkpoint(tmp_path / "dvae").read_text())["weights_sha256"]
+    assert main(["train-vae", "--steps", "2", "--shapes-length", "8", "--out", str(tmp_path / "dvae"),
+                 "--resume", "auto"] + common) == 0
+    gen = ["generate", "a red circle", "--checkpoint", str(out), "-n", "1", "--out", str(tmp_path / "s"),
+           "--no-progress", "--device", "cpu"]
+    capsys.readouterr()
+    assert main(gen) == 0
+    path = ck.latest_checkpoint(out)
+    path.write_text(json.dumps({**meta, "extra": {**meta["extra"], "dvae_sha256": "0" * 64}}))
+    assert main(gen) == 2
+    assert "not the dVAE the transformer was trained on" in capsys.readouterr().err

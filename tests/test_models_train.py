@@ -105,7 +105,9 @@ def test_exact_resume(tmp_path):
     torch.manual_seed(999)  # a different process state: init, global RNG
     np.random.seed(5)
     resumed = micro_trainer(tmp_path / "b", steps=6)
-    resumed.fit(resume="auto")
+    # (the first 3 steps' learning rates happen not to depend on steps: warmup, then cosine from 1.0)
+    with pytest.warns(UserWarning, match="steps=6 \\(checkpoint: 3\\).*learning-rate schedule"):
+        resumed.fit(resume="auto")
     assert resumed.step == 6
     for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), k
@@ -226,3 +228,153 @@ def test_cli_train_clip_smoke(tmp_path):
     assert main(argv) == 0
     assert (tmp_path / "tokenizer.json").is_file()
     assert isinstance(ck.load_model(tmp_path), CLIP)
+
+
+# -- runs, checkpoints and bad input -------------------------------------------------------------------
+def test_keep_checkpoints_must_be_positive(tmp_path):
+    for keep in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="keep_checkpoints"):
+            TrainConfig(keep_checkpoints=keep)
+        with pytest.raises(ValueError, match="keep"):
+            ck.save_checkpoint(tmp_path, 1, torch.nn.Linear(2, 2), keep=keep)
+    assert not list(tmp_path.iterdir())  # refused before writing anything
+    TrainConfig(keep_checkpoints=None)  # keep all
+
+
+@pytest.mark.parametrize("field, value", [("weight_decay", -5.0), ("min_lr_ratio", -1.0), ("min_lr_ratio", 1.5),
+                                          ("betas", (0.9, 1.0)), ("lr", float("inf")), ("warmup_steps", 1.5)])
+def test_train_config_ranges(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+
+
+def test_one_run_per_out_dir(tmp_path):
+    """A fresh run does not start over another run's checkpoints (it would overwrite or prune them,
+    and --resume auto would pick the other run's), nor does a resume from an older checkpoint."""
+    micro_trainer(tmp_path, steps=4, every=2).fit()
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match="already holds checkpoints.*resume='auto'"):
+        micro_trainer(tmp_path, steps=2, every=2).fit()
+    with pytest.raises(ValueError, match="not the newest checkpoint"):
+        micro_trainer(tmp_path, steps=6, every=2).fit(resume=tmp_path / "checkpoint-00000002.json")
+    other = tmp_path.parent / "other"
+    micro_trainer(other, steps=1).fit()
+    with pytest.raises(ValueError, match="not the newest checkpoint"):  # another run's checkpoint
+        micro_trainer(tmp_path, steps=6, every=2).fit(resume=other)
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before  # nothing touched
+    t = micro_trainer(tmp_path, steps=6, every=2)
+    t.fit(resume=tmp_path / "checkpoint-00000004.safetensors")  # the newest, named by its weights file
+    assert t.step == 6
+    fresh = micro_trainer(tmp_path / "new", steps=1)  # an empty or missing out_dir starts fresh
+    fresh.fit(resume="auto")
+    assert fresh.step == 1
+
+
+def test_metrics_log_holds_one_record_per_step_after_resume(tmp_path):
+    micro_trainer(tmp_path, steps=4, every=2).fit()  # logs steps 1-4, checkpoints 2 and 4
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss"')  # a record cut short by a crash
+    for p in ck.list_checkpoints(tmp_path)[-1:]:  # as if the run died before checkpoint 4 was written
+        p.unlink()
+    micro_trainer(tmp_path, steps=4, every=2).fit(resume="auto")  # from 2: logs 3 and 4 again
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4], steps
+    ck.remove_checkpoints(tmp_path)
+    assert not list(tmp_path.glob("checkpoint-*"))
+    micro_trainer(tmp_path, steps=1).fit()  # a fresh run starts the log anew
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_resume_refuses_another_model_config_or_type(tmp_path):
+    micro_trainer(tmp_path, steps=1).fit()
+    other = DVAEConfig(**{**MICRO.__dict__, "n_hid": 32})
+    t = Trainer(DVAE(other), dvae_loss, ShapesDataset(size=16, length=10, seed=1),
+                TrainConfig(steps=2, batch_size=4, progress=False), tmp_path, collate_fn=image_collate,
+                model_type="dvae", model_config=other, device="cpu")
+    with pytest.raises(ValueError, match="different model config: n_hid=16 \\(this run: 32\\)"):
+        t.fit(resume="auto")
+    t = Trainer(DVAE(MICRO), dvae_loss, ShapesDataset(size=16, length=10, seed=1),
+                TrainConfig(steps=2, batch_size=4, progress=False), tmp_path, collate_fn=image_collate,
+                model_type="clip", model_config=MICRO, device="cpu")
+    with pytest.raises(ValueError, match="holds a 'dvae' model, this run trains 'clip'"):
+        t.fit(resume="auto")
+
+
+def test_bad_checkpoint_files_are_clear_errors(tmp_path):
+    path = ck.save_checkpoint(tmp_path, 3, torch.nn.Linear(2, 2), model_type="dvae", model_config=MICRO)
+    good = path.read_text()
+    for text, match in ((good[:40], "not a readable checkpoint"), ("[1, 2]", "not a dalle_fast checkpoint"),
+                        (json.dumps({**json.loads(good), "weights": "gone.safetensors"}), "cannot be read"),
+                        (json.dumps({k: v for k, v in json.loads(good).items() if k != "weights"}), "lacks weights")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=match) as err:
+            ck.load_checkpoint(path)
+        assert str(path) in str(err.value)
+    path.write_text(good)
+    path.with_suffix(".safetensors").unlink()
+    with pytest.raises(ValueError, match="cannot be read"):
+        ck.load_checkpoint(tmp_path)
+    # a checkpoint whose weights do not fit its config
+    path = ck.save_checkpoint(tmp_path, 4, torch.nn.Linear(2, 2), model_type="dvae", model_config=MICRO)
+    with pytest.raises(ValueError, match="weights do not fit"):
+        ck.load_model(path)
+
+
+def test_checkpoint_files_honour_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = ck.save_checkpoint(tmp_path, 1, torch.nn.Linear(2, 2))
+        assert (path.stat().st_mode & 0o777) == 0o644
+        assert (path.with_suffix(".safetensors").stat().st_mode & 0o777) == 0o644
+        os.umask(0o077)
+        path = ck.save_checkpoint(tmp_path, 2, torch.nn.Linear(2, 2))
+        assert (path.stat().st_mode & 0o777) == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_bad_device_is_a_clear_error():
+    from dalle_fast.train import resolve_device
+    with pytest.raises(ValueError, match="--device: 'gpu' is not a device"):
+        resolve_device("gpu", "--device")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_diverging_run_names_the_newest_checkpoint(tmp_path, capsys):
+    argv = ["train-vae", "--preset", "tiny", "--image-size", "16", "--steps", "6", "--batch-size", "4",
+            "--shapes-length", "16", "--out", str(tmp_path), "--checkpoint-every", "1", "--no-progress",
+            "--device", "cpu", "--lr", "1e12", "--grad-clip", "0"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "training diverged: loss is nan at step" in err and "newest checkpoint" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_bad_paths_and_sizes(tmp_path, capsys):
+    common = ["--steps", "1", "--batch-size", "4", "--shapes-length", "8", "--no-progress", "--device", "cpu"]
+    missing = tmp_path / "typo" / "tokenizr.json"
+    assert main(["train-clip", "--tokenizer", str(missing), "--out", str(tmp_path / "clip")] + common) == 2
+    assert "--tokenizer" in capsys.readouterr().err and not missing.exists()
+    assert main(["train-vae", "--image-size", "0", "--out", str(tmp_path / "vae")] + common) == 2
+    assert "image_size" in capsys.readouterr().err
+    assert main(["train-vae", "--keep-checkpoints", "-1", "--out", str(tmp_path / "vae")] + common) == 2
+    assert "keep_checkpoints" in capsys.readouterr().err
+    assert main(["train-vae", "--out", str(tmp_path / "vae")] + common[:-2] + ["--device", "gpu"]) == 2
+    assert "--device" in capsys.readouterr().err
+    # an existing tokenizer: size flags that would be ignored say so
+    assert main(["train-clip", "--out", str(tmp_path / "clip"), "--vocab-size", "400", "--text-len", "16"]
+                + common) == 0
+    with pytest.warns(UserWarning, match="--text-len 32 only apply"):
+        assert main(["train-clip", "--out", str(tmp_path / "clip2"), "--text-len", "32", "--tokenizer",
+                     str(tmp_path / "clip" / "tokenizer.json")] + common) == 0
+
+
+def test_truncated_captions_warn_with_truncation_warning():
+    from dalle_fast.tokenizer import Tokenizer, TruncationWarning
+    tok = Tokenizer.train(["a red circle"] * 10, vocab_size=300, text_len=4)
+    collate = TokenizingCollate(tok)
+    with pytest.warns(TruncationWarning):
+        collate([{"caption": "a red circle a red circle", "image": torch.zeros(3, 2, 2)}])

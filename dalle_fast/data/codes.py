@@ -7,6 +7,7 @@ the same inputs loads them instead of encoding again.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -37,6 +38,25 @@ class CodesDataset(Dataset):
     def load(cls, directory: str | Path) -> "CodesDataset":
         d = Path(directory)
         return cls(np.load(d / "codes.npy", mmap_mode="r"), np.load(d / "text.npy", mmap_mode="r"))
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """SHA-256 of a tokenizer's whole BPE model and text length: two tokenizers with the same sizes
+    but different merges (which encode captions differently) differ here."""
+    hf = getattr(tokenizer, "_hf", None)
+    body = hf.to_str() if hf is not None else repr(tokenizer)
+    return hashlib.sha256(f"{body}\n{getattr(tokenizer, 'text_len', '')}".encode()).hexdigest()
+
+
+def data_fingerprint(root: str | Path) -> str:
+    """SHA-256 over the relative path, size and modification time of every file under ``root``: an
+    added, removed, replaced or edited image or caption changes it (without reading the files)."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        st = path.stat()
+        h.update(f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
