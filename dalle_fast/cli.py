@@ -14,6 +14,7 @@ Subcommands live in :data:`SUBCOMMANDS`; other modules add theirs with :func:`re
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -154,9 +155,18 @@ def tokenizer_from_args(args: argparse.Namespace, dataset):
         warnings.warn(f"using the existing tokenizer {str(path)!r} (vocab_size {tokenizer.vocab_size}, text_len "
                       f"{tokenizer.text_len}); {', '.join(ignored)} only apply to a tokenizer trained here",
                       stacklevel=2)
-    if rank == 0 and path.resolve() != (args.out / "tokenizer.json").resolve():
-        args.out.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(args.out / "tokenizer.json")
+    copy = args.out / "tokenizer.json"
+    if path.resolve() != copy.resolve():
+        from .checkpoint import list_checkpoints
+        from .data.codes import tokenizer_fingerprint
+        if (copy.is_file() and list_checkpoints(args.out)  # (every rank: all stop, or none)
+                and tokenizer_fingerprint(Tokenizer.load(copy)) != tokenizer_fingerprint(tokenizer)):
+            # the run in OUT was trained with OUT/tokenizer.json (generate reads it): keep it
+            raise ValueError(f"--tokenizer: {str(path)!r} differs from {str(copy)!r}, the tokenizer of the run "
+                             "in --out; resume with that one, or start a new run in a new --out")
+        if rank == 0:
+            args.out.mkdir(parents=True, exist_ok=True)
+            tokenizer.save(copy)
     return tokenizer
 
 
@@ -205,6 +215,16 @@ def _run_train(args: argparse.Namespace) -> int:
     tokenizer = tokenizer_from_args(args, dataset)
     cfg = DALLEConfig.for_tokenizer(tokenizer, args.preset, image_size=dvae.config.latent_size,
                                     image_vocab=dvae.config.vocab_size, caption_dropout=args.caption_dropout)
+    if args.resume is not None:  # (every rank) before re-encoding the cache for a resume that would be refused
+        from .checkpoint import latest_checkpoint, resolve_checkpoint
+        ref = latest_checkpoint(args.out) if args.resume == "auto" else resolve_checkpoint(args.resume)
+        try:
+            saved = json.loads(ref.read_text()).get("extra", {}).get("dvae_sha256") if ref is not None else None
+        except (OSError, ValueError, AttributeError):  # unreadable: the trainer's resume names the problem
+            saved = None
+        if saved is not None and saved != dvae_ck.meta["weights_sha256"]:
+            raise ValueError(f"--dvae: {str(dvae_ck.path)!r} is not the dVAE the run being resumed ({ref.name}) "
+                             "was trained on")
     cache = args.out / "codes"
     # what the cached codes were made from: a change in any of these re-encodes
     describe = {"dvae_sha256": dvae_ck.meta["weights_sha256"], "data": str(args.data),
@@ -221,7 +241,8 @@ def _run_train(args: argparse.Namespace) -> int:
     # on if the dVAE trains further), and its weights' hash, which load_pipeline checks
     trainer = train_dalle(cfg, train_config_from_args(args), CodesDataset.load(cache), args.out, resume=args.resume,
                           device=device, extra_meta={"dvae_checkpoint": str(dvae_ck.path.resolve()),
-                                                     "dvae_sha256": dvae_ck.meta["weights_sha256"]})
+                                                     "dvae_sha256": dvae_ck.meta["weights_sha256"],
+                                                     "tokenizer_sha256": describe["tokenizer"]})
     return _report(trainer, args.out)
 
 

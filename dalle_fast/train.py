@@ -167,7 +167,9 @@ class Trainer:
     ``model`` must produce the loss in its ``forward`` (called by ``loss_fn`` as ``model(...)``) so
     that DDP sees the forward pass. ``dataset`` is map-style; ``collate_fn`` turns a list of items
     into a batch. ``out_dir`` (rank 0 writes) receives checkpoints and ``metrics.jsonl``.
-    ``model_type``/``model_config`` are stored in checkpoints for :func:`dalle_fast.checkpoint.load_model`.
+    ``model_type``/``model_config`` are stored in checkpoints for :func:`dalle_fast.checkpoint.load_model`;
+    ``extra_meta`` goes into every checkpoint too, and its entries named ``*_sha256`` identify inputs
+    the run depends on (the tokenizer, the dVAE): a resume with different ones is refused.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, dataset: Dataset, config: TrainConfig,
@@ -262,6 +264,11 @@ class Trainer:
             if differ:
                 raise ValueError(f"{where} was trained with a different model config: "
                                  + ", ".join(f"{k}={theirs.get(k)!r} (this run: {ours.get(k)!r})" for k in differ))
+        saved_extra = ck.meta.get("extra") or {}
+        for key, value in self.extra_meta.items():
+            if key.endswith("_sha256") and key in saved_extra and saved_extra[key] != value:
+                raise ValueError(f"{where} was trained with another {key[:-len('_sha256')]} ({key} "
+                                 f"{str(saved_extra[key])[:12]}..., this run: {str(value)[:12]}...)")
         try:
             self.model.load_state_dict(ck.model_state)
             if ck.optimizer_state is not None:
@@ -447,7 +454,8 @@ def train_dvae(config, train_config: TrainConfig, dataset: Dataset, out_dir: str
 
 
 def train_clip(config, tokenizer, train_config: TrainConfig, dataset: Dataset, out_dir: str | Path | None = None,
-               resume: str | Path | None = None, device: str | torch.device | None = None) -> Trainer:
+               resume: str | Path | None = None, device: str | torch.device | None = None,
+               extra_meta: dict | None = None) -> Trainer:
     """Train a :class:`~dalle_fast.models.clip.CLIP` (``config``: CLIPConfig matching ``tokenizer``)
     on items with ``image`` and ``caption``."""
     from .models.clip import CLIP
@@ -455,8 +463,10 @@ def train_clip(config, tokenizer, train_config: TrainConfig, dataset: Dataset, o
         raise ValueError("config does not match the tokenizer's vocab_size/pad_base/text_len "
                          "(build it with CLIPConfig.for_tokenizer)")
     torch.manual_seed(train_config.seed)
+    from .data.codes import tokenizer_fingerprint
+    extra_meta = {"tokenizer_sha256": tokenizer_fingerprint(tokenizer), **(extra_meta or {})}
     trainer = Trainer(CLIP(config), clip_loss, dataset, train_config, out_dir, collate_fn=TokenizingCollate(tokenizer),
-                      model_type="clip", model_config=config, device=device)
+                      model_type="clip", model_config=config, extra_meta=extra_meta, device=device)
     trainer.fit(resume)
     return trainer
 

@@ -1,5 +1,8 @@
 """`dalle-fast train` (dVAE codes cached once as uint16) and `dalle-fast generate` end to end, tiny."""
+import json
+
 import numpy as np
+import pytest
 from PIL import Image
 
 from dalle_fast import checkpoint as ck
@@ -57,8 +60,6 @@ def test_cli_train_caches_by_content_and_records_the_dvae_file(tmp_path, capsys)
     """The cached codes are rebuilt when the tokenizer's merges or the image folder's files change
     (not only their sizes or path), and the transformer records the dVAE checkpoint file it was
     trained on, which generate checks by its weights' hash."""
-    import json
-
     import torch
 
     from dalle_fast.tokenizer import Tokenizer
@@ -110,3 +111,41 @@ def test_cli_train_caches_by_content_and_records_the_dvae_file(tmp_path, capsys)
     path.write_text(json.dumps({**meta, "extra": {**meta["extra"], "dvae_sha256": "0" * 64}}))
     assert main(gen) == 2
     assert "not the dVAE the transformer was trained on" in capsys.readouterr().err
+
+
+def test_cli_resume_refuses_other_inputs_before_touching_the_run(tmp_path, capsys):
+    """Resuming with another tokenizer or dVAE than the run was trained with is refused before
+    OUT/tokenizer.json (which generate reads) or the cached codes are replaced."""
+    from dalle_fast.tokenizer import Tokenizer
+
+    common = ["--batch-size", "4", "--shapes-length", "8", "--no-progress", "--device", "cpu"]
+    assert main(["train-vae", "--steps", "1", "--out", str(tmp_path / "dvae")] + common) == 0
+    assert main(["train-vae", "--steps", "1", "--seed", "1", "--out", str(tmp_path / "dvae2")] + common) == 0
+    assert main(["train-clip", "--steps", "1", "--out", str(tmp_path / "clip"), "--vocab-size", "400",
+                 "--text-len", "15"] + common) == 0
+    other = tmp_path / "other.json"
+    words = ["".join(np.random.default_rng(i).choice(list("abcdefgh"), 5)) for i in range(300)]
+    Tokenizer.train(words, vocab_size=400, text_len=15).save(other)
+    out = tmp_path / "clip" / "tokenizer.json"
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(["train-clip", "--steps", "2", "--out", str(tmp_path / "clip"), "--tokenizer", str(other),
+                 "--resume", "auto"] + common) == 2
+    assert "differs from" in capsys.readouterr().err and out.read_bytes() == before
+    train = ["train", "--tokenizer", str(out), "--out", str(tmp_path / "dalle")] + common
+    assert main(train + ["--dvae", str(tmp_path / "dvae"), "--steps", "1"]) == 0
+    codes = tmp_path / "dalle" / "codes" / "codes.npy"
+    mtime = codes.stat().st_mtime_ns
+    assert main(train + ["--dvae", str(tmp_path / "dvae2"), "--steps", "2", "--resume", "auto"]) == 2
+    assert "is not the dVAE the run being resumed" in capsys.readouterr().err
+    assert codes.stat().st_mtime_ns == mtime
+    # and the trainer itself refuses a resume whose *_sha256 inputs differ
+    from dalle_fast import checkpoint as ckl
+    from dalle_fast.data.codes import CodesDataset
+    from dalle_fast.models.dalle import DALLEConfig
+    from dalle_fast.train import TrainConfig, train_dalle
+    meta = json.loads(ckl.latest_checkpoint(tmp_path / "dalle").read_text())
+    with pytest.raises(ValueError, match="another tokenizer"):
+        train_dalle(DALLEConfig(**meta["model_config"]), TrainConfig(steps=2, batch_size=4, progress=False),
+                    CodesDataset.load(tmp_path / "dalle" / "codes"), tmp_path / "dalle", resume="auto", device="cpu",
+                    extra_meta={"dvae_sha256": meta["extra"]["dvae_sha256"], "tokenizer_sha256": "0" * 64})
