@@ -4,6 +4,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+
+#include <cmath>
 
 #include "common/decode_index.h"
 #include "common/mask.h"
@@ -56,6 +59,15 @@ inline DecodeInfo check_decode(const at::Tensor& q, const at::Tensor& k_new, con
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
   check_cache_tensor(k_cache, "k_cache", q);
   check_cache_tensor(v_cache, "v_cache", q);
+  // the caches are written in place: no two elements may share memory (an expanded cache would take
+  // every row's new key in one slot), nor may the two caches overlap
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&k_cache, "k_cache"}, {&v_cache, "v_cache"}})
+    TORCH_CHECK(at::has_internal_overlap(*t) != at::MemOverlap::Yes, "dalle_fast.decode_attention: ", name,
+                " is written in place and must not have elements that share memory (expanded or stride-0 dims), "
+                "got strides ", t->strides());
+  const auto overlap = at::get_overlap_status(k_cache, v_cache);
+  TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
+              "dalle_fast.decode_attention: k_cache and v_cache must not share memory");
   TORCH_CHECK(k_cache.size(0) == B && k_cache.size(1) == H, "dalle_fast.decode_attention: k_cache must be (",
               B, ", ", H, ", cache_len, ", D, "), got ", k_cache.sizes());
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "dalle_fast.decode_attention: v_cache must have k_cache's shape ",
@@ -89,10 +101,17 @@ inline DecodeInfo check_decode(const at::Tensor& q, const at::Tensor& k_new, con
   return info;
 }
 
+inline void check_decode_scale(double scale) {
+  TORCH_CHECK(scale > 0 && std::isfinite(scale), "dalle_fast.decode_attention: scale must be positive and finite, got ",
+              scale);
+}
+
 // Host-side value checks (CPU tensors): pos in range for the layout and the cache, prompt ids.
+// ``pos`` must be the contiguous tensor the kernel then reads (a strided view's data_ptr is not its
+// values in order).
 inline void check_decode_values(const at::Tensor& pos, const c10::optional<at::Tensor>& prompt_index,
                                 const DecodeInfo& info, const LayoutParams& L) {
-  const at::Tensor p = pos.reshape({-1});
+  const at::Tensor p = pos.reshape({-1}).contiguous();
   const int64_t* pp = p.data_ptr<int64_t>();
   for (int64_t i = 0; i < p.numel(); ++i) {
     TORCH_CHECK(pp[i] >= info.cache_offset && pp[i] < L.seq_len(), "dalle_fast.decode_attention: pos[", i, "] = ",

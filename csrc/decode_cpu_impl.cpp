@@ -28,7 +28,9 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_new, co
   const LayoutParams L = decode_layout(kind, text_len, image_size, kernel_size, dilation);
   const DecodeInfo info = check_decode(q, k_new, v_new, k_cache, v_cache, pos, text_k, text_v, prompt_index, L);
   TORCH_CHECK(q.device().is_cpu(), "dalle_fast.decode_attention (cpu): tensors must be on the CPU, got ", q.device());
-  check_decode_values(pos, prompt_index, info, L);
+  check_decode_scale(scale);
+  const at::Tensor pc = pos.contiguous();  // checked and read by the kernel: the same memory
+  check_decode_values(pc, prompt_index, info, L);
   const at::Tensor qc = q.contiguous(), kc = k_new.contiguous(), vc = v_new.contiguous();
   const at::Tensor pi = info.shared ? prompt_index->contiguous() : at::Tensor();
   at::Tensor out = at::empty({info.B, info.H, 1, info.D}, q.options().dtype(at::kFloat));
@@ -48,8 +50,8 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_new, co
     a.text_v = cache_ref(*text_v);
     a.prompt_index = pi.data_ptr<int64_t>();
   }
-  a.pos = pos.data_ptr<int64_t>();
-  a.pos_stride = pos.dim() == 0 ? 0 : pos.stride(0);
+  a.pos = pc.data_ptr<int64_t>();
+  a.pos_stride = pc.dim() == 0 ? 0 : 1;
   a.layout = L;
   a.scale = static_cast<float>(scale);
   a.out = out.data_ptr<float>();

@@ -36,6 +36,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_new, c
   const LayoutParams L = decode_layout(kind, text_len, image_size, kernel_size, dilation);
   const DecodeInfo info = check_decode(q, k_new, v_new, k_cache, v_cache, pos, text_k, text_v, prompt_index, L);
   TORCH_CHECK(q.is_cuda(), "dalle_fast.decode_attention (cuda): tensors must be CUDA tensors, got ", q.device());
+  check_decode_scale(scale);
   TORCH_CHECK(info.D == 32 || info.D == 64 || info.D == 128,
               "dalle_fast.decode_attention (cuda): head_dim must be 32, 64 or 128, got ", info.D);
   check_aligned(k_cache, "k_cache");
@@ -47,6 +48,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_new, c
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor qc = q.contiguous(), kc = k_new.contiguous(), vc = v_new.contiguous();
   const at::Tensor pi = info.shared ? prompt_index->contiguous() : at::Tensor();
+  const at::Tensor pc = pos.contiguous();  // the kernel reads pos with stride 1 (or 0 for a 0-dim pos)
   at::Tensor out = at::empty({info.B, info.H, 1, info.D}, q.options());
   if (info.B * info.H == 0) return out;
   const int64_t max_keys = max_decode_keys(L);
@@ -87,8 +89,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_new, c
     p.prompts = info.prompts;
     p.prompt_index = pi.data_ptr<int64_t>();
   }
-  p.pos = pos.data_ptr<int64_t>();
-  p.pos_stride = pos.dim() == 0 ? 0 : pos.stride(0);
+  p.pos = pc.data_ptr<int64_t>();
+  p.pos_stride = pc.dim() == 0 ? 0 : 1;
   p.layout = L;
   p.scale = static_cast<float>(scale);
   p.out = out.data_ptr();

@@ -68,6 +68,10 @@ def _check(q, k_new, v_new, k_cache, v_cache, pos, layout, text_k_cache, text_v_
         raise ValueError(f"k_cache must be ({B}, {H}, cache_len, {D}), got shape {tuple(k_cache.shape)}")
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):  # written in place
+        if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+            raise ValueError(f"{name} is written in place and must not be expanded (stride 0 in a dim of size > 1), "
+                             f"got strides {t.stride()}")
     if pos.dtype != torch.int64:
         raise ValueError(f"pos must be an int64 tensor, got {pos.dtype}")
     if pos.device != q.device:
@@ -96,7 +100,7 @@ def _check(q, k_new, v_new, k_cache, v_cache, pos, layout, text_k_cache, text_v_
     # value checks need the host: CPU tensors in eager mode (the C++ CPU kernel checks again when
     # compiled); CUDA kernels guard on the device
     eager = not torch.compiler.is_compiling()
-    if pos.device.type == "cpu" and eager:
+    if pos.device.type == "cpu" and eager and pos.numel():
         lo, hi = int(pos.min()), int(pos.max())
         if lo < offset or hi >= layout.seq_len:
             raise ValueError(f"pos must be in [{offset}, {layout.seq_len}) for {layout}"
@@ -131,14 +135,23 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, pos, layout: Layout, *, 
         text_k_cache, text_v_cache: optional ``(P, H, >= T, D)`` shared text caches (best-of-N).
         prompt_index: int64 ``(B,)`` row -> prompt, with the shared caches.
         backend: ``reference``, ``cpu`` (CPU tensors; float32/bfloat16/float16, any D) or ``cuda``
-            (CUDA tensors; float32/bfloat16/float16, D in 32/64/128); default by device.
+            (CUDA tensors; float32/bfloat16/float16, D in 32/64/128); default by device. The cpu and
+            cuda kernels are inference-only: with grad mode on, an input that requires grad is a
+            ValueError.
 
     Returns:
         ``(B, H, 1, D)`` in q's dtype.
     """
     _check(q, k_new, v_new, k_cache, v_cache, pos, layout, text_k_cache, text_v_cache, prompt_index)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not 0 < scale < math.inf:
+        raise ValueError(f"scale must be positive and finite, got {scale}")
     name = _resolve(backend, q.device)
+    if name != "reference" and torch.is_grad_enabled() and any(
+            t.requires_grad for t in (q, k_new, v_new, k_cache, v_cache)):
+        # the fused decode kernels have no backward: gradients would silently be missing
+        raise ValueError(f"backend {name!r} of decode_attention is inference-only and an input requires grad; "
+                         "call it under torch.no_grad() (or use backend='reference' to differentiate)")
     if name == "reference":
         return reference.decode_attention(q, k_new, v_new, k_cache, v_cache, pos, layout, scale,
                                           text_k_cache, text_v_cache, prompt_index)

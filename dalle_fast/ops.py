@@ -80,6 +80,14 @@ def register_attention_autograd(fwd_op: str, bwd_op) -> None:
 
     torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
 
+    # the backward op has no derivative: without an autograd kernel PyTorch would let a double
+    # backward through it return zeros (with a deprecation warning), so it raises instead
+    def no_double_backward(ctx, *grads):
+        raise RuntimeError(f"{fwd_op}: double backward (differentiating its gradients) is not supported")
+
+    torch.library.register_autograd(bwd_op._qualified_op_name, no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+
 
 register_attention_autograd("dalle_fast::sparse_attention_fwd", torch.ops.dalle_fast.sparse_attention_bwd)
 

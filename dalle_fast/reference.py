@@ -85,7 +85,7 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, pos, layout: Layout, sca
             kk, vv = k_cache[b][:, keys], v_cache[b][:, keys]
         s = torch.matmul(q[b].to(dt), kk.to(dt).transpose(-1, -2)) * scale  # (H, 1, n)
         outs.append(torch.matmul(torch.softmax(s, dim=-1), vv.to(dt)))
-    out = torch.stack(outs)
+    out = torch.stack(outs) if outs else q.new_empty(q.shape, dtype=dt)  # (an empty batch)
     return out if compute_dtype is not None else out.to(q.dtype)
 
 

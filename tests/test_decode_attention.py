@@ -429,3 +429,87 @@ def test_cuda_graph_decode_and_sample():
     assert torch.equal(replay1, eager)    # same as eager
     assert len({tuple(r.tolist()) for r in replay1}) > 1  # step advanced on device: fresh draws
     assert int(pos[0]) == layout.text_len + 10
+
+
+def test_bad_inputs_raise_strided_pos_shared_memory_and_scale():
+    """pos is checked and read as the same (contiguous) values, whatever its strides: a strided pos
+    used to be range-checked on other memory than the kernel read (an out-of-range slot written
+    under torch.compile, where only the C++ check runs). Caches that share memory, which the
+    in-place write would corrupt, and a bad scale are refused."""
+    layout = LAYOUTS[1]
+    q, k, v = problem(layout, 2, 2, 16, torch.float32)
+    pos = torch.tensor([3, 9])
+    kc, vc = caches_for(k, v, pos)
+    qs, ks, vs = step_inputs(q, k, v, pos)
+    want = dalle_fast.decode_attention(qs, ks, vs, kc.clone(), vc.clone(), pos, layout)
+    for strided in (torch.tensor([3, 0, 9, 0])[::2], torch.tensor([[3, 0], [9, 0]])[:, 0]):
+        assert strided.stride() != (1,)
+        got = dalle_fast.decode_attention(qs, ks, vs, kc.clone(), vc.clone(), strided, layout)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        got = torch.ops.dalle_fast.decode_attention(qs, ks, vs, kc.clone(), vc.clone(), strided, None, None, None,
+                                                    *layout.params(), 0.25)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    nine = torch.tensor([9, 9])
+    kc9, vc9 = caches_for(k, v, nine)
+    q9, k9, v9 = step_inputs(q, k, v, nine)
+    ref = dalle_fast.decode_attention(q9, k9, v9, kc9.clone(), vc9.clone(), nine, layout)
+    expanded = torch.tensor(9).expand(2)  # stride 0
+    got = dalle_fast.decode_attention(q9, k9, v9, kc9.clone(), vc9.clone(), expanded, layout)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    cache = kc.clone()
+    with pytest.raises(RuntimeError, match=r"pos\[1\] = 5000"):  # the value at the strided slot, not its neighbour
+        torch.ops.dalle_fast.decode_attention(qs, ks, vs, cache, vc.clone(), torch.tensor([3, 0, 5000, 0])[::2],
+                                              None, None, None, *layout.params(), 0.25)
+    torch.testing.assert_close(cache, kc, rtol=0, atol=0, equal_nan=True)  # refused before any write
+    one = kc[:1].expand(2, -1, -1, -1)
+    with pytest.raises(ValueError, match="k_cache is written in place"):
+        dalle_fast.decode_attention(qs, ks, vs, one, vc.clone(), pos, layout)
+    with pytest.raises(ValueError, match="k_cache is written in place"):
+        dalle_fast.decode_attention(qs, ks, vs, one, vc.clone(), pos, layout, backend="reference")
+    with pytest.raises(RuntimeError, match="k_cache is written in place"):
+        torch.ops.dalle_fast.decode_attention(qs, ks, vs, one, vc.clone(), pos, None, None, None,
+                                              *layout.params(), 0.25)
+    shared = kc.clone()
+    with pytest.raises(RuntimeError, match="must not share memory"):
+        torch.ops.dalle_fast.decode_attention(qs, ks, vs, shared, shared, pos, None, None, None,
+                                              *layout.params(), 0.25)
+    for scale in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale"):
+            dalle_fast.decode_attention(qs, ks, vs, kc.clone(), vc.clone(), pos, layout, scale=scale)
+        with pytest.raises(RuntimeError, match="scale"):
+            torch.ops.dalle_fast.decode_attention(qs, ks, vs, kc.clone(), vc.clone(), pos, None, None, None,
+                                                  *layout.params(), scale)
+
+
+def test_empty_batch_and_inference_only():
+    layout = LAYOUTS[1]
+    q = torch.zeros(0, 2, 1, 16)
+    kc = torch.zeros(0, 2, layout.seq_len, 16)
+    for backend in ("cpu", "reference"):
+        out = dalle_fast.decode_attention(q, q, q, kc, kc.clone(), torch.zeros(0, dtype=torch.long), layout,
+                                          backend=backend)
+        assert out.shape == (0, 2, 1, 16)
+    q, k, v = problem(layout, 1, 2, 16, torch.float32)
+    pos = torch.tensor([5])
+    kc, vc = caches_for(k, v, pos)
+    qs, ks, vs = step_inputs(q, k, v, pos)
+    qs.requires_grad_()
+    with pytest.raises(ValueError, match="inference-only"):  # the kernel has no backward: no silent None grad
+        dalle_fast.decode_attention(qs, ks, vs, kc.clone(), vc.clone(), pos, layout)
+    with torch.no_grad():
+        dalle_fast.decode_attention(qs, ks, vs, kc.clone(), vc.clone(), pos, layout)
+    out = dalle_fast.decode_attention(qs, ks, vs, kc.clone(), vc.clone(), pos, layout, backend="reference")
+    out.sum().backward()
+    assert qs.grad is not None
+
+
+def test_nan_key_propagates_like_the_reference():
+    layout = LAYOUTS[1]
+    q, k, v = problem(layout, 2, 2, 16, torch.float32)
+    k[0, 1, 2, 3] = float("nan")  # a text key every position attends
+    pos = torch.tensor([20, 20])
+    kc, vc = caches_for(k, v, pos, fill=0.0)
+    qs, ks, vs = step_inputs(q, k, v, pos)
+    ours = dalle_fast.decode_attention(qs, ks, vs, kc.clone(), vc.clone(), pos, layout)
+    ref = dalle_fast.decode_attention(qs, ks, vs, kc.clone(), vc.clone(), pos, layout, backend="reference")
+    assert torch.equal(ours.isnan(), ref.isnan()) and ours[0, 1].isnan().all() and not ours[1].isnan().any()

@@ -243,3 +243,50 @@ def test_bad_inputs():
         torch.ops.dalle_fast.sparse_attention_fwd(q, q, q, 1, 2, 2, 11, 1, 1.0)
     with pytest.raises(RuntimeError, match="kernel_size"):
         torch.ops.dalle_fast.sparse_attention_fwd(q, q, q, 3, 4, 3, 4, 1, 1.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_and_inf_keys_propagate_like_the_reference(bad):
+    """A NaN (or +inf) key makes exactly the rows that attend to it NaN, as in the float64
+    reference: the vectorised max and exp must not drop it (AVX-512 max returns its second operand
+    for a NaN, and a clamp written the other way round turned a NaN score into a weight of 2^-126)."""
+    layout = layout_for("row", 4, 4)
+    q, k, v = (torch.randn(1, 2, 20, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    k[0, 1, 2, 0] = bad
+    ours = dalle_fast.sparse_attention(q, k, v, layout, backend="cpu")
+    ref = reference.sparse_attention(q.double(), k.double(), v.double(), layout)
+    assert torch.equal(ours.isnan(), ref.isnan()) and ref.isnan().any()
+    ok = ~ref.isnan()
+    assert max_err(ours[ok], ref[ok]) < 1e-5
+
+
+@pytest.mark.parametrize("scale", [1e2, 1e4, 1e8])
+def test_huge_scores_keep_forward_and_gradients_accurate(scale):
+    """Scores far beyond any sane logit (scale up to 1e8) neither overflow the forward (the max is
+    subtracted before scaling) nor put error into the recomputed softmax of the backward (scores
+    scaled and rounded exactly as the forward rounded their max into lse)."""
+    layout = layout_for("row", 4, 4)
+    g = torch.Generator().manual_seed(0)
+    x64 = [torch.randn(1, 2, 20, 16, generator=g, dtype=torch.float64) for _ in range(3)]
+
+    def run(backend, dtype):
+        t = [a.detach().to(dtype).requires_grad_() for a in x64]
+        out = dalle_fast.sparse_attention(*t, layout, scale=scale, backend=backend)
+        out.backward(torch.ones_like(out))
+        return [out.detach()] + [a.grad for a in t]
+
+    ref64, ref32, ours = run("reference", torch.float64), run("reference", torch.float32), run("cpu", torch.float32)
+    for name, o, r, b in zip(["out", "dq", "dk", "dv"], ours, ref64, ref32):
+        assert torch.isfinite(o).all(), name
+        assert_close_to_reference(o, r, b, name, floor=1e-5)
+
+
+def test_double_backward_raises():
+    """The C++ backward op has no derivative: differentiating the gradients raises instead of
+    returning zeros (PyTorch's fallback for an op without an autograd kernel)."""
+    layout = layout_for("row", 4, 3)
+    q, k, v = (torch.randn(1, 2, layout.seq_len, 8, requires_grad=True) for _ in range(3))
+    out = dalle_fast.sparse_attention(q, k, v, layout, backend="cpu")
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)  # first order: fine
+    with pytest.raises(RuntimeError, match="double backward"):
+        sum(g.sum() for g in grads).backward()

@@ -44,7 +44,7 @@ inline float fast_exp2(float x) {
 #if defined(__AVX512F__)
 inline __m512 exp2_512(__m512 x) {
   constexpr float c[] = {DALLE_FAST_EXP2_COEFFS};
-  x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+  x = _mm512_max_ps(_mm512_set1_ps(-126.0f), x);  // x second: a NaN x stays NaN (max_ps returns it)
   const __m512 r = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, r);
   __m512 p = _mm512_set1_ps(c[0]);
@@ -55,36 +55,49 @@ inline __m512 exp2_512(__m512 x) {
 inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
 #endif
 
-// max(x[0..n)), -inf for n == 0.
+// max(x[0..n)), -inf for n == 0, NaN if any x[i] is NaN (as softmax propagates it).
 inline float max_of(const float* x, int64_t n) {
 #if defined(__AVX512F__)
   __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __mmask16 nan = 0;  // max_ps returns its second operand for a NaN: the NaN lanes are tracked aside
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + i));
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    m = _mm512_max_ps(m, v);
+  }
   if (i < n) {
     const __mmask16 k = tail_mask(n - i);
-    m = _mm512_mask_max_ps(m, k, m, _mm512_maskz_loadu_ps(k, x + i));
+    const __m512 v = _mm512_maskz_loadu_ps(k, x + i);
+    nan |= _mm512_mask_cmp_ps_mask(k, v, v, _CMP_UNORD_Q);
+    m = _mm512_mask_max_ps(m, k, m, v);
   }
-  return _mm512_reduce_max_ps(m);
+  return nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(m);
 #else
   float mx = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : mx)
-  for (int64_t i = 0; i < n; ++i) mx = x[i] > mx ? x[i] : mx;
-  return mx;
+  int nan = 0;
+#pragma omp simd reduction(max : mx) reduction(| : nan)
+  for (int64_t i = 0; i < n; ++i) {
+    mx = x[i] > mx ? x[i] : mx;
+    nan |= x[i] != x[i];
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : mx;
 #endif
 }
 
-// In place x[i] = 2^(a * x[i] - b), with x[i] == -inf (a masked score) giving 0; returns the sum.
-inline float exp2_sum(float* x, int64_t n, float a, float b) {
+// In place x[i] = 2^((x[i] - m) * a) for a > 0 and m = max of x (so that every exponent is <= 0 and
+// exactly 0 at the max, whatever the scores' magnitude: the subtraction comes first), with
+// x[i] == -inf (a masked score) giving 0 and a NaN staying NaN; returns the sum.
+inline float exp2_sum(float* x, int64_t n, float a, float m) {
   constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 #if defined(__AVX512F__)
-  const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b), ninf = _mm512_set1_ps(NEG_INF);
+  const __m512 va = _mm512_set1_ps(a), vm = _mm512_set1_ps(m), ninf = _mm512_set1_ps(NEG_INF);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : tail_mask(n - i);
     const __m512 s = _mm512_maskz_loadu_ps(k, x + i);
-    const __mmask16 live = _mm512_mask_cmp_ps_mask(k, s, ninf, _CMP_NEQ_OQ);
-    const __m512 e = _mm512_maskz_mov_ps(live, exp2_512(_mm512_fmsub_ps(s, va, vb)));
+    const __mmask16 live = _mm512_mask_cmp_ps_mask(k, s, ninf, _CMP_NEQ_UQ);  // unordered: NaN is live
+    const __m512 e = _mm512_maskz_mov_ps(live, exp2_512(_mm512_mul_ps(_mm512_sub_ps(s, vm), va)));
     _mm512_mask_storeu_ps(x + i, k, e);
     sum = _mm512_add_ps(sum, e);
   }
@@ -93,7 +106,7 @@ inline float exp2_sum(float* x, int64_t n, float a, float b) {
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) {
-    const float e = x[i] == NEG_INF ? 0.f : fast_exp2(a * x[i] - b);
+    const float e = x[i] == NEG_INF ? 0.f : fast_exp2((x[i] - m) * a);
     x[i] = e;
     sum += e;
   }

@@ -175,14 +175,16 @@ void fwd_query_tile(const Schedule& s, const AttnProblem& p, const float* q, con
     // online softmax over this run
     for (int64_t r = 0; r < mq; ++r) {
       float* sr = Sp + r * klen;
-      const float mx = max_of(sr, klen);  // of the unscaled scores: scale > 0 keeps the order
+      // m holds the running max of the raw (unscaled) scores: scale > 0 keeps the order, and
+      // subtracting before scaling keeps every exponent <= 0 whatever the scores' magnitude
+      const float mx = max_of(sr, klen);  // NaN if a score is NaN: the row's output becomes NaN
       if (mx == NEG_INF) {  // nothing allowed for this row in this run
         std::fill(sr, sr + klen, 0.f);
         continue;
       }
-      const float mnew = std::max(m[r], mx * scale);
-      const float alpha = m[r] == NEG_INF ? 0.f : fast_exp2((m[r] - mnew) * LOG2E);
-      const float sum = exp2_sum(sr, klen, scale * LOG2E, mnew * LOG2E);  // exp(scale * s - mnew)
+      const float mnew = std::isnan(mx) ? mx : std::max(m[r], mx);
+      const float alpha = m[r] == NEG_INF ? 0.f : fast_exp2((m[r] - mnew) * (scale * LOG2E));
+      const float sum = exp2_sum(sr, klen, scale * LOG2E, mnew);  // exp(scale * (s - mnew))
       l[r] = l[r] * alpha + sum;
       m[r] = mnew;
       if (alpha != 1.f) {
@@ -198,7 +200,10 @@ void fwd_query_tile(const Schedule& s, const AttnProblem& p, const float* q, con
     const float inv = 1.f / l[r];
     float* O = out + (bh * N + pos) * D;
     for (int64_t d = 0; d < D; ++d) O[d] = acc[r * D + d] * inv;
-    lse[bh * N + pos] = m[r] + std::log(l[r]);
+    // m * scale rounded on its own (volatile: not fused into the add), as the backward rounds its
+    // scaled scores (scale_scores), so that their difference at the max is exact
+    volatile float ms = m[r] * scale;
+    lse[bh * N + pos] = ms + std::log(l[r]);
   }
 }
 
@@ -231,7 +236,16 @@ void sparse_attention_forward(const Schedule& s, const AttnProblem& p, const flo
 
 namespace {
 
-// P = exp(S - lse) (masked entries are -inf -> 0) and dS = P * (dP - delta), in place
+// S *= scale in place, as its own pass: the scaled scores are rounded exactly as the forward rounds
+// its max (m * scale) into lse, so that S - lse cancels exactly at a row's max however large the
+// scores are (a fused multiply-subtract would round differently and, at scores of ~1e4 and more,
+// put visible error into P; this loop is kept apart from the exponent so it cannot be contracted).
+inline void scale_scores(float* S, int64_t n, float scale) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) S[i] *= scale;
+}
+
+// P = exp(S - lse) (S scaled; masked entries are -inf -> 0) and dS = P * (dP - delta), in place
 // (S becomes P, dP becomes dS). lse/delta index rows (query-major) or columns (key-major).
 template <bool KEY_MAJOR>
 inline void softmax_grad(float* S, float* dP, int64_t rows, int64_t cols, const float* lse,
@@ -258,8 +272,9 @@ inline void softmax_grad(float* S, float* dP, int64_t rows, int64_t cols, const 
   }
 }
 
-// One head's backward operands in processing (slot) order: qs = scale * q, rows (N x D) and
-// transposed (D x N) copies, lse and delta = rowsum(grad_out * out) - grad_lse.
+// One head's backward operands in processing (slot) order: q rows (N x D) and transposed (D x N)
+// copies (unscaled: the scores are formed as the forward forms them, then scaled), lse and
+// delta = rowsum(grad_out * out) - grad_lse.
 struct HeadOperands {
   const float *qs, *qst, *k, *kt, *v, *vt, *go, *got, *lse, *delta;
 };
@@ -289,7 +304,7 @@ void prepare_head(const Schedule& s, const AttnProblem& p, const BwdInputs& in, 
   HeadOperands& h = b.ops;
   switch (part) {
     case 0:
-      gather_head(in.q + off, perm, N, D, p.scale, b.qs.data(), b.qst.data());
+      gather_head(in.q + off, perm, N, D, 1.f, b.qs.data(), b.qst.data());
       h.qs = b.qs.data(), h.qst = b.qst.data();
       break;
     case 1:
@@ -330,7 +345,7 @@ struct HeadGrads {
 
 // Key-tile-major backward of key tile kj of one head, with key-major scores S^T = K Q^T.
 // Writes dK, dV of the tile; with dqt (D x N scratch of this head), accumulates dQ^T too.
-void bwd_key_tile(const Schedule& s, int64_t N, int64_t D, const HeadOperands& h, const HeadGrads& g,
+void bwd_key_tile(const Schedule& s, int64_t N, int64_t D, float scale, const HeadOperands& h, const HeadGrads& g,
                   int64_t kj, float* dqt, float* St, float* dPt, float* dk_acc, float* dv_acc) {
   const int64_t BM = s.bm, BN = s.bn;
   const int64_t k0 = kj * BN, nk = std::min(BN, N - k0);
@@ -344,17 +359,20 @@ void bwd_key_tile(const Schedule& s, int64_t N, int64_t D, const HeadOperands& h
   for_each_run(list, s.k_ptr[kj], s.k_ptr[kj + 1], max_tiles, [&](Run run) {
     const int64_t q0 = list[run.first].tile * BM;
     const int64_t qlen = std::min(run.count * BM, N - q0);
-    gemm(nk, qlen, D, K, D, h.qst + q0, N, St, qlen, false);        // S^T = K Qs^T
+    gemm(nk, qlen, D, K, D, h.qst + q0, N, St, qlen, false);        // S^T = K Q^T
     mask_run(s.masks_t, s.bm, list, run, St, nk, qlen);
+    scale_scores(St, nk * qlen, scale);
     gemm(nk, qlen, D, V, D, h.got + q0, N, dPt, qlen, false);       // dP^T = V dO^T
     softmax_grad<true>(St, dPt, nk, qlen, h.lse + q0, h.delta + q0);
     gemm(nk, D, qlen, St, qlen, h.go + q0 * D, D, dv_acc, D, true);  // dV += P^T dO
-    gemm(nk, D, qlen, dPt, qlen, h.qs + q0 * D, D, dk_acc, D, true); // dK += dS^T Qs
+    gemm(nk, D, qlen, dPt, qlen, h.qs + q0 * D, D, dk_acc, D, true); // dK += dS^T Q (x scale below)
     if (dqt) gemm(D, qlen, nk, Kt, N, dPt, qlen, dqt + q0, N, true);  // dQ^T += K^T dS^T
   });
   for (int64_t r = 0; r < nk; ++r) {
     const int64_t pos = g.pos(k0 + r);
-    std::copy(dk_acc + r * D, dk_acc + (r + 1) * D, g.dk + pos * D);
+    float* dk = g.dk + pos * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) dk[d] = scale * dk_acc[r * D + d];
     std::copy(dv_acc + r * D, dv_acc + (r + 1) * D, g.dv + pos * D);
   }
 }
@@ -370,8 +388,9 @@ void bwd_query_tile(const Schedule& s, int64_t N, int64_t D, float scale, const 
   for_each_run(list, s.q_ptr[qi], s.q_ptr[qi + 1], max_tiles, [&](Run run) {
     const int64_t k0 = list[run.first].tile * BN;
     const int64_t klen = std::min(run.count * BN, N - k0);
-    gemm(mq, klen, D, h.qs + q0 * D, D, h.kt + k0, N, S, klen, false);
+    gemm(mq, klen, D, h.qs + q0 * D, D, h.kt + k0, N, S, klen, false);  // S = Q K^T
     mask_run(s.masks, s.bn, list, run, S, mq, klen);
+    scale_scores(S, mq * klen, scale);
     gemm(mq, klen, D, h.go + q0 * D, D, h.vt + k0, N, dP, klen, false);
     softmax_grad<false>(S, dP, mq, klen, h.lse + q0, h.delta + q0);
     gemm(mq, D, klen, dP, klen, h.k + k0 * D, D, dq_acc, D, true);
@@ -404,7 +423,7 @@ void sparse_attention_backward(const Schedule& s, const AttnProblem& p, const Bw
         std::fill(dqt.begin(), dqt.end(), 0.f);
         const HeadGrads g = grads(bh);
         for (int64_t kj = 0; kj < s.nk; ++kj)
-          bwd_key_tile(s, N, D, b.ops, g, kj, dqt.data(), St.data(), dPt.data(), dka.data(), dva.data());
+          bwd_key_tile(s, N, D, p.scale, b.ops, g, kj, dqt.data(), St.data(), dPt.data(), dka.data(), dva.data());
         constexpr int64_t B = 16;  // dQ = scale * (dQ^T)^T, rows to sequence positions
         for (int64_t i0 = 0; i0 < N; i0 += B)
           for (int64_t d0 = 0; d0 < D; d0 += B)
@@ -427,7 +446,7 @@ void sparse_attention_backward(const Schedule& s, const AttnProblem& p, const Bw
   parallel_tasks(p.bh * s.nk, [&](auto next_task) {
     std::vector<float> St(scratch), dPt(scratch), dka(s.bn * D), dva(s.bn * D);
     for (int64_t t = next_task(); t < p.bh * s.nk; t = next_task())
-      bwd_key_tile(s, N, D, heads[t / s.nk].ops, grads(t / s.nk), t % s.nk, nullptr, St.data(), dPt.data(),
+      bwd_key_tile(s, N, D, p.scale, heads[t / s.nk].ops, grads(t / s.nk), t % s.nk, nullptr, St.data(), dPt.data(),
                    dka.data(), dva.data());
   });
   parallel_tasks(p.bh * s.nq, [&](auto next_task) {
