@@ -152,3 +152,6 @@ def test_vocab_slice_cross_entropy_equals_the_masked_full_softmax():
     for lo, hi in ((-5, 15), (7, 21), (15, 7), (7, 7), (7.0, 15), (True, 15)):
         with pytest.raises(ValueError, match="lo|hi"):
             vocab_slice_cross_entropy(h, head, lo, hi, target)
+    for bad in (8, -1):  # a target outside [0, hi - lo)
+        with pytest.raises(ValueError, match="target ids"):
+            vocab_slice_cross_entropy(h, head, 7, 15, target.masked_fill(target == target[0, 0], bad))

@@ -37,6 +37,17 @@ def test_import_is_light_and_version_is_single_sourced(tmp_path):
     assert out.stdout.strip() == dalle_fast.__version__ and f'"{dalle_fast.__version__}"' in version_file
 
 
+def test_documented_dotted_names_resolve_after_a_plain_import(tmp_path):
+    """The dotted names the docs use work after ``import dalle_fast`` alone (lazy submodules)."""
+    code = ("import dalle_fast; "
+            "print(dalle_fast.integrations.dalle_pytorch.__name__, dalle_fast.models.dvae_openai.__name__, "
+            "dalle_fast.nn.functional.vocab_slice_cross_entropy.__name__)")
+    out = run_python(["-c", code], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["dalle_fast.integrations.dalle_pytorch", "dalle_fast.models.dvae_openai",
+                                  "vocab_slice_cross_entropy"]
+
+
 def test_unknown_attribute():
     try:
         dalle_fast.not_a_name

@@ -191,6 +191,8 @@ def test_sparse_attention_module():
     assert y.shape == x.shape and max_err(y, expected) < 1e-5
     with pytest.raises(ValueError, match="x must be"):
         attn(torch.randn(layout.seq_len, 48))
+    with pytest.raises(ValueError, match="dim = 48"):  # not a matmul shape error from inside
+        attn(torch.randn(2, layout.seq_len, 47))
     with pytest.raises(ValueError, match="heads"):
         SparseAttention(48, 0, 16, layout)
 

@@ -47,8 +47,8 @@ class SparseAttention(nn.Module):
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 3:
-            raise ValueError(f"x must be (batch, seq, dim), got shape {tuple(x.shape)}")
+        if x.dim() != 3 or x.shape[-1] != self.to_qkv.in_features:
+            raise ValueError(f"x must be (batch, seq, dim = {self.to_qkv.in_features}), got shape {tuple(x.shape)}")
         q, k, v = self.qkv(x)
         out = sparse_attention(q, k, v, self.layout, backend=self.backend)
         b, h, n, d = out.shape

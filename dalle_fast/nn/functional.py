@@ -23,6 +23,10 @@ def vocab_slice_cross_entropy(h: torch.Tensor, head: nn.Linear, lo: int, hi: int
         raise ValueError(f"need 0 <= lo < hi <= head.out_features = {n}, got lo={lo}, hi={hi}")
     if target.shape != h.shape[:-1]:
         raise ValueError(f"target must have h's leading shape {tuple(h.shape[:-1])}, got {tuple(target.shape)}")
+    if target.device.type == "cpu" and target.numel() and not 0 <= int(target.min()) <= int(target.max()) < hi - lo:
+        # (checked on the CPU only: on a GPU the check would synchronise every training step)
+        raise ValueError(f"target ids must lie in [0, hi - lo = {hi - lo}), got range "
+                         f"[{int(target.min())}, {int(target.max())}]")
     bias = None if head.bias is None else head.bias[lo:hi]
     logits = F.linear(h, head.weight[lo:hi], bias).flatten(0, -2)
     if logits.dtype in (torch.float16, torch.bfloat16):
