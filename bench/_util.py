@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import platform
 import statistics
@@ -77,3 +78,37 @@ def write_results(out_dir, name, rows, meta):
             w.writeheader()
             w.writerows(rows)
     print(f"wrote {out_dir}/{name}.json and .csv")
+
+
+# ------------------------------------------------------------------------------------ arguments
+def check_at_least(parser, args, minimum: int, *flags: str) -> None:
+    """``parser.error`` (exit code 2) naming the flag unless each given ``--flag``'s value is at
+    least ``minimum``; flags left at a ``None`` default are not checked."""
+    for flag in flags:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None and value < minimum:
+            parser.error(f"{flag} must be >= {minimum}, got {value}")
+
+
+def check_finite(parser, args, *flags: str) -> None:
+    """``parser.error`` unless each given ``--flag``'s (float) value is finite."""
+    for flag in flags:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None and not math.isfinite(value):
+            parser.error(f"{flag} must be a finite number, got {value}")
+
+
+def comma_list(parser, flag: str, spec: str, allowed) -> list:
+    """The names of the comma list ``spec`` of ``flag``; ``parser.error`` on an empty list or a
+    name not in ``allowed``."""
+    names = spec.split(",")
+    bad = [n for n in names if n not in allowed]
+    if bad:
+        parser.error(f"{flag}: unknown {', '.join(repr(b) for b in bad)}; choose from {', '.join(allowed)}")
+    return names
+
+
+def check_cuda(parser, device: str) -> None:
+    """``parser.error`` when ``--device cuda`` is asked for on a machine without a CUDA device."""
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device available")

@@ -41,6 +41,13 @@ except ImportError:
 from dalle_fast import Layout  # noqa: E402
 from dalle_fast.ops import computed_pairs  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import check_at_least, check_cuda, comma_list  # noqa: E402
+
+MODES = ("fwd", "bwd", "fwdbwd")
+#: every provider the benchmark knows (``make_provider``); the CUDA-only ones are skipped with a note on CPU
+PROVIDERS = ("dalle_fast", "sdpa_mask", "sdpa_causal", "flex128", "flex64", "flex32", "flash_attn", "xformers")
+
 
 def machine_name(device: str) -> str:
     if device == "cuda":
@@ -228,24 +235,30 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     device = args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device available")
-    if args.threads:
+    check_cuda(p, device)
+    check_at_least(p, args, 1, "--batch", "--heads", "--head-dim", "--text-len", "--image-size", "--repeats",
+                   "--threads")
+    check_at_least(p, args, 0, "--warmup")
+    kinds = comma_list(p, "--kinds", args.kinds, dalle_fast.KINDS)
+    modes = comma_list(p, "--modes", args.modes, MODES)
+    if args.providers is not None:
+        providers = comma_list(p, "--providers", args.providers, PROVIDERS)
+    else:
+        providers = (["dalle_fast", "sdpa_mask", "sdpa_causal", "flex128", "flex64", "flex32"]
+                     + ([] if device == "cpu" else ["flash_attn", "xformers"]))
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     cpu = device == "cpu"
     dtype = getattr(torch, args.dtype or ("float32" if cpu else "bfloat16"))
-    B = args.batch or (1 if cpu else 8)
-    H = args.heads or (8 if cpu else 16)
+    B = args.batch if args.batch is not None else (1 if cpu else 8)
+    H = args.heads if args.heads is not None else (8 if cpu else 16)
     D = args.head_dim
-    args.repeats = args.repeats or (10 if cpu else 50)
-    args.warmup = args.warmup or (3 if cpu else 10)
-    providers = (args.providers.split(",") if args.providers else
-                 ["dalle_fast", "sdpa_mask", "sdpa_causal", "flex128", "flex64", "flex32"]
-                 + ([] if cpu else ["flash_attn", "xformers"]))
-    if not args.providers and not cpu and args.quick_flex:
+    if args.repeats is None:
+        args.repeats = 10 if cpu else 50
+    if args.warmup is None:
+        args.warmup = 3 if cpu else 10
+    if args.providers is None and not cpu and args.quick_flex:
         providers.remove("flex32")  # its compile time; 64 is the best smaller size on Hopper
-    kinds = args.kinds.split(",")
-    modes = args.modes.split(",")
     unit = "GFLOP/s" if cpu else "TFLOP/s"
     div = 1.0 if cpu else 1e3
 

@@ -5,7 +5,7 @@ query over the whole cached prefix (what a dense KV-cached decoder does). Report
 bytes decode_attention must read: the allowed K and V rows (text once per prompt in the shared
 best-of-N rows), q, k_new, v_new, plus the output and cache writes.
 
-    python bench/decode.py --device cuda --quick --out bench/out
+    python bench/decode.py --device cuda --quick     # writes bench/out/decode.csv / decode.json
 """
 
 from __future__ import annotations
@@ -18,13 +18,15 @@ import torch
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 try:  # the installed package, else a checkout with an in-place build
     import dalle_fast  # noqa: E402
 except ImportError:
-    sys.path.insert(0, os.path.dirname(HERE))
+    sys.path.insert(0, ROOT)
     import dalle_fast  # noqa: E402
-from _util import machine, print_table, timeit, write_results  # noqa: E402
+from _util import check_at_least, check_cuda, machine, print_table, timeit, write_results  # noqa: E402
+from dalle_fast.decode import CUDA_HEAD_DIMS  # noqa: E402
 
 
 def must_read_bytes(layout, pos, B, H, D, elem, prompts=None):
@@ -37,11 +39,12 @@ def must_read_bytes(layout, pos, B, H, D, elem, prompts=None):
     return kv + B * H * D * elem * 6  # q, k_new, v_new read; out, k/v cache entries written
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true", help="small sweep (< 60 s on a GPU)")
-    ap.add_argument("--out", default=None, help="directory for decode.csv / decode.json")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out"),
+                    help="directory for decode.csv / decode.json (default: bench/out)")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="default bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--heads", type=int, default=16)
@@ -49,7 +52,12 @@ def main():
     ap.add_argument("--text-len", type=int, default=256)
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--candidates", type=int, default=8, help="best-of-N candidates per prompt (shared rows)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    check_cuda(ap, args.device)
+    check_at_least(ap, args, 1, "--heads", "--head-dim", "--text-len", "--image-size", "--candidates")
+    if args.device == "cuda" and args.head_dim not in CUDA_HEAD_DIMS:
+        ap.error(f"--head-dim: the CUDA decode kernel serves {', '.join(map(str, CUDA_HEAD_DIMS))}, "
+                 f"got {args.head_dim}")
     dev = args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if dev == "cuda" else "float32"))
     elem = torch.tensor([], dtype=dtype).element_size()

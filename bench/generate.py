@@ -37,13 +37,17 @@ from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
 try:  # the installed package, else a checkout with an in-place build
     import dalle_fast  # noqa: F401
 except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(ROOT))
 
 from dalle_fast.generate import ATTENTION_MODES, _draw, _Options, generate_codes  # noqa: E402
 from dalle_fast.models.dalle import DALLE, DALLEConfig  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import check_at_least, check_cuda, check_finite, comma_list  # noqa: E402
 
 
 def _sync(device):
@@ -191,7 +195,7 @@ def peer_dalle_pytorch(args, device) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--preset", default="small", choices=["tiny", "small", "paper"])
     p.add_argument("--batch", type=int, default=None, help="prompts (default 1; 4 with --peer)")
     p.add_argument("-n", type=int, default=16, help="candidates per prompt")
@@ -204,10 +208,14 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny preset, complete generations")
     p.add_argument("--repeat", type=int, default=2, help="timings per measurement; the best counts")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, default=Path("bench/out"))
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "out", help="directory (default: bench/out)")
     p.add_argument("--peer", choices=["dalle_pytorch"], default=None,
                    help="compare with another codebase's generation and training step instead")
     args = p.parse_args(argv)
+    check_cuda(p, args.device)
+    check_at_least(p, args, 1, "--batch", "-n", "--sample-steps", "--repeat", "--threads")
+    check_finite(p, args, "--cfg-scale")
+    modes = comma_list(p, "--modes", args.modes, ATTENTION_MODES)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -231,7 +239,6 @@ def main(argv=None) -> int:
     rows = []
     print(f"# {args.preset}: text {cfg.text_len} + {cfg.image_size}x{cfg.image_size} image tokens, depth {cfg.depth}, "
           f"dim {cfg.dim}, {args.batch} prompt(s) x {args.n}, cfg_scale {args.cfg_scale}, {dtype}, {device}")
-    modes = args.modes.split(",")
     # complete generations of the measured modes run in turn (after one warm-up each), so a change
     # in the machine's load hits them alike
     measured = [m for m in modes if args.full or m != "none"]

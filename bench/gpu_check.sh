@@ -106,7 +106,7 @@ step bench_l2 45 "$PY" bench/l2_bandwidth.py --device cuda --out "$OUT/l2_bandwi
 # 4. decode / sampling benchmarks (when present) ----------------------------------------------------
 for b in decode sampling; do
   if [[ -f "bench/$b.py" ]]; then
-    step "bench_$b" 90 "$PY" "bench/$b.py" --device cuda --quick
+    step "bench_$b" 90 "$PY" "bench/$b.py" --device cuda --quick --out "$OUT/$b"
   else
     skip "bench_$b" "bench/$b.py not present"
   fi

@@ -39,7 +39,7 @@ from dalle_fast import Layout  # noqa: E402
 from dalle_fast import _triton_ops  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import machine  # noqa: E402
+from _util import check_at_least, machine  # noqa: E402
 
 
 class _Stub:
@@ -96,10 +96,10 @@ def cases(attn, q, k, v, grad):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--kind", default="row")
+    p.add_argument("--kind", default="row", choices=dalle_fast.KINDS)
     p.add_argument("--batch", type=int, default=None, help="default 8 (cpu, stubbed) / 1 (cuda)")
     p.add_argument("--heads", type=int, default=None, help="default 16 (cpu, stubbed) / 1 (cuda)")
-    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--head-dim", type=int, default=64, choices=_triton_ops.HEAD_DIMS)
     p.add_argument("--calls", type=int, default=500)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--out", default=None, help="JSON file for the results")
@@ -107,6 +107,7 @@ def main(argv=None):
 
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda needs a CUDA GPU")
+    check_at_least(p, args, 1, "--batch", "--heads", "--calls", "--rounds")
     if not _triton_ops.triton_available():
         p.error("triton is not installed")
     K = _triton_ops.kernels()
@@ -114,8 +115,8 @@ def main(argv=None):
     cuda = args.device == "cuda"
     if not cuda:
         stub_kernels(K, counts)
-    B = args.batch or (1 if cuda else 8)
-    H = args.heads or (1 if cuda else 16)
+    B = args.batch if args.batch is not None else (1 if cuda else 8)
+    H = args.heads if args.heads is not None else (1 if cuda else 16)
     layout = Layout(args.kind, 256, 32)
     N, D = layout.seq_len, args.head_dim
     dtype = torch.bfloat16

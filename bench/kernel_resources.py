@@ -46,6 +46,11 @@ from dalle_fast._triton_ops import kernels  # noqa: E402
 K = kernels()  # imports triton (not interpreted: TRITON_INTERPRET is unset above)
 from dalle_fast.kernels.resources import KERNELS, compile_for_hopper, resources  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import comma_list  # noqa: E402
+
+DTYPE_NAMES = tuple(str(d).replace("torch.", "") for d in K.DTYPES)  # float16, bfloat16, float32
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,14 +59,24 @@ def main(argv=None):
     p.add_argument("--head-dims", default="64")
     p.add_argument("--defaults-only", action="store_true", help="only the default configurations")
     args = p.parse_args(argv)
+    kinds = comma_list(p, "--kinds", args.kinds, KINDS)
+    dtypes = comma_list(p, "--dtypes", args.dtypes, DTYPE_NAMES)
+    try:
+        head_dims = [int(x) for x in args.head_dims.split(",")]
+    except ValueError:
+        p.error(f"--head-dims must be a comma list of integers, got {args.head_dims!r}")
+    bad = [d for d in head_dims if d not in K.HEAD_DIMS]
+    if bad:
+        p.error(f"--head-dims: the kernels serve head_dim {', '.join(map(str, K.HEAD_DIMS))}, got "
+                f"{', '.join(map(str, bad))}")
     print(f"# Triton {triton.__version__}, sm_90a, B*H any, H=16, N=1280 (text 256 + 32 x 32)")
     print(f"{'kernel':<8} {'kind':<9} {'dtype':<9} {'D':>4} {'config (M, N, warps, stages, flat, order, maxnreg)':<49} {'regs':>5} "
           f"{'stack':>6} {'smem KiB':>9} {'LDGSTS':>7} {'HGMMA':>6} {'LDG':>4} {'insts':>6} {'bufs':>4} {'/SM':>3} {'cap':>4}  note")
-    for dname in args.dtypes.split(","):
+    for dname in dtypes:
         dtype = getattr(torch, dname)
-        for head_dim in (int(x) for x in args.head_dims.split(",")):
+        for head_dim in head_dims:
             defaults = dict(zip(("fwd", "dkdv", "dq"), K._default_configs(head_dim, dtype)))
-            for kname in args.kinds.split(","):
+            for kname in kinds:
                 kind = KINDS.index(kname)
                 for name, fn in KERNELS.items():
                     if name == "fwd_flat":  # no default: opt-in candidates (DALLE_FAST_TRITON_FLAT=1)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -79,13 +80,14 @@ def main(argv=None):
         p.error("--device cuda: no CUDA device available")
     if args.programs_per_sm < 1:
         p.error(f"--programs-per-sm must be positive, got {args.programs_per_sm}")
-    spec = args.sizes_mb or ("8,16,24,32,1024" if args.device == "cuda" else "0.5,4,32,512")
+    spec = args.sizes_mb if args.sizes_mb is not None else ("8,16,24,32,1024" if args.device == "cuda"
+                                                           else "0.5,4,32,512")
     try:
         sizes = [float(s) for s in spec.split(",")]
     except ValueError:
         p.error(f"--sizes-mb must be a comma list of numbers, got {spec!r}")
-    if not sizes or min(sizes) <= 0:
-        p.error(f"--sizes-mb must be positive, got {spec!r}")
+    if not all(0 < s < math.inf for s in sizes):  # also refuses nan
+        p.error(f"--sizes-mb must be positive and finite, got {spec!r}")
 
     kernel = _read_kernel() if args.device == "cuda" else None
     l2_mb = None

@@ -3,7 +3,7 @@
 Baseline (same filtering): guidance mix, vocab slice, temperature, torch.topk (or torch.sort when
 there is no top-k) + softmax + cumsum top-p mask + torch.multinomial + gather.
 
-    python bench/sampling.py --device cuda --quick --out bench/out
+    python bench/sampling.py --device cuda --quick   # writes bench/out/sampling.csv / sampling.json
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import sys
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 try:  # the installed package, else a checkout with an in-place build
     import dalle_fast  # noqa: E402
 except ImportError:
-    sys.path.insert(0, os.path.dirname(HERE))
+    sys.path.insert(0, ROOT)
     import dalle_fast  # noqa: E402
-from _util import machine, print_table, timeit, write_results  # noqa: E402
+from _util import check_cuda, machine, print_table, timeit, write_results  # noqa: E402
 
 CONFIGS = {  # name -> (top_k, top_p)
     "topk256+topp0.95": (256, 0.95),
@@ -45,13 +46,15 @@ def torch_sample(c, u, cfg, temperature, top_k, top_p, lo, hi):
     return idx.gather(1, choice).squeeze(1) + lo
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true", help="small sweep (< 60 s on a GPU)")
-    ap.add_argument("--out", default=None, help="directory for sampling.csv / sampling.json")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out"),
+                    help="directory for sampling.csv / sampling.json (default: bench/out)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    check_cuda(ap, args.device)
     dev = args.device
     dtype = getattr(torch, args.dtype)
     vocabs = [8192, 24576]

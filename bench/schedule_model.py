@@ -30,7 +30,10 @@ try:
     import dalle_fast  # noqa: F401
 except ImportError:
     sys.path.insert(0, str(ROOT))
-from dalle_fast import Layout  # noqa: E402
+from dalle_fast import KINDS, Layout  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import check_at_least, check_finite, comma_list  # noqa: E402
 
 #: (kernel, BLOCK_M, BLOCK_N, programs per SM) of the bfloat16 head_dim-64 defaults on sm_90a, from
 #: their resources (bench/kernel_resources.py; 64K registers and 227 KiB of shared memory per SM):
@@ -77,13 +80,16 @@ def main(argv=None):
     p.add_argument("--sms", type=int, default=132, help="SMs (H100 SXM: 132)")
     p.add_argument("--overhead", type=float, default=1.5, help="per-program cost in tiles")
     args = p.parse_args(argv)
-    if args.bh < 1 or args.sms < 1 or args.overhead < 0:
-        p.error("--bh and --sms must be >= 1 and --overhead >= 0")
+    check_at_least(p, args, 1, "--bh", "--text-len", "--image-size", "--sms")
+    check_finite(p, args, "--overhead")
+    if args.overhead < 0:
+        p.error(f"--overhead must be >= 0, got {args.overhead}")
+    kinds = comma_list(p, "--kinds", args.kinds, KINDS)
     print(f"# list-scheduling model: B*H={args.bh}, {args.sms} SMs, {args.overhead} tiles of overhead per program; "
           "makespan / ideal (1.00 = no tail)")
     print(f"{'kind':<6} {'kernel':<6} {'tile':>8} {'per SM':>6} {'row len':>8} {'o0':>6} {'o1':>6} {'o0 / o1':>8}")
     results = []
-    for kind in args.kinds.split(","):
+    for kind in kinds:
         layout = Layout(kind, args.text_len, args.image_size)
         for kernel, bm, bn, per_sm in KERNELS:
             r = model(layout, layout.seq_len, args.bh, kernel, bm, bn, per_sm, args.sms, args.overhead)

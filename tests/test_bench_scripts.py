@@ -5,6 +5,7 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +17,15 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 
 
-def _run(script, *args, timeout=600):
+def _env():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
-    r = subprocess.run([sys.executable, str(BENCH / script), *args], env=env, capture_output=True, text=True,
-                       timeout=timeout)
+    return env
+
+
+def _run(script, *args, timeout=600, bench=BENCH, cwd=None):
+    r = subprocess.run([sys.executable, str(bench / script), *args], env=_env(), capture_output=True, text=True,
+                       timeout=timeout, cwd=cwd)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
 
@@ -201,3 +206,97 @@ def test_schedule_model():
         assert sm.row_lengths(layout, 1280, "fwd", 64, 64)[-1] >= sm.row_lengths(layout, 1280, "fwd", 64, 64)[0]
         r = sm.model(layout, 1280, 64, "dkdv", 32, 128, 1, 132, 1.5)
         assert 1.0 <= r["o1"] <= r["o0"], r
+
+
+_TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+_NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a CUDA device")
+# small valid arguments the bad one is appended to (argparse keeps the last value of a flag), so
+# that a script still ignoring the bad value would only run a tiny problem
+_SMALL = {
+    "attention.py": ["--device", "cpu", "--kinds", "row", "--modes", "fwd", "--providers", "sdpa_mask", "--batch", "1",
+                     "--heads", "1", "--head-dim", "8", "--text-len", "4", "--image-size", "2", "--repeats", "1",
+                     "--warmup", "0"],
+    "host_overhead.py": ["--calls", "2", "--rounds", "1", "--batch", "1", "--heads", "1"],
+    "schedule_model.py": ["--kinds", "row", "--bh", "2"],
+    "kernel_resources.py": ["--kinds", "row", "--defaults-only"],
+    "decode.py": ["--device", "cpu", "--quick", "--heads", "1", "--head-dim", "8", "--text-len", "4",
+                  "--image-size", "2"],
+    "sampling.py": ["--quick"],
+    "generate.py": ["--preset", "tiny", "--modes", "sparse", "--batch", "1", "-n", "1", "--repeat", "1"],
+    "l2_bandwidth.py": ["--device", "cpu", "--sizes-mb", "0.1"],
+}
+_BAD_ARGS = [  # (script, flag named in the error, the bad arguments)
+    ("attention.py", "--batch", ["--batch", "0"]),
+    ("attention.py", "--heads", ["--heads", "0"]),
+    ("attention.py", "--batch", ["--batch", "-1"]),
+    ("attention.py", "--head-dim", ["--head-dim", "0"]),
+    ("attention.py", "--text-len", ["--text-len", "0"]),
+    ("attention.py", "--image-size", ["--image-size", "0"]),
+    ("attention.py", "--repeats", ["--repeats", "0"]),
+    ("attention.py", "--repeats", ["--repeats", "-3"]),
+    ("attention.py", "--warmup", ["--warmup", "-1"]),
+    ("attention.py", "--modes", ["--modes", "fwd,bw"]),
+    ("attention.py", "--providers", ["--providers", "sdpa_mask,foo"]),
+    ("attention.py", "--kinds", ["--kinds", "row,foo"]),
+    pytest.param("host_overhead.py", "--kind", ["--kind", "foo"], marks=_TRITON),
+    pytest.param("host_overhead.py", "--batch", ["--batch", "0"], marks=_TRITON),
+    pytest.param("host_overhead.py", "--calls", ["--calls", "0"], marks=_TRITON),
+    pytest.param("host_overhead.py", "--rounds", ["--rounds", "0"], marks=_TRITON),
+    pytest.param("host_overhead.py", "--head-dim", ["--head-dim", "48"], marks=_TRITON),
+    ("schedule_model.py", "--text-len", ["--text-len", "0"]),
+    ("schedule_model.py", "--kinds", ["--kinds", "row,foo"]),
+    ("schedule_model.py", "--overhead", ["--overhead", "nan"]),
+    pytest.param("kernel_resources.py", "--kinds", ["--kinds", "foo"], marks=_TRITON),
+    pytest.param("kernel_resources.py", "--dtypes", ["--dtypes", "foo"], marks=_TRITON),
+    pytest.param("kernel_resources.py", "--head-dims", ["--head-dims", "48"], marks=_TRITON),
+    ("decode.py", "--candidates", ["--candidates", "0"]),
+    ("decode.py", "--heads", ["--heads", "-2"]),
+    pytest.param("decode.py", "--device cuda", ["--device", "cuda"], marks=_NO_CUDA),
+    pytest.param("sampling.py", "--device cuda", ["--device", "cuda"], marks=_NO_CUDA),
+    ("generate.py", "--sample-steps", ["--modes", "none", "--sample-steps", "0"]),
+    ("generate.py", "-n", ["-n", "0"]),
+    ("generate.py", "--modes", ["--modes", "sparse,foo"]),
+    ("generate.py", "--batch", ["--batch", "-1"]),
+    ("generate.py", "--repeat", ["--repeat", "0"]),
+    pytest.param("generate.py", "--device cuda", ["--device", "cuda"], marks=_NO_CUDA),
+    ("generate.py", "--device", ["--device", "cuda:7"]),
+    ("l2_bandwidth.py", "--sizes-mb", ["--sizes-mb", "nan"]),
+    ("l2_bandwidth.py", "--sizes-mb", ["--sizes-mb", "0.1,inf"]),
+]
+
+
+@pytest.mark.parametrize("script, flag, bad", _BAD_ARGS)
+def test_bench_scripts_refuse_bad_arguments(script, flag, bad, tmp_path):
+    """A bad command-line argument ends in argparse's error (exit code 2, one line naming the flag),
+    not in a traceback, a run on a default in its place, or a run that reports nonsense."""
+    out = [] if script in ("schedule_model.py", "kernel_resources.py") else ["--out", str(tmp_path / "out")]
+    r = subprocess.run([sys.executable, str(BENCH / script), *_SMALL[script], *out, *bad], env=_env(),
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 2, f"rc={r.returncode}\n" + r.stdout[-2000:] + r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{script}: error: ") and flag in last, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_bench_scripts_write_to_bench_out(tmp_path):
+    """decode.py, sampling.py and generate.py write into --out when given, else into bench/out of
+    the checkout they are in (not of the current directory): here a copy of the scripts under
+    tmp_path/repo, run from elsewhere."""
+    bench = tmp_path / "repo" / "bench"
+    bench.mkdir(parents=True)
+    for name in ("_util.py", "decode.py", "sampling.py", "generate.py"):
+        shutil.copy(BENCH / name, bench / name)
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    _run("decode.py", *_SMALL["decode.py"], "--candidates", "2", "--out", str(tmp_path / "explicit"), bench=bench,
+         cwd=cwd)
+    _run("sampling.py", "--device", "cpu", "--quick", bench=bench, cwd=cwd)
+    _run("generate.py", *_SMALL["generate.py"], bench=bench, cwd=cwd)
+    decode = json.loads((tmp_path / "explicit" / "decode.json").read_text())
+    assert decode["meta"]["quick"] and decode["results"] and (tmp_path / "explicit" / "decode.csv").is_file()
+    out = bench / "out"
+    sampling = json.loads((out / "sampling.json").read_text())
+    assert sampling["meta"]["quick"] and sampling["results"] and (out / "sampling.csv").is_file()
+    generate = json.loads((out / "generate.json").read_text())
+    assert [r["mode"] for r in generate["results"]] == ["sparse"] and (out / "generate.csv").is_file()
+    assert not (cwd / "bench").exists() and not (bench / "out" / "decode.json").exists()
