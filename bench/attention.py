@@ -443,7 +443,7 @@ def write_tuning_log(path, bh, text_len, image_size, quiet=False):
 
     rows = []
     for e in TUNING_LOG:
-        _, n, _, _, _, kind, d, dtype = e["key"]
+        _, n, _, _, _, kind, _, _, d, dtype, _ = e["key"]  # kernels.sparse_attention._tuning_key
         cfg = e["config"]
         table = Layout(KINDS[kind], text_len, image_size).tile_table(n, cfg.block_m, cfg.block_n)
         flops = 2 * _KERNEL_GEMMS[e["kernel"]] * table.computed_pairs() * d * bh

@@ -20,6 +20,13 @@ int cuda_dtype(at::ScalarType t) {
   return t == at::kFloat ? cuda::kF32 : (t == at::kBFloat16 ? cuda::kBF16 : cuda::kF16);
 }
 
+// q, k_new, v_new are read with 16-byte vector loads: a contiguous view at an odd storage offset
+// (e.g. buf[1:].view(...)) is copied to fresh (aligned) memory rather than faulting.
+at::Tensor aligned_contiguous(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
+}
+
 void check_aligned(const at::Tensor& t, const char* name) {
   const int64_t es = t.element_size();
   const bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && (t.stride(0) * es) % 16 == 0 &&
@@ -46,7 +53,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_new, c
     check_aligned(*text_v, "text_v_cache");
   }
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor qc = q.contiguous(), kc = k_new.contiguous(), vc = v_new.contiguous();
+  const at::Tensor qc = aligned_contiguous(q), kc = aligned_contiguous(k_new), vc = aligned_contiguous(v_new);
   const at::Tensor pi = info.shared ? prompt_index->contiguous() : at::Tensor();
   const at::Tensor pc = pos.contiguous();  // the kernel reads pos with stride 1 (or 0 for a 0-dim pos)
   at::Tensor out = at::empty({info.B, info.H, 1, info.D}, q.options());

@@ -19,7 +19,9 @@ This module imports triton; ``dalle_fast`` imports it lazily on the first triton
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import os
 import re
 from typing import NamedTuple, Optional
@@ -29,7 +31,11 @@ import torch
 import triton
 import triton.language as tl
 import triton.testing
-from triton.runtime.errors import OutOfResources
+from triton.runtime.errors import OutOfResources, PTXASError
+
+# a candidate that does not build for this GPU (too much shared memory, or ptxas refusing it, e.g.
+# under a register cap): skipped by the tuner like Triton's own autotuner does
+_UNFIT = (OutOfResources, PTXASError)
 
 from ..masks import Layout
 from . import tuning_cache
@@ -686,7 +692,7 @@ def _candidates(name: str) -> tuple:
     return cands
 
 
-_BEST: dict = {}  # (kernel, N, batch*heads bucket, T, S, KIND, HEAD_DIM, dtype) -> TileConfig
+_BEST: dict = {}  # _tuning_key(...) -> TileConfig
 
 
 #: every timing the tuner took: dicts of kernel, key, config, ms (None: not timed), n_regs, n_spills
@@ -763,9 +769,10 @@ def _tune(name, launch, key, limits: Optional[SMLimits] = None, precompile=None)
         for cfg in cfgs:
             try:
                 compiled = launch(cfg)  # compiles (once per configuration) and loads
-            except OutOfResources:
+            except _UNFIT as err:
                 TUNING_LOG.append(dict(kernel=name, key=key, config=cfg, ms=None, n_regs=None, n_spills=None,
-                                       note="out of resources"))
+                                       note="out of resources" if isinstance(err, OutOfResources) else
+                                       f"ptxas failed: {str(err).splitlines()[0][:120]}"))
                 continue
             info[cfg] = (getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None),
                          getattr(getattr(compiled, "metadata", None), "shared", None))
@@ -789,7 +796,7 @@ def _tune(name, launch, key, limits: Optional[SMLimits] = None, precompile=None)
         if cfg in timed:
             try:
                 ms, note = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20), ""
-            except OutOfResources:
+            except _UNFIT:
                 note = "out of resources"
         TUNING_LOG.append(dict(kernel=name, key=key, config=cfg, ms=ms, n_regs=info[cfg][0],
                                n_spills=info[cfg][1], note=note))
@@ -850,9 +857,34 @@ def _check_interpreter(triton_version: str, numpy_version: str) -> None:
         )
 
 
+_I32_MAX = 2 ** 31 - 1
+
+
+def _kernel_ready(t: torch.Tensor) -> bool:
+    """Whether the kernels can read ``t`` ``(B, H, N, D)`` in place: unit head_dim stride, and every
+    element's offset within its (batch, head) slice, ``pos * stride(2) + d``, in int32 (the kernels
+    compute it from int32 positions and strides; batch and head offsets are int64)."""
+    return t.dim() == 4 and t.stride(3) == 1 and (t.shape[2] - 1) * t.stride(2) + t.shape[3] <= _I32_MAX
+
+
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    """t itself when its head_dim stride is 1, else a contiguous copy."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+    """t itself when the kernels can read it in place (:func:`_kernel_ready`), else a contiguous
+    copy (e.g. a seq-first ``(N, B, H, D)`` tensor permuted to ``(B, H, N, D)`` whose seq stride
+    ``B * H * D`` would overflow int32 offsets)."""
+    return t if _kernel_ready(t) else t.contiguous()
+
+
+def _check_scale(scale: float) -> None:
+    if not (scale > 0 and math.isfinite(scale)):  # the online softmax's max relies on scale > 0
+        raise ValueError(f"scale must be positive and finite, got {scale}")
+
+
+def _on_device(t: torch.Tensor):
+    """``t``'s CUDA device as the current one while launching (Triton launches on the current
+    device and stream), or nothing to do."""
+    if t.device.type == "cuda" and t.device.index is not None and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 _TABLES: dict = {}  # (layout, seq_len, device) -> (perm, tables, permuted)
@@ -919,8 +951,20 @@ class _Launch(NamedTuple):
     config: TileConfig
 
 
-def _tuning_key(name, grid_rows, B, H, consts, dtype):
-    return (name, grid_rows, _bh_bucket(B * H), consts["T"], consts["S"], consts["KIND"], consts["HEAD_DIM"], dtype)
+@functools.lru_cache(maxsize=None)
+def _device_model(device: torch.device) -> str:
+    """The kind of GPU (name and compute capability) a tuned choice holds for."""
+    if device.type != "cuda":
+        return device.type  # the interpreter
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)} sm_{major}{minor}"
+
+
+def _tuning_key(name, grid_rows, B, H, consts, dtype, device):
+    """What a tuned choice holds for: the kernel, the problem's shape and mask (the conv kernel size
+    and dilation included), the dtype and the kind of GPU (one process may drive two models)."""
+    return (name, grid_rows, _bh_bucket(B * H), consts["T"], consts["S"], consts["KIND"], consts["KS"],
+            consts["DIL"], consts["HEAD_DIM"], dtype, _device_model(torch.device(device)))
 
 
 def _known(name, config, grid_rows, B, H, consts, dtype, device):
@@ -932,7 +976,9 @@ def _known(name, config, grid_rows, B, H, consts, dtype, device):
             raise ValueError(f"config {config}: tile {config.block_m} x {config.block_n} is not one of the "
                              f"packed tile shapes {TILES}")
         return config, True
-    key = _tuning_key(name, grid_rows, B, H, consts, dtype)
+    if B * H == 0:  # nothing to launch (an empty grid): nothing to time, nothing to remember
+        return _default_configs(consts["HEAD_DIM"], dtype)[("fwd", "dkdv", "dq").index(name)], False
+    key = _tuning_key(name, grid_rows, B, H, consts, dtype, device)
     best = _BEST.get(key)
     if best is not None:
         return best, True
@@ -979,7 +1025,7 @@ def _select(name, config, layout, grid_rows, B, H, args, consts, dtype, device, 
         def precompile(cfgs):
             _precompile(_candidate_launches(name, layout, grid_rows, B, H, args, consts, device, cfgs))
 
-    key = _tuning_key(name, grid_rows, B, H, consts, dtype)
+    key = _tuning_key(name, grid_rows, B, H, consts, dtype, device)
     best = _tune(name, launch, key, sm_limits(device), precompile)
     tuning_cache.store(name, key, device, _candidates(name), tuple(best))
     return best, True
@@ -1106,6 +1152,7 @@ class _FwdPlan(NamedTuple):
 
 def _fwd_plan(q, k, v, layout, scale, config):
     check_inputs(q, k, v, layout)
+    _check_scale(scale)
     B, H, N, D = q.shape
     perm, tables, permuted = prepare_tables(layout, N, q.device)
     if config is None and not _autotune_enabled(q.dtype):
@@ -1128,7 +1175,12 @@ def attention_forward(q, k, v, layout: Layout, scale: float, config: Optional[Ti
     """Sparse attention forward. q, k, v: ``(B, H, N, D)``. Returns ``(out (B, H, N, D) contiguous
     in q's dtype, lse (B, H, N) float32)``. ``config`` forces a tile configuration (default:
     autotuned for float16/bfloat16 on a GPU, a fixed one otherwise)."""
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+    with _on_device(q):
+        return _attention_forward(q, k, v, layout, scale, config)
+
+
+def _attention_forward(q, k, v, layout, scale, config):
+    if not (_kernel_ready(q) and _kernel_ready(k) and _kernel_ready(v)):
         check_inputs(q, k, v, layout)
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     key = _problem_key("fwd", layout, scale, config, (q, k, v))
@@ -1154,6 +1206,7 @@ class _BwdPlan(NamedTuple):
 
 def _bwd_plan(grad_out, q, k, v, out, lse, layout, scale, configs, grad_lse):
     check_inputs(q, k, v, layout)
+    _check_scale(scale)
     B, H, N, D = q.shape
     if grad_out.shape != q.shape or out.shape != q.shape:
         raise ValueError(f"grad_out and out must have q's shape {tuple(q.shape)}, got "
@@ -1205,10 +1258,15 @@ def attention_backward(grad_out, q, k, v, out, lse, layout: Layout, scale: float
     Returns ``(dq, dk, dv)``, contiguous, in q's dtype. ``configs`` = (dkdv, dq) forces tile
     configurations. Two launches: dQ (which also computes delta = rowsum(dO * O) - dlse), then
     dK/dV."""
+    with _on_device(q):
+        return _attention_backward(grad_out, q, k, v, out, lse, layout, scale, configs, grad_lse)
+
+
+def _attention_backward(grad_out, q, k, v, out, lse, layout, scale, configs, grad_lse):
     if grad_out.dtype != q.dtype:
         grad_out = grad_out.to(q.dtype)
     tensors = (grad_out, q, k, v, out)
-    if any(t.stride(-1) != 1 for t in tensors):
+    if not all(_kernel_ready(t) for t in tensors):
         check_inputs(q, k, v, layout)
         grad_out, q, k, v, out = (_unit_last(t) for t in tensors)
     if not lse.is_contiguous():

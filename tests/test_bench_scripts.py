@@ -121,7 +121,8 @@ def test_tuning_log_table(tmp_path, monkeypatch, capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     fast, slow = K.TileConfig(64, 64, 4, 3), K.TileConfig(128, 32, 4, 3)
-    key = ("fwd", 1280, 8, 256, 32, KINDS.index("row"), 64, torch.bfloat16)
+    consts = dict(T=256, S=32, KIND=KINDS.index("row"), KS=11, DIL=1, HEAD_DIM=64)
+    key = K._tuning_key("fwd", 1280, 8, 16, consts, torch.bfloat16, torch.device("cpu"))  # the tuner's own key
     monkeypatch.setattr(K, "TUNING_LOG", [
         dict(kernel="fwd", key=key, config=fast, ms=0.05, n_regs=128, n_spills=0, note=""),
         dict(kernel="fwd", key=key, config=slow, ms=0.1, n_regs=200, n_spills=0, note=""),

@@ -513,3 +513,25 @@ def test_nan_key_propagates_like_the_reference():
     ours = dalle_fast.decode_attention(qs, ks, vs, kc.clone(), vc.clone(), pos, layout)
     ref = dalle_fast.decode_attention(qs, ks, vs, kc.clone(), vc.clone(), pos, layout, backend="reference")
     assert torch.equal(ours.isnan(), ref.isnan()) and ours[0, 1].isnan().all() and not ours[1].isnan().any()
+
+
+@cuda
+def test_cuda_misaligned_and_strided_step_inputs():
+    """q, k_new, v_new at an odd storage offset (read with 16-byte vector loads) are copied, not a
+    misaligned-address fault; a strided pos is read as its values."""
+    layout = LAYOUTS[1]
+    q, k, v = problem(layout, 2, 2, 64, torch.float16, seed=4)
+    pos = torch.tensor([5, 11])
+    qs, ks, vs = step_inputs(q, k, v, pos)
+    kc, vc = caches_for(k, v, pos)
+    want = dalle_fast.decode_attention(qs.cuda(), ks.cuda(), vs.cuda(), kc.cuda(), vc.cuda(), pos.cuda(), layout)
+
+    def odd(t):  # the same values, one element past an aligned allocation
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")
+        view = buf[1:].view(t.shape)
+        view.copy_(t.cuda())
+        return view
+
+    strided = torch.tensor([5, 0, 11, 0], device="cuda")[::2]
+    got = dalle_fast.decode_attention(odd(qs), odd(ks), odd(vs), kc.cuda(), vc.cuda(), strided, layout)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

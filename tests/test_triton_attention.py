@@ -1035,3 +1035,58 @@ def test_backward_precompiles_dq_and_dkdv_at_once(monkeypatch):
     _assert_close("out", out, ref, base, torch.float32)
     for name, g, rg, bg in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
         _assert_close(name, g, rg, bg, torch.float32)
+
+
+def test_tuner_skips_candidates_ptxas_refuses(monkeypatch):
+    """A candidate that ptxas refuses (e.g. under a register cap) is skipped like one that does not
+    fit, with a note, as Triton's own autotuner does; it does not fail the call."""
+    from triton.runtime.errors import PTXASError
+
+    small, wide, timed = _fake_tuning(monkeypatch, [1.0])
+    real_run = K._run
+
+    def run(launch, args):
+        if launch.config == wide:
+            raise PTXASError("ptxas fatal: register allocation failed")
+        return real_run(launch, args)
+
+    monkeypatch.setattr(K, "_run", run)
+    layout = Layout("row", 7, 5)
+    q, k, v, _ = _inputs(1, 2, layout.seq_len, 32, torch.float32, seed=21)
+    out, _ = K.attention_forward(q, k, v, layout, 0.25)
+    assert list(K._BEST.values()) == [small] and len(timed) == 1
+    log = {e["config"]: e for e in K.TUNING_LOG}
+    assert log[wide]["ms"] is None and log[wide]["note"].startswith("ptxas failed")
+    assert _max_err(out, reference.sparse_attention(q.double(), k.double(), v.double(), layout, 0.25)) < 1e-5
+
+
+def test_tuning_key_holds_mask_parameters_and_gpu_model():
+    """Choices are not shared between conv kernel sizes or dilations, nor between GPU models driven
+    by one process, and empty problems are neither tuned nor remembered."""
+    base = dict(T=256, S=32, KIND=3, KS=11, DIL=1, HEAD_DIM=64)
+    cpu = torch.device("cpu")
+    keys = {K._tuning_key("fwd", 1280, 8, 16, dict(base, **kw), torch.bfloat16, cpu)
+            for kw in ({}, {"KS": 5}, {"DIL": 2})}
+    assert len(keys) == 3 and all(key[-1] == K._device_model(cpu) == "cpu" for key in keys)
+    before = dict(K._BEST)
+    cfg, final = K._known("fwd", None, 1280, 0, 16, base, torch.bfloat16, cpu)
+    assert cfg == K._default_configs(64, torch.bfloat16)[0] and final is False and K._BEST == before
+
+
+def test_offsets_beyond_int32_are_read_from_a_copy():
+    """The kernels form in-head offsets pos * stride(seq) + d in int32: a tensor whose seq stride
+    would overflow them (e.g. a seq-first (N, B, H, D) tensor permuted to (B, H, N, D) with a large
+    B * H * D) is copied before launching; ordinary strided views are read in place."""
+    big = torch.empty_strided((1, 1, 40, 32), (0, 0, 2 ** 26, 1), device="meta")  # 39 * 2**26 >= 2**31
+    assert not K._kernel_ready(big) and K._unit_last(big).stride() == (1280, 1280, 32, 1)
+    bnhd = torch.empty(2, 1280, 16, 64, device="meta").transpose(1, 2)  # (B, H, N, D) view of (B, N, H, D)
+    assert K._kernel_ready(bnhd) and K._unit_last(bnhd) is bnhd
+
+
+def test_bad_scale_is_refused():
+    """The kernels' online softmax relies on scale > 0: the Triton op refuses others, as the C++ op does."""
+    layout = Layout("row", 7, 5)
+    q, k, v, _ = _inputs(1, 2, layout.seq_len, 32, torch.float32, seed=5)
+    for scale in (0.0, -0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale must be positive"):
+            torch.ops.dalle_fast.triton_sparse_attention_fwd(q, k, v, *layout.params(), scale)
