@@ -239,6 +239,7 @@ _BAD_ARGS = [  # (script, flag named in the error, the bad arguments)
     ("attention.py", "--modes", ["--modes", "fwd,bw"]),
     ("attention.py", "--providers", ["--providers", "sdpa_mask,foo"]),
     ("attention.py", "--kinds", ["--kinds", "row,foo"]),
+    ("attention.py", "--head-dim", ["--providers", "dalle_fast", "--head-dim", "300"]),
     pytest.param("host_overhead.py", "--kind", ["--kind", "foo"], marks=_TRITON),
     pytest.param("host_overhead.py", "--batch", ["--batch", "0"], marks=_TRITON),
     pytest.param("host_overhead.py", "--calls", ["--calls", "0"], marks=_TRITON),
