@@ -39,7 +39,7 @@ from dalle_fast import Layout  # noqa: E402
 from dalle_fast import _triton_ops  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import check_at_least, machine  # noqa: E402
+from _util import check_at_least, check_cuda, machine  # noqa: E402
 
 
 class _Stub:
@@ -105,8 +105,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="JSON file for the results")
     args = p.parse_args(argv)
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda needs a CUDA GPU")
+    check_cuda(p, args.device)
     check_at_least(p, args, 1, "--batch", "--heads", "--calls", "--rounds")
     if not _triton_ops.triton_available():
         p.error("triton is not installed")

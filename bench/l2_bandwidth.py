@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import machine, timeit  # noqa: E402
+from _util import check_at_least, check_cuda, machine, timeit  # noqa: E402
 
 BLOCK = 4096  # float32 elements per program and iteration: 16 per thread of 8 warps (4 x 16 B loads)
 
@@ -76,10 +76,8 @@ def main(argv=None):
     p.add_argument("--programs-per-sm", type=int, default=4, help="CUDA: programs of the read kernel per SM")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device available")
-    if args.programs_per_sm < 1:
-        p.error(f"--programs-per-sm must be positive, got {args.programs_per_sm}")
+    check_cuda(p, args.device)
+    check_at_least(p, args, 1, "--programs-per-sm")
     spec = args.sizes_mb if args.sizes_mb is not None else ("8,16,24,32,1024" if args.device == "cuda"
                                                            else "0.5,4,32,512")
     try:

@@ -51,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(const at::Tensor& q,
                                                             double scale) {
   const LayoutParams L = checked_layout("dalle_fast.sparse_attention", kind, text_len, image_size, kernel_size, dilation);
   check_qkv(q, k, v, L);
-  TORCH_CHECK(scale > 0, "dalle_fast.sparse_attention: scale must be positive, got ", scale);
+  check_scale("dalle_fast.sparse_attention", scale);
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
   auto sched = cpu::get_schedule(L, N, cpu::TILE_M, cpu::TILE_N);
   // float32, contiguous, sequence order: the kernel handles the permutation itself
@@ -73,6 +73,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
     int64_t kernel_size, int64_t dilation, double scale) {
   const LayoutParams L = checked_layout("dalle_fast.sparse_attention", kind, text_len, image_size, kernel_size, dilation);
   check_qkv(q, k, v, L);
+  check_scale("dalle_fast.sparse_attention backward", scale);
   TORCH_CHECK(grad_out.sizes() == q.sizes(), "dalle_fast.sparse_attention backward: grad_out must have shape ",
               q.sizes(), ", got ", grad_out.sizes());
   TORCH_CHECK(out.sizes() == q.sizes(), "dalle_fast.sparse_attention backward: out must have shape ",

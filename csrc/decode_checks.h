@@ -6,8 +6,6 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
-#include <cmath>
-
 #include "common/decode_index.h"
 #include "common/mask.h"
 #include "common/sampling.h"
@@ -101,17 +99,12 @@ inline DecodeInfo check_decode(const at::Tensor& q, const at::Tensor& k_new, con
   return info;
 }
 
-inline void check_decode_scale(double scale) {
-  TORCH_CHECK(scale > 0 && std::isfinite(scale), "dalle_fast.decode_attention: scale must be positive and finite, got ",
-              scale);
-}
-
 // Host-side value checks (CPU tensors): pos in range for the layout and the cache, prompt ids.
 // ``pos`` must be the contiguous tensor the kernel then reads (a strided view's data_ptr is not its
 // values in order).
 inline void check_decode_values(const at::Tensor& pos, const c10::optional<at::Tensor>& prompt_index,
                                 const DecodeInfo& info, const LayoutParams& L) {
-  const at::Tensor p = pos.reshape({-1}).contiguous();
+  const at::Tensor p = pos.reshape({-1});
   const int64_t* pp = p.data_ptr<int64_t>();
   for (int64_t i = 0; i < p.numel(); ++i) {
     TORCH_CHECK(pp[i] >= info.cache_offset && pp[i] < L.seq_len(), "dalle_fast.decode_attention: pos[", i, "] = ",

@@ -28,7 +28,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_new, co
   const LayoutParams L = decode_layout(kind, text_len, image_size, kernel_size, dilation);
   const DecodeInfo info = check_decode(q, k_new, v_new, k_cache, v_cache, pos, text_k, text_v, prompt_index, L);
   TORCH_CHECK(q.device().is_cpu(), "dalle_fast.decode_attention (cpu): tensors must be on the CPU, got ", q.device());
-  check_decode_scale(scale);
+  check_scale("dalle_fast.decode_attention", scale);
   const at::Tensor pc = pos.contiguous();  // checked and read by the kernel: the same memory
   check_decode_values(pc, prompt_index, info, L);
   const at::Tensor qc = q.contiguous(), kc = k_new.contiguous(), vc = v_new.contiguous();

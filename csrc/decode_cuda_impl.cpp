@@ -43,7 +43,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_new, c
   const LayoutParams L = decode_layout(kind, text_len, image_size, kernel_size, dilation);
   const DecodeInfo info = check_decode(q, k_new, v_new, k_cache, v_cache, pos, text_k, text_v, prompt_index, L);
   TORCH_CHECK(q.is_cuda(), "dalle_fast.decode_attention (cuda): tensors must be CUDA tensors, got ", q.device());
-  check_decode_scale(scale);
+  check_scale("dalle_fast.decode_attention", scale);
   TORCH_CHECK(info.D == 32 || info.D == 64 || info.D == 128,
               "dalle_fast.decode_attention (cuda): head_dim must be 32, 64 or 128, got ", info.D);
   check_aligned(k_cache, "k_cache");

@@ -4,9 +4,17 @@
 
 #include <c10/util/Exception.h>
 
+#include <cmath>
+
 #include "common/mask.h"
 
 namespace dalle_fast {
+
+// The softmax scale of an attention op: the kernels' running max relies on scale > 0, and a
+// non-finite scale gives NaN rows.
+inline void check_scale(const char* op, double scale) {
+  TORCH_CHECK(scale > 0 && std::isfinite(scale), op, ": scale must be positive and finite, got ", scale);
+}
 
 inline LayoutParams checked_layout(const char* op, int64_t kind, int64_t text_len, int64_t image_size,
                                    int64_t kernel_size, int64_t dilation) {

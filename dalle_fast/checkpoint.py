@@ -30,6 +30,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from .masks import _positive_int
+
 FORMAT = "dalle_fast.checkpoint"
 _NAME_RE = re.compile(r"checkpoint-(\d{8,})\.json")
 
@@ -145,8 +147,8 @@ def save_checkpoint(directory: str | Path, step: int, model: nn.Module, optimize
     ``model_config``: a dataclass or dict (stored as JSON). ``rng``: per-rank RNG states (default: this
     process's). ``keep``: delete all but the newest ``keep`` (>= 1) checkpoints afterwards.
     """
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-        raise ValueError(f"keep must be None or a positive int, got {keep!r}")
+    if keep is not None:
+        _positive_int("keep", keep)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -194,12 +196,6 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     """The newest complete checkpoint in ``directory``, or None."""
     found = list_checkpoints(directory)
     return found[-1] if found else None
-
-
-def checkpoint_step(path: str | Path) -> int | None:
-    """The step in a checkpoint JSON's file name, or None if the name is not a checkpoint's."""
-    m = _NAME_RE.fullmatch(Path(path).name)
-    return int(m[1]) if m else None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

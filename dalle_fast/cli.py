@@ -158,9 +158,8 @@ def tokenizer_from_args(args: argparse.Namespace, dataset):
     copy = args.out / "tokenizer.json"
     if path.resolve() != copy.resolve():
         from .checkpoint import list_checkpoints
-        from .data.codes import tokenizer_fingerprint
         if (copy.is_file() and list_checkpoints(args.out)  # (every rank: all stop, or none)
-                and tokenizer_fingerprint(Tokenizer.load(copy)) != tokenizer_fingerprint(tokenizer)):
+                and Tokenizer.load(copy).fingerprint() != tokenizer.fingerprint()):
             # the run in OUT was trained with OUT/tokenizer.json (generate reads it): keep it
             raise ValueError(f"--tokenizer: {str(path)!r} differs from {str(copy)!r}, the tokenizer of the run "
                              "in --out; resume with that one, or start a new run in a new --out")
@@ -201,10 +200,10 @@ def _run_train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from .checkpoint import load_checkpoint, load_model
-    from .data.codes import CodesDataset, data_fingerprint, encode_dataset, tokenizer_fingerprint
+    from .data.codes import CodesDataset, data_fingerprint, encode_dataset
     from .models.dalle import DALLEConfig
     from .models.dvae import DVAE
-    from .train import init_distributed, resolve_device, train_dalle
+    from .train import init_distributed, inputs_mismatch, resolve_device, train_dalle
     rank, world, _ = init_distributed()
     dvae_ck = load_checkpoint(args.dvae)  # ValueError for a path without a checkpoint
     device = resolve_device(args.device, "--device")
@@ -215,34 +214,35 @@ def _run_train(args: argparse.Namespace) -> int:
     tokenizer = tokenizer_from_args(args, dataset)
     cfg = DALLEConfig.for_tokenizer(tokenizer, args.preset, image_size=dvae.config.latent_size,
                                     image_vocab=dvae.config.vocab_size, caption_dropout=args.caption_dropout)
+    # the dVAE checkpoint file these codes come from (not its directory, whose newest checkpoint moves
+    # on if the dVAE trains further) and the hashes of the run's inputs, which a resume and
+    # load_pipeline check
+    extra_meta = {"dvae_checkpoint": str(dvae_ck.path.resolve()), "dvae_sha256": dvae_ck.meta["weights_sha256"],
+                  "tokenizer_sha256": tokenizer.fingerprint()}
     if args.resume is not None:  # (every rank) before re-encoding the cache for a resume that would be refused
         from .checkpoint import latest_checkpoint, resolve_checkpoint
         ref = latest_checkpoint(args.out) if args.resume == "auto" else resolve_checkpoint(args.resume)
         try:
-            saved = json.loads(ref.read_text()).get("extra", {}).get("dvae_sha256") if ref is not None else None
+            saved = (json.loads(ref.read_text()).get("extra") or {}) if ref is not None else {}
         except (OSError, ValueError, AttributeError):  # unreadable: the trainer's resume names the problem
-            saved = None
-        if saved is not None and saved != dvae_ck.meta["weights_sha256"]:
-            raise ValueError(f"--dvae: {str(dvae_ck.path)!r} is not the dVAE the run being resumed ({ref.name}) "
-                             "was trained on")
+            saved = {}
+        why = inputs_mismatch(saved, extra_meta)
+        if why:
+            raise ValueError(f"--resume: checkpoint {ref.name} {why}")
     cache = args.out / "codes"
     # what the cached codes were made from: a change in any of these re-encodes
-    describe = {"dvae_sha256": dvae_ck.meta["weights_sha256"], "data": str(args.data),
+    describe = {"dvae_sha256": extra_meta["dvae_sha256"], "data": str(args.data),
                 "data_files": data_fingerprint(args.data) if args.data is not None else None, "seed": args.seed,
                 "shapes_length": args.shapes_length, "holdout": list(args.holdout),
-                "tokenizer": tokenizer_fingerprint(tokenizer)}
+                "tokenizer": extra_meta["tokenizer_sha256"]}
     if rank == 0:
         encode_dataset(dvae, tokenizer, dataset, cfg.text_len - 1, cache, describe,
                        batch_size=args.encode_batch_size, progress=not args.no_progress)
     if world > 1:
         dist.barrier()
     del dvae
-    # the dVAE checkpoint file these codes came from (not its directory, whose newest checkpoint moves
-    # on if the dVAE trains further), and its weights' hash, which load_pipeline checks
     trainer = train_dalle(cfg, train_config_from_args(args), CodesDataset.load(cache), args.out, resume=args.resume,
-                          device=device, extra_meta={"dvae_checkpoint": str(dvae_ck.path.resolve()),
-                                                     "dvae_sha256": dvae_ck.meta["weights_sha256"],
-                                                     "tokenizer_sha256": describe["tokenizer"]})
+                          device=device, extra_meta=extra_meta)
     return _report(trainer, args.out)
 
 

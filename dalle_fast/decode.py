@@ -143,9 +143,8 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, pos, layout: Layout, *, 
         ``(B, H, 1, D)`` in q's dtype.
     """
     _check(q, k_new, v_new, k_cache, v_cache, pos, layout, text_k_cache, text_v_cache, prompt_index)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if not 0 < scale < math.inf:
-        raise ValueError(f"scale must be positive and finite, got {scale}")
+    from .ops import check_scale  # ops imports this module at its end
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else check_scale(scale)
     name = _resolve(backend, q.device)
     if name != "reference" and torch.is_grad_enabled() and any(
             t.requires_grad for t in (q, k_new, v_new, k_cache, v_cache)):

@@ -211,7 +211,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     """Run the demo; returns the results dict (also written to OUT/results.json)."""
     import torch
 
-    from .data.codes import CodesDataset, encode_dataset, tokenizer_fingerprint
+    from .data.codes import CodesDataset, encode_dataset
     from .data.shapes import ShapesDataset
     from .generate import generate_images
     from .models.clip import CLIPConfig
@@ -278,7 +278,7 @@ def run_demo(args: argparse.Namespace) -> dict:
                                           heads=args.dim // 32, dim_head=32)
     describe = {"demo": True, "seed": args.seed, "dataset_size": args.dataset_size, "holdout": holdout,
                 "max_shapes": args.max_shapes, "dvae_steps": args.dvae_steps,
-                "tokenizer": tokenizer_fingerprint(tokenizer)}
+                "tokenizer": tokenizer.fingerprint()}
     import hashlib
     describe["dvae_sha"] = hashlib.sha256(b"".join(
         p.detach().cpu().numpy().tobytes() for p in dvae.state_dict().values())).hexdigest()

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .decode import decode_attention
+from .masks import _positive_int
 from .models.dalle import DALLE
 from .ops import sparse_attention
 from .sampling import sample
@@ -221,8 +222,7 @@ def generate_codes(model: DALLE, text: torch.Tensor, num_images: int = 1, *, cfg
         raise ValueError(f"model must be a DALLE, got {type(model).__name__}")
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
-    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-        raise ValueError(f"num_images must be a positive int, got {num_images!r}")
+    _positive_int("num_images", num_images)
     model.check_text(text)
     if text.shape[0] == 0:
         raise ValueError("text must hold at least one prompt, got a batch of 0")
@@ -345,10 +345,9 @@ def generate_images(model: DALLE, dvae, tokenizer, captions: str | Sequence[str]
     all); candidate ``c`` of caption ``p`` always uses seed ``seed + p * N + c``.
     """
     check_compatible(model, dvae, tokenizer, clip)
-    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-        raise ValueError(f"num_images must be a positive int, got {num_images!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be None or a positive int, got {batch_size!r}")
+    _positive_int("num_images", num_images)  # (here too: the chunking below needs it before generate_codes)
+    if batch_size is not None:
+        _positive_int("batch_size", batch_size)
     if "seeds" in kwargs:
         raise ValueError("seeds: generate_images gives candidate c of caption p the seed seed + p * num_images + c; "
                          "pass seed= (or call generate_codes with seeds=)")

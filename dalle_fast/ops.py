@@ -114,6 +114,15 @@ def resolve_backend(backend: Optional[str], device: torch.device, *, op: str = "
     return backend
 
 
+def check_scale(scale: float) -> float:
+    """``scale`` as a float; ValueError unless positive and finite (the kernels' running max relies
+    on scale > 0; a non-finite scale gives NaN rows). Shared by every attention op."""
+    scale = float(scale)
+    if not 0 < scale < math.inf:
+        raise ValueError(f"scale must be positive and finite, got {scale}")
+    return scale
+
+
 def _check_attention_args(q, k, v, layout):
     if not isinstance(layout, Layout):
         raise ValueError(f"layout must be a dalle_fast.Layout, got {type(layout).__name__}")
@@ -202,9 +211,7 @@ def sparse_attention(q, k, v, layout: Layout, *, scale: Optional[float] = None,
         ``(batch, heads, seq, head_dim)`` in q's dtype.
     """
     _check_attention_args(q, k, v, layout)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if not scale > 0:
-        raise ValueError(f"scale must be positive, got {scale}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else check_scale(scale)
     name = resolve_backend(backend, q.device)
     return _SPARSE_ATTENTION[name](q, k, v, layout, scale)
 

@@ -15,6 +15,7 @@ BOS and padding live outside the BPE vocabulary, so no caption text can produce 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -81,6 +82,12 @@ class Tokenizer:
                                       special_tokens=[])
         hf.train_from_iterator(checked(), trainer=trainer)
         return cls(hf, text_len)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the whole BPE model and the text length: tokenizers with the same sizes but
+        other merges (which encode captions differently) differ here. What caches of encoded
+        captions and checkpoints record to tell tokenizers apart."""
+        return hashlib.sha256(f"{self._hf.to_str()}\n{self.text_len}".encode()).hexdigest()
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer as a single JSON file."""

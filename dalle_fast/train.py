@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt_lib
+from .masks import _positive_int
 
 LossFn = Callable[[nn.Module, Any, int], Mapping[str, torch.Tensor]]
 
@@ -66,14 +67,14 @@ class TrainConfig:
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "num_workers", "seed"):
+        for name in ("warmup_steps", "num_workers"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or (value < 0 and name != "seed"):
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}" if name != "seed"
-                                 else f"seed must be an int, got {value!r}")
-        keep = self.keep_checkpoints
-        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-            raise ValueError(f"keep_checkpoints must be None (keep all) or a positive int, got {keep!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.keep_checkpoints is not None:  # None keeps all
+            _positive_int("keep_checkpoints", self.keep_checkpoints)
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < float("inf")):
             raise ValueError(f"lr must be > 0 and finite, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -154,6 +155,17 @@ def _jsonable(config: Any) -> dict:
     if dataclasses.is_dataclass(config):
         config = dataclasses.asdict(config)
     return json.loads(json.dumps(config))
+
+
+def inputs_mismatch(saved_extra: Mapping, extra_meta: Mapping) -> str | None:
+    """How a checkpoint's recorded inputs (its ``extra`` entries named ``*_sha256``: tokenizer, dVAE)
+    differ from this run's ``extra_meta``, or None. Used by :meth:`Trainer.load` and, before any
+    expensive preparation, by ``dalle-fast train``."""
+    for key, value in extra_meta.items():
+        if key.endswith("_sha256") and key in saved_extra and saved_extra[key] != value:
+            return (f"was trained with another {key[:-len('_sha256')]} ({key} {str(saved_extra[key])[:12]}..., "
+                    f"this run: {str(value)[:12]}...)")
+    return None
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -264,11 +276,9 @@ class Trainer:
             if differ:
                 raise ValueError(f"{where} was trained with a different model config: "
                                  + ", ".join(f"{k}={theirs.get(k)!r} (this run: {ours.get(k)!r})" for k in differ))
-        saved_extra = ck.meta.get("extra") or {}
-        for key, value in self.extra_meta.items():
-            if key.endswith("_sha256") and key in saved_extra and saved_extra[key] != value:
-                raise ValueError(f"{where} was trained with another {key[:-len('_sha256')]} ({key} "
-                                 f"{str(saved_extra[key])[:12]}..., this run: {str(value)[:12]}...)")
+        why = inputs_mismatch(ck.meta.get("extra") or {}, self.extra_meta)
+        if why:
+            raise ValueError(f"{where} {why}")
         try:
             self.model.load_state_dict(ck.model_state)
             if ck.optimizer_state is not None:
@@ -463,8 +473,7 @@ def train_clip(config, tokenizer, train_config: TrainConfig, dataset: Dataset, o
         raise ValueError("config does not match the tokenizer's vocab_size/pad_base/text_len "
                          "(build it with CLIPConfig.for_tokenizer)")
     torch.manual_seed(train_config.seed)
-    from .data.codes import tokenizer_fingerprint
-    extra_meta = {"tokenizer_sha256": tokenizer_fingerprint(tokenizer), **(extra_meta or {})}
+    extra_meta = {"tokenizer_sha256": tokenizer.fingerprint(), **(extra_meta or {})}
     trainer = Trainer(CLIP(config), clip_loss, dataset, train_config, out_dir, collate_fn=TokenizingCollate(tokenizer),
                       model_type="clip", model_config=config, extra_meta=extra_meta, device=device)
     trainer.fit(resume)

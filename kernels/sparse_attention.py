@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 import re
 from typing import NamedTuple, Optional
@@ -38,6 +37,7 @@ from triton.runtime.errors import OutOfResources, PTXASError
 _UNFIT = (OutOfResources, PTXASError)
 
 from ..masks import Layout
+from ..ops import check_scale
 from . import tuning_cache
 
 __all__ = [
@@ -874,11 +874,6 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if _kernel_ready(t) else t.contiguous()
 
 
-def _check_scale(scale: float) -> None:
-    if not (scale > 0 and math.isfinite(scale)):  # the online softmax's max relies on scale > 0
-        raise ValueError(f"scale must be positive and finite, got {scale}")
-
-
 def _on_device(t: torch.Tensor):
     """``t``'s CUDA device as the current one while launching (Triton launches on the current
     device and stream), or nothing to do."""
@@ -951,20 +946,11 @@ class _Launch(NamedTuple):
     config: TileConfig
 
 
-@functools.lru_cache(maxsize=None)
-def _device_model(device: torch.device) -> str:
-    """The kind of GPU (name and compute capability) a tuned choice holds for."""
-    if device.type != "cuda":
-        return device.type  # the interpreter
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"{torch.cuda.get_device_name(device)} sm_{major}{minor}"
-
-
 def _tuning_key(name, grid_rows, B, H, consts, dtype, device):
     """What a tuned choice holds for: the kernel, the problem's shape and mask (the conv kernel size
     and dilation included), the dtype and the kind of GPU (one process may drive two models)."""
     return (name, grid_rows, _bh_bucket(B * H), consts["T"], consts["S"], consts["KIND"], consts["KS"],
-            consts["DIL"], consts["HEAD_DIM"], dtype, _device_model(torch.device(device)))
+            consts["DIL"], consts["HEAD_DIM"], dtype, tuning_cache.device_model(torch.device(device)))
 
 
 def _known(name, config, grid_rows, B, H, consts, dtype, device):
@@ -1152,7 +1138,7 @@ class _FwdPlan(NamedTuple):
 
 def _fwd_plan(q, k, v, layout, scale, config):
     check_inputs(q, k, v, layout)
-    _check_scale(scale)
+    check_scale(scale)
     B, H, N, D = q.shape
     perm, tables, permuted = prepare_tables(layout, N, q.device)
     if config is None and not _autotune_enabled(q.dtype):
@@ -1206,7 +1192,7 @@ class _BwdPlan(NamedTuple):
 
 def _bwd_plan(grad_out, q, k, v, out, lse, layout, scale, configs, grad_lse):
     check_inputs(q, k, v, layout)
-    _check_scale(scale)
+    check_scale(scale)
     B, H, N, D = q.shape
     if grad_out.shape != q.shape or out.shape != q.shape:
         raise ValueError(f"grad_out and out must have q's shape {tuple(q.shape)}, got "

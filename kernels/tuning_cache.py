@@ -12,6 +12,7 @@ write warns once, neither stops a run. Writes go through a temporary file and ``
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -25,11 +26,10 @@ import triton
 
 from ..version import __version__
 
-__all__ = ["cache_file", "enabled", "lookup", "store"]
+__all__ = ["cache_file", "device_model", "enabled", "lookup", "store"]
 
 _SOURCE_HASH = hashlib.sha256(Path(__file__).with_name("sparse_attention.py").read_bytes()).hexdigest()[:16]
 _WARNED: set = set()
-_DEVICE_TAGS: dict = {}
 
 
 def enabled() -> bool:
@@ -48,16 +48,18 @@ def _warn_once(what: str, err: Exception) -> None:
                       "tuning in memory only", RuntimeWarning, stacklevel=3)
 
 
+@functools.lru_cache(maxsize=None)
+def device_model(device: torch.device) -> str:
+    """The kind of GPU (name and compute capability) a tuned choice holds for; the device type for
+    the interpreter."""
+    if device.type != "cuda":
+        return device.type
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)} sm_{major}{minor}"
+
+
 def _device_tag(device: torch.device) -> str:
-    tag = _DEVICE_TAGS.get(device)
-    if tag is None:
-        if device.type == "cuda":
-            major, minor = torch.cuda.get_device_capability(device)
-            name = f"{torch.cuda.get_device_name(device)} sm_{major}{minor}"
-        else:
-            name = device.type  # the interpreter
-        tag = _DEVICE_TAGS[device] = f"{name}|triton {triton.__version__}|dalle_fast {__version__}|{_SOURCE_HASH}"
-    return tag
+    return f"{device_model(device)}|triton {triton.__version__}|dalle_fast {__version__}|{_SOURCE_HASH}"
 
 
 def _entry_key(name: str, key: tuple, device: torch.device, candidates: Sequence) -> str:

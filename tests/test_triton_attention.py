@@ -1067,7 +1067,7 @@ def test_tuning_key_holds_mask_parameters_and_gpu_model():
     cpu = torch.device("cpu")
     keys = {K._tuning_key("fwd", 1280, 8, 16, dict(base, **kw), torch.bfloat16, cpu)
             for kw in ({}, {"KS": 5}, {"DIL": 2})}
-    assert len(keys) == 3 and all(key[-1] == K._device_model(cpu) == "cpu" for key in keys)
+    assert len(keys) == 3 and all(key[-1] == K.tuning_cache.device_model(cpu) == "cpu" for key in keys)
     before = dict(K._BEST)
     cfg, final = K._known("fwd", None, 1280, 0, 16, base, torch.bfloat16, cpu)
     assert cfg == K._default_configs(64, torch.bfloat16)[0] and final is False and K._BEST == before

@@ -40,14 +40,6 @@ class CodesDataset(Dataset):
         return cls(np.load(d / "codes.npy", mmap_mode="r"), np.load(d / "text.npy", mmap_mode="r"))
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """SHA-256 of a tokenizer's whole BPE model and text length: two tokenizers with the same sizes
-    but different merges (which encode captions differently) differ here."""
-    hf = getattr(tokenizer, "_hf", None)
-    body = hf.to_str() if hf is not None else repr(tokenizer)
-    return hashlib.sha256(f"{body}\n{getattr(tokenizer, 'text_len', '')}".encode()).hexdigest()
-
-
 def data_fingerprint(root: str | Path) -> str:
     """SHA-256 over the relative path, size and modification time of every file under ``root``: an
     added, removed, replaced or edited image or caption changes it (without reading the files)."""
