@@ -14,15 +14,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # stands in for $PYTHON: the build succeeds (or fails, SHIM_FAIL=build) without compiling; `-c`
 # code that needs a GPU prints a line; a bench script parses its arguments with its own argparse
-# parser and stops there; pytest collects the step's selection (exit 5 when it selects nothing)
+# parser and stops there; pytest collects the step's selection (exit 5 when it selects nothing).
+# The script puts its checkout first on PYTHONPATH (on the GPU machine it builds in place); here
+# the checkout may have no build, so the real Python gets this test's import path instead.
 SHIM = r"""#!/usr/bin/env bash
 echo "$*" >> "$SHIM_CALLS"
+export PYTHONPATH="$SHIM_PYTHONPATH"
 case "$1" in
   setup.py) [[ "${SHIM_FAIL:-}" == build ]] && exit 7; echo "shim: build skipped"; exit 0 ;;
   -c) if [[ "$2" == *cuda* ]]; then echo "shim: $2" | head -c 200; exit 0; fi
       exec "$SHIM_REAL" "$@" ;;
   -m) [[ "$2" == pytest ]] || exit 3
-      shift 2; PYTHONPATH="$SHIM_PYTHONPATH" exec "$SHIM_REAL" -m pytest --collect-only "$@" ;;
+      shift 2; exec "$SHIM_REAL" -P -m pytest --collect-only "$@" ;;  # -P: not the cwd (the checkout) first
   bench/*.py) exec "$SHIM_REAL" "$SHIM_ARGCHECK" "$@" ;;
 esac
 echo "shim: unexpected call: $*" >&2
@@ -43,6 +46,9 @@ argparse.ArgumentParser.parse_args = parse_and_stop
 runpy.run_path(script, run_name="__main__")
 raise SystemExit(f"argcheck: {script} parsed no arguments")
 """
+
+NEEDS = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None
+                           or sys.version_info < (3, 11), reason="needs bash, timeout and python -P (3.11)")
 
 STEPS = ["env", "build", "import", "bench_attention", "bench_host_overhead", "bench_l2", "bench_decode",
          "bench_sampling", "test_triton_attention", "test_decode_attention", "test_sample", "kernel_resources"]
@@ -72,7 +78,7 @@ def _run_check(tmp_path, **extra):
     return r, table, (tmp_path / "calls.txt").read_text().splitlines()
 
 
-@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash, timeout")
+@NEEDS
 def test_gpu_check_steps_pass_their_scripts_argument_checks(tmp_path):
     r, table, calls = _run_check(tmp_path)
     out = r.stdout + r.stderr
@@ -94,7 +100,7 @@ def _log(script):
             "kernel_resources.py": "kernel_resources"}[script]
 
 
-@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash, timeout")
+@NEEDS
 def test_gpu_check_goes_on_after_a_failed_step(tmp_path):
     r, table, _ = _run_check(tmp_path, SHIM_FAIL="build", GPU_TESTS="tests/test_sample.py")
     assert r.returncode == 1 and "GPU check: FAILED" in r.stdout, (r.stdout + r.stderr)[-4000:]
