@@ -147,7 +147,7 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, pos, layout: Layout, *, 
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else check_scale(scale)
     name = _resolve(backend, q.device)
     if name != "reference" and torch.is_grad_enabled() and any(
-            t.requires_grad for t in (q, k_new, v_new, k_cache, v_cache)):
+            t is not None and t.requires_grad for t in (q, k_new, v_new, k_cache, v_cache, text_k_cache, text_v_cache)):
         # the fused decode kernels have no backward: gradients would silently be missing
         raise ValueError(f"backend {name!r} of decode_attention is inference-only and an input requires grad; "
                          "call it under torch.no_grad() (or use backend='reference' to differentiate)")

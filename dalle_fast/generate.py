@@ -240,6 +240,9 @@ def generate_codes(model: DALLE, text: torch.Tensor, num_images: int = 1, *, cfg
     guided = opts.cfg_scale != 1.0
     S2 = cfg.image_tokens
     codes = torch.empty(rows, S2, dtype=torch.int64, device=dev)
+    use_graph = (dev.type == "cuda" and attention == "sparse") if cuda_graph is None else bool(cuda_graph)
+    if use_graph and (dev.type != "cuda" or attention != "sparse"):
+        raise ValueError("cuda_graph needs a CUDA model and attention='sparse'")
     bar = tqdm(total=S2, disable=not progress, desc="generate", unit="tok")
 
     if attention == "none":
@@ -258,9 +261,6 @@ def generate_codes(model: DALLE, text: torch.Tensor, num_images: int = 1, *, cfg
         return codes.view(prompts, num_images, cfg.image_size, cfg.image_size)
 
     decoder = _CachedDecoder(model, text, num_images, guided, seeds, opts, attention)
-    use_graph = (dev.type == "cuda" and attention == "sparse") if cuda_graph is None else bool(cuda_graph)
-    if use_graph and (dev.type != "cuda" or attention != "sparse"):
-        raise ValueError("cuda_graph needs a CUDA model and attention='sparse'")
     step = _GraphedStep(decoder) if use_graph else decoder.run_step
     decoder.tokens.copy_(primed[:, 0] if n_prime else decoder.first())
     codes[:, 0] = decoder.tokens
@@ -293,6 +293,8 @@ def teacher_forced_logits(model: DALLE, text: torch.Tensor, codes: torch.Tensor,
     rows = codes.shape[0]
     if text.shape[0] != rows:
         raise ValueError(f"text has {text.shape[0]} rows but codes has {rows}")
+    if rows == 0:
+        raise ValueError("text must hold at least one prompt, got a batch of 0")
     decoder = _CachedDecoder(model, text.to(dev).long(), 1, guided, torch.zeros(rows, dtype=torch.int64, device=dev),
                              _Options(2.0 if guided else 1.0, 1.0, 0, 1.0), attention)
     out = [decoder.first_logits]
@@ -300,7 +302,7 @@ def teacher_forced_logits(model: DALLE, text: torch.Tensor, codes: torch.Tensor,
         decoder.tokens.copy_(codes[:, j - 1])
         decoder.run_step()
         out.append(decoder.logits)
-    return torch.stack(out, 1)
+    return torch.stack(out, 1)[:, :codes.shape[1]]  # one entry per code: none for codes (B, 0)
 
 
 # -- images and reranking ------------------------------------------------------------------------
@@ -333,6 +335,12 @@ def check_compatible(model: DALLE, dvae, tokenizer, clip=None) -> None:
     if clip is not None and clip.config.image_size != dvae.config.image_size:
         raise ValueError(f"image size: CLIP takes {clip.config.image_size}px images but the dVAE makes "
                          f"{dvae.config.image_size}px")
+    if clip is not None:  # CLIP masks ids >= its pad_base: another tokenizer's padding would be read as text
+        cc = clip.config
+        if (cc.vocab_size, cc.pad_base) != (tokenizer.vocab_size, tokenizer.pad_base) \
+                or cc.text_len > tokenizer.text_len:
+            raise ValueError(f"clip: its text vocabulary (vocab_size={cc.vocab_size}, pad_base={cc.pad_base}, "
+                             f"text_len={cc.text_len}) does not match tokenizer {tokenizer!r}")
 
 
 @torch.no_grad()
@@ -351,11 +359,16 @@ def generate_images(model: DALLE, dvae, tokenizer, captions: str | Sequence[str]
     if "seeds" in kwargs:
         raise ValueError("seeds: generate_images gives candidate c of caption p the seed seed + p * num_images + c; "
                          "pass seed= (or call generate_codes with seeds=)")
-    captions = [captions] if isinstance(captions, str) else list(captions)
+    try:
+        captions = [captions] if isinstance(captions, str) else list(captions)
+    except TypeError:
+        raise ValueError(f"captions must be a str or a sequence of str, got {type(captions).__name__}") from None
     if not captions:
         raise ValueError("captions must not be empty")
-    text = tokenizer.encode(captions, text_len=model.config.text_len - 1)  # ValueError if one is empty
     seed = kwargs.pop("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {type(seed).__name__}")
+    text = tokenizer.encode(captions, text_len=model.config.text_len - 1)  # ValueError if one is empty
     chunk = batch_size or num_images
     dev = model.head.weight.device
     parts = []

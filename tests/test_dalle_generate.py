@@ -185,3 +185,56 @@ def test_tiny_model_overfits_captions_and_generates_them():
     assert torch.equal(greedy[:, 0], codes)
     sampled = generate_codes(model, text, 4, seed=5)  # temperature 1: nearly deterministic after overfitting
     assert (sampled == codes[:, None]).float().mean() > 0.9
+
+
+def test_cuda_graph_refused_without_the_sparse_cuda_path(model):
+    text = torch.randint(0, 35, (1, 4))
+    for attention in ("none", "dense", "sparse"):  # attention="none" used to ignore cuda_graph=True silently
+        with pytest.raises(ValueError, match="cuda_graph"):
+            generate_codes(model, text, 1, cuda_graph=True, attention=attention)
+
+
+def test_decode_attention_refuses_shared_text_caches_that_require_grad():
+    from dalle_fast import Layout, decode_attention
+    layout = Layout("row", text_len=5, image_size=4)
+    q, k, v = (torch.randn(3, 2, 1, 16) for _ in range(3))
+    pi = torch.zeros(3, dtype=torch.long)
+    for which in ("k", "v"):  # the CPU kernel has no backward: the text caches' gradients would be missing
+        tk = torch.randn(1, 2, 5, 16, requires_grad=which == "k")
+        tv = torch.randn(1, 2, 5, 16, requires_grad=which == "v")
+        with pytest.raises(ValueError, match="requires grad"):
+            decode_attention(q, k, v, torch.zeros(3, 2, 16, 16), torch.zeros(3, 2, 16, 16), torch.tensor(7), layout,
+                             text_k_cache=tk, text_v_cache=tv, prompt_index=pi)
+        with torch.no_grad():
+            decode_attention(q, k, v, torch.zeros(3, 2, 16, 16), torch.zeros(3, 2, 16, 16), torch.tensor(7), layout,
+                             text_k_cache=tk, text_v_cache=tv, prompt_index=pi)
+
+
+def test_generate_images_checks_seed_and_captions(stack):
+    tok, dvae, clip, model = stack
+    for seed in (True, 1.5, "3", None):  # True was taken as seed 1, "3" raised a TypeError
+        with pytest.raises(ValueError, match="seed must be an int"):
+            generate_images(model, dvae, tok, "a red circle", 1, seed=seed)
+    with pytest.raises(ValueError, match="captions"):
+        generate_images(model, dvae, tok, 5, 1)
+
+
+def test_clip_must_share_the_tokenizer_vocabulary(stack):
+    from dalle_fast.generate import check_compatible
+    tok, dvae, clip, model = stack
+    check_compatible(model, dvae, tok, clip)
+    # another padding range: CLIP would read this tokenizer's padding ids as words and rerank on that
+    for kw in (dict(vocab_size=tok.vocab_size + 100, pad_base=tok.pad_base + 50, text_len=tok.text_len),
+               dict(vocab_size=100, pad_base=50, text_len=tok.text_len),
+               dict(vocab_size=tok.vocab_size, pad_base=tok.pad_base, text_len=tok.text_len + 1)):
+        other = CLIP(CLIPConfig.preset("tiny", image_size=16, patch_size=4, **kw)).eval()
+        with pytest.raises(ValueError, match="clip"):
+            generate_images(model, dvae, tok, "a red circle", 1, clip=other)
+
+
+def test_teacher_forced_logits_one_entry_per_code(model):
+    text = torch.randint(0, 35, (2, 4))
+    assert teacher_forced_logits(model, text, torch.zeros(2, 0, dtype=torch.long)).shape == (2, 0, 24)  # was (2, 1, 24)
+    assert teacher_forced_logits(model, text, torch.zeros(2, 3, dtype=torch.long)).shape == (2, 3, 24)
+    with pytest.raises(ValueError, match="at least one prompt"):  # was a RuntimeError about text_k_cache
+        teacher_forced_logits(model, text[:0], torch.zeros(0, 4, 4, dtype=torch.long))

@@ -155,3 +155,28 @@ def test_vocab_slice_cross_entropy_equals_the_masked_full_softmax():
     for bad in (8, -1):  # a target outside [0, hi - lo)
         with pytest.raises(ValueError, match="target ids"):
             vocab_slice_cross_entropy(h, head, 7, 15, target.masked_fill(target == target[0, 0], bad))
+
+
+def test_text_and_codes_must_have_the_same_batch():
+    m = DALLE(micro())
+    text = torch.randint(0, 35, (2, 4))
+    with pytest.raises(ValueError, match="rows"):
+        m.logits(text, torch.zeros(3, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="rows"):
+        m(text, torch.zeros(3, 4, 4, dtype=torch.long))
+
+
+def test_config_refuses_ids_and_weights_of_the_wrong_type():
+    for name, value in (("bos_id", 3.5), ("bos_id", True), ("pad_base", 3.0), ("pad_base", "3"),
+                        ("caption_dropout", "0.1"), ("caption_dropout", None), ("text_loss_weight", "0.5")):
+        with pytest.raises(ValueError, match=name):
+            micro(**{name: value})
+    assert micro(bos_id=3, pad_base=4, caption_dropout=0, text_loss_weight=1).bos_id == 3
+
+
+def test_empty_batch_with_codes():
+    m = DALLE(micro()).eval()
+    text = torch.zeros(0, 4, dtype=torch.long)  # reshape(0, -1) of the codes used to raise a RuntimeError
+    assert m.logits(text, torch.zeros(0, 3, dtype=torch.long)).shape == (0, 8, 64)
+    assert m.logits(text, torch.zeros(0, 4, 4, dtype=torch.long)).shape == (0, 21, 64)
+    assert m.flat_codes(torch.zeros(0, 4, 4, dtype=torch.long)).shape == (0, 16)

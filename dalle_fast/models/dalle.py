@@ -88,6 +88,14 @@ class DALLEConfig:
                 if k not in KINDS:
                     raise ValueError(f"kinds must be drawn from {KINDS}, got {k!r}")
             object.__setattr__(self, "kinds", kinds)
+        for name in ("bos_id", "pad_base"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an int or None, got {value!r}")
+        for name in ("caption_dropout", "text_loss_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         caption = self.text_len - 1
         pad_base = self.text_vocab - caption if self.pad_base is None else self.pad_base
         bos_id = pad_base - 1 if self.bos_id is None else self.bos_id
@@ -231,7 +239,7 @@ class DALLE(nn.Module):
             raise ValueError(f"{name} must be (B, {cfg.image_size}, {cfg.image_size}), got {tuple(codes.shape)}")
         if codes.is_floating_point() or codes.is_complex():
             raise ValueError(f"{name} must be integers, got {codes.dtype}")
-        flat = codes.reshape(codes.shape[0], -1).long()
+        flat = codes.flatten(1).long()  # (not reshape(B, -1): ambiguous for B = 0)
         if flat.shape[1] > cfg.image_tokens:
             raise ValueError(f"{name} has {flat.shape[1]} tokens, more than image_size**2 = {cfg.image_tokens}")
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= cfg.image_vocab):
@@ -288,6 +296,8 @@ class DALLE(nn.Module):
         ``[BOS, text | codes]`` with ``n <= image_size**2`` codes (``(B, n)``)."""
         self.check_text(text)
         codes = None if codes is None else self.flat_codes(codes)
+        if codes is not None and codes.shape[0] != text.shape[0]:
+            raise ValueError(f"codes has {codes.shape[0]} rows but text has {text.shape[0]}")
         return self.head(self.hidden(self.embed(text, codes)))
 
     def drop_captions(self, text: torch.Tensor, p: float) -> torch.Tensor:
@@ -308,6 +318,8 @@ class DALLE(nn.Module):
         codes = self.flat_codes(codes)
         if codes.shape[1] != cfg.image_tokens:
             raise ValueError(f"codes must hold all {cfg.image_tokens} image tokens, got {codes.shape[1]}")
+        if codes.shape[0] != text.shape[0]:
+            raise ValueError(f"codes has {codes.shape[0]} rows but text has {text.shape[0]}")
         text = text.long()
         if self.training:
             text = self.drop_captions(text, cfg.caption_dropout)
