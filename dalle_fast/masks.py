@@ -214,7 +214,7 @@ class Layout:
     dilation: int = 1
 
     def __post_init__(self):
-        if self.kind not in KIND_IDS:
+        if not isinstance(self.kind, str) or self.kind not in KIND_IDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         _positive_int("text_len", self.text_len)
         _positive_int("image_size", self.image_size)
@@ -311,7 +311,12 @@ class Layout:
     def packed_tile_tables(self, seq_len: Optional[int] = None, tiles=((64, 64),)) -> PackedTileTables:
         """:class:`PackedTileTables` of the tile shapes ``tiles`` (pairs ``(block_m, block_n)``), cached."""
         n = self.check_seq_len(seq_len)
-        tiles = tuple(sorted({(int(bm), int(bn)) for bm, bn in tiles}))
+        pairs = set()
+        for tile in tiles:
+            if not isinstance(tile, (tuple, list)) or len(tile) != 2:
+                raise ValueError(f"tiles must hold (block_m, block_n) pairs, got {tile!r}")
+            pairs.add((_positive_int("block_m", tile[0]), _positive_int("block_n", tile[1])))
+        tiles = tuple(sorted(pairs))
         for bm, bn in tiles:
             _packed_slot(bm, bn)
         return _packed_tile_tables(self, n, tiles)
@@ -324,9 +329,15 @@ class Layout:
         return keys[self.allowed(torch.tensor(pos), keys)]
 
     def max_decode_keys(self) -> int:
-        """Largest number of keys any single query attends to (what a decode step may read)."""
-        n = self.seq_len
-        return int(self.dense_mask().sum(1).max()) if n <= 8192 else n
+        """Largest number of keys any single query attends to (what a decode step may read).
+
+        Exact for every size: a text query reads at most ``T`` keys, an image query all ``T`` text
+        keys plus an image window that only the top and left image edges clip (``full``: every
+        earlier key), so the queries of the last image row hold the maximum; only they are evaluated.
+        """
+        n, S = self.seq_len, self.image_size
+        q = torch.arange(n - S, n)
+        return int(self.allowed(q[:, None], torch.arange(n)[None, :]).sum(1).max())
 
     def __str__(self):
         extra = ""

@@ -167,7 +167,7 @@ def test_patched_loss_skips_the_masked_logits():
     recognised), unpatch removes it, and a forward it does not recognise is left alone."""
     model = make_model()
     dfp.patch(model)
-    assert model.forward.__func__ is dfp._loss_forward
+    assert dfp._has_loss_forward(model) and model.forward.func is dfp._loss_forward
     dfp.unpatch(model)
     assert "forward" not in model.__dict__
     known = dfp._KNOWN_FORWARD_SHA256
@@ -231,6 +231,46 @@ def test_patch_keeps_parameters_and_unpatch_restores_modules():
     assert not dfp.is_patched(model)
     restored = [m for m in model.modules() if m in originals]
     assert len(restored) == len(originals) == 4
+
+
+def test_patched_model_survives_torch_save_and_load():
+    """torch.save(model) of a patched model loads back patched, with the same loss (the loss forward
+    was a bound method, which pickles as getattr(model, '_loss_forward') and failed to load)."""
+    import io
+    model = make_model(depth=2)
+    text, image = batch()
+    dfp.patch(model)
+    with torch.no_grad():
+        loss = model(text.clone(), image, return_loss=True)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert dfp.is_patched(loaded) and dfp._has_loss_forward(loaded)
+    with torch.no_grad():
+        assert torch.equal(loaded(text.clone(), image, return_loss=True), loss)
+    dfp.unpatch(loaded)
+    assert not dfp.is_patched(loaded) and "forward" not in loaded.__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(text.clone(), image, return_loss=True), loss, rtol=1e-5, atol=1e-5)
+
+
+def test_patch_a_subclass_whose_forward_source_is_unavailable():
+    """A DALLE subclass defined where inspect cannot read its source (exec, python -c, a notebook
+    cell) is patched, with its own forward left alone (was: OSError from inspect.getsource after the
+    attention modules had already been swapped)."""
+    namespace = {"DALLE": dalle_pytorch.DALLE}
+    exec("class ExecDALLE(DALLE):\n    def forward(self, *args, **kw):\n        return super().forward(*args, **kw)\n",
+         namespace)
+    model = make_model(depth=2)
+    model.__class__ = namespace["ExecDALLE"]
+    text, image = batch()
+    with torch.no_grad():
+        ref = model(text.clone(), image, return_loss=True)
+    dfp.patch(model)
+    assert dfp.is_patched(model) and "forward" not in model.__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(model(text.clone(), image, return_loss=True), ref, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,3 +401,12 @@ def test_refuses_unsupported_calls():
             dfp.generate(model, text, img=img, num_init_img_tokens=2)
     with pytest.raises(ValueError, match="at least one caption"):
         dfp.generate(model, text[:0])
+
+
+def test_generate_refuses_a_seed_outside_int64():
+    """seed=2**64 raised OverflowError from torch.arange(B) + seed instead of a ValueError naming seed."""
+    model = make_model(depth=1)
+    text, _ = batch()
+    for seed in (2**63, 2**64, -2**63 - 1):
+        with pytest.raises(ValueError, match="seed"):
+            dfp.generate(model, text, filter_thres=1.0, seed=seed)

@@ -171,6 +171,7 @@ def test_paper_schedule():
     "kwargs,name",
     [
         (dict(kind="diag", text_len=4, image_size=4), "kind"),
+        (dict(kind=["row"], text_len=4, image_size=4), "kind"),  # (was: TypeError, unhashable list)
         (dict(kind="row", text_len=0, image_size=4), "text_len"),
         (dict(kind="row", text_len=4, image_size=-1), "image_size"),
         (dict(kind="conv", text_len=4, image_size=4, kernel_size=4), "kernel_size"),
@@ -211,3 +212,25 @@ def test_random_layouts_match_brute_force(kind, T, S, K, d, data):
     layout = Layout(kind, T, S, kernel_size=K, dilation=d if kind == "conv_like" else 1)
     n = data.draw(st.integers(1, layout.seq_len))
     assert torch.equal(layout.dense_mask(n), brute_mask(layout, n))
+
+
+def test_max_decode_keys_is_exact_beyond_8192_positions():
+    """Above 8192 positions max_decode_keys returned seq_len instead of the largest key count."""
+    T, S = 256, 91  # 8537 positions
+    for kind, img in (("row", S + 1), ("col", S), ("axial_row", S), ("axial_col", S), ("conv", 6 * 11 - 5),
+                      ("full", S * S)):
+        layout = Layout(kind, T, S)
+        assert layout.seq_len > 8192
+        assert layout.max_decode_keys() == T + img, kind
+    layout = Layout("conv_like", T, S, kernel_size=5, dilation=2)
+    assert layout.max_decode_keys() == T + 25
+    assert layout.max_decode_keys() == max(layout.decode_keys(p).numel() for p in range(layout.seq_len - S,
+                                                                                          layout.seq_len))
+
+
+@pytest.mark.parametrize("tiles,name", [(((16.5, 16),), "block_m"), (((16, "16"),), "block_n"),
+                                        (((True, 16),), "block_m"), ((16, 16), "tiles"), (((16, 16, 16),), "tiles")])
+def test_packed_tile_tables_reject_non_int_tiles(tiles, name):
+    """Tile sizes were passed through int(): 16.5 and "16" silently became 16; a flat pair crashed."""
+    with pytest.raises(ValueError, match=name):
+        Layout("row", 4, 3).packed_tile_tables(None, tiles)

@@ -61,3 +61,39 @@ def test_example_use_in_your_model_runs(tmp_path):
     out = run_python([str(ROOT / "examples" / "use_in_your_model.py")], tmp_path, OMP_NUM_THREADS="1")
     assert out.returncode == 0, out.stderr
     assert "cached == full forward" in out.stdout
+
+
+def test_sparse_attention_module_refuses_bools_and_checks_qkv_input():
+    """dim=True crashed inside nn.Linear (TypeError) and heads=True silently meant one head; the
+    public .qkv(x) failed with an unpacking or matmul error instead of naming x."""
+    import pytest
+    import torch
+
+    layout = dalle_fast.Layout("row", 3, 2)
+    for kwargs, name in ((dict(dim=True), "dim"), (dict(heads=True), "heads"), (dict(dim_head=True), "dim_head")):
+        args = dict(dim=16, heads=2, dim_head=8) | kwargs
+        with pytest.raises(ValueError, match=name):
+            dalle_fast.SparseAttention(layout=layout, **args)
+    attn = dalle_fast.SparseAttention(16, 2, 8, layout)
+    for x in (torch.randn(layout.seq_len, 16), torch.randn(1, layout.seq_len, 15)):
+        with pytest.raises(ValueError, match="x must be"):
+            attn.qkv(x)
+    q, k, v = attn.qkv(torch.randn(2, layout.seq_len, 16))
+    assert q.shape == k.shape == v.shape == (2, 2, layout.seq_len, 8)
+
+
+def test_vocab_slice_cross_entropy_refuses_non_int64_targets():
+    """int32, float and bool targets failed inside F.cross_entropy with a RuntimeError."""
+    import pytest
+    import torch
+
+    from dalle_fast.nn.functional import vocab_slice_cross_entropy
+
+    head = torch.nn.Linear(8, 20)
+    h, target = torch.randn(2, 5, 8), torch.randint(0, 6, (2, 5))
+    for bad in (target.int(), target.float(), target.bool(), target.tolist()):
+        with pytest.raises(ValueError, match="target must be an int64"):
+            vocab_slice_cross_entropy(h, head, 4, 10, bad)
+    full = head(h).masked_fill((torch.arange(20) < 4) | (torch.arange(20) >= 10), float("-inf"))
+    expected = torch.nn.functional.cross_entropy(full.flatten(0, 1), (target + 4).flatten())
+    torch.testing.assert_close(vocab_slice_cross_entropy(h, head, 4, 10, target), expected)

@@ -59,6 +59,7 @@ attention, and DALLE-pytorch's own inference ``cache`` on a patched model (use :
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import List, Optional
@@ -305,10 +306,22 @@ _KNOWN_FORWARD_SHA256 = {
 }
 
 
-def _forward_source_hash(cls) -> str:
+def _forward_source_hash(cls) -> Optional[str]:
+    """SHA-256 of the source of ``cls.forward``; None when the source cannot be read (e.g. a subclass
+    defined in an ``exec``/``python -c`` string), which no known hash matches."""
     import hashlib
     import inspect
-    return hashlib.sha256(inspect.getsource(cls.forward).encode()).hexdigest()
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return None
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+def _has_loss_forward(model) -> bool:
+    """Whether :func:`patch` installed :func:`_loss_forward` as ``model.forward``."""
+    forward = model.__dict__.get("forward")
+    return isinstance(forward, functools.partial) and forward.func is _loss_forward
 
 
 def _loss_forward(self, text, image=None, return_loss=False, null_cond_prob=0., cache=None):
@@ -366,8 +379,9 @@ def patch(model):
         if not isinstance(branch.core, DallePytorchAttention):
             branch.parent.fn = DallePytorchAttention(branch.core, layer.layout)
     if _forward_source_hash(type(model)) in _KNOWN_FORWARD_SHA256:
-        import types
-        model.forward = types.MethodType(_loss_forward, model)
+        # a partial of a module-level function, not a bound method: a bound method pickles as
+        # getattr(model, '_loss_forward'), so torch.save(model) could not be loaded back
+        model.forward = functools.partial(_loss_forward, model)
     return model
 
 
@@ -381,7 +395,7 @@ def unpatch(model):
             if mask is not None:  # the model may have moved since patch (parameters are shared, buffers not)
                 original.static_mask = mask.to(core.to_qkv.weight.device)
             module.fn = original
-    if getattr(model.__dict__.get("forward"), "__func__", None) is _loss_forward:
+    if _has_loss_forward(model):
         del model.forward
     return model
 
@@ -535,6 +549,8 @@ def generate(model, text: torch.Tensor, *, filter_thres: float = 0.5, temperatur
         raise ValueError(f"filter_thres must be in [0, 1], got {filter_thres}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {type(seed).__name__}")
+    if not -2**63 <= seed < 2**63:  # (seed + b wraps around in int64)
+        raise ValueError(f"seed must be an int64, in [-2**63, 2**63), got {seed}")
     B = text.shape[0]
     if B == 0:
         raise ValueError("text must hold at least one caption, got a batch of 0")

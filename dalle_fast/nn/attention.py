@@ -32,7 +32,7 @@ class SparseAttention(nn.Module):
                  backend: Optional[str] = None):
         super().__init__()
         for name, value in (("dim", dim), ("heads", heads), ("dim_head", dim_head)):
-            if not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(layout, Layout):
             raise ValueError(f"layout must be a dalle_fast.Layout, got {type(layout).__name__}")
@@ -42,13 +42,14 @@ class SparseAttention(nn.Module):
 
     def qkv(self, x: torch.Tensor):
         """Projects ``x (B, N, dim)`` to q, k, v, each ``(B, heads, N, dim_head)``."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.to_qkv.in_features:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be (batch, seq, dim = {self.to_qkv.in_features}), got {got}")
         b, n, _ = x.shape
         qkv = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head)
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.to_qkv.in_features:
-            raise ValueError(f"x must be (batch, seq, dim = {self.to_qkv.in_features}), got shape {tuple(x.shape)}")
         q, k, v = self.qkv(x)
         out = sparse_attention(q, k, v, self.layout, backend=self.backend)
         b, h, n, d = out.shape

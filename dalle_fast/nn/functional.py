@@ -21,6 +21,10 @@ def vocab_slice_cross_entropy(h: torch.Tensor, head: nn.Linear, lo: int, hi: int
             raise ValueError(f"{name} must be an int, got {type(value).__name__}")
     if not 0 <= lo < hi <= n:
         raise ValueError(f"need 0 <= lo < hi <= head.out_features = {n}, got lo={lo}, hi={hi}")
+    if not isinstance(target, torch.Tensor) or target.dtype not in (torch.int64, torch.uint8):
+        # (the dtypes F.cross_entropy takes as class ids; a float tensor would be read as probabilities)
+        raise ValueError(f"target must be an int64 tensor of ids, got "
+                         f"{target.dtype if isinstance(target, torch.Tensor) else type(target).__name__}")
     if target.shape != h.shape[:-1]:
         raise ValueError(f"target must have h's leading shape {tuple(h.shape[:-1])}, got {tuple(target.shape)}")
     if target.device.type == "cpu" and target.numel() and not 0 <= int(target.min()) <= int(target.max()) < hi - lo:
