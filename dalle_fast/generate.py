@@ -37,7 +37,7 @@ from .decode import decode_attention
 from .masks import _positive_int
 from .models.dalle import DALLE
 from .ops import sparse_attention
-from .sampling import sample
+from .sampling import check_error_flags, sample
 
 __all__ = ["ATTENTION_MODES", "Generation", "Pipeline", "generate_codes", "generate_images", "load_pipeline",
            "teacher_forced_logits"]
@@ -78,11 +78,18 @@ def _prime(model: DALLE, prime: torch.Tensor | None, prompts: int, device: torch
     return flat.to(device)
 
 
-def _draw(logits: torch.Tensor, rows: int, seeds: torch.Tensor, step, opts: _Options) -> torch.Tensor:
-    """Image logits of ``rows`` conditional rows (then ``rows`` unconditional ones with guidance) -> codes."""
+def _draw(logits: torch.Tensor, rows: int, seeds: torch.Tensor, step, opts: _Options,
+          errors: torch.Tensor) -> torch.Tensor:
+    """Image logits of ``rows`` conditional rows (then ``rows`` unconditional ones with guidance) -> codes.
+    The sampler's error flag of each row is OR-ed into ``errors`` (int32 ``(rows,)``, on the device,
+    no host sync; :func:`dalle_fast.sampling.check_error_flags` reads it once the codes are done): the
+    CUDA kernel draws the lowest token for a row with NaN/+inf logits and flags it, the CPU kernel raises."""
     guided = logits.shape[0] != rows
-    return sample(logits[:rows], seeds=seeds, step=step, temperature=opts.temperature, top_k=opts.top_k,
-                  top_p=opts.top_p, uncond_logits=logits[rows:] if guided else None, cfg_scale=opts.cfg_scale)
+    tokens, flag = sample(logits[:rows], seeds=seeds, step=step, temperature=opts.temperature, top_k=opts.top_k,
+                          top_p=opts.top_p, uncond_logits=logits[rows:] if guided else None,
+                          cfg_scale=opts.cfg_scale, return_error_flag=True)
+    errors.bitwise_or_(flag)
+    return tokens
 
 
 class _CachedDecoder:
@@ -126,6 +133,7 @@ class _CachedDecoder:
         self.tokens = torch.zeros(self.rows, dtype=torch.int64, device=dev)
         self.pos = torch.tensor(T, dtype=torch.int64, device=dev)  # position of the token being fed
         self.step = torch.ones(1, dtype=torch.int64, device=dev)   # draw counter of the token being drawn
+        self.errors = torch.zeros(self.rows, dtype=torch.int32, device=dev)  # sampler flags, OR-ed (_draw)
         self.host_pos = T
 
     def _attends(self):
@@ -155,7 +163,7 @@ class _CachedDecoder:
 
     def first(self) -> torch.Tensor:
         """Code 0 of every row, from the prefill's last text position."""
-        return _draw(self.first_logits, self.rows, self.seeds, 0, self.opts)
+        return _draw(self.first_logits, self.rows, self.seeds, 0, self.opts, self.errors)
 
     def run_step(self) -> None:
         """Feed ``tokens`` at ``pos``, draw the next code into ``tokens``, advance ``pos`` and ``step``."""
@@ -164,7 +172,7 @@ class _CachedDecoder:
         x = model.embed_image(tok[:, None], self.pos - model.config.text_len)
         h = model.hidden(x, self._attends())
         self.logits = model.image_logits(h[:, 0])  # (rows [x2], image_vocab), kept for teacher_forced_logits
-        self.tokens.copy_(_draw(self.logits, self.rows, self.seeds, self.step, self.opts))
+        self.tokens.copy_(_draw(self.logits, self.rows, self.seeds, self.step, self.opts, self.errors))
         self.pos += 1
         self.step += 1
         self.host_pos += 1
@@ -246,6 +254,7 @@ def generate_codes(model: DALLE, text: torch.Tensor, num_images: int = 1, *, cfg
     bar = tqdm(total=S2, disable=not progress, desc="generate", unit="tok")
 
     if attention == "none":
+        errors = torch.zeros(rows, dtype=torch.int32, device=dev)
         text_rows = text.repeat_interleave(num_images, 0)
         if guided:
             text_rows = torch.cat([text_rows, model.null_text(rows)])
@@ -255,9 +264,10 @@ def generate_codes(model: DALLE, text: torch.Tensor, num_images: int = 1, *, cfg
             else:
                 prefix = codes[:, :j].repeat(2, 1) if guided else codes[:, :j]
                 h = model.hidden(model.embed(text_rows, prefix))
-                codes[:, j] = _draw(model.image_logits(h[:, -1]), rows, seeds, j, opts)
+                codes[:, j] = _draw(model.image_logits(h[:, -1]), rows, seeds, j, opts, errors)
             bar.update(1)
         bar.close()
+        check_error_flags(errors, "generate")
         return codes.view(prompts, num_images, cfg.image_size, cfg.image_size)
 
     decoder = _CachedDecoder(model, text, num_images, guided, seeds, opts, attention)
@@ -272,6 +282,7 @@ def generate_codes(model: DALLE, text: torch.Tensor, num_images: int = 1, *, cfg
         codes[:, j] = decoder.tokens
         bar.update(1)
     bar.close()
+    check_error_flags(decoder.errors, "generate")
     return codes.view(prompts, num_images, cfg.image_size, cfg.image_size)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from . import reference
 
-__all__ = ["sample"]
+__all__ = ["sample", "check_error_flags"]
 
 SAMPLE_BACKENDS = ("reference", "cpu", "cuda")
 
@@ -124,3 +124,16 @@ def sample(logits: torch.Tensor, *, seeds: torch.Tensor, step, temperature: floa
         tokens, flag = torch.ops.dalle_fast.sample(logits, seeds, step, uncond_logits, cfg_scale, temperature,
                                                    top_k, top_p, lo, hi)
     return (tokens, flag) if return_error_flag else tokens
+
+
+def check_error_flags(errors: torch.Tensor, who: str) -> None:
+    """RuntimeError, as the CPU kernel raises at the draw, if any row of ``errors`` is flagged:
+    the flags of :func:`sample` (``return_error_flag``) OR-ed over a run of draws on the device
+    (1: NaN/+inf logits, 2: every logit -inf; the CUDA kernel then draws the lowest token of the
+    range). For loops that draw many tokens without a host sync: one sync here, at the end."""
+    bad = errors.nonzero().flatten().tolist()
+    if bad:
+        flags = set(errors[bad].tolist())
+        what = " or ".join(w for bit, w in ((1, "NaN or +inf"), (2, "all -inf")) if any(f & bit for f in flags))
+        raise RuntimeError(f"{who}: the image logits (or their guided mix) were {what} in {len(bad)} of "
+                           f"{errors.numel()} rows (first: row {bad[0]}); their tokens are not samples")

@@ -238,3 +238,42 @@ def test_teacher_forced_logits_one_entry_per_code(model):
     assert teacher_forced_logits(model, text, torch.zeros(2, 3, dtype=torch.long)).shape == (2, 3, 24)
     with pytest.raises(ValueError, match="at least one prompt"):  # was a RuntimeError about text_k_cache
         teacher_forced_logits(model, text[:0], torch.zeros(0, 4, 4, dtype=torch.long))
+
+
+def _flagging_sample(real, flag_step, flag_row, flag):
+    """dalle_fast.sample as the CUDA kernel behaves on a bad row: it draws a token and sets that row's
+    error flag (on CPU the kernel raises instead, so the flag path is faked here)."""
+    def sample(*args, return_error_flag=False, **kw):
+        tokens, flags = real(*args, return_error_flag=True, **kw)
+        if int(kw["step"]) == flag_step:
+            flags = flags.clone()
+            flags[flag_row] = flag
+        return (tokens, flags) if return_error_flag else tokens
+    return sample
+
+
+@pytest.mark.parametrize("attention", ["sparse", "dense", "none"])
+@pytest.mark.parametrize("flag, what", [(1, "NaN or \\+inf"), (2, "all -inf")])
+def test_generate_raises_on_a_flagged_draw(model, monkeypatch, attention, flag, what):
+    """A draw the sampler flags (NaN/+inf or all -inf logits: on CUDA it returns a token and sets the
+    flag, without a host sync) makes generate_codes raise once the codes are done, instead of
+    returning codes that are not samples (they used to be returned silently on CUDA)."""
+    import dalle_fast.generate as gen
+
+    text, real = torch.randint(0, 30, (2, 4)), gen.sample
+    monkeypatch.setattr(gen, "sample", _flagging_sample(real, 3, 2, flag))
+    with pytest.raises(RuntimeError, match=f"generate: .*were {what} in 1 of 4 rows \\(first: row 2\\)"):
+        generate_codes(model, text, 2, attention=attention, cfg_scale=2.0)
+    monkeypatch.setattr(gen, "sample", _flagging_sample(real, 99, 0, flag))  # no draw flagged: codes
+    assert generate_codes(model, text, 2, attention=attention, cfg_scale=2.0).shape == (2, 2, 4, 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_generate_on_cuda_raises_on_nan_logits(model):
+    """The real CUDA path: a model whose logits are NaN flags every row on the device."""
+    import copy
+    m = copy.deepcopy(model).cuda()
+    with torch.no_grad():
+        m.head.weight.fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="NaN or \\+inf"):
+        generate_codes(m, torch.randint(0, 30, (1, 4)).cuda(), 2)

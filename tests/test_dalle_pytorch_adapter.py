@@ -353,6 +353,27 @@ def test_sampling_respects_filter_thres_and_seed():
     assert torch.equal(one[0], codes[1])
 
 
+
+def test_generate_raises_on_a_flagged_draw(monkeypatch):
+    """A draw the sampler flags (on CUDA: NaN/+inf or all -inf logits give a token and a flag on the
+    device, no host sync) makes generate raise once the codes are done; it used to return them."""
+    model = make_model()
+    text, _ = batch(2)
+    real = dfp.sample
+
+    def flagging(*args, return_error_flag=False, **kw):
+        tokens, flags = real(*args, return_error_flag=True, **kw)
+        if kw["step"] == 2:
+            flags = torch.tensor([0, 1], dtype=torch.int32)
+        return (tokens, flags) if return_error_flag else tokens
+
+    monkeypatch.setattr(dfp, "sample", flagging)
+    with pytest.raises(RuntimeError, match=r"dalle_pytorch.generate: .*NaN or \+inf in 1 of 2 rows \(first: row 1\)"):
+        dfp.generate(model, text, filter_thres=1.0)
+    monkeypatch.setattr(dfp, "sample", real)
+    assert dfp.generate(model, text, filter_thres=1.0).shape == (2, S * S)
+
+
 # ---------------------------------------------------------------------------------------------
 # refusals
 # ---------------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ from ..decode import decode_attention
 from ..masks import Layout
 from ..nn.functional import vocab_slice_cross_entropy
 from ..ops import sparse_attention
-from ..sampling import sample
+from ..sampling import check_error_flags, sample
 
 __all__ = ["DallePytorchAttention", "generate", "import_dalle_pytorch", "is_patched", "layouts", "patch", "unpatch"]
 
@@ -584,15 +584,19 @@ def generate(model, text: torch.Tensor, *, filter_thres: float = 0.5, temperatur
         decoder = _Decoder(model, spec, prompt_index)
         logits = decoder.prefill(ids)[prompt_index]
         codes = torch.empty(B, S2, dtype=torch.int64, device=device)
+        errors = torch.zeros(B, dtype=torch.int32, device=device)  # the sampler's flags, OR-ed on the device
         for m in range(S2):
             if m < n_prime:
                 tokens = primed[:, m]
             else:
-                tokens = sample(logits[:B], seeds=seeds, step=m, temperature=float(temperature), top_k=top_k,
-                                uncond_logits=logits[B:] if guided else None, cfg_scale=float(cond_scale))
+                tokens, flag = sample(logits[:B], seeds=seeds, step=m, temperature=float(temperature), top_k=top_k,
+                                      uncond_logits=logits[B:] if guided else None, cfg_scale=float(cond_scale),
+                                      return_error_flag=True)
+                errors.bitwise_or_(flag)
             codes[:, m] = tokens
             if m + 1 < S2:
                 logits = decoder.step(tokens.repeat(2) if guided else tokens, m)
     finally:
         model.train(was_training)
+    check_error_flags(errors, "dalle_pytorch.generate")
     return codes
