@@ -33,10 +33,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .decode import _resolve as _decode_backend
 from .decode import decode_attention
 from .masks import _positive_int
 from .models.dalle import DALLE
 from .ops import sparse_attention
+from .sampling import _resolve as _sample_backend
 from .sampling import check_error_flags, sample
 
 __all__ = ["ATTENTION_MODES", "Generation", "Pipeline", "generate_codes", "generate_images", "load_pipeline",
@@ -200,6 +202,16 @@ class _GraphedStep:
         self.graph.replay()
 
 
+def _uncapturable_ops(device: torch.device) -> list[str]:
+    """The decode-step ops that would run on the ``reference`` backend on ``device`` (forced by
+    ``$DALLE_FAST_BACKEND``): its ``sample`` reads ``step`` on the host, so a CUDA graph cannot
+    capture the step; the default then decodes without one."""
+    if device.type != "cuda":
+        return []
+    return [op for op, name in (("decode_attention", _decode_backend(None, device)),
+                                ("sample", _sample_backend(None, device))) if name == "reference"]
+
+
 @torch.no_grad()
 def generate_codes(model: DALLE, text: torch.Tensor, num_images: int = 1, *, cfg_scale: float = 1.0,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
@@ -220,7 +232,8 @@ def generate_codes(model: DALLE, text: torch.Tensor, num_images: int = 1, *, cfg
             ``r`` rows), copied into every candidate; the rest is generated.
         attention: ``sparse`` (KV cache + ``decode_attention``, the fast path), ``dense`` (static
             full cache + masked dense attention) or ``none`` (recompute the prefix each step).
-        cuda_graph: capture the decode step in a CUDA graph (default: on CUDA with ``sparse``).
+        cuda_graph: capture the decode step in a CUDA graph (default: on CUDA with ``sparse``, unless
+            ``$DALLE_FAST_BACKEND=reference`` puts the decode ops on the host-syncing reference backend).
         progress: show a progress bar.
 
     Returns:
@@ -248,9 +261,14 @@ def generate_codes(model: DALLE, text: torch.Tensor, num_images: int = 1, *, cfg
     guided = opts.cfg_scale != 1.0
     S2 = cfg.image_tokens
     codes = torch.empty(rows, S2, dtype=torch.int64, device=dev)
-    use_graph = (dev.type == "cuda" and attention == "sparse") if cuda_graph is None else bool(cuda_graph)
+    uncapturable = _uncapturable_ops(dev)
+    use_graph = (dev.type == "cuda" and attention == "sparse" and not uncapturable) if cuda_graph is None \
+        else bool(cuda_graph)
     if use_graph and (dev.type != "cuda" or attention != "sparse"):
         raise ValueError("cuda_graph needs a CUDA model and attention='sparse'")
+    if use_graph and uncapturable:
+        raise ValueError(f"cuda_graph: {' and '.join(uncapturable)} would run on the 'reference' backend "
+                         "($DALLE_FAST_BACKEND), which syncs with the host and cannot be captured")
     bar = tqdm(total=S2, disable=not progress, desc="generate", unit="tok")
 
     if attention == "none":

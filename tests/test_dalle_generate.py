@@ -277,3 +277,32 @@ def test_generate_on_cuda_raises_on_nan_logits(model):
         m.head.weight.fill_(float("nan"))
     with pytest.raises(RuntimeError, match="NaN or \\+inf"):
         generate_codes(m, torch.randint(0, 30, (1, 4)).cuda(), 2)
+
+
+def test_cuda_graph_off_when_the_reference_backend_is_forced(monkeypatch):
+    """$DALLE_FAST_BACKEND=reference makes the decode ops sync with the host (pos.tolist(), int(step)),
+    which a CUDA graph cannot capture: the default then decodes without a graph and an explicit
+    cuda_graph=True is refused by name (capture used to fail inside CUDA). Decided per device, so
+    it is checked here on a CUDA device object without a GPU."""
+    import dalle_fast.generate as gen
+
+    cuda = torch.device("cuda")
+    monkeypatch.delenv("DALLE_FAST_BACKEND", raising=False)
+    assert gen._uncapturable_ops(cuda) == [] and gen._uncapturable_ops(torch.device("cpu")) == []
+    monkeypatch.setenv("DALLE_FAST_BACKEND", "reference")
+    assert gen._uncapturable_ops(cuda) == ["decode_attention", "sample"]
+    assert gen._uncapturable_ops(torch.device("cpu")) == []
+    monkeypatch.setenv("DALLE_FAST_BACKEND", "triton")  # serves neither op: they keep their CUDA kernels
+    assert gen._uncapturable_ops(cuda) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_generation_with_the_reference_backend_forced(model, monkeypatch):
+    import copy
+    m = copy.deepcopy(model).cuda()
+    text = torch.randint(0, 30, (1, 4)).cuda()
+    monkeypatch.setenv("DALLE_FAST_BACKEND", "reference")
+    codes = generate_codes(m, text, 2, seed=3)  # decodes without a graph
+    assert codes.shape == (1, 2, 4, 4) and 0 <= int(codes.min()) and int(codes.max()) < m.config.image_vocab
+    with pytest.raises(ValueError, match="cuda_graph: decode_attention and sample .*reference"):
+        generate_codes(m, text, 2, cuda_graph=True)
