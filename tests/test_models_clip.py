@@ -61,3 +61,43 @@ def test_clip_learns_to_rank_matching_pairs():
     print(f"pair_wins={pair_wins:.3f} top1={top1:.3f}")
     assert pair_wins > 0.85, pair_wins  # untrained ~0.5
     assert top1 > 0.25, top1  # chance 1/32
+
+
+def test_images_out_of_range_or_nan_are_refused():
+    m = CLIP(CLIPConfig.for_tokenizer(TOK, "tiny")).eval()
+    ids = TOK.encode(["a small red circle in the center"] * 2)
+    x = torch.rand(2, 3, 32, 32)
+    for bad, match in ((x * 255, r"\[0, 1\]"), (x - 0.5, r"\[0, 1\]"), (torch.full_like(x, float("nan")), "NaN")):
+        for call in (m.score, m.score_matrix, m):
+            with pytest.raises(ValueError, match="images"):
+                call(ids, bad)
+        with pytest.raises(ValueError, match=match):
+            m.encode_image(bad)
+
+
+def test_images_are_cast_to_the_model_dtype():
+    torch.manual_seed(0)
+    ids = TOK.encode(["a small red circle in the center", "a large blue square on the left"])
+    x = torch.rand(2, 3, 32, 32)
+    m = CLIP(CLIPConfig.for_tokenizer(TOK, "tiny")).eval()
+    torch.testing.assert_close(m.score(ids, x.double()), m.score(ids, x))
+    # a bf16 reranker gets the dVAE's float32 decodes
+    mb = CLIP(CLIPConfig.for_tokenizer(TOK, "tiny")).to(torch.bfloat16).eval()
+    torch.testing.assert_close(mb.score(ids, x), mb.score(ids, x.bfloat16()))
+
+
+def test_non_tensor_inputs_empty_training_batch_and_config_types_are_refused():
+    m = CLIP(CLIPConfig.for_tokenizer(TOK, "tiny"))
+    ids = TOK.encode(["a small red circle in the center"] * 2)
+    x = torch.rand(2, 3, 32, 32)
+    for call in (m.score, m):
+        with pytest.raises(ValueError, match="text_ids"):
+            call(ids.tolist(), x)
+        with pytest.raises(ValueError, match="images"):
+            call(ids, x.tolist())
+    with pytest.raises(ValueError, match="batch size 0"):
+        m(ids[:0], x[:0])
+    assert m.score(ids[:0], x[:0]).shape == (0,)  # scoring nothing is fine
+    for name, value in (("pad_base", 5.5), ("pad_base", True), ("width", True), ("heads", True)):
+        with pytest.raises(ValueError, match=name):
+            CLIPConfig.preset("tiny", **{name: value})

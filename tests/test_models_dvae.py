@@ -231,3 +231,83 @@ def test_openai_converter_rejects_foreign_state_dict():
     from dalle_fast.models.dvae_openai import from_openai
     with pytest.raises(ValueError, match="missing"):
         from_openai({"foo": torch.zeros(1)}, {"bar": torch.zeros(1)})
+
+
+def test_encode_casts_images_to_the_model_dtype():
+    torch.manual_seed(0)
+    m = tiny().eval()
+    x = torch.rand(2, 3, 32, 32)
+    codes = m.encode(x)
+    assert torch.equal(m.encode(x.double()), codes)  # float64 images into a float32 model
+    mb = tiny().to(torch.bfloat16).eval()
+    assert torch.equal(mb.encode(x), mb.encode(x.bfloat16()))  # float32 images into a bf16 model
+    assert mb.logits(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_forward_trains_a_low_precision_model(dtype):
+    torch.manual_seed(0)
+    m = tiny().to(dtype)
+    x = torch.rand(2, 3, 32, 32)
+    for images in (x, x.to(dtype)):
+        out = m(images, step=3)
+        assert torch.isfinite(out["loss"])
+        out["loss"].backward()
+        assert m.encoder.blocks.input.weight.grad is not None and m.decoder.blocks.input.weight.grad is not None
+        m.zero_grad()
+
+
+def test_forward_rejects_an_empty_batch():
+    m = tiny()
+    with pytest.raises(ValueError, match="images.*batch size 0"):
+        m(torch.rand(0, 3, 32, 32), step=0)
+    assert m.encode(torch.rand(0, 3, 32, 32)).shape == (0, 8, 8)  # inference on an empty batch is fine
+
+
+@pytest.mark.parametrize("field, value", [
+    ("kl_weight", float("nan")), ("kl_weight", float("inf")), ("gaussian_sigma", float("inf")),
+    ("tau_start", float("inf")), ("diversity_weight", float("nan")), ("tau_end", True),
+    ("channels", True), ("group_count", True),
+    ("tau_anneal_steps", -1), ("kl_warmup_steps", 2.5), ("tau_anneal_steps", None),
+])
+def test_config_rejects_non_finite_bool_and_bad_step_counts(field, value):
+    with pytest.raises(ValueError, match=field):
+        DVAEConfig.preset("tiny", **{field: value})
+
+
+def test_schedule_and_forward_reject_bad_steps():
+    import numpy as np
+    m = tiny()
+    assert m.schedule(np.int64(7)) == m.schedule(torch.tensor(7)) == m.schedule(7)
+    for step in (-1, 2.5, True, "3", None):
+        with pytest.raises(ValueError, match="step"):
+            m.schedule(step)
+    with pytest.raises(ValueError, match="step"):
+        m(torch.rand(1, 3, 32, 32), step=-10)
+
+
+def _openai_state_dicts(**cfg):
+    """dall_e-format (``w``/``b``) state dicts of a random group_count=4 DVAE (no dall_e needed)."""
+    m = DVAE(DVAEConfig(image_size=32, group_count=4, **cfg))
+
+    def rename(sd):
+        return {k.rsplit(".", 1)[0] + (".w" if k.endswith("weight") else ".b"): v for k, v in sd.items()}
+    return rename(m.encoder.state_dict()), rename(m.decoder.state_dict())
+
+
+def test_openai_converter_refuses_mismatched_decoder_and_size_overrides():
+    from dalle_fast.models.dvae_openai import from_openai
+    enc, dec = _openai_state_dicts(vocab_size=16, n_hid=8, n_init=8, n_blk_per_group=1)
+    m = from_openai(enc, dec, image_size=32, likelihood="gaussian")  # training fields may be overridden
+    assert m.config.likelihood == "gaussian" and m.config.n_hid == 8
+    _, dec_wide = _openai_state_dicts(vocab_size=16, n_hid=16, n_init=8, n_blk_per_group=1)
+    with pytest.raises(ValueError, match="n_hid"):
+        from_openai(enc, dec_wide, image_size=32)
+    _, dec_deep = _openai_state_dicts(vocab_size=16, n_hid=8, n_init=8, n_blk_per_group=2)
+    with pytest.raises(ValueError, match="n_blk_per_group"):
+        from_openai(enc, dec_deep, image_size=32)
+    with pytest.raises(ValueError, match="vocab_size"):
+        from_openai(enc, dec, image_size=32, vocab_size=32)
+    no_group_4 = {k: v for k, v in enc.items() if "group_4" not in k}
+    with pytest.raises(ValueError, match="encoder"):
+        from_openai(no_group_4, dec, image_size=32)

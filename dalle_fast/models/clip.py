@@ -46,10 +46,11 @@ class CLIPConfig:
     max_logit_scale: float = 100.0
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "text_len", "image_size", "patch_size", "width", "text_layers",
+        for name in ("vocab_size", "text_len", "pad_base", "image_size", "patch_size", "width", "text_layers",
                      "image_layers", "heads", "embed_dim"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not 0 < self.pad_base <= self.vocab_size:
             raise ValueError(f"pad_base must be in (0, vocab_size={self.vocab_size}], got {self.pad_base}")
         if self.image_size % self.patch_size:
@@ -198,6 +199,11 @@ class CLIP(nn.Module):
                                  f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
             if not images.is_floating_point():
                 raise ValueError(f"images must be floating with values in [0, 1], got {images.dtype}")
+            if images.isnan().any():  # NaN passes both range compares
+                raise ValueError("images contains NaN")
+            if images.numel() and (images.min() < 0 or images.max() > 1):
+                raise ValueError(f"images values must lie in [0, 1], got range "
+                                 f"[{images.min().item():.3g}, {images.max().item():.3g}]")
 
     def encode_text(self, text_ids: torch.Tensor) -> torch.Tensor:
         """(B, text_len) ids -> (B, embed_dim) unit vectors."""
@@ -205,13 +211,14 @@ class CLIP(nn.Module):
         return _unit(self.text(text_ids.long()))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) in [0, 1] -> (B, embed_dim) unit vectors."""
+        """(B, 3, S, S) float in [0, 1], any floating dtype (cast to the model's) -> (B, embed_dim) unit vectors."""
         self._check(None, images)
-        return _unit(self.image(images))
+        return _unit(self.image(images.to(self.image.patch.weight.dtype)))
 
     @torch.no_grad()
     def score(self, text_ids: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """Cosine similarity of each pair: text_ids (B, text_len), images (B, 3, S, S) -> (B,)."""
+        self._check(text_ids, images)
         if text_ids.shape[0] != images.shape[0]:
             raise ValueError(f"text_ids has {text_ids.shape[0]} rows but images has {images.shape[0]}; "
                              "use score_matrix for all pairs")
@@ -225,8 +232,11 @@ class CLIP(nn.Module):
     def forward(self, text_ids: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Symmetric InfoNCE over the (global) batch. Returns ``loss``, ``accuracy`` (top-1, both
         directions, local rows) and ``logit_scale``."""
+        self._check(text_ids, images)
         if text_ids.shape[0] != images.shape[0]:
             raise ValueError(f"text_ids has {text_ids.shape[0]} rows but images has {images.shape[0]}")
+        if text_ids.shape[0] == 0:
+            raise ValueError("text_ids and images must hold at least one pair to compute the loss, got batch size 0")
         t, i = self.encode_text(text_ids), self.encode_image(images)
         t_all, offset = _gather(t)
         i_all, _ = _gather(i)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -103,8 +104,17 @@ class DVAEConfig:
 
     def __post_init__(self) -> None:
         for name in ("image_size", "channels", "vocab_size", "n_hid", "n_init", "n_blk_per_group", "group_count"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("tau_anneal_steps", "kl_warmup_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        for name in ("tau_start", "tau_end", "kl_weight", "gaussian_sigma", "diversity_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.n_hid % 4:
             raise ValueError(f"n_hid must be a multiple of 4 (blocks use n_out // 4 channels), got {self.n_hid}")
         if self.vocab_size < 2:
@@ -305,9 +315,10 @@ class DVAE(nn.Module):
 
     # -- inference ---------------------------------------------------------------------------
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, C, H, W) in [0, 1] -> codebook logits (B, K, s, s)."""
+        """images (B, C, H, W) float in [0, 1], any floating dtype (cast to the encoder's) ->
+        codebook logits (B, K, s, s)."""
         self._check_images(images)
-        return self.encoder(map_pixels(images))
+        return self.encoder(map_pixels(images.to(self.encoder.blocks.input.weight.dtype)))
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -329,6 +340,13 @@ class DVAE(nn.Module):
     # -- training ----------------------------------------------------------------------------
     def schedule(self, step: int) -> tuple[float, float]:
         """(gumbel temperature, KL weight) at optimisation step ``step`` (cosine schedules)."""
+        try:
+            index = None if isinstance(step, bool) else operator.index(step)  # python, numpy or 0-d tensor ints
+        except TypeError:
+            index = None
+        if index is None or index < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        step = index
         cfg = self.config
         tau = _cosine_ramp(step, cfg.tau_anneal_steps, cfg.tau_start, cfg.tau_end)
         beta = _cosine_ramp(step, cfg.kl_warmup_steps, 0.0, cfg.kl_weight)
@@ -342,10 +360,13 @@ class DVAE(nn.Module):
         ``diversity`` (``log K`` minus the entropy of the batch-mean posterior; added to the loss times
         ``diversity_weight``), ``tau``, ``beta`` and codebook usage (``perplexity``, ``codes_used``) of the argmax codes.
         """
-        logits = self.logits(images)  # (B, K, s, s)
         tau, beta = self.schedule(step)
+        if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] == 0:
+            raise ValueError("images must hold at least one image to compute the training loss, got batch size 0")
+        logits = self.logits(images)  # (B, K, s, s)
+        # the relaxed sample is drawn in float32, then fed to the decoder in its own dtype
         z = F.gumbel_softmax(logits.float(), tau=tau, hard=False, dim=1)
-        stats = self.decoder(z)
+        stats = self.decoder(z.to(self.decoder.blocks.input.weight.dtype))
         c = self.config.channels
         x = map_pixels(images.float())
         if self.config.likelihood == "gaussian":

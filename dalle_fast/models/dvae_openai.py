@@ -43,10 +43,10 @@ def rename_openai_keys(state_dict: Mapping[str, torch.Tensor], name: str = "stat
     return out
 
 
-def _blocks_per_group(sd: Mapping[str, torch.Tensor]) -> int:
+def _blocks_per_group(sd: Mapping[str, torch.Tensor], name: str = "state dict") -> int:
     blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.group_1\.block_(\d+)\.", k))}
     if not blocks:
-        raise ValueError("state dict has no 'blocks.group_1.block_N' parameters")
+        raise ValueError(f"{name} has no 'blocks.group_1.block_N' parameters")
     return max(blocks)
 
 
@@ -64,8 +64,15 @@ def config_from_openai(encoder_sd: Mapping[str, torch.Tensor], decoder_sd: Mappi
         raise ValueError(f"encoder vocab_size {enc_out.shape[0]} != decoder vocab_size {dec_in.shape[1]}")
     if dec_out.shape[0] != 2 * enc_in.shape[1]:
         raise ValueError(f"decoder outputs {dec_out.shape[0]} channels, expected 2 x {enc_in.shape[1]}")
+    # DVAE shares n_hid and n_blk_per_group between encoder and decoder; dall_e sizes them separately
+    if dec_out.shape[1] != enc_in.shape[0]:
+        raise ValueError(f"decoder n_hid {dec_out.shape[1]} != encoder n_hid {enc_in.shape[0]}: DVAE needs one n_hid")
+    enc_blocks, dec_blocks = _blocks_per_group(encoder_sd, "encoder"), _blocks_per_group(decoder_sd, "decoder")
+    if enc_blocks != dec_blocks:
+        raise ValueError(f"decoder n_blk_per_group {dec_blocks} != encoder n_blk_per_group {enc_blocks}: "
+                         "DVAE needs one n_blk_per_group")
     return DVAEConfig(image_size=image_size, channels=enc_in.shape[1], vocab_size=enc_out.shape[0],
-                      n_hid=enc_in.shape[0], n_init=dec_in.shape[0], n_blk_per_group=_blocks_per_group(encoder_sd),
+                      n_hid=enc_in.shape[0], n_init=dec_in.shape[0], n_blk_per_group=enc_blocks,
                       group_count=OPENAI_GROUP_COUNT)
 
 
@@ -73,12 +80,23 @@ def from_openai(encoder: nn.Module | Mapping[str, torch.Tensor], decoder: nn.Mod
                 image_size: int = 256, **config_overrides) -> DVAE:
     """Build a :class:`DVAE` carrying the weights of ``dall_e`` ``encoder`` and ``decoder``
     (modules or their state dicts). ``DVAE.logits(x)`` equals ``encoder(map_pixels(x))`` and
-    ``DVAE.decoder(z)`` equals ``decoder(z)`` in float32."""
+    ``DVAE.decoder(z)`` equals ``decoder(z)`` in float32. ``config_overrides`` replace training
+    fields (schedule, likelihood); the sizes are read off the weights and cannot be overridden."""
     enc_sd, dec_sd = _state_dict(encoder, "encoder"), _state_dict(decoder, "decoder")
     cfg = config_from_openai(enc_sd, dec_sd, image_size)
+    fixed = sorted(set(config_overrides) & _SIZE_FIELDS)
+    if fixed:
+        raise ValueError(f"config_overrides cannot change {fixed}: they are read off the weights")
     if config_overrides:
         cfg = dataclasses.replace(cfg, **config_overrides)
     model = DVAE(cfg)
-    model.encoder.load_state_dict(rename_openai_keys(enc_sd, "encoder"))
-    model.decoder.load_state_dict(rename_openai_keys(dec_sd, "decoder"))
+    for name, module, sd in (("encoder", model.encoder, enc_sd), ("decoder", model.decoder, dec_sd)):
+        try:
+            module.load_state_dict(rename_openai_keys(sd, name))
+        except RuntimeError as err:  # missing / unexpected / mis-sized parameters
+            raise ValueError(f"{name} does not fit a dall_e {name} of the sizes {cfg}: {err}") from None
     return model
+
+
+# DVAEConfig fields that :func:`config_from_openai` reads off the weights (image_size is an argument)
+_SIZE_FIELDS = frozenset({"channels", "vocab_size", "n_hid", "n_init", "n_blk_per_group", "group_count"})
