@@ -10,9 +10,13 @@ taller query tiles (fewer K/V reads) make it faster; if far below, by latency or
     python bench/l2_bandwidth.py                   # CPU: torch.sum over each buffer
     python bench/l2_bandwidth.py --device cuda     # GPU: a Triton read kernel and torch.sum
 
-On CUDA every launch reads the whole buffer once with 16-byte loads from ``--programs-per-sm``
-programs per SM (8 warps each); back-to-back launches keep an L2-sized buffer resident. Reports
-the median of 5 timed rounds in GB/s per buffer size.
+On CUDA every launch reads the whole buffer ``reads_per_launch`` times (at least ~512 MB per launch,
+so that an L2-sized buffer's ~1-5 us per read is not hidden behind the ~5-12 us Triton's launcher
+takes per call) with 16-byte loads from ``--programs-per-sm`` programs per SM (8 warps each),
+cached in L2 only (``.cg``: a program re-reading its slice must not be served by its SM's L1); the
+buffer stays L2-resident between reads. ``torch.sum`` reads it once per launch, so at L2 sizes its
+rate includes the launch overhead (a lower bound). Reports the median of 5 timed rounds in GB/s per
+buffer size.
 """
 
 from __future__ import annotations
@@ -29,6 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import check_at_least, check_cuda, machine, timeit  # noqa: E402
 
 BLOCK = 4096  # float32 elements per program and iteration: 16 per thread of 8 warps (4 x 16 B loads)
+BYTES_PER_LAUNCH = 512e6  # what one timed launch reads at least (~0.1 ms at L2 rates)
+
+
+def reads_per_launch(nbytes: int) -> int:
+    """How many times one launch of the read kernel reads a buffer of ``nbytes``: enough that the
+    launch moves ``BYTES_PER_LAUNCH``, so that its GPU time, not the host's launch rate, is timed."""
+    return max(1, math.ceil(BYTES_PER_LAUNCH / nbytes))
 
 
 def _read_kernel():
@@ -36,11 +47,12 @@ def _read_kernel():
     import triton.language as tl
 
     @triton.jit
-    def read(X, OUT, per_program, BLOCK: tl.constexpr):
+    def read(X, OUT, per_program, reps, BLOCK: tl.constexpr):
         base = X + tl.program_id(0).to(tl.int64) * per_program
         acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for i in range(0, per_program, BLOCK):
-            acc += tl.load(base + i + tl.arange(0, BLOCK))
+        for _ in range(0, reps):
+            for i in range(0, per_program, BLOCK):
+                acc += tl.load(base + i + tl.arange(0, BLOCK), cache_modifier=".cg")
         tl.store(OUT + tl.program_id(0), tl.sum(acc))  # keeps the loads live
 
     return read
@@ -55,10 +67,11 @@ def measure(size_mb: float, device: str, programs_per_sm: int, kernel=None):
         x = torch.rand(programs * per_program, device=device)
         out = torch.empty(programs, device=device)
         nbytes = x.numel() * 4
-        seconds = timeit(lambda: kernel[(programs,)](x, out, per_program, BLOCK=BLOCK, num_warps=8), device)
-        results.append(("triton read", nbytes / seconds / 1e9))
-        # the launch is right: its partial sums add up to the buffer's sum
-        if not torch.allclose(out.double().sum(), x.double().sum(), rtol=1e-4):
+        reps = reads_per_launch(nbytes)
+        seconds = timeit(lambda: kernel[(programs,)](x, out, per_program, reps, BLOCK=BLOCK, num_warps=8), device)
+        results.append(("triton read", reps * nbytes / seconds / 1e9))
+        # the launch is right: its partial sums add up to reps times the buffer's sum
+        if not torch.allclose(out.double().sum(), reps * x.double().sum(), rtol=1e-4):
             raise RuntimeError("the read kernel's sums do not match torch.sum: the measurement is void")
     else:
         x = torch.rand(max(1, round(size_mb * 1e6 / 4)), device=device)
