@@ -139,6 +139,15 @@ def test_tile_table_is_cached_and_padded():
     assert t1 is layout.tile_table(layout.seq_len, 16, 16)
     perm, lut, counts, num_full, t_lut, t_counts, t_num_full = t1.padded()
     assert lut.shape[0] == t1.num_q_tiles and counts.sum() == t1.nnz
+    # each padded row is its CSR row (same tiles, same order: full ones first), then padding
+    for lut_, counts_, num_full_, ptr, idx, nf in ((lut, counts, num_full, t1.row_ptr, t1.col_idx, t1.num_full),
+                                                   (t_lut, t_counts, t_num_full, t1.t_row_ptr, t1.t_col_idx,
+                                                    t1.t_num_full)):
+        assert torch.equal(num_full_, nf)
+        for i in range(lut_.shape[0]):
+            c = int(counts_[i])
+            assert c == int(ptr[i + 1] - ptr[i])
+            assert torch.equal(lut_[i, :c], idx[int(ptr[i]):int(ptr[i + 1])]), i
     assert t1.padded() is t1.padded("cpu")
 
 

@@ -40,6 +40,10 @@ def test_scores_are_cosines_and_ignore_padding_ids():
     imgs = torch.rand(4, 3, 32, 32)
     mat = m.score_matrix(ids, imgs)
     assert mat.shape == (3, 4) and mat.abs().max() <= 1 + 1e-5
+    # the cosines of the two towers' raw features (not just some numbers within [-1, 1])
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(m.text(ids)[:, None], m.image(imgs)[None], dim=-1)
+    torch.testing.assert_close(mat, cos)
     torch.testing.assert_close(m.score(ids, imgs[:3]), mat.diagonal()[:3])
     # padding positions are masked: their embedding rows do not influence the text features
     before = m.encode_text(ids)

@@ -105,10 +105,11 @@ def test_lse_matches_reference():
     layout = layout_for("conv", 7, 6)
     q, k, v = (torch.randn(2, 3, 40, 32, dtype=torch.float64) for _ in range(3))
     _, lse64 = reference.sparse_attention_lse(q, k, v, layout)
+    _, lse_pt = reference.sparse_attention_lse(q.float(), k.float(), v.float(), layout)  # PyTorch at float32
     _, lse = torch.ops.dalle_fast.sparse_attention_fwd(q.float(), k.float(), v.float(), *layout.params(),
                                                        1 / math.sqrt(32))
-    assert lse.dtype == torch.float32
-    assert max_err(lse, lse64) < 1e-5
+    assert lse.dtype == torch.float32 and lse.shape == (2, 3, 40)
+    assert_close_to_reference(lse, lse64, lse_pt, "lse", floor=1e-7)
 
 
 def test_non_contiguous_inputs_are_handled():
@@ -120,6 +121,20 @@ def test_non_contiguous_inputs_are_handled():
     out = dalle_fast.sparse_attention(q, k, v, layout)
     ref = reference.sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), layout)
     assert max_err(out, ref) < 1e-5
+    # the backward reads the same strided views (saved as given): gradients of the fused qkv
+    # tensor against float64, flash-attention's rule
+    g = torch.randn(B, H, N, D)
+
+    def qkv_grad(x, fn):
+        x = x.detach().requires_grad_()
+        q, k, v = x.permute(2, 0, 3, 1, 4).unbind(0)
+        fn(q, k, v).backward(g.to(x.dtype))
+        return x.grad
+
+    ours = qkv_grad(qkv, lambda q, k, v: dalle_fast.sparse_attention(q, k, v, layout, backend="cpu"))
+    ref64 = qkv_grad(qkv.double(), lambda q, k, v: reference.sparse_attention(q, k, v, layout))
+    ref_pt = qkv_grad(qkv, lambda q, k, v: reference.sparse_attention(q, k, v, layout))
+    assert_close_to_reference(ours, ref64, ref_pt, "d(qkv) through strided views", floor=1e-5)
 
 
 def test_inputs_not_modified():
@@ -189,6 +204,14 @@ def test_sparse_attention_module():
     ref = reference.sparse_attention(q, k, v, layout)
     expected = attn.to_out(ref.transpose(1, 2).reshape(2, layout.seq_len, 48))
     assert y.shape == x.shape and max_err(y, expected) < 1e-5
+    # `expected` reuses attn.qkv; independently of it, changing token j changes exactly the outputs
+    # of the queries the mask lets read key j (a projection that mixed positions would leak)
+    reach = layout.dense_mask()
+    for j in (0, 5, layout.text_len + 3, layout.seq_len - 1):
+        x2 = x.clone()
+        x2[:, j] += 1.0
+        changed = (attn(x2) - y).abs().amax(-1) > 1e-6  # (B, N)
+        assert torch.equal(changed, reach[:, j].expand(2, -1)), j
     with pytest.raises(ValueError, match="x must be"):
         attn(torch.randn(layout.seq_len, 48))
     with pytest.raises(ValueError, match="dim = 48"):  # not a matmul shape error from inside
