@@ -6,6 +6,10 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+
 #include "common/decode_index.h"
 #include "common/mask.h"
 #include "common/sampling.h"
@@ -151,6 +155,9 @@ inline SampleParams check_sample(const at::Tensor& logits, const at::Tensor& see
   TORCH_CHECK(std::isfinite(cfg_scale), "dalle_fast.sample: cfg_scale must be finite, got ", cfg_scale);
   TORCH_CHECK(vocab_lo >= 0 && vocab_lo < vocab_hi && vocab_hi <= V, "dalle_fast.sample: vocab_range must satisfy ",
               "0 <= lo < hi <= vocab = ", V, ", got (", vocab_lo, ", ", vocab_hi, ")");
+  TORCH_CHECK(vocab_hi - vocab_lo <= SAMPLE_MAX_RANGE, "dalle_fast.sample: vocab_range (", vocab_lo, ", ",
+              vocab_hi, ") holds ", vocab_hi - vocab_lo, " tokens; at most ", SAMPLE_MAX_RANGE,
+              " are supported (the exact 64-bit integer weight sums would overflow)");
   SampleParams p{};
   p.batch = B;
   p.vocab = V;
@@ -160,9 +167,13 @@ inline SampleParams check_sample(const at::Tensor& logits, const at::Tensor& see
   p.top_p = top_p;
   p.cfg_scale = static_cast<float>(cfg_scale);
   p.guided = uncond.has_value();
+  // Only temperature 0 is greedy. A positive temperature so small that log2(e) / temperature
+  // overflows float (below ~4e-39) still samples (ties at the max share the mass, as in the
+  // reference): the factor saturates at FLT_MAX, which gives every logit more than ~1e-37 below
+  // the max weight 0 and the max (x - x_max = 0) full weight, never 0 * inf.
   const double s = 1.4426950408889634 / temperature;
-  p.greedy = temperature == 0 || !std::isfinite(static_cast<float>(s));
-  p.exp2_scale = p.greedy ? 0.f : static_cast<float>(s);
+  p.greedy = temperature == 0;
+  p.exp2_scale = p.greedy ? 0.f : static_cast<float>(std::min(s, static_cast<double>(FLT_MAX)));
   return p;
 }
 

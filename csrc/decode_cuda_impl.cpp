@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <limits>
 #include <tuple>
 
 #include "common/decode_index.h"
@@ -61,6 +63,15 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_new, c
   const int64_t max_keys = max_decode_keys(L);
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int splits = cuda::decode_num_splits(info.B * info.H, max_keys, sms);
+  // launch limits of the grid (rows, key splits, heads) (decode_attention.cu): gridDim.x <= 2^31 - 1,
+  // y and z <= 65535; the combine kernel's grid is batch * heads blocks
+  TORCH_CHECK(info.H <= 65535, "dalle_fast.decode_attention (cuda): q must have at most 65535 heads, got ", info.H,
+              " (use the cpu backend)");
+  TORCH_CHECK(info.B * info.H <= std::numeric_limits<int32_t>::max(),
+              "dalle_fast.decode_attention (cuda): batch * heads must be at most 2^31 - 1, got ", info.B, " * ",
+              info.H);
+  TORCH_CHECK(splits <= 65535, "dalle_fast.decode_attention (cuda): the layout's longest key list (", max_keys,
+              " keys) needs ", splits, " key splits, more than the 65535 a launch can hold");
   at::Tensor part_o, part_lse;
   if (splits > 1) {
     part_o = at::empty({info.B, info.H, splits, info.D}, q.options().dtype(at::kFloat));

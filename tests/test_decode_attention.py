@@ -535,3 +535,22 @@ def test_cuda_misaligned_and_strided_step_inputs():
     strided = torch.tensor([5, 0, 11, 0], device="cuda")[::2]
     got = dalle_fast.decode_attention(odd(qs), odd(ks), odd(vs), kc.cuda(), vc.cuda(), strided, layout)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@cuda
+def test_cuda_more_than_65535_heads_is_a_clear_error():
+    # the heads are gridDim.z of the launch (at most 65535): 65536 heads failed inside CUDA with an
+    # invalid launch configuration; now a clear error naming the heads (the cpu backend serves them)
+    layout = Layout("row", 2, 2)
+    N, D = layout.seq_len, 32
+    for H, ok in ((65535, True), (65536, False)):
+        q, k, v = (torch.randn(1, H, N, D, dtype=torch.float16, device="cuda") for _ in range(3))
+        pos = torch.tensor([N - 1], device="cuda")
+        qs, ks, vs = step_inputs(q, k, v, pos)
+        kc, vc = (c.cuda() for c in caches_for(k, v, pos, fill=0.0))  # (caches_for builds on the CPU)
+        if ok:
+            out = dalle_fast.decode_attention(qs, ks, vs, kc, vc, pos, layout)
+            assert out.shape == (1, H, 1, D) and torch.isfinite(out).all()
+        else:
+            with pytest.raises(RuntimeError, match="at most 65535 heads"):
+                dalle_fast.decode_attention(qs, ks, vs, kc, vc, pos, layout)

@@ -231,6 +231,46 @@ def test_opcheck(guided):
     torch.library.opcheck(torch.ops.dalle_fast.sample.default, args)
 
 
+def test_signed_zeros_tie_by_index():
+    # -0.0 == +0.0: a tie, broken by the lower index as in the reference's stable sort (the order
+    # keys once ranked every +0 above every -0, so top-k/top-p kept the wrong token)
+    x = torch.tensor([-0.0, 0.0])
+    assert support(x, top_k=1).tolist() == [1.0, 0.0]
+    assert draws(x, 16, top_k=1).tolist() == [0] * 16
+    assert draws(x, 4, temperature=0.0).tolist() == [0] * 4
+    y = torch.tensor([0.0, -0.0, 0.0])
+    p = support(y, top_p=0.5)
+    assert p.tolist() == [0.5, 0.5, 0.0]
+    tok = draws(y, 64, top_p=0.5)
+    assert set(tok.tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-42, 1e-300])
+def test_tiny_positive_temperature_samples_the_tied_maxima(temperature):
+    # log2(e) / temperature overflows float below ~4e-39; that once made the draw greedy (always the
+    # lowest index), where the reference (softmax of x / temperature) shares the mass of the ties
+    x = torch.tensor([1.0, 1.0, 0.5, float("-inf")])
+    assert support(x, temperature=temperature).tolist() == [0.5, 0.5, 0.0, 0.0]
+    tok = draws(x, 64, temperature=temperature)
+    assert set(tok.tolist()) == {0, 1}
+    tok = draws(x, 64, temperature=temperature, top_p=0.4)  # the shortest prefix: rank 0 only
+    assert set(tok.tolist()) == {0}
+
+
+def test_vocab_range_too_wide_for_exact_weights_raises():
+    # 2^24 tokens of weight 2^40 sum to 2^64: the 64-bit sums wrapped, and 2^24 + 16 equal logits
+    # were drawn from the first 16 tokens only; such ranges are refused with a clear error
+    n = 1 << 24
+    x = torch.zeros(1, n + 16)
+    with pytest.raises(RuntimeError, match="vocab_range"):
+        torch.ops.dalle_fast.sample(x, torch.tensor([3]), torch.tensor(0), None, 1.0, 1.0, 0, 1.0, 0, n + 16)
+    with pytest.raises(RuntimeError, match="vocab_range"):
+        dalle_fast.sample(x, seeds=torch.tensor([3]), step=0, vocab_range=(16, n + 16))
+    # the widest supported range still samples
+    tok = dalle_fast.sample(x, seeds=torch.tensor([3]), step=0, vocab_range=(17, n + 16))
+    assert 17 <= int(tok) < n + 16
+
+
 # --------------------------------------------------------------------------------- CUDA
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -281,3 +321,18 @@ def test_cuda_chi_square():
     assert counts[~keep].sum() == 0
     e = n * p[keep]
     assert ((counts[keep] - e) ** 2 / e).sum().item() < chi2.ppf(0.999, int(keep.sum()) - 1)
+
+
+@cuda
+def test_cuda_signed_zeros_tiny_temperature_and_wide_range():
+    x = torch.tensor([[-0.0, 0.0]], device="cuda").expand(16, 2).contiguous()
+    s = torch.arange(16, device="cuda")
+    st0 = torch.tensor(0, device="cuda")
+    assert dalle_fast.sample(x, seeds=s, step=st0, top_k=1).tolist() == [0] * 16
+    assert dalle_fast.sample(x, seeds=s, step=st0, temperature=0.0).tolist() == [0] * 16
+    y = torch.tensor([[1.0, 1.0, 0.5]], device="cuda").expand(64, 3).contiguous()
+    tok = dalle_fast.sample(y, seeds=torch.arange(64, device="cuda"), step=st0, temperature=1e-40)
+    cpu = dalle_fast.sample(y.cpu(), seeds=torch.arange(64), step=0, temperature=1e-40)
+    assert set(tok.tolist()) == {0, 1} and torch.equal(tok.cpu(), cpu)
+    with pytest.raises(RuntimeError, match="vocab_range"):
+        dalle_fast.sample(torch.zeros(1, (1 << 24) + 1, device="cuda"), seeds=s[:1], step=st0)

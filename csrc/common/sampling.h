@@ -33,6 +33,9 @@ namespace dalle_fast {
 constexpr int WEIGHT_BITS = 40;                 // fixed-point bits of a weight (max weight 2^40)
 constexpr float WEIGHT_MIN_EXP2 = -41.0f;       // 2^e below 2^-41 floors to weight 0
 constexpr uint32_t SAMPLE_DOMAIN = 0x534D504Cu; // "SMPL": Philox counter word 2
+// Largest vocab range hi - lo: the weights (<= 2^WEIGHT_BITS each) of the whole range must sum
+// exactly in 64 bits, (2^24 - 1) * 2^40 < 2^64; a wider range would wrap the sums and skew draws.
+constexpr int64_t SAMPLE_MAX_RANGE = (int64_t(1) << (64 - WEIGHT_BITS)) - 1;
 
 // Error codes of the sampler (per-row flag on CUDA; an exception on CPU).
 constexpr int SAMPLE_OK = 0;
@@ -59,9 +62,12 @@ DF_HOST_DEVICE float bits_float(uint32_t u) {
 #endif
 }
 
-// Order-preserving map float -> uint32 (larger float -> larger key; -0 and +0 differ by one).
+// Order-preserving map float -> uint32 (larger float -> larger key). -0 and +0 compare equal, so
+// they get the same key (that of +0): ties between them are broken by index like any other tie
+// (the reference's stable sort); distinct keys would rank every +0 above every -0.
 DF_HOST_DEVICE uint32_t ordered_key(float f) {
-  const uint32_t u = float_bits(f);
+  uint32_t u = float_bits(f);
+  if (u == 0x80000000u) u = 0u;  // -0 -> +0
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 DF_HOST_DEVICE float key_to_float(uint32_t k) {
