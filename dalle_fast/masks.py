@@ -35,12 +35,17 @@ KIND_IDS = {name: i for i, name in enumerate(KINDS)}
 _TRANSPOSED = frozenset({"col", "axial_col"})
 
 
-def _positive_int(name: str, value) -> int:
+def _int_at_least(name: str, value, low: int) -> int:
+    """``value`` if it is an int (not a bool) ``>= low``, else a ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+    if value < low:
+        raise ValueError(f"{name} must be {'positive' if low == 1 else f'>= {low}'}, got {value}")
     return value
+
+
+def _positive_int(name: str, value) -> int:
+    return _int_at_least(name, value, 1)
 
 
 @dataclass(frozen=True)

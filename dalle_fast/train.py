@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt_lib
-from .masks import _positive_int
+from .masks import _int_at_least, _positive_int
 
 LossFn = Callable[[nn.Module, Any, int], Mapping[str, torch.Tensor]]
 
@@ -65,12 +65,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+            _positive_int(name, getattr(self, name))
         for name in ("warmup_steps", "num_workers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+            _int_at_least(name, getattr(self, name), 0)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if self.keep_checkpoints is not None:  # None keeps all

@@ -123,9 +123,7 @@ def test_tuning_log_table(tmp_path, monkeypatch, capsys):
     from dalle_fast._triton_ops import kernels
 
     K = kernels()
-    spec = importlib.util.spec_from_file_location("bench_attention", BENCH / "attention.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_attention()
     fast, slow = K.TileConfig(64, 64, 4, 3), K.TileConfig(128, 32, 4, 3)
     consts = dict(T=256, S=32, KIND=KINDS.index("row"), KS=11, DIL=1, HEAD_DIM=64)
     key = K._tuning_key("fwd", 1280, 8, 16, consts, torch.bfloat16, torch.device("cpu"))  # the tuner's own key
@@ -167,16 +165,22 @@ def test_tuning_log_table(tmp_path, monkeypatch, capsys):
     assert "best capped 128x64 w8 s3 r128 o0 60.0 us" in summary
 
 
-def test_speed_targets_table():
-    """bench/attention.py checks issue 3's targets against the fastest FlexAttention present and
-    SDPA causal, forward TFLOP/s, and col / row; missing providers or modes leave targets out."""
+def _bench_attention():
     spec = importlib.util.spec_from_file_location("bench_attention", BENCH / "attention.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
 
-    def row(kind, mode, provider, ms, rate=0.0):
-        return dict(kind=kind, mode=mode, provider=provider, ms=ms, rate=rate, peak_mib=None)
 
+def row(kind, mode, provider, ms, rate=0.0):
+    """A benchmark result row as bench/attention.py's main collects them."""
+    return dict(kind=kind, mode=mode, provider=provider, ms=ms, rate=rate, peak_mib=None)
+
+
+def test_speed_targets_table():
+    """bench/attention.py checks issue 3's targets against the fastest FlexAttention present and
+    SDPA causal, forward TFLOP/s, and col / row; missing providers or modes leave targets out."""
+    bench = _bench_attention()
     rows = bench.summarize([
         row("row", "fwd", "dalle_fast", 0.05, 320.0), row("row", "fwd", "flex128", 0.1),
         row("row", "fwd", "flex64", 0.07), row("row", "fwd", "sdpa_causal", 0.09),
@@ -310,13 +314,6 @@ def test_bench_scripts_write_to_bench_out(tmp_path):
     assert not (cwd / "bench").exists() and not (bench / "out" / "decode.json").exists()
 
 
-def _bench_attention():
-    spec = importlib.util.spec_from_file_location("bench_attention", BENCH / "attention.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
 def test_attention_bench_survives_a_provider_failing_when_called(tmp_path, monkeypatch):
     """A baseline that raises at its first call (a compile error, out of memory, flash-attn refusing
     the GPU: all happen in the call, not when the provider is made) is noted as failed and the other
@@ -348,9 +345,6 @@ def test_speed_targets_unchecked_when_a_baseline_is_missing():
     skipped: the missing Flex block size may be the fastest one (the one to beat), and a missing
     dalle_fast row is reported as unchecked rather than silently dropped."""
     bench = _bench_attention()
-
-    def row(kind, mode, provider, ms, rate=0.0):
-        return dict(kind=kind, mode=mode, provider=provider, ms=ms, rate=rate, peak_mib=None)
 
     rows = bench.summarize([
         row("row", "fwd", "dalle_fast", 0.05, 320.0), row("row", "fwd", "flex128", 0.1),

@@ -27,6 +27,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..masks import _positive_int
+
 
 @dataclass(frozen=True)
 class CLIPConfig:
@@ -48,9 +50,7 @@ class CLIPConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "text_len", "pad_base", "image_size", "patch_size", "width", "text_layers",
                      "image_layers", "heads", "embed_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            _positive_int(name, getattr(self, name))
         if not 0 < self.pad_base <= self.vocab_size:
             raise ValueError(f"pad_base must be in (0, vocab_size={self.vocab_size}], got {self.pad_base}")
         if self.image_size % self.patch_size:
@@ -208,11 +208,18 @@ class CLIP(nn.Module):
     def encode_text(self, text_ids: torch.Tensor) -> torch.Tensor:
         """(B, text_len) ids -> (B, embed_dim) unit vectors."""
         self._check(text_ids, None)
-        return _unit(self.text(text_ids.long()))
+        return self._text_features(text_ids)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) float in [0, 1], any floating dtype (cast to the model's) -> (B, embed_dim) unit vectors."""
         self._check(None, images)
+        return self._image_features(images)
+
+    # the encoders on inputs already checked (score and forward check both inputs once)
+    def _text_features(self, text_ids: torch.Tensor) -> torch.Tensor:
+        return _unit(self.text(text_ids.long()))
+
+    def _image_features(self, images: torch.Tensor) -> torch.Tensor:
         return _unit(self.image(images.to(self.image.patch.weight.dtype)))
 
     @torch.no_grad()
@@ -222,7 +229,7 @@ class CLIP(nn.Module):
         if text_ids.shape[0] != images.shape[0]:
             raise ValueError(f"text_ids has {text_ids.shape[0]} rows but images has {images.shape[0]}; "
                              "use score_matrix for all pairs")
-        return (self.encode_text(text_ids) * self.encode_image(images)).sum(-1)
+        return (self._text_features(text_ids) * self._image_features(images)).sum(-1)
 
     @torch.no_grad()
     def score_matrix(self, text_ids: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -237,7 +244,7 @@ class CLIP(nn.Module):
             raise ValueError(f"text_ids has {text_ids.shape[0]} rows but images has {images.shape[0]}")
         if text_ids.shape[0] == 0:
             raise ValueError("text_ids and images must hold at least one pair to compute the loss, got batch size 0")
-        t, i = self.encode_text(text_ids), self.encode_image(images)
+        t, i = self._text_features(text_ids), self._image_features(images)
         t_all, offset = _gather(t)
         i_all, _ = _gather(i)
         scale = self.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp()

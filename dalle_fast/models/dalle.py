@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..masks import KINDS, Layout, paper_schedule
+from ..masks import KINDS, Layout, _int_at_least, _positive_int, paper_schedule
 from ..nn.attention import SparseAttention
 from ..nn.functional import vocab_slice_cross_entropy
 from ..ops import sparse_attention
@@ -75,11 +75,8 @@ class DALLEConfig:
     def __post_init__(self) -> None:
         for name in ("text_vocab", "image_vocab", "image_size", "dim", "depth", "heads", "dim_head", "mlp_mult",
                      "conv_kernel_size", "conv_like_kernel_size", "conv_like_dilation"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(self.text_len, bool) or not isinstance(self.text_len, int) or self.text_len < 2:
-            raise ValueError(f"text_len must be an int >= 2 (BOS + at least one caption token), got {self.text_len!r}")
+            _positive_int(name, getattr(self, name))
+        _int_at_least("text_len (BOS + at least one caption token)", self.text_len, 2)
         if self.kinds is not None:
             kinds = tuple(self.kinds)
             if len(kinds) != self.depth:

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..masks import _int_at_least, _positive_int
+
 LOGIT_LAPLACE_EPS = 0.1
 
 
@@ -104,13 +106,9 @@ class DVAEConfig:
 
     def __post_init__(self) -> None:
         for name in ("image_size", "channels", "vocab_size", "n_hid", "n_init", "n_blk_per_group", "group_count"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            _positive_int(name, getattr(self, name))
         for name in ("tau_anneal_steps", "kl_warmup_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+            _int_at_least(name, getattr(self, name), 0)
         for name in ("tau_start", "tau_end", "kl_weight", "gaussian_sigma", "diversity_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

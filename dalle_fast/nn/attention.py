@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..masks import Layout
+from ..masks import Layout, _positive_int
 from ..ops import sparse_attention
 
 
@@ -32,8 +32,7 @@ class SparseAttention(nn.Module):
                  backend: Optional[str] = None):
         super().__init__()
         for name, value in (("dim", dim), ("heads", heads), ("dim_head", dim_head)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            _positive_int(name, value)
         if not isinstance(layout, Layout):
             raise ValueError(f"layout must be a dalle_fast.Layout, got {type(layout).__name__}")
         self.heads, self.dim_head, self.layout, self.backend = heads, dim_head, layout, backend
