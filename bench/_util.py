@@ -13,6 +13,16 @@ import time
 import torch
 
 
+def cpu_isas() -> str:
+    """The instruction sets each CPU provider runs with: dalle_fast's kernels (DALLE_FAST_CPU_ISA),
+    PyTorch's own CPU kernels (ATEN_CPU_CAPABILITY; SDPA, FlexAttention) and oneDNN, which computes
+    the GEMMs of both (ONEDNN_MAX_CPU_ISA). Restrict all three alike to compare on equal terms."""
+    import dalle_fast
+
+    return (f"dalle_fast {dalle_fast.cpu_isa()}, PyTorch {torch.backends.cpu.get_cpu_capability().lower()}, "
+            f"oneDNN {os.environ.get('ONEDNN_MAX_CPU_ISA', 'best').lower()}")
+
+
 def machine(device: str) -> str:
     if device == "cuda":
         name = torch.cuda.get_device_name()
@@ -26,7 +36,7 @@ def machine(device: str) -> str:
                         break
         except OSError:
             pass
-        name += f", {torch.get_num_threads()} threads"
+        name += f", {torch.get_num_threads()} threads; ISA: {cpu_isas()}"
     cuda = f", CUDA {torch.version.cuda}" if device == "cuda" else ""
     return f"{platform.node()}: {name} (torch {torch.__version__}{cuda})"
 

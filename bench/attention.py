@@ -43,7 +43,7 @@ from dalle_fast import Layout  # noqa: E402
 from dalle_fast.ops import computed_pairs  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import check_at_least, check_cuda, comma_list  # noqa: E402
+from _util import check_at_least, check_cuda, comma_list, cpu_isas  # noqa: E402
 
 MODES = ("fwd", "bwd", "fwdbwd")
 #: modes run without --modes: on CUDA every mode issue 3's targets are stated for (backward alone
@@ -64,7 +64,7 @@ def machine_name(device: str) -> str:
                 break
     except OSError:
         pass
-    return f"{name}, {torch.get_num_threads()} threads"
+    return f"{name}, {torch.get_num_threads()} threads, ISA: {cpu_isas()}"
 
 
 # ------------------------------------------------------------------------------------ timing

@@ -9,6 +9,7 @@
 
 #include "common/mask.h"
 #include "layout_checks.h"
+#include "cpu/dispatch.h"
 #include "cpu/schedule.h"
 #include "cpu/sparse_attention.h"
 
@@ -59,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(const at::Tensor& q,
   at::Tensor out = at::empty({B, H, N, D}, q.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({B, H, N}, q.options().dtype(at::kFloat));
   if (B * H > 0) {
-    cpu::sparse_attention_forward(*sched, cpu::AttnProblem{B * H, N, D, static_cast<float>(scale)},
+    cpu::kernels().sparse_attention_forward(*sched, cpu::AttnProblem{B * H, N, D, static_cast<float>(scale)},
                                   qc.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(),
                                   out.data_ptr<float>(), lse.data_ptr<float>());
   }
@@ -97,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
     const cpu::BwdInputs in{qc.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(),
                             gc.data_ptr<float>(), oc.data_ptr<float>(), lc.data_ptr<float>(),
                             glse ? glse->data_ptr<float>() : nullptr};
-    cpu::sparse_attention_backward(*sched, cpu::AttnProblem{B * H, N, D, static_cast<float>(scale)}, in,
+    cpu::kernels().sparse_attention_backward(*sched, cpu::AttnProblem{B * H, N, D, static_cast<float>(scale)}, in,
                                    dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>());
   }
   const auto dt = q.scalar_type();
@@ -109,6 +110,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
 TORCH_LIBRARY_IMPL(dalle_fast, CPU, m) {
   m.impl("sparse_attention_fwd", &sparse_attention_fwd_cpu);
   m.impl("sparse_attention_bwd", &sparse_attention_bwd_cpu);
+}
+
+TORCH_LIBRARY_IMPL(dalle_fast, CompositeExplicitAutograd, m) {
+  m.impl("_cpu_isa", [] { return cpu::isa(); });
+  m.impl("_cpu_isas", [] { return cpu::available_isas(); });
+  m.impl("_set_cpu_isa", [](std::string isa) { cpu::set_isa(isa); });
 }
 
 }  // namespace dalle_fast

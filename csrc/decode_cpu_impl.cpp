@@ -7,6 +7,7 @@
 
 #include "common/decode_index.h"
 #include "cpu/decode.h"
+#include "cpu/dispatch.h"
 #include "decode_checks.h"
 
 namespace dalle_fast {
@@ -55,7 +56,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_new, co
   a.layout = L;
   a.scale = static_cast<float>(scale);
   a.out = out.data_ptr<float>();
-  if (info.B * info.H > 0) cpu::decode_attention(a);
+  if (info.B * info.H > 0) cpu::kernels().decode_attention(a);
   return out.to(q.scalar_type());
 }
 
@@ -74,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits, const at
   at::Tensor tokens = at::empty({p.batch}, logits.options().dtype(at::kLong));
   at::Tensor errors = at::zeros({p.batch}, logits.options().dtype(at::kInt));
   if (p.batch > 0) {
-    cpu::sample(p, c.data_ptr<float>(), p.guided ? u.data_ptr<float>() : nullptr, s.data_ptr<int64_t>(), st,
+    cpu::kernels().sample(p, c.data_ptr<float>(), p.guided ? u.data_ptr<float>() : nullptr, s.data_ptr<int64_t>(), st,
                 tokens.data_ptr<int64_t>(), errors.data_ptr<int32_t>());
   }
   const int32_t* e = errors.data_ptr<int32_t>();

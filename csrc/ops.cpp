@@ -37,4 +37,9 @@ TORCH_LIBRARY(dalle_fast, m) {
   m.def("_decode_key_positions(int pos, int kind, int text_len, int image_size, int kernel_size, "
         "int dilation) -> Tensor");
   m.def("_max_decode_keys(int kind, int text_len, int image_size, int kernel_size, int dilation) -> int");
+  // Instruction set of the CPU kernels (csrc/cpu/dispatch.h): the active one, those this CPU runs
+  // (lowest first), and a switch to another one.
+  m.def("_cpu_isa() -> str");
+  m.def("_cpu_isas() -> str[]");
+  m.def("_set_cpu_isa(str isa) -> ()");
 }

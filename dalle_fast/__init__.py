@@ -16,6 +16,7 @@ import importlib
 from .version import __version__
 from .masks import KINDS, Layout, paper_schedule
 from .ops import decode_attention, sample, sparse_attention
+from .cpu_isa import available_cpu_isas, cpu_isa, set_cpu_isa, use_cpu_isa
 from . import nn, reference
 from .nn import SparseAttention
 
@@ -39,6 +40,11 @@ __all__ = [
     "decode_attention",
     "sample",
     "reference",
+    # instruction set of the CPU kernels
+    "cpu_isa",
+    "available_cpu_isas",
+    "set_cpu_isa",
+    "use_cpu_isa",
     # modules
     "nn",
     "SparseAttention",

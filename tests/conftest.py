@@ -1,8 +1,12 @@
 """Shared test helpers. Every test runs on CPU; GPU tests skip with a reason without a GPU."""
 
 
+import os
+
 import pytest
 import torch
+
+import dalle_fast
 
 # Keep CPU tests reproducible and cheap on small machines.
 torch.manual_seed(0)
@@ -34,3 +38,17 @@ def assert_close_to_reference(ours, ref64, ref_pt, what: str, factor: float = 2.
         f"{what}: error {e_ours:.3e} vs PyTorch's {e_pt:.3e} at the same precision "
         f"(allowed {factor} x + {floor:g})"
     )
+
+
+def kernel_isas():
+    """Instruction sets the CPU kernel tests run with: $DALLE_FAST_CPU_ISA when set, else every one
+    this CPU runs (so an AVX-512 machine also tests the AVX2 and baseline kernels)."""
+    forced = os.environ.get("DALLE_FAST_CPU_ISA")
+    return [forced] if forced else dalle_fast.available_cpu_isas()
+
+
+@pytest.fixture(scope="module", params=kernel_isas(), ids=lambda isa: f"isa={isa}")
+def every_cpu_isa(request):
+    """Runs a module's tests once per instruction set of the CPU kernels (pytestmark usefixtures)."""
+    with dalle_fast.use_cpu_isa(request.param):
+        yield request.param

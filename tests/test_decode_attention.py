@@ -9,6 +9,9 @@ from hypothesis import given, settings, strategies as st
 import dalle_fast
 from dalle_fast import Layout, reference
 
+# every test of this module runs once per instruction set of the CPU kernels (conftest.py)
+pytestmark = pytest.mark.usefixtures("every_cpu_isa")
+
 LAYOUTS = [
     Layout("full", 7, 5),
     Layout("row", 7, 5),

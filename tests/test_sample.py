@@ -8,6 +8,9 @@ from hypothesis import given, settings, strategies as st
 import dalle_fast
 from dalle_fast import reference
 
+# every test of this module runs once per instruction set of the CPU kernels (conftest.py)
+pytestmark = pytest.mark.usefixtures("every_cpu_isa")
+
 try:
     from scipy.stats import chi2
 except ImportError:  # pragma: no cover

@@ -13,6 +13,9 @@ from dalle_fast.nn import SparseAttention
 
 from conftest import assert_close_to_reference, max_err
 
+# every test of this module runs once per instruction set of the CPU kernels (conftest.py)
+pytestmark = pytest.mark.usefixtures("every_cpu_isa")
+
 
 def layout_for(kind, T, S):
     return Layout(kind, T, S, kernel_size=3 if kind in ("conv", "conv_like") else 11)
@@ -286,18 +289,21 @@ def test_nan_and_inf_keys_propagate_like_the_reference(bad):
 
 
 @pytest.mark.parametrize("scale", [1e2, 1e4, 1e8])
-def test_huge_scores_keep_forward_and_gradients_accurate(scale):
+@pytest.mark.parametrize("heads", [1, 2])  # 1: the query-tile-major dQ pass; 2: whole-head tasks
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_huge_scores_keep_forward_and_gradients_accurate(scale, heads, head_dim):
     """Scores far beyond any sane logit (scale up to 1e8) neither overflow the forward (the max is
     subtracted before scaling) nor put error into the recomputed softmax of the backward (scores
-    scaled and rounded exactly as the forward rounded their max into lse)."""
+    scaled and rounded exactly as the forward rounded their max into lse; delta = rowsum(dO * O)
+    rounded as the GEMM rounds dP, so that dP - delta cancels exactly where P is one-hot)."""
     layout = layout_for("row", 4, 4)
     g = torch.Generator().manual_seed(0)
-    x64 = [torch.randn(1, 2, 20, 16, generator=g, dtype=torch.float64) for _ in range(3)]
+    x64 = [torch.randn(1, heads, 20, head_dim, generator=g, dtype=torch.float64) for _ in range(4)]
 
     def run(backend, dtype):
-        t = [a.detach().to(dtype).requires_grad_() for a in x64]
+        t = [a.detach().to(dtype).requires_grad_() for a in x64[:3]]
         out = dalle_fast.sparse_attention(*t, layout, scale=scale, backend=backend)
-        out.backward(torch.ones_like(out))
+        out.backward(x64[3].to(dtype))
         return [out.detach()] + [a.grad for a in t]
 
     ref64, ref32, ours = run("reference", torch.float64), run("reference", torch.float32), run("cpu", torch.float32)

@@ -1,4 +1,8 @@
-// CPU kernels of KV-cached decoding: decode attention and the sampler (plain C++, no torch types).
+// Argument types of the CPU kernels of KV-cached decoding (plain C++, no torch types). The kernels
+// (Kernels::decode_attention and Kernels::sample, cpu/kernels.h):
+// - decode_attention writes k_new/v_new at pos, then attends over decode_keys(layout, pos);
+// - sample draws one token per row of logits (B, vocab) float32 (row stride = vocab; uncond may be
+//   null): tokens[b] gets the token, errors[b] a SAMPLE_* code.
 #pragma once
 
 #include <cstdint>
@@ -33,14 +37,6 @@ struct DecodeArgs {
   float scale;
   float* out;                      // (B, H, D) float32
 };
-
-// Writes k_new/v_new at pos, then attends over decode_keys(layout, pos).
-void decode_attention(const DecodeArgs& a);
-
-// Draws one token per row of logits (B, vocab) float32 (row stride = vocab); uncond may be null.
-// tokens[b] gets the token, errors[b] a SAMPLE_* code.
-void sample(const SampleParams& p, const float* cond, const float* uncond, const int64_t* seeds,
-            int64_t step, int64_t* tokens, int32_t* errors);
 
 }  // namespace cpu
 }  // namespace dalle_fast

@@ -2,6 +2,7 @@
 // and the weighted values; float32 accumulation. Traffic: each allowed key and value row once
 // (T + image keys, not the prefix); q/k_new/v_new once. Work items are (head, rows); candidates
 // sharing a prompt's text caches are one item, whose text part (float32) is two small GEMMs.
+// Compiled once per instruction set (cpu/kernels.h); the vector code is cpu/vec.h.
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
@@ -13,70 +14,16 @@
 #include <vector>
 
 #include "common/decode_index.h"
-#include "cpu/decode.h"
-#include "cpu/simd.h"
+#include "cpu/kernels.h"
+#include "cpu/vec.h"
 
 namespace dalle_fast {
 namespace cpu {
+namespace CPU_CAPABILITY {
 namespace {
 
-inline float bf16_to_float(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// IEEE half -> float without F16C (branch-free normal/subnormal select, vectorisable).
-inline float f16_to_float(uint16_t h) {
-  const uint32_t w = static_cast<uint32_t>(h) << 16;
-  const uint32_t sign = w & 0x80000000u;
-  const uint32_t two_w = w + w;
-  uint32_t nb = (two_w >> 4) + (0xE0u << 23);
-  float normalized;
-  std::memcpy(&normalized, &nb, 4);
-  normalized *= 0x1.0p-112f;
-  uint32_t db = (two_w >> 17) | (126u << 23);
-  float denormalized;
-  std::memcpy(&denormalized, &db, 4);
-  denormalized -= 0.5f;
-  uint32_t nbits, dbits;
-  std::memcpy(&nbits, &normalized, 4);
-  std::memcpy(&dbits, &denormalized, 4);
-  const uint32_t r = sign | (two_w < (1u << 27) ? dbits : nbits);
-  float out;
-  std::memcpy(&out, &r, 4);
-  return out;
-}
-
-template <typename T>
-inline float load(const T* p, int64_t i);
-template <>
-inline float load<float>(const float* p, int64_t i) { return p[i]; }
-
-struct BF16 { uint16_t x; };
-struct F16 { uint16_t x; };
-template <>
-inline float load<BF16>(const BF16* p, int64_t i) { return bf16_to_float(p[i].x); }
-template <>
-inline float load<F16>(const F16* p, int64_t i) { return f16_to_float(p[i].x); }
-
 constexpr int64_t CHUNK_ITEMS = 4;  // work items taken at once
-constexpr int64_t LANES = 16;  // independent accumulators: lets the compiler vectorise the dot
 constexpr int64_t GROUP_ROWS = 32;  // rows per work item that share one prompt's text caches
-
-template <typename T>
-inline float dot(const float* q, const T* k, int64_t D) {
-  float acc[LANES] = {};
-  int64_t d = 0;
-  for (; d + LANES <= D; d += LANES) {
-    for (int64_t l = 0; l < LANES; ++l) acc[l] += q[d + l] * load(k, d + l);
-  }
-  for (; d < D; ++d) acc[0] += q[d] * load(k, d);
-  float s = 0.f;
-  for (int64_t l = 0; l < LANES; ++l) s += acc[l];
-  return s;
-}
 
 // A work item: one head and up to GROUP_ROWS rows. With shared text caches the rows of an item
 // share their prompt and text-key count, and for float32 the text part of all of them is two GEMMs
@@ -160,7 +107,7 @@ void run(const DecodeArgs& a) {
         std::memcpy(kc + slot * a.k_cache.s2, static_cast<const T*>(a.k_new) + row * D, D * sizeof(T));
         std::memcpy(vc + slot * a.v_cache.s2, static_cast<const T*>(a.v_new) + row * D, D * sizeof(T));
         const T* qp = static_cast<const T*>(a.q) + row * D;
-        for (int64_t d = 0; d < D; ++d) qf[r * D + d] = load(qp, d) * qscale;
+        for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(qp[d]) * qscale;
       }
       // 2. text scores of all rows: S^T (nt x m) = K_text Q^T, then S[r, 0:nt]
       if constexpr (kGemm) {
@@ -208,8 +155,7 @@ void run(const DecodeArgs& a) {
         for (; j < n; ++j) {
           const T* vr = shared && j < n_text[b] ? tv0 + j * a.text_v.s2
                                                 : vc + (kp[j] - a.cache_offset) * a.v_cache.s2;
-          const float p = sc[j];
-          for (int64_t d = 0; d < D; ++d) ac[d] += p * load(vr, d);
+          axpy(ac, sc[j], vr, D);
         }
         float* o = a.out + (b * H + h) * D;
         const float inv = 1.f / sums[r];
@@ -226,11 +172,12 @@ void run(const DecodeArgs& a) {
 void decode_attention(const DecodeArgs& a) {
   switch (a.dtype) {
     case kF32: run<float>(a); break;
-    case kBF16: run<BF16>(a); break;
-    case kF16: run<F16>(a); break;
+    case kBF16: run<c10::BFloat16>(a); break;
+    case kF16: run<c10::Half>(a); break;
     default: break;
   }
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace dalle_fast

@@ -3,7 +3,7 @@
 // the selected bucket (O(V), no sort), integer weights, top-p
 // threshold by a 4-pass 8-bit radix select on the order keys weighted by mass (O(V)), and the
 // inverse-CDF draw in index order. Traffic: the row's logits once (twice with guidance), scratch
-// in L1/L2. Semantics in common/sampling.h.
+// in L1/L2. Semantics in common/sampling.h. Compiled once per instruction set (cpu/kernels.h).
 #pragma GCC optimize("fp-contract=off")  // identical float bits to the CUDA sampler
 
 #include <ATen/Parallel.h>
@@ -13,10 +13,11 @@
 #include <cmath>
 #include <vector>
 
-#include "cpu/decode.h"
+#include "cpu/kernels.h"
 
 namespace dalle_fast {
 namespace cpu {
+namespace CPU_CAPABILITY {
 namespace {
 
 constexpr int RADIX_BITS = 8;
@@ -189,5 +190,6 @@ void sample(const SampleParams& p, const float* cond, const float* uncond, const
   });
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace dalle_fast

@@ -10,8 +10,9 @@
 // 5 GEMMs per run); otherwise dK/dV (key-tile-major) and dQ (query-tile-major) are two parallel
 // passes. All GEMMs are row-major C (+)= A B through ATen's brgemm (oneDNN micro-kernels, with a
 // BLAS fallback), which is why the caller passes transposed copies where a GEMM needs X^T.
-#include "cpu/sparse_attention.h"
-#include "cpu/simd.h"
+// Compiled once per instruction set (cpu/kernels.h); the vector code is cpu/vec.h.
+#include "cpu/kernels.h"
+#include "cpu/vec.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -25,10 +26,10 @@
 
 namespace dalle_fast {
 namespace cpu {
+namespace CPU_CAPABILITY {
 namespace {
 
 constexpr int64_t RUN_MAX = 256;  // keys (or queries) per merged run of tiles
-constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 // C[M x N] (ldc) = A[M x K] (lda) . B[K x N] (ldb), or += when accumulate. Row-major.
 inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
@@ -183,15 +184,11 @@ void fwd_query_tile(const Schedule& s, const AttnProblem& p, const float* q, con
         continue;
       }
       const float mnew = std::isnan(mx) ? mx : std::max(m[r], mx);
-      const float alpha = m[r] == NEG_INF ? 0.f : fast_exp2((m[r] - mnew) * (scale * LOG2E));
+      const float alpha = m[r] == NEG_INF ? 0.f : exp2((m[r] - mnew) * (scale * LOG2E));
       const float sum = exp2_sum(sr, klen, scale * LOG2E, mnew);  // exp(scale * (s - mnew))
       l[r] = l[r] * alpha + sum;
       m[r] = mnew;
-      if (alpha != 1.f) {
-        float* ar = acc + r * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
-      }
+      if (alpha != 1.f) scale_by(acc + r * D, D, alpha);
     }
     gemm(mq, D, klen, Sp, klen, Vh + k0 * D, D, acc, D, true);
   });
@@ -239,35 +236,25 @@ namespace {
 // S *= scale in place, as its own pass: the scaled scores are rounded exactly as the forward rounds
 // its max (m * scale) into lse, so that S - lse cancels exactly at a row's max however large the
 // scores are (a fused multiply-subtract would round differently and, at scores of ~1e4 and more,
-// put visible error into P; this loop is kept apart from the exponent so it cannot be contracted).
-inline void scale_scores(float* S, int64_t n, float scale) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) S[i] *= scale;
-}
+// put visible error into P).
+inline void scale_scores(float* S, int64_t n, float scale) { scale_by(S, n, scale); }
 
 // P = exp(S - lse) (S scaled; masked entries are -inf -> 0) and dS = P * (dP - delta), in place
 // (S becomes P, dP becomes dS). lse/delta index rows (query-major) or columns (key-major).
 template <bool KEY_MAJOR>
 inline void softmax_grad(float* S, float* dP, int64_t rows, int64_t cols, const float* lse,
                          const float* delta) {
+  const Vec log2e(LOG2E);
   for (int64_t r = 0; r < rows; ++r) {
     float* sr = S + r * cols;
     float* dr = dP + r * cols;
-    if (KEY_MAJOR) {
-#pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) {
-        const float pe = sr[c] == NEG_INF ? 0.f : fast_exp2((sr[c] - lse[c]) * LOG2E);
-        sr[c] = pe;
-        dr[c] = pe * (dr[c] - delta[c]);
-      }
-    } else {
-      const float lr = lse[r], dl = delta[r];
-#pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) {
-        const float pe = sr[c] == NEG_INF ? 0.f : fast_exp2((sr[c] - lr) * LOG2E);
-        sr[c] = pe;
-        dr[c] = pe * (dr[c] - dl);
-      }
+    for (int64_t c = 0; c < cols; c += VEC) {
+      const int64_t n = std::min(VEC, cols - c);
+      const Vec l = KEY_MAJOR ? Vec::loadu(lse + c, n) : Vec(lse[r]);
+      const Vec dl = KEY_MAJOR ? Vec::loadu(delta + c, n) : Vec(delta[r]);
+      const Vec pe = softmax_numerator(Vec::loadu(sr + c, n), l, log2e);
+      pe.store(sr + c, n);
+      (pe * (Vec::loadu(dr + c, n) - dl)).store(dr + c, n);
     }
   }
 }
@@ -321,15 +308,26 @@ void prepare_head(const Schedule& s, const AttnProblem& p, const BwdInputs& in, 
       h.go = perm ? b.go.data() : in.go + off, h.got = b.got.data();
       const float* lse = in.lse + bh * N;
       const float* glse = in.grad_lse ? in.grad_lse + bh * N : nullptr;
-      for (int64_t i = 0; i < N; ++i) {
-        const int64_t pos = perm ? perm[i] : i;
-        const float* g = in.go + off + pos * D;
-        const float* o = in.out + off + pos * D;
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t d = 0; d < D; ++d) acc += g[d] * o[d];
-        b.delta[i] = acc - (glse ? glse[pos] : 0.f);
-        if (perm) b.lse[i] = lse[pos];
+      // rowsum(grad_out * out) rounded as the GEMMs round dP = dO V^T: where a row's softmax is one-hot,
+      // out is that key's value row and dS = P (dP - delta) cancels exactly, as it does in PyTorch
+      // (any other summation order leaves scale x 1 ulp of dP in dS there)
+      constexpr int64_t R = 8;
+      for (int64_t i0 = 0; i0 < N; i0 += R) {
+        const int64_t nr = std::min(R, N - i0);
+        const float* g[R];
+        const float* o[R];
+        float acc[R];
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t pos = perm ? perm[i0 + std::min(r, nr - 1)] : i0 + std::min(r, nr - 1);
+          g[r] = in.go + off + pos * D;
+          o[r] = in.out + off + pos * D;
+        }
+        dots_in_gemm_order<R>(g, o, D, acc);
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t pos = perm ? perm[i0 + r] : i0 + r;
+          b.delta[i0 + r] = acc[r] - (glse ? glse[pos] : 0.f);
+          if (perm) b.lse[i0 + r] = lse[pos];
+        }
       }
       h.lse = perm ? b.lse.data() : lse, h.delta = b.delta.data();
     }
@@ -457,5 +455,6 @@ void sparse_attention_backward(const Schedule& s, const AttnProblem& p, const Bw
   });
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace dalle_fast
