@@ -97,27 +97,32 @@ inline void parallel_tasks(int64_t ntasks, F&& body) {
 
 namespace {
 
-// rows[i] = alpha * src[perm[i]] (when rows is non-null) and t[d * N + i] = alpha * src[perm[i]][d]
-// (when t is non-null) for one head's (N, D) rows; perm == nullptr is the identity. One read of
-// the source, transposed in 16 x 16 blocks.
-void gather_head(const float* src, const int32_t* perm, int64_t N, int64_t D, float alpha, float* rows,
-                 float* t) {
+// rows[i] = src[perm[i]] (when rows is non-null) and t[d * N + i] = src[perm[i]][d] (when t is
+// non-null) for one head's (N, D) rows; perm == nullptr is the identity. One read of the source;
+// 16 rows at a time are made contiguous (in rows, or a scratch block) and transposed in 16 x 16
+// register tiles (at::vec::transpose_mxn).
+void gather_head(const float* src, const int32_t* perm, int64_t N, int64_t D, float* rows, float* t) {
   constexpr int64_t B = 16;
+  std::vector<float> scratch(perm && !rows && t ? B * D : 0);
   for (int64_t i0 = 0; i0 < N; i0 += B) {
-    const int64_t i1 = std::min(N, i0 + B);
-    if (rows)
-      for (int64_t i = i0; i < i1; ++i) {
-        const float* sr = src + (perm ? perm[i] : i) * D;
-        float* dr = rows + i * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) dr[d] = alpha * sr[d];
+    const int64_t nb = std::min(B, N - i0);
+    const float* block = src + i0 * D;  // nb contiguous rows (ld D)
+    if (perm) {
+      float* dst = rows ? rows + i0 * D : scratch.data();
+      for (int64_t r = 0; r < nb; ++r) std::memcpy(dst + r * D, src + perm[i0 + r] * D, D * sizeof(float));
+      block = dst;
+    } else if (rows) {
+      std::memcpy(rows + i0 * D, block, nb * D * sizeof(float));
+    }
+    if (!t) continue;
+    for (int64_t d0 = 0; d0 < D; d0 += B) {
+      if (nb == B && D - d0 >= B) {
+        at::vec::transpose_mxn<float, B, B>(block + d0, D, t + d0 * N + i0, N);
+      } else {
+        for (int64_t d = d0; d < std::min(D, d0 + B); ++d)
+          for (int64_t r = 0; r < nb; ++r) t[d * N + i0 + r] = block[r * D + d];
       }
-    if (t)
-      for (int64_t d0 = 0; d0 < D; d0 += B)
-        for (int64_t i = i0; i < i1; ++i) {
-          const float* sr = src + (perm ? perm[i] : i) * D;
-          for (int64_t d = d0; d < std::min(D, d0 + B); ++d) t[d * N + i] = alpha * sr[d];
-        }
+    }
   }
 }
 
@@ -132,8 +137,8 @@ struct HeadCache {
     if (bh == head) return;
     head = bh;
     const int32_t* perm = s.identity ? nullptr : s.perm.data();
-    gather_head(k + bh * N * D, perm, N, D, 1.f, nullptr, kt.data());
-    if (perm) gather_head(v + bh * N * D, perm, N, D, 1.f, vp.data(), nullptr);
+    gather_head(k + bh * N * D, perm, N, D, nullptr, kt.data());
+    if (perm) gather_head(v + bh * N * D, perm, N, D, vp.data(), nullptr);
   }
   const float* values(const Schedule& s, const float* v, int64_t N, int64_t D) const {
     return s.identity ? v + head * N * D : vp.data();
@@ -291,20 +296,20 @@ void prepare_head(const Schedule& s, const AttnProblem& p, const BwdInputs& in, 
   HeadOperands& h = b.ops;
   switch (part) {
     case 0:
-      gather_head(in.q + off, perm, N, D, 1.f, b.qs.data(), b.qst.data());
+      gather_head(in.q + off, perm, N, D, b.qs.data(), b.qst.data());
       h.qs = b.qs.data(), h.qst = b.qst.data();
       break;
     case 1:
-      gather_head(in.k + off, perm, N, D, 1.f, perm ? b.k.data() : nullptr, b.kt.data());
+      gather_head(in.k + off, perm, N, D, perm ? b.k.data() : nullptr, b.kt.data());
       h.k = perm ? b.k.data() : in.k + off, h.kt = b.kt.data();
       break;
     case 2:
       if (perm || !b.vt.empty())
-        gather_head(in.v + off, perm, N, D, 1.f, perm ? b.v.data() : nullptr, b.vt.empty() ? nullptr : b.vt.data());
+        gather_head(in.v + off, perm, N, D, perm ? b.v.data() : nullptr, b.vt.empty() ? nullptr : b.vt.data());
       h.v = perm ? b.v.data() : in.v + off, h.vt = b.vt.empty() ? nullptr : b.vt.data();
       break;
     default: {
-      gather_head(in.go + off, perm, N, D, 1.f, perm ? b.go.data() : nullptr, b.got.data());
+      gather_head(in.go + off, perm, N, D, perm ? b.go.data() : nullptr, b.got.data());
       h.go = perm ? b.go.data() : in.go + off, h.got = b.got.data();
       const float* lse = in.lse + bh * N;
       const float* glse = in.grad_lse ? in.grad_lse + bh * N : nullptr;
