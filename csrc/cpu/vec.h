@@ -34,7 +34,10 @@ constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 // f = x - round(x) in [-1/2, 1/2] (relative error < 3e-7), times 2^round(x) built in the exponent.
 inline Vec exp2(Vec x) {
   x = at::vec::maximum(x, Vec(-126.f));  // propagates NaN
-  const Vec r = x.round();
+  // round to nearest even by adding and removing 1.5 * 2^23 (exact for |x| < 2^22): two adds on
+  // every ISA, where the baseline x86-64 (SSE2) has no rounding instruction
+  const Vec magic(12582912.f);
+  const Vec r = (x + magic) - magic;
   const Vec f = x - r;
   Vec p(1.5403530393381608e-4f);
   p = at::vec::fmadd(p, f, Vec(1.3333558146428443e-3f));
