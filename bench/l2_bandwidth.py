@@ -42,6 +42,12 @@ def reads_per_launch(nbytes: int) -> int:
     return max(1, math.ceil(BYTES_PER_LAUNCH / nbytes))
 
 
+def rounded_gbps(gbps: float) -> float:
+    """GB/s to one decimal, below 1 GB/s to two significant digits: a slow reading (a busy CPU's
+    0.03 GB/s) must not be reported as 0."""
+    return round(gbps, 1) if gbps >= 1 else float(f"{gbps:.2g}")
+
+
 def _read_kernel():
     import triton
     import triton.language as tl
@@ -111,8 +117,8 @@ def main(argv=None):
     for size in sizes:
         nbytes, results = measure(size, args.device, args.programs_per_sm, kernel)
         for method, gbps in results:
-            rows.append(dict(size_mb=round(nbytes / 1e6, 2), method=method, gbps=round(gbps, 1)))
-            print(f"{nbytes / 1e6:>10.1f} {method:<12} {gbps:>10.1f}", flush=True)
+            rows.append(dict(size_mb=round(nbytes / 1e6, 2), method=method, gbps=rounded_gbps(gbps)))
+            print(f"{nbytes / 1e6:>10.1f} {method:<12} {rounded_gbps(gbps):>10g}", flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:

@@ -47,6 +47,11 @@ def test_l2_bandwidth_bench_runs_on_cpu(tmp_path):
     assert res["device"] == "cpu" and [r["method"] for r in res["rows"]] == ["torch.sum"] * 2
     assert [r["size_mb"] for r in res["rows"]] == [0.25, 2.0] and all(r["gbps"] > 0 for r in res["rows"])
     assert "torch.sum" in out
+    # a slow reading (a busy CPU's 0.25 MB sum: ~0.03 GB/s) is reported as such, not rounded to 0
+    check = "import l2_bandwidth as L; assert L.rounded_gbps(0.031) == 0.031 and L.rounded_gbps(66.54) == 66.5"
+    r = subprocess.run([sys.executable, "-c", check], env=_env(), cwd=BENCH, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
     for bad in ("0", "x", "-1"):
         r = subprocess.run([sys.executable, str(BENCH / "l2_bandwidth.py"), "--device", "cpu", "--sizes-mb", bad],
                            capture_output=True, text=True, timeout=120)
