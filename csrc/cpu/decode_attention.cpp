@@ -76,11 +76,11 @@ void run(const DecodeArgs& a) {
   const int64_t n_threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_items));
   std::atomic<int64_t> next{0};
   at::parallel_for(0, n_threads, 1, [&](int64_t, int64_t) {
-    std::vector<float> scores(static_cast<size_t>(m_max * max_keys));
-    std::vector<float> qf(static_cast<size_t>(m_max * D)), acc(static_cast<size_t>(m_max * D));
-    std::vector<float> sums(static_cast<size_t>(m_max));
-    std::vector<float> qt(grouped ? static_cast<size_t>(D * m_max) : 0);
-    std::vector<float> st(grouped ? static_cast<size_t>(m_max * max_keys) : 0);
+    Buffer scores(static_cast<size_t>(m_max * max_keys));
+    Buffer qf(static_cast<size_t>(m_max * D)), acc(static_cast<size_t>(m_max * D));
+    Buffer sums(static_cast<size_t>(m_max));
+    Buffer qt(grouped ? static_cast<size_t>(D * m_max) : 0);
+    Buffer st(grouped ? static_cast<size_t>(m_max * max_keys) : 0);
     for (;;) {
     const int64_t begin = next.fetch_add(CHUNK_ITEMS, std::memory_order_relaxed);
     if (begin >= n_items) break;

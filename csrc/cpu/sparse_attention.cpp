@@ -103,7 +103,7 @@ namespace {
 // register tiles (at::vec::transpose_mxn).
 void gather_head(const float* src, const int32_t* perm, int64_t N, int64_t D, float* rows, float* t) {
   constexpr int64_t B = 16;
-  std::vector<float> scratch(perm && !rows && t ? B * D : 0);
+  Buffer scratch(perm && !rows && t ? B * D : 0);
   for (int64_t i0 = 0; i0 < N; i0 += B) {
     const int64_t nb = std::min(B, N - i0);
     const float* block = src + i0 * D;  // nb contiguous rows (ld D)
@@ -130,7 +130,7 @@ void gather_head(const float* src, const int32_t* perm, int64_t N, int64_t D, fl
 // gathered (N x D) when the schedule permutes positions. Refilled when a thread moves to another
 // head; the buffers stay in cache across the head's query tiles.
 struct HeadCache {
-  std::vector<float> kt, vp;
+  Buffer kt, vp;
   int64_t head = -1;
 
   void fill(const Schedule& s, const float* k, const float* v, int64_t bh, int64_t N, int64_t D) {
@@ -146,7 +146,7 @@ struct HeadCache {
 };
 
 struct FwdScratch {
-  std::vector<float> S, acc, m, l, qbuf;
+  Buffer S, acc, m, l, qbuf;
   HeadCache cache;
 };
 
@@ -275,7 +275,7 @@ struct HeadOperands {
 // schedule permutes positions (otherwise the operands point into the inputs); vt only when the
 // query-tile-major dQ pass needs it.
 struct HeadBuffers {
-  std::vector<float> qs, qst, k, kt, v, vt, go, got, lse, delta;
+  Buffer qs, qst, k, kt, v, vt, go, got, lse, delta;
   HeadOperands ops{};
 
   void allocate(const Schedule& s, int64_t N, int64_t D, bool need_vt) {
@@ -418,7 +418,7 @@ void sparse_attention_backward(const Schedule& s, const AttnProblem& p, const Bw
     // thread's buffers (cache-resident for the whole head), then one key-tile-major pass that also
     // accumulates dQ^T, and writes the gradients back to sequence positions.
     parallel_tasks(p.bh, [&](auto next_task) {
-      std::vector<float> St(scratch), dPt(scratch), dka(s.bn * D), dva(s.bn * D), dqt(ND);
+      Buffer St(scratch), dPt(scratch), dka(s.bn * D), dva(s.bn * D), dqt(ND);
       HeadBuffers b;
       b.allocate(s, N, D, /*need_vt=*/false);
       for (int64_t bh = next_task(); bh < p.bh; bh = next_task()) {
@@ -447,13 +447,13 @@ void sparse_attention_backward(const Schedule& s, const AttnProblem& p, const Bw
       prepare_head(s, p, in, t / PREP_PARTS, static_cast<int>(t % PREP_PARTS), heads[t / PREP_PARTS]);
   });
   parallel_tasks(p.bh * s.nk, [&](auto next_task) {
-    std::vector<float> St(scratch), dPt(scratch), dka(s.bn * D), dva(s.bn * D);
+    Buffer St(scratch), dPt(scratch), dka(s.bn * D), dva(s.bn * D);
     for (int64_t t = next_task(); t < p.bh * s.nk; t = next_task())
       bwd_key_tile(s, N, D, p.scale, heads[t / s.nk].ops, grads(t / s.nk), t % s.nk, nullptr, St.data(), dPt.data(),
                    dka.data(), dva.data());
   });
   parallel_tasks(p.bh * s.nq, [&](auto next_task) {
-    std::vector<float> S(scratch), dP(scratch), dqa(s.bm * D);
+    Buffer S(scratch), dP(scratch), dqa(s.bm * D);
     for (int64_t t = next_task(); t < p.bh * s.nq; t = next_task())
       bwd_query_tile(s, N, D, p.scale, heads[t / s.nq].ops, grads(t / s.nq), t % s.nq, S.data(), dP.data(),
                      dqa.data());

@@ -19,10 +19,31 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <new>
+#include <vector>
 
 namespace dalle_fast {
 namespace cpu {
 namespace CPU_CAPABILITY {
+
+// Scratch buffers of the kernels start on a 64-byte boundary (a cache line, a 512-bit vector): at
+// malloc's 16 bytes, rows of a GEMM's operand or output straddle lines, and where each buffer
+// starts relative to the others (hence the speed) changed from one process to the next.
+template <typename T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(std::size_t n) {
+    void* p = ::operator new(n * sizeof(T), std::align_val_t(64));
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const CacheLineAllocator<U>&) const { return true; }
+};
+using Buffer = std::vector<float, CacheLineAllocator<float>>;
 
 using Vec = at::vec::Vectorized<float>;
 using VecI = at::vec::Vectorized<int32_t>;
@@ -30,10 +51,11 @@ constexpr int64_t VEC = Vec::size();
 constexpr float LOG2E = 1.44269504088896341f;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
-// 2^x for x <= 0 (2^-126 below -126); NaN stays NaN. Degree-6 minimax polynomial on the fraction
-// f = x - round(x) in [-1/2, 1/2] (relative error < 3e-7), times 2^round(x) built in the exponent.
+// 2^x for x <= 0; 0 below -127 (so 2^-inf, a masked score, is 0 with no test of its own); NaN
+// stays NaN. Degree-6 minimax polynomial on the fraction f = x - round(x) in [-1/2, 1/2] (relative
+// error < 3e-7), times 2^round(x) built in the exponent field (0 at round(x) = -127).
 inline Vec exp2(Vec x) {
-  x = at::vec::maximum(x, Vec(-126.f));  // propagates NaN
+  x = at::vec::maximum(x, Vec(-127.f));  // propagates NaN
   // round to nearest even by adding and removing 1.5 * 2^23 (exact for |x| < 2^22): two adds on
   // every ISA, where the baseline x86-64 (SSE2) has no rounding instruction
   const Vec magic(12582912.f);
@@ -46,8 +68,12 @@ inline Vec exp2(Vec x) {
   p = at::vec::fmadd(p, f, Vec(2.4022650695910071e-1f));
   p = at::vec::fmadd(p, f, Vec(6.9314718055994531e-1f));
   p = at::vec::fmadd(p, f, Vec(1.0f));
-  // r in [-126, 0] (a NaN lane is zeroed first: its int conversion is undefined; p is NaN there)
+#if defined(CPU_CAPABILITY_DEFAULT)
+  // the portable conversion is a C++ cast, undefined for NaN: zero those lanes (p is NaN there)
   const VecI ri = at::vec::convert_to_int_of_same_size(Vec::blendv(r, Vec(0.f), r != r));
+#else
+  const VecI ri = at::vec::convert_to_int_of_same_size(r);  // cvttps: NaN gives INT_MIN, p is NaN
+#endif
   const Vec s = at::vec::cast<float>((ri + VecI(127)) << VecI(23));
   return p * s;
 }
@@ -80,20 +106,20 @@ inline Vec softmax_numerator(const Vec& s, const Vec& m, const Vec& a) {
   return Vec::blendv(Vec(0.f), exp2((s - m) * a), s != Vec(NEG_INF));  // != is unordered: NaN is live
 }
 
-// In place x[i] = 2^((x[i] - m) * a) for a > 0 and m = max of x (every exponent <= 0, exactly 0 at
-// the max whatever the scores' magnitude: the subtraction comes first); x[i] == -inf gives 0, a NaN
-// stays NaN. Returns the sum.
+// In place x[i] = 2^((x[i] - m) * a) for a > 0 and m = max of x, finite (every exponent <= 0,
+// exactly 0 at the max whatever the scores' magnitude: the subtraction comes first); x[i] == -inf
+// gives 0 (exp2 of -inf), a NaN stays NaN. Returns the sum.
 inline float exp2_sum(float* x, int64_t n, float a, float m) {
   const Vec va(a), vm(m);
   Vec sum(0.f);
   int64_t i = 0;
   for (; i + VEC <= n; i += VEC) {
-    const Vec e = softmax_numerator(Vec::loadu(x + i), vm, va);
+    const Vec e = exp2((Vec::loadu(x + i) - vm) * va);
     e.store(x + i);
     sum = sum + e;
   }
   if (i < n) {
-    const Vec e = softmax_numerator(Vec::loadu(x + i, n - i), vm, va);
+    const Vec e = exp2((Vec::loadu(x + i, n - i) - vm) * va);
     e.store(x + i, n - i);
     sum = sum + Vec::set(Vec(0.f), e, n - i);
   }
