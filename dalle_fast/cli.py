@@ -317,8 +317,30 @@ register_subcommand("demo", "train tiny dVAE, CLIP and transformer on the shapes
 
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: the versions and the instruction set of the CPU kernels (imports torch only
+    when asked, so ``--help`` stays fast)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import torch
+
+        import dalle_fast
+
+        try:
+            isa = f"{dalle_fast.cpu_isa()} (this CPU runs: {', '.join(dalle_fast.available_cpu_isas())})"
+        except RuntimeError as err:  # a bad $DALLE_FAST_CPU_ISA
+            isa = f"error: {str(err).splitlines()[0]}"
+        print(f"dalle_fast {dalle_fast.__version__} (torch {torch.__version__}); CPU kernels: {isa}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dalle-fast", description="dalle_fast: DALL-E training and sampling")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the versions and the instruction set the CPU kernels run with, and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cmd in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)

@@ -149,3 +149,19 @@ def test_cli_resume_refuses_other_inputs_before_touching_the_run(tmp_path, capsy
         train_dalle(DALLEConfig(**meta["model_config"]), TrainConfig(steps=2, batch_size=4, progress=False),
                     CodesDataset.load(tmp_path / "dalle" / "codes"), tmp_path / "dalle", resume="auto", device="cpu",
                     extra_meta={"dvae_sha256": meta["extra"]["dvae_sha256"], "tokenizer_sha256": "0" * 64})
+
+
+def test_version_names_the_cpu_kernels_instruction_set(capsys, monkeypatch):
+    import dalle_fast
+    import torch
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"dalle_fast {dalle_fast.__version__} (torch {torch.__version__}); CPU kernels: ")
+    assert f"CPU kernels: {dalle_fast.cpu_isa()} (this CPU runs: {', '.join(dalle_fast.available_cpu_isas())})" in out
+    with dalle_fast.use_cpu_isa("default"):
+        with pytest.raises(SystemExit):
+            main(["--version"])
+        assert "CPU kernels: default (" in capsys.readouterr().out
