@@ -44,7 +44,10 @@ from dalle_fast import KINDS  # noqa: E402
 from dalle_fast._triton_ops import kernels  # noqa: E402
 
 K = kernels()  # imports triton (not interpreted: TRITON_INTERPRET is unset above)
-from dalle_fast.kernels.resources import KERNELS, compile_for_hopper, resources  # noqa: E402
+from dalle_fast.kernels import hopper_plan  # noqa: E402
+from dalle_fast.kernels.resources import (KERNELS, compile_for_hopper, compile_hopper_backward,  # noqa: E402
+                                          compile_hopper_forward, hopper_ws_supported, resources,
+                                          warp_specialized)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import comma_list  # noqa: E402
@@ -102,6 +105,47 @@ def main(argv=None):
                               f"{r['ldg']:>4} {r['instructions']:>6} {r['tile_buffers']:>4} "
                               f"{K.programs_per_sm(r['regs'], cfg.num_warps, r['smem'], K.HOPPER):>3} "
                               f"{K.occupancy_cap(r['regs'], cfg.num_warps, r['smem'], K.HOPPER) or '-':>4}  {note.strip()}")
+
+    hopper_rows(kinds, dtypes, head_dims)
+
+
+def hopper_rows(kinds, dtypes, head_dims):
+    """The hopper path's kernels (forward as launched: TMA + warp specialisation where the kind
+    allows; the fused backward, both dQ variants): registers, stack, shared memory, warpgroup MMAs
+    and whether Triton split the forward into warpgroups (``ws``, setmaxnreg in the PTX)."""
+    why = hopper_ws_supported()
+    print(f"\n# hopper path (Triton {triton.__version__}): forward warp specialisation "
+          f"{'available' if why is None else 'unavailable: ' + why}")
+    print(f"{'kernel':<12} {'kind':<9} {'dtype':<9} {'D':>4} {'config':<22} {'warps':>5} {'ws':>5} {'regs':>5} "
+          f"{'stack':>6} {'smem KiB':>9} {'HGMMA':>6} {'LDGSTS':>7}  note")
+    for dname in dtypes:
+        dtype = getattr(torch, dname)
+        if dtype == torch.float32:
+            continue
+        for head_dim in head_dims:
+            for kname in kinds:
+                permuted = kname in ("col", "axial_col")
+                builds = [("fwd", lambda: compile_hopper_forward(kname, dtype, head_dim, tma=not permuted,
+                                                                 ws=not permuted and why is None),
+                           hopper_plan.fwd_config(head_dim, False))]
+                for det in (False, True):
+                    builds.append((f"bwd{'-det' if det else ''}",
+                                   lambda det=det: compile_hopper_backward(kname, dtype, head_dim, deterministic=det),
+                                   hopper_plan.bwd_config(head_dim, False)))
+                for name, build, cfg in builds:
+                    try:
+                        c = build()
+                        r = resources(c)
+                    except Exception as e:  # noqa: BLE001 - report and go on
+                        print(f"{name:<12} {kname:<9} {dname:<9} {head_dim:>4} failed: {type(e).__name__}: {str(e)[:80]}")
+                        continue
+                    note = "SPILLS" if r["stack"] or r["local"] else ""
+                    if r["wgmma_serialized"]:
+                        note += " WGMMA-SERIALIZED"
+                    shape = f"{cfg.block_m}x{cfg.block_n} s{cfg.num_stages}"
+                    print(f"{name:<12} {kname:<9} {dname:<9} {head_dim:>4} {shape:<22} {c.metadata.num_warps:>5} "
+                          f"{str(warp_specialized(c)):>5} {r['regs']:>5} {r['stack']:>6} {r['smem'] / 1024:>9.1f} "
+                          f"{r['hgmma']:>6} {r['ldgsts']:>7}  {note.strip()}")
 
 
 if __name__ == "__main__":

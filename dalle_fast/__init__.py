@@ -17,6 +17,7 @@ from .version import __version__
 from .masks import KINDS, Layout, paper_schedule
 from .ops import decode_attention, sample, sparse_attention
 from .cpu_isa import available_cpu_isas, cpu_isa, set_cpu_isa, use_cpu_isa
+from .triton_path import set_triton_path, triton_path, use_triton_path
 from . import nn, reference
 from .nn import SparseAttention
 
@@ -45,6 +46,10 @@ __all__ = [
     "available_cpu_isas",
     "set_cpu_isa",
     "use_cpu_isa",
+    # which Triton kernels a GPU call runs
+    "triton_path",
+    "set_triton_path",
+    "use_triton_path",
     # modules
     "nn",
     "SparseAttention",

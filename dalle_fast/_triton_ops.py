@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode  # noqa: E501
 
+from . import triton_path as _path
 from .masks import KINDS, Layout
 
 __all__ = ["triton_available", "kernels", "triton_sparse_attention", "HEAD_DIMS", "DTYPES"]
@@ -52,6 +53,52 @@ def kernels():
     return mod
 
 
+def hopper_kernels():
+    """The launch plans of the Hopper kernels, ``dalle_fast.kernels.hopper_plan`` (imports triton)."""
+    kernels()
+    from .kernels import hopper_plan as mod
+
+    return mod
+
+
+_CHECKED: dict = {}  # problems the hopper path has validated: (shapes, strides, dtype, device, layout, scale)
+
+
+def _hopper_ready(q, k, v, layout, scale):
+    """q, k, v as the hopper kernels read them (unit last stride), validated once per problem."""
+    K = kernels()
+    key = (tuple(q.shape), q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device, k.device,
+           v.device, layout, scale)
+    if key not in _CHECKED:
+        K.check_inputs(q, k, v, layout)
+        from .ops import check_scale
+
+        check_scale(scale)
+        _CHECKED[key] = True
+    return K._unit_last(q), K._unit_last(k), K._unit_last(v)
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, layout: Layout, scale: float) -> Tuple[Tensor, Tensor]:
+    """(out, lse) from the Triton path :func:`dalle_fast.triton_path` picks for this call."""
+    if _path.choose(q.device, q.dtype, layout, q.shape[-2], q.shape[-1]) == "hopper":
+        q, k, v = _hopper_ready(q, k, v, layout, scale)
+        with kernels()._on_device(q):
+            return hopper_kernels().forward(q, k, v, layout, scale, q.device.type == "cpu")
+    return kernels().attention_forward(q, k, v, layout, scale)
+
+
+def attention_backward(grad_out, q, k, v, out, lse, layout: Layout, scale: float, grad_lse=None):
+    """(dq, dk, dv) from the Triton path :func:`dalle_fast.triton_path` picks for this call."""
+    if _path.choose(q.device, q.dtype, layout, q.shape[-2], q.shape[-1]) == "hopper":
+        q, k, v = _hopper_ready(q, k, v, layout, scale)
+        kernels().check_backward_args(grad_out, q, out, lse, grad_lse)
+        grad_out = kernels()._unit_last(grad_out)
+        with kernels()._on_device(q):
+            return hopper_kernels().backward(grad_out, q, k, v, out, lse, layout, scale, q.device.type == "cpu",
+                                             grad_lse=grad_lse)
+    return kernels().attention_backward(grad_out, q, k, v, out, lse, layout, scale, grad_lse=grad_lse)
+
+
 @functools.lru_cache(maxsize=1024)
 def _layout(kind: int, text_len: int, image_size: int, kernel_size: int, dilation: int) -> Layout:
     if not 0 <= kind < len(KINDS):
@@ -64,7 +111,7 @@ def triton_sparse_attention_fwd(q: Tensor, k: Tensor, v: Tensor, kind: int, text
                                 kernel_size: int, dilation: int, scale: float) -> Tuple[Tensor, Tensor]:
     """q, k, v ``(B, H, N, D)`` -> (out ``(B, H, N, D)`` contiguous in q's dtype, lse ``(B, H, N)`` float32)."""
     layout = _layout(kind, text_len, image_size, kernel_size, dilation)
-    return kernels().attention_forward(q, k, v, layout, scale)
+    return attention_forward(q, k, v, layout, scale)
 
 
 @triton_sparse_attention_fwd.register_fake
@@ -81,7 +128,7 @@ def triton_sparse_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tenso
     """-> (dq, dk, dv), each ``(B, H, N, D)`` contiguous in q's dtype. ``grad_lse`` (B, H, N) or None:
     gradient of the forward's lse output."""
     layout = _layout(kind, text_len, image_size, kernel_size, dilation)
-    return kernels().attention_backward(grad_out, q, k, v, out, lse, layout, scale, grad_lse=grad_lse)
+    return attention_backward(grad_out, q, k, v, out, lse, layout, scale, grad_lse=grad_lse)
 
 
 @triton_sparse_attention_bwd.register_fake
@@ -103,7 +150,7 @@ class _EagerSparseAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, layout, scale):
-        out, lse = kernels().attention_forward(q, k, v, layout, scale)
+        out, lse = attention_forward(q, k, v, layout, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout, ctx.scale = layout, scale
         return out
@@ -112,7 +159,7 @@ class _EagerSparseAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # double backward raises, as through the op
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = kernels().attention_backward(grad_out, q, k, v, out, lse, ctx.layout, ctx.scale)
+        dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, ctx.layout, ctx.scale)
         return dq, dk, dv, None, None
 
 
@@ -138,6 +185,6 @@ def triton_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Layout, sca
     if _plain_eager(q, k, v):
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return _EagerSparseAttention.apply(q, k, v, layout, scale)
-        return kernels().attention_forward(q, k, v, layout, scale)[0]
+        return attention_forward(q, k, v, layout, scale)[0]
     out, _ = torch.ops.dalle_fast.triton_sparse_attention_fwd(q, k, v, *layout.params(), scale)
     return out

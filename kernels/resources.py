@@ -27,9 +27,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ..masks import KINDS
+from . import hopper as Kh
+from . import hopper_plan
 from . import sparse_attention as K
 
-__all__ = ["KERNELS", "compile_for_hopper", "resources", "tool"]
+__all__ = ["KERNELS", "compile_for_hopper", "compile_hopper_backward", "compile_hopper_forward", "hopper_ws_supported", "resources", "tool",
+           "warp_specialized"]
 
 TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 FLOAT_PTRS = ("LSE", "DELTA", "DLSE")
@@ -73,6 +76,94 @@ def compile_for_hopper(fn, dtype, kind, head_dim, cfg, *, heads=16, seq=1280, te
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=K.compile_options(cfg))
+
+
+def hopper_ws_supported():
+    """None if this Triton can warp-specialise a loop (``tl.range(warp_specialize=...)``) and has
+    TMA tensor descriptors, else why not."""
+    import inspect
+
+    import triton.language as tl
+
+    if "warp_specialize" not in inspect.signature(tl.range.__init__).parameters:
+        return f"Triton {triton.__version__} has no automatic warp specialisation"
+    if hopper_plan.TensorDescriptor is None:
+        return f"Triton {triton.__version__} has no TMA tensor descriptors"
+    return None
+
+
+def compile_hopper_forward(kind, dtype=torch.bfloat16, head_dim=64, *, tma=True, ws=True, config=None):
+    """sm_90a compilation of the hopper forward (:func:`hopper._fwd_hopper`) for ``kind`` (name or id),
+    specialised as the JIT would at the benchmark's shape (16-byte aligned pointers and strides), with
+    4-D TMA descriptors (``tma``) and warp specialisation (``ws``)."""
+    kind_id = KINDS.index(kind) if isinstance(kind, str) else kind
+    cfg = config or hopper_plan.fwd_config(head_dim, False)
+    fn = Kh._fwd_hopper
+    consts = dict(KIND=kind_id, PERMUTED=KINDS[kind_id] in ("col", "axial_col"), TMA=tma, WS=ws, SAFE=False,
+                  FIXUP=False, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                  IEEE=dtype == torch.float32)
+    elem = TYPES[dtype][1:]
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.startswith("desc_"):
+            rows = cfg.block_m // 2 if name == "desc_q" else cfg.block_n
+            sig[name] = f"tensordesc<{elem}[1,1,{rows},{head_dim}]>" if tma else TYPES[dtype]
+        elif name in ("Q", "K", "V", "O"):
+            sig[name], attrs[(i,)] = TYPES[dtype], [["tt.divisibility", 16]]
+        elif name == "LSE":
+            sig[name], attrs[(i,)] = "*fp32", [["tt.divisibility", 16]]
+        elif name in ("PERM", "SEG", "ORDER"):
+            sig[name], attrs[(i,)] = "*i32", [["tt.divisibility", 16]]
+        elif name == "FLAGS":
+            sig[name] = "*i8"
+        elif name == "qk_scale":
+            sig[name] = "fp32"
+        elif name == "DIL":  # 1 except for conv_like, specialised by the JIT like any int equal to 1
+            sig[name] = "constexpr"
+            consts[name] = 1
+        else:
+            sig[name] = "i32"
+            if name.startswith("s_"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    warps = cfg.num_warps if ws else 2 * cfg.num_warps  # as hopper_plan.forward launches it
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=cfg.num_stages))
+
+
+def compile_hopper_backward(kind, dtype=torch.bfloat16, head_dim=64, *, deterministic=False, config=None):
+    """sm_90a compilation of the hopper backward (:func:`hopper._bwd_fused`) for ``kind``, as
+    :func:`compile_hopper_forward` does for the forward."""
+    kind_id = KINDS.index(kind) if isinstance(kind, str) else kind
+    cfg = config or hopper_plan.bwd_config(head_dim, False)
+    fn = Kh._bwd_fused
+    consts = dict(KIND=kind_id, PERMUTED=KINDS[kind_id] in ("col", "axial_col"), DETERMINISTIC=deterministic,
+                  HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IEEE=dtype == torch.float32, DIL=1)
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ("Q", "K", "V", "DO", "DK", "DV", "DQ"):
+            sig[name], attrs[(i,)] = TYPES[dtype], [["tt.divisibility", 16]]
+        elif name in ("LSE", "DELTA", "DQ_ACC"):
+            sig[name], attrs[(i,)] = "*fp32", [["tt.divisibility", 16]]
+        elif name in ("PERM", "KSEG", "KORDER", "QSEG", "QORDER"):
+            sig[name], attrs[(i,)] = "*i32", [["tt.divisibility", 16]]
+        elif name in ("qk_scale", "sm_scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name.startswith("s_"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg.num_warps,
+                                                                             num_stages=cfg.num_stages))
+
+
+def warp_specialized(compiled) -> bool:
+    """Whether Triton split the kernel into warpgroups with their own register budgets (``setmaxnreg``)."""
+    return "setmaxnreg" in compiled.asm["ptx"]
 
 
 _TILE_BUFFER = re.compile(r"ttg\.local_alloc : \(\) -> !ttg\.memdesc<(\d+)x(\d+)x(\d+)x")

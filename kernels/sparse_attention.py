@@ -39,6 +39,7 @@ _UNFIT = (OutOfResources, PTXASError)
 from ..masks import Layout
 from ..ops import check_scale
 from . import tuning_cache
+from .hopper import _nonfinite_rows, _sees_nonfinite
 
 __all__ = [
     "HEAD_DIMS",
@@ -405,6 +406,7 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_M], dtype=tl.int1)
     t, addr = _fetch_first(lut, PERM, N, BLOCK_N, PERMUTED, False)
     # two loops, unlike the backward kernels' one: a single loop with the mask in a branch cost the
     # forward 25-47 registers (sm_90a: row 137 -> 162, conv 134 -> 181 at 64 x 64, 4 warps: 3 -> 2
@@ -424,10 +426,17 @@ def _attn_fwd(
         v = tl.load(v_base + pos_k[:, None] * s_vn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
         mpos_k = _mask_positions(PERM, t, N, BLOCK_N, PERMUTED, False)
         qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
-        qk = tl.where(_allowed(mpos_q[:, None], mpos_k[None, :], T, S, KS, DIL, KIND), qk, float("-inf"))
+        allowed = _allowed(mpos_q[:, None], mpos_k[None, :], T, S, KS, DIL, KIND)
+        qk = tl.where(allowed, qk, float("-inf"))
+        # a masked-out value's zero weight times nan/inf is nan in the MMA: such rows enter it as
+        # zeros, and the queries allowed to see one are made nan at the end (as the reference's)
+        nonfinite = _nonfinite_rows(v)
+        v = tl.where(nonfinite[:, None], 0.0, v)
+        bad |= _sees_nonfinite(allowed, nonfinite)
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, qk, v, qk_scale, IEEE)
         t, addr = t_next, addr_next
 
+    acc = tl.where(bad[:, None], float("nan"), acc)
     _store_out(o_base, LSE, pid_bh, pos_q, valid_q, acc, l_i, m_i, s_on, offs_d, N)
 
 
@@ -495,6 +504,7 @@ def _attn_fwd_flat(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_M], dtype=tl.int1)
     e, qa, ka = _flat_fetch(PAIRS, start, end, PERM, N, BLOCK_M, BLOCK_N, PERMUTED)
     qa_done = qa  # q addressing of the query tile being accumulated
     for j in range(start, end):
@@ -518,19 +528,26 @@ def _attn_fwd_flat(
         # and the scheduler cannot sink the stores below that MMA.
         if first & (j > start):
             pos_d, valid_d = _address(qa_done, N, BLOCK_M, PERMUTED, True)
+            acc = tl.where(bad[:, None], float("nan"), acc)
             _store_out(o_base, LSE, pid_bh, pos_d, valid_d, acc, l_i, m_i, s_on, offs_d, N)
             acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         qa_done = qa
         m_i = tl.where(first, float("-inf"), m_i)  # restart: the rescale factor below clears l and acc
-        if (e & _PARTIAL) != 0:  # element mask
+        bad = bad & ~first
+        if (e & _PARTIAL) != 0:  # element mask; masked-out non-finite values as in _attn_fwd
             if not PERMUTED:
                 mpos_q = _mask_positions(PERM, qt, N, BLOCK_M, PERMUTED, True)
                 mpos_k = _mask_positions(PERM, kt, N, BLOCK_N, PERMUTED, False)
-            qk = tl.where(_allowed(mpos_q[:, None], mpos_k[None, :], T, S, KS, DIL, KIND), qk, float("-inf"))
+            allowed = _allowed(mpos_q[:, None], mpos_k[None, :], T, S, KS, DIL, KIND)
+            qk = tl.where(allowed, qk, float("-inf"))
+            nonfinite = _nonfinite_rows(v)
+            v = tl.where(nonfinite[:, None], 0.0, v)
+            bad |= _sees_nonfinite(allowed, nonfinite)
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, qk, v, qk_scale, IEEE)  # alpha = 0 after a restart
         e, qa, ka = e_next, qa_next, ka_next
     if end > start:  # the last query tile of the range
         pos_d, valid_d = _address(qa_done, N, BLOCK_M, PERMUTED, True)
+        acc = tl.where(bad[:, None], float("nan"), acc)
         _store_out(o_base, LSE, pid_bh, pos_d, valid_d, acc, l_i, m_i, s_on, offs_d, N)
 
 
@@ -650,6 +667,7 @@ def _attn_bwd_dq(
         delta -= tl.load(DLSE + row_base + pos_q, mask=valid_q, other=0.0)
     tl.store(DELTA + row_base + pos_q, delta, mask=valid_q)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_M], dtype=tl.int1)
     t, addr = _fetch_first(lut, PERM, N, BLOCK_N, PERMUTED, False)
     for i in range(0, count):  # full tiles first, then partial ones (element mask)
         t_next, addr_next = _fetch(lut, i + 1, count, PERM, N, BLOCK_N, PERMUTED, False)  # next tile's, issued first
@@ -663,11 +681,18 @@ def _attn_bwd_dq(
         if i >= nfull:
             if not PERMUTED:
                 mpos_k = _mask_positions(PERM, t, N, BLOCK_N, PERMUTED, False)
-            p = tl.where(_allowed(mpos_q[:, None], mpos_k[None, :], T, S, KS, DIL, KIND), p, 0.0)
+            allowed = _allowed(mpos_q[:, None], mpos_k[None, :], T, S, KS, DIL, KIND)
+            p = tl.where(allowed, p, 0.0)
+            # masked-out non-finite keys/values enter dP = dO V^T and dQ = dS K as zeros (a zero
+            # weight times nan is nan); queries allowed to see one are made nan (as the reference's)
+            nonfinite = _nonfinite_rows(k) | _nonfinite_rows(v)
+            k = tl.where(nonfinite[:, None], 0.0, k)
+            v = tl.where(nonfinite[:, None], 0.0, v)
+            bad |= _sees_nonfinite(allowed, nonfinite)
         dq = _dq_step(dq, p, do, k, v, delta, IEEE)
         t, addr = t_next, addr_next
 
-    dq = dq * sm_scale
+    dq = tl.where(bad[:, None], float("nan"), dq * sm_scale)
     out_off = row_base * HEAD_DIM + pos_q[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DQ + out_off, dq.to(DQ.dtype.element_ty), mask=valid_q[:, None])
 
@@ -837,6 +862,21 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layo
     layout.check_seq_len(q.shape[2], "seq")
     if q.shape[0] * q.shape[1] > 65535:
         raise ValueError(f"batch * heads must be <= 65535 for backend 'triton', got {q.shape[0] * q.shape[1]}")
+
+
+def check_backward_args(grad_out, q, out, lse, grad_lse) -> None:
+    """ValueError unless the backward's other tensors match q ``(B, H, N, D)``."""
+    B, H, N, _ = q.shape
+    if grad_out.shape != q.shape or out.shape != q.shape:
+        raise ValueError(f"grad_out and out must have q's shape {tuple(q.shape)}, got "
+                         f"{tuple(grad_out.shape)} and {tuple(out.shape)}")
+    if lse.shape != (B, H, N) or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be float32 of shape {(B, H, N)}, got {lse.dtype} {tuple(lse.shape)}")
+    if grad_lse is not None and grad_lse.shape != (B, H, N):
+        raise ValueError(f"grad_lse must have shape {(B, H, N)}, got {tuple(grad_lse.shape)}")
+    for name, t in (("grad_out", grad_out), ("out", out), ("lse", lse), ("grad_lse", grad_lse)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
 
 
 def _major_minor(version: str):
@@ -1193,18 +1233,9 @@ class _BwdPlan(NamedTuple):
 def _bwd_plan(grad_out, q, k, v, out, lse, layout, scale, configs, grad_lse):
     check_inputs(q, k, v, layout)
     check_scale(scale)
+    check_backward_args(grad_out, q, out, lse, grad_lse)
+    perm, tables, permuted = prepare_tables(layout, q.shape[2], q.device)
     B, H, N, D = q.shape
-    if grad_out.shape != q.shape or out.shape != q.shape:
-        raise ValueError(f"grad_out and out must have q's shape {tuple(q.shape)}, got "
-                         f"{tuple(grad_out.shape)} and {tuple(out.shape)}")
-    if lse.shape != (B, H, N) or lse.dtype != torch.float32:
-        raise ValueError(f"lse must be float32 of shape {(B, H, N)}, got {lse.dtype} {tuple(lse.shape)}")
-    if grad_lse is not None and grad_lse.shape != (B, H, N):
-        raise ValueError(f"grad_lse must have shape {(B, H, N)}, got {tuple(grad_lse.shape)}")
-    for name, t in (("grad_out", grad_out), ("out", out), ("lse", lse), ("grad_lse", grad_lse)):
-        if t is not None and t.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
-    perm, tables, permuted = prepare_tables(layout, N, q.device)
     if configs is None and not _autotune_enabled(q.dtype):
         configs = _default_configs(D, q.dtype)[1:]
     cfg_dkdv, cfg_dq = configs if configs is not None else (None, None)
