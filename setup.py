@@ -173,7 +173,7 @@ ext_modules, cmdclass = extensions()
 setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    # kernels/ (top level, DESIGN.md) is installed as dalle_fast.kernels; in a checkout the
+    # kernels/ (top level, docs/design.md) is installed as dalle_fast.kernels; in a checkout the
     # symlink dalle_fast/kernels -> ../kernels gives the same import path.
     packages=sorted(
         {"dalle_fast", "dalle_fast.kernels"}

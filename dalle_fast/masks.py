@@ -2,7 +2,7 @@
 
 A sequence is ``text_len`` text positions followed by ``image_size**2`` image positions in raster
 order. Position ``q`` attends to position ``k`` only if ``k <= q``; text queries see all earlier
-text; image queries see all text plus the image keys their layer's kind allows (DESIGN.md,
+text; image queries see all text plus the image keys their layer's kind allows (docs/design.md,
 "Sequence and masks"). This module is the single Python definition of those semantics; the C++
 header ``csrc/common/mask.h`` implements the same predicate for the kernels and the tests check
 both against an independent brute force.
@@ -205,7 +205,7 @@ class Layout:
 
     Args:
         kind: one of ``KINDS``: ``full``, ``row``, ``col``, ``conv``, ``axial_row``,
-            ``axial_col``, ``conv_like`` (semantics in DESIGN.md).
+            ``axial_col``, ``conv_like`` (semantics in docs/design.md).
         text_len: number of text positions ``T`` (>= 1).
         image_size: side ``S`` of the image token grid (>= 1).
         kernel_size: ``K`` for ``conv`` (odd) and ``conv_like``; ignored by other kinds.

@@ -10,7 +10,7 @@ from dalle_fast import KINDS, Layout, paper_schedule
 
 
 def brute_allowed(kind, T, S, K, d, q, k):
-    """DESIGN.md's mask table, written out element by element (independent of masks.py)."""
+    """docs/design.md's mask table, written out element by element (independent of masks.py)."""
     if k > q:
         return False
     if q < T or k < T:  # text query sees earlier text; any query sees all (earlier) text

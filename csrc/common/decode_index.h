@@ -1,6 +1,6 @@
 // Decode index math: the keys one query position may read, enumerated in O(keys).
 //
-// For a query at position `pos` the allowed keys (csrc/common/mask.h, DESIGN.md's table) are the
+// For a query at position `pos` the allowed keys (csrc/common/mask.h, docs/design.md's table) are the
 // text keys 0 .. n_text-1 (n_text = min(pos + 1, T)) followed, for image queries, by an image part
 // that for every kind is an affine 2-D grid of image indices
 //     m' = base + (j / width) * row_stride + (j % width) * col_stride,   j in [0, n_image),

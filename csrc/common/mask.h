@@ -1,6 +1,6 @@
 // Mask predicate of DALL-E-style layouts, shared by the CPU, CUDA and host code.
 //
-// The single C++ definition of DESIGN.md's mask table (dalle_fast/masks.py is the Python one; the
+// The single C++ definition of docs/design.md's mask table (dalle_fast/masks.py is the Python one; the
 // tests check both against an independent brute force). Header-only, no torch dependency, usable
 // from host and device code.
 #pragma once
