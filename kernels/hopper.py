@@ -30,6 +30,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..masks import KIND_IDS
+
+#: kind ids of ``dalle_fast.masks`` as compile-time constants
+ROW = tl.constexpr(KIND_IDS["row"])
+COL = tl.constexpr(KIND_IDS["col"])
+CONV = tl.constexpr(KIND_IDS["conv"])
+AXIAL_ROW = tl.constexpr(KIND_IDS["axial_row"])
+AXIAL_COL = tl.constexpr(KIND_IDS["axial_col"])
+CONV_LIKE = tl.constexpr(KIND_IDS["conv_like"])
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 #: ints per segment record: (start, length) of 3 full runs, then of 3 partial runs
@@ -61,17 +70,17 @@ def _allowed(pq, rq, cq, pk, rk, ck, T, S, KS, DIL, KIND: tl.constexpr):
     -1, keys >= seq_len)."""
     causal = pk <= pq
     img = causal
-    if KIND == 1:  # row: the previous S image positions and itself
+    if KIND == ROW:  # the previous S image positions and itself
         img = pk >= pq - S
-    elif KIND == 2 or KIND == 5:  # col, axial_col: same column
+    elif KIND == COL or KIND == AXIAL_COL:  # same column
         img = ck == cq
-    elif KIND == 3:  # conv: K x K window above and beside, no wrap-around
+    elif KIND == CONV:  # K x K window above and beside, no wrap-around
         # 0 <= rq - rk <= h and -h <= ck - cq <= h, as unsigned compares (negatives wrap to huge)
         h = KS // 2
         img = ((rq - rk).to(tl.uint32, bitcast=True) <= h) & ((ck - cq + h).to(tl.uint32, bitcast=True) <= 2 * h)
-    elif KIND == 4:  # axial_row: same row
+    elif KIND == AXIAL_ROW:  # same row
         img = rk == rq
-    elif KIND == 6:  # conv_like: dilated K x K window up-left
+    elif KIND == CONV_LIKE:  # dilated K x K window up-left
         dr = rq - rk
         dc = cq - ck
         img = (dr >= 0) & (dc >= 0) & (dr % DIL == 0) & (dc % DIL == 0) & (dr // DIL < KS) & (dc // DIL < KS)
