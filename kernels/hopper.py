@@ -294,7 +294,8 @@ def _bwd_delta(O, DO, DLSE, DELTA, DQ, s_ob, s_oh, s_on, s_db, s_dh, s_dn, H, N,
 @triton.jit
 def _bwd_kv_step(kh, vh, mpos_kh, q, do, m_q, delta_q, mpos_q, dk, dv, qk_scale, T, S, KS, DIL,
                  KIND: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr):
-    """One query step for a 64-key half: returns (dk, dv, dS^T) with dS^T (keys x queries) float32."""
+    """One query step for a 64-key half: (dk, dv, dS^T, mask^T), dS^T and the mask keys x queries
+    (the mask all true when not ``MASKED``)."""
     sT = _dot(kh, tl.trans(q), tl.zeros([kh.shape[0], q.shape[0]], dtype=tl.float32), IEEE)
     pT = tl.exp2(sT * qk_scale - m_q[None, :])
     dpT = _dot(vh, tl.trans(do), tl.zeros([kh.shape[0], q.shape[0]], dtype=tl.float32), IEEE)
@@ -303,10 +304,11 @@ def _bwd_kv_step(kh, vh, mpos_kh, q, do, m_q, delta_q, mpos_q, dk, dv, qk_scale,
         pT = tl.where(allowed, pT, 0.0)
         dsT = tl.where(allowed, pT * (dpT - delta_q[None, :]), 0.0)
     else:
+        allowed = tl.full([kh.shape[0], q.shape[0]], 1, tl.int1)
         dsT = pT * (dpT - delta_q[None, :])
     dv = _dot(pT.to(do.dtype), do, dv, IEEE)
     dk = _dot(dsT.to(q.dtype), q, dk, IEEE)
-    return dk, dv, dsT
+    return dk, dv, dsT, allowed
 
 
 @triton.jit
@@ -362,30 +364,22 @@ def _bwd_fused(
                     # out-of-range query rows: m = +inf makes their P exactly 0
                     m_q = tl.load(LSE + row0 + pos_q, mask=valid_q, other=float("inf")) * LOG2E
                     delta_q = tl.load(DELTA + row0 + pos_q, mask=valid_q, other=0.0)
-                    if part == 1:
-                        dk0, dv0, ds0 = _bwd_kv_step(k0, v0, mpos_k0, q, do, m_q, delta_q, mpos_q, dk0, dv0,
-                                                     qk_scale, T, S, KS, DIL, KIND, True, IEEE)
-                        dk1, dv1, ds1 = _bwd_kv_step(k1, v1, mpos_k1, q, do, m_q, delta_q, mpos_q, dk1, dv1,
-                                                     qk_scale, T, S, KS, DIL, KIND, True, IEEE)
-                    else:
-                        dk0, dv0, ds0 = _bwd_kv_step(k0, v0, mpos_k0, q, do, m_q, delta_q, mpos_q, dk0, dv0,
-                                                     qk_scale, T, S, KS, DIL, KIND, False, IEEE)
-                        dk1, dv1, ds1 = _bwd_kv_step(k1, v1, mpos_k1, q, do, m_q, delta_q, mpos_q, dk1, dv1,
-                                                     qk_scale, T, S, KS, DIL, KIND, False, IEEE)
+                    MASKED: tl.constexpr = part == 1
+                    dk0, dv0, ds0, hit0 = _bwd_kv_step(k0, v0, mpos_k0, q, do, m_q, delta_q, mpos_q, dk0, dv0,
+                                                       qk_scale, T, S, KS, DIL, KIND, MASKED, IEEE)
+                    dk1, dv1, ds1, hit1 = _bwd_kv_step(k1, v1, mpos_k1, q, do, m_q, delta_q, mpos_q, dk1, dv1,
+                                                       qk_scale, T, S, KS, DIL, KIND, MASKED, IEEE)
                     if not DETERMINISTIC:
                         k0c = k0
                         k1c = k1
-                        if part == 1:
+                        if MASKED:
                             k0c = tl.where(nonfinite_k0[:, None], 0.0, k0)
                             k1c = tl.where(nonfinite_k1[:, None], 0.0, k1)
                         dq = _dot(tl.trans(ds0).to(k0.dtype), k0c, tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32), IEEE)
                         dq = _dot(tl.trans(ds1).to(k1.dtype), k1c, dq, IEEE)
-                        if part == 1:  # queries allowed to see a non-finite key: nan, as the reference
-                            rq, cq = _grid_pos(mpos_q, T, S)
-                            bad = _sees_nonfinite(_mask(mpos_q, rq, cq, mpos_k0, T, S, KS, DIL, KIND),
-                                                  nonfinite_k0)
-                            bad |= _sees_nonfinite(_mask(mpos_q, rq, cq, mpos_k1, T, S, KS, DIL, KIND),
-                                                   nonfinite_k1)
+                        if MASKED:  # queries allowed to see a non-finite key: nan, as the reference
+                            bad = tl.max((hit0 & nonfinite_k0[:, None]).to(tl.int32), 0) > 0
+                            bad |= tl.max((hit1 & nonfinite_k1[:, None]).to(tl.int32), 0) > 0
                             dq = tl.where(bad[:, None], float("nan"), dq)
                         tl.atomic_add(DQ_ACC + (row0 + pos_q)[:, None] * HEAD_DIM + offs_d[None, :], dq * sm_scale,
                                       mask=valid_q[:, None], sem="relaxed")
