@@ -98,6 +98,12 @@ def hopper_unavailable(device, dtype: torch.dtype, layout: Optional[Layout] = No
     return None
 
 
+@functools.lru_cache(maxsize=1024)
+def _unavailable_cached(device, dtype, layout, seq_len, head_dim, interpreting):
+    """:func:`hopper_unavailable`, once per call signature (a dict lookup per call after the first)."""
+    return hopper_unavailable(device, dtype, layout, seq_len, head_dim)
+
+
 def choose(device, dtype: torch.dtype, layout: Optional[Layout], seq_len: Optional[int], head_dim: int) -> str:
     """The path a call takes (``hopper`` or ``portable``); ValueError when ``hopper`` is forced but
     cannot serve it."""
@@ -105,11 +111,12 @@ def choose(device, dtype: torch.dtype, layout: Optional[Layout], seq_len: Option
     if requested == "portable":
         return "portable"
     device = torch.device(device)
-    if requested == "auto" and (_interpreting(device) or dtype == torch.float32):
+    interpreting = _interpreting(device)
+    if requested == "auto" and (interpreting or dtype == torch.float32):
         # the interpreter's default: the kernels that run everywhere; float32 (IEEE products, no
         # tensor cores) gains nothing from the hopper kernels' structure
         return "portable"
-    why = hopper_unavailable(device, dtype, layout, seq_len, head_dim)
+    why = _unavailable_cached(device, dtype, layout, seq_len, head_dim, interpreting)
     if why is None:
         return "hopper"
     if requested == "hopper":
