@@ -178,14 +178,24 @@ def _softmax_step(q, k, v, m_i, l_i, acc, bad, qk_scale, mpos_q, rq, cq, mpos_k,
 
 
 @triton.jit
-def _store_half(O, LSE, bh, pos, valid, acc, l_i, m_i, bad, s_on, N, HEAD_DIM: tl.constexpr):
-    """Out and natural-log lse of a finished query half; returns whether a stored row is not finite."""
+def _store_half(O, LSE, FLAGS, bh, pos, valid, acc, l_i, m_i, bad, s_on, N, HEAD_DIM: tl.constexpr,
+                WRITE_FLAGS: tl.constexpr):
+    """Out and natural-log lse of a finished query half, and (``WRITE_FLAGS``) whether each row is
+    not finite."""
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # rows with no allowed key (out of range only)
     out = tl.where(bad[:, None], float("nan"), acc / l_safe[:, None])
     offs_d = tl.arange(0, HEAD_DIM)
     tl.store(O + pos[:, None] * s_on + offs_d[None, :], out.to(O.dtype.element_ty), mask=valid[:, None])
-    tl.store(LSE + bh.to(tl.int64) * N + pos, (m_i + tl.log2(l_safe)) * LN2, mask=valid)
-    return tl.max(((out != out) | (tl.abs(out) == float("inf"))) & valid[:, None]) > 0
+    row = bh.to(tl.int64) * N + pos
+    tl.store(LSE + row, (m_i + tl.log2(l_safe)) * LN2, mask=valid)
+    if WRITE_FLAGS:
+        tl.store(FLAGS + row, _nonfinite_rows(out).to(tl.int8), mask=valid)
+
+
+@triton.jit
+def _flagged(FLAGS, bh, pos, valid, N):
+    """Whether any of these rows is flagged for repair (a non-finite output row)."""
+    return tl.max(tl.load(FLAGS + bh.to(tl.int64) * N + pos, mask=valid, other=0).to(tl.int32), 0) != 0
 
 
 @triton.jit
@@ -201,16 +211,19 @@ def _fwd_hopper(
 
     One loop walks the six runs of the tile's segment record (Triton's warp specialisation takes a
     single loop; the mask is applied in every step, true on interior tiles). The fast variant
-    (``SAFE`` False) writes ``FLAGS[item]`` = whether a stored row is not finite; the ``FIXUP``
-    launch recomputes just those items with ``SAFE`` (non-finite values hidden by the mask zeroed)."""
+    (``SAFE`` False) writes ``FLAGS`` (B, H, N) int8: whether an output row is not finite; the
+    ``FIXUP`` launch recomputes just the items holding a flagged row, with ``SAFE`` (non-finite values
+    hidden by the mask kept out of P V)."""
     HALF: tl.constexpr = BLOCK_M // 2
     for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
+        tile = tl.load(ORDER + item // BH)
+        bh = item % BH
         redo = True
         if FIXUP:
-            redo = tl.load(FLAGS + item) != 0
+            fp0, _, fv0 = _slots(PERM, 2 * tile, N, HALF, PERMUTED, True)
+            fp1, _, fv1 = _slots(PERM, 2 * tile + 1, N, HALF, PERMUTED, True)
+            redo = _flagged(FLAGS, bh, fp0, fv0, N) | _flagged(FLAGS, bh, fp1, fv1, N)
         if redo:
-            tile = tl.load(ORDER + item // BH)
-            bh = item % BH
             b = bh // H
             h = bh % H
             b64 = b.to(tl.int64)
@@ -259,10 +272,8 @@ def _fwd_hopper(
                                                    T, S, KS, DIL, KIND, SAFE, IEEE)
 
             o_base = O + b64 * s_ob + h64 * s_oh
-            nf0 = _store_half(o_base, LSE, bh, pos_q0, valid_q0, a0, sum0, m0, bad0, s_on, N, HEAD_DIM)
-            nf1 = _store_half(o_base, LSE, bh, pos_q1, valid_q1, a1, sum1, m1, bad1, s_on, N, HEAD_DIM)
-            if not FIXUP:
-                tl.store(FLAGS + item, (nf0 | nf1).to(tl.int8))
+            _store_half(o_base, LSE, FLAGS, bh, pos_q0, valid_q0, a0, sum0, m0, bad0, s_on, N, HEAD_DIM, not FIXUP)
+            _store_half(o_base, LSE, FLAGS, bh, pos_q1, valid_q1, a1, sum1, m1, bad1, s_on, N, HEAD_DIM, not FIXUP)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,13 +324,15 @@ def _bwd_kv_step(kh, vh, mpos_kh, q, do, m_q, delta_q, mpos_q, dk, dv, qk_scale,
 
 @triton.jit
 def _bwd_fused(
-    Q, K, V, DO, LSE, DELTA, DQ_ACC, DQ, DK, DV, PERM, KSEG, KORDER, QSEG, QORDER,
+    Q, K, V, DO, LSE, DELTA, DQ_ACC, DQ, DK, DV, DQFLAGS, PERM, KSEG, KORDER, QSEG, QORDER,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn,
     s_dqb, s_dqh, s_dqn, s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
     n_kv_items, n_q_items, BH, H, N, T, S, KS, DIL, qk_scale, sm_scale,
-    KIND: tl.constexpr, PERMUTED: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    KIND: tl.constexpr, PERMUTED: tl.constexpr, DETERMINISTIC: tl.constexpr, FIXUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):
+    """One launch of the backward (see the module doc). ``FIXUP`` (with ``DETERMINISTIC`` and no
+    key-tile items): recompute dQ of the query tiles holding a row flagged in ``DQFLAGS`` (B, H, N)."""
     HALF: tl.constexpr = BLOCK_N // 2
     offs_d = tl.arange(0, HEAD_DIM)
     n_items = n_kv_items + n_q_items
@@ -394,49 +407,65 @@ def _bwd_fused(
             tl.store(dv_base + pos_k1[:, None] * s_dvn + offs_d[None, :], dv1.to(DV.dtype.element_ty),
                      mask=valid_k1[:, None])
         elif DETERMINISTIC:
-            # a query tile's dQ from its own walk over its key tiles (3 GEMMs, 1 exp)
             qi = item - n_kv_items
             tile = tl.load(QORDER + qi // BH)
             bh = qi % BH
-            b64 = (bh // H).to(tl.int64)
-            h64 = (bh % H).to(tl.int64)
-            row0 = bh.to(tl.int64) * N
             pos_q, mpos_q, valid_q = _slots(PERM, tile, N, BLOCK_M, PERMUTED, True)
-            q = tl.load(Q + b64 * s_qb + h64 * s_qh + pos_q[:, None] * s_qn + offs_d[None, :],
-                        mask=valid_q[:, None], other=0.0)
-            do = tl.load(DO + b64 * s_db + h64 * s_dh + pos_q[:, None] * s_dn + offs_d[None, :],
-                         mask=valid_q[:, None], other=0.0)
-            m_q = tl.load(LSE + row0 + pos_q, mask=valid_q, other=float("inf")) * LOG2E
-            delta_q = tl.load(DELTA + row0 + pos_q, mask=valid_q, other=0.0)
-            rq, cq = _grid_pos(mpos_q, T, S)
-            k_base = K + b64 * s_kb + h64 * s_kh
-            v_base = V + b64 * s_vb + h64 * s_vh
-            dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-            bad = tl.zeros([BLOCK_M], dtype=tl.int1)
-            rec = QSEG + tile * 12
-            for part in tl.static_range(2):
-                s0 = tl.load(rec + 6 * part + 0)
-                l0 = tl.load(rec + 6 * part + 1)
-                s1 = tl.load(rec + 6 * part + 2)
-                l1 = tl.load(rec + 6 * part + 3)
-                s2 = tl.load(rec + 6 * part + 4)
-                l2 = tl.load(rec + 6 * part + 5)
-                for j in range(0, l0 + l1 + l2):
-                    tk = _run_tile(j, s0, l0, s1, l1, s2, l2)
-                    pos_k, mpos_k, valid_k = _slots(PERM, tk, N, BLOCK_N, PERMUTED, False)
-                    k = tl.load(k_base + pos_k[:, None] * s_kn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
-                    v = tl.load(v_base + pos_k[:, None] * s_vn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
-                    s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
-                    p = tl.exp2(s * qk_scale - m_q[:, None])
-                    dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
-                    ds = p * (dp - delta_q[:, None])
-                    if part == 1:
-                        allowed = _mask(mpos_q, rq, cq, mpos_k, T, S, KS, DIL, KIND)
-                        ds = tl.where(allowed, ds, 0.0)
-                        nonfinite = _nonfinite_rows(k)
-                        k = tl.where(nonfinite[:, None], 0.0, k)
-                        bad |= _sees_nonfinite(allowed, nonfinite)
-                    dq = _dot(ds.to(k.dtype), k, dq, IEEE)
-            tl.store(DQ + b64 * s_dqb + h64 * s_dqh + pos_q[:, None] * s_dqn + offs_d[None, :],
-                     tl.where(bad[:, None], float("nan"), dq * sm_scale).to(DQ.dtype.element_ty),
-                     mask=valid_q[:, None])
+            redo = True
+            if FIXUP:
+                redo = _flagged(DQFLAGS, bh, pos_q, valid_q, N)
+            if redo:
+                _dq_tile(Q, K, V, DO, LSE, DELTA, DQ, QSEG, PERM, tile, bh, pos_q, mpos_q, valid_q,
+                         s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn, s_dqb, s_dqh, s_dqn,
+                         H, N, T, S, KS, DIL, qk_scale, sm_scale, KIND, PERMUTED, HEAD_DIM, BLOCK_M, BLOCK_N, IEEE)
+
+
+@triton.jit
+def _dq_tile(Q, K, V, DO, LSE, DELTA, DQ, QSEG, PERM, tile, bh, pos_q, mpos_q, valid_q,
+             s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn, s_dqb, s_dqh, s_dqn,
+             H, N, T, S, KS, DIL, qk_scale, sm_scale, KIND: tl.constexpr, PERMUTED: tl.constexpr,
+             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    """dQ of one query tile from its own walk over its key tiles (3 GEMMs, 1 exp per tile); in masked
+    tiles non-finite key rows enter dS K as zeros and the queries allowed to see one get nan."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    b64 = (bh // H).to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    row0 = bh.to(tl.int64) * N
+    q = tl.load(Q + b64 * s_qb + h64 * s_qh + pos_q[:, None] * s_qn + offs_d[None, :],
+                mask=valid_q[:, None], other=0.0)
+    do = tl.load(DO + b64 * s_db + h64 * s_dh + pos_q[:, None] * s_dn + offs_d[None, :],
+                 mask=valid_q[:, None], other=0.0)
+    m_q = tl.load(LSE + row0 + pos_q, mask=valid_q, other=float("inf")) * LOG2E
+    delta_q = tl.load(DELTA + row0 + pos_q, mask=valid_q, other=0.0)
+    rq, cq = _grid_pos(mpos_q, T, S)
+    k_base = K + b64 * s_kb + h64 * s_kh
+    v_base = V + b64 * s_vb + h64 * s_vh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_M], dtype=tl.int1)
+    rec = QSEG + tile * 12
+    for part in tl.static_range(2):
+        s0 = tl.load(rec + 6 * part + 0)
+        l0 = tl.load(rec + 6 * part + 1)
+        s1 = tl.load(rec + 6 * part + 2)
+        l1 = tl.load(rec + 6 * part + 3)
+        s2 = tl.load(rec + 6 * part + 4)
+        l2 = tl.load(rec + 6 * part + 5)
+        for j in range(0, l0 + l1 + l2):
+            tk = _run_tile(j, s0, l0, s1, l1, s2, l2)
+            pos_k, mpos_k, valid_k = _slots(PERM, tk, N, BLOCK_N, PERMUTED, False)
+            k = tl.load(k_base + pos_k[:, None] * s_kn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
+            v = tl.load(v_base + pos_k[:, None] * s_vn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
+            s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+            p = tl.exp2(s * qk_scale - m_q[:, None])
+            dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+            ds = p * (dp - delta_q[:, None])
+            if part == 1:
+                allowed = _mask(mpos_q, rq, cq, mpos_k, T, S, KS, DIL, KIND)
+                ds = tl.where(allowed, ds, 0.0)
+                nonfinite = _nonfinite_rows(k)
+                k = tl.where(nonfinite[:, None], 0.0, k)
+                bad |= _sees_nonfinite(allowed, nonfinite)
+            dq = _dot(ds.to(k.dtype), k, dq, IEEE)
+    tl.store(DQ + b64 * s_dqb + h64 * s_dqh + pos_q[:, None] * s_dqn + offs_d[None, :],
+             tl.where(bad[:, None], float("nan"), dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=valid_q[:, None])

@@ -90,6 +90,30 @@ def segments(layout: Layout, seq_len: int, block_m: int, block_n: int, transpose
     return Segments(torch.tensor(records, dtype=torch.int32), torch.tensor(order, dtype=torch.int32))
 
 
+@functools.lru_cache(maxsize=256)
+def superset_segments(layout: Layout, seq_len: int, block_m: int, block_n: int, transpose: bool) -> Segments:
+    """Records that fit every layout: per tile one masked run from its first to its last partner tile
+    (a superset of the tiles it needs, each masked element by element). For the repair passes, which
+    run only where an output came out non-finite."""
+    tt = layout.tile_table(seq_len, block_m, block_n)
+    row_ptr, col_idx = (tt.t_row_ptr, tt.t_col_idx) if transpose else (tt.row_ptr, tt.col_idx)
+    records = []
+    for i in range(row_ptr.numel() - 1):
+        row = col_idx[int(row_ptr[i]):int(row_ptr[i + 1])]
+        first, last = (int(row.min()), int(row.max())) if row.numel() else (0, -1)
+        records.extend([0, 0] * Kh.SEG_RUNS + [first, last - first + 1] + [0, 0] * (Kh.SEG_RUNS - 1))
+    n = row_ptr.numel() - 1
+    return Segments(torch.tensor(records, dtype=torch.int32), torch.arange(n, dtype=torch.int32))
+
+
+def _repair_segments(layout, seq_len, block_m, block_n, transpose, device) -> Segments:
+    seg = segments(layout, seq_len, block_m, block_n, transpose)
+    key = (layout, seq_len, block_m, block_n, transpose)
+    if seg is None:
+        seg, key = superset_segments(layout, seq_len, block_m, block_n, transpose), key + ("superset",)
+    return _on(seg, key, device)
+
+
 def fits(layout: Layout, seq_len: int, head_dim: int, interpret: bool = False) -> bool:
     """Whether the Hopper kernels serve this (layout, seq_len): every table fits the segment walk."""
     f, b = fwd_config(head_dim, interpret), bwd_config(head_dim, interpret)
@@ -186,7 +210,7 @@ def forward(q, k, v, layout: Layout, scale: float, interpret: bool, warp_special
     else:
         dq_, dk_, dv_ = q, k, v
     kind, T, S, KS, DIL = layout.params()
-    flags = torch.empty((n_items,), dtype=torch.int8, device=q.device)
+    flags = torch.empty((B, H, N), dtype=torch.int8, device=q.device)
     args = (q, k, v, out, lse, perm, seg.records, seg.order, flags,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -206,11 +230,62 @@ def forward(q, k, v, layout: Layout, scale: float, interpret: bool, warp_special
         _ws_refused(q.dtype, D, kind, e)
         Kh._fwd_hopper[grid](dq_, dk_, dv_, *args, TMA=tma, WS=False, SAFE=False, FIXUP=False,
                              num_warps=2 * cfg.num_warps, **meta)
-    # items with a non-finite output row again, with masked-out non-finite values zeroed (a no-op
-    # pass over the flags when every output is finite)
-    Kh._fwd_hopper[grid](q, k, v, *args, TMA=False, WS=False, SAFE=True, FIXUP=True, num_warps=2 * cfg.num_warps,
-                         **meta)
+    repair_forward(q, k, v, out, lse, flags, layout, scale, interpret)
     return out, lse
+
+
+def repair_forward(q, k, v, out, lse, flags, layout: Layout, scale: float, interpret: bool) -> None:
+    """Recompute, in place, the query tiles of ``out``/``lse`` holding a row flagged in ``flags``
+    (B, H, N) int8 (a non-finite output row), with non-finite values the mask hides from a query kept
+    out of its P V (the forward kernels' matrix products would multiply them by a zero weight, and
+    0 * nan is nan). Where nothing is flagged it reads the flags and returns."""
+    B, H, N, D = q.shape
+    if B * H * N == 0:
+        return
+    cfg = fwd_config(D, interpret)
+    seg = _repair_segments(layout, N, cfg.block_m, cfg.block_n, False, q.device)
+    perm, permuted = device_perm(layout, N, q.device)
+    BH = B * H
+    n_items = seg.order.numel() * BH
+    kind, T, S, KS, DIL = layout.params()
+    grid = (min(n_items, _sm_count(q.device) * cfg.programs_per_sm),)
+    Kh._fwd_hopper[grid](
+        q, k, v, q, k, v, out, lse, perm, seg.records, seg.order, flags,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        n_items, BH, H, N, T, S, KS, DIL, scale * Kh.LOG2E.value,
+        KIND=kind, PERMUTED=permuted, TMA=False, WS=False, SAFE=True, FIXUP=True, HEAD_DIM=D,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IEEE=q.dtype == torch.float32, num_warps=2 * cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+def repair_dq(q, k, v, grad_out, lse, delta, dq, flags, layout: Layout, scale: float, interpret: bool) -> None:
+    """Recompute, in place, the query tiles of ``dq`` holding a row flagged in ``flags`` (a non-finite
+    dQ row), with masked-out non-finite keys and values kept out of dP and dS K. ``delta``: rowsum(dO *
+    O) - dlse as the backward computed it. Where nothing is flagged it reads the flags and returns."""
+    B, H, N, D = q.shape
+    if B * H * N == 0:
+        return
+    cfg = bwd_config(D, interpret)
+    seg = _repair_segments(layout, N, cfg.block_m, cfg.block_n, False, q.device)
+    perm, permuted = device_perm(layout, N, q.device)
+    BH = B * H
+    n_q = seg.order.numel() * BH
+    kind, T, S, KS, DIL = layout.params()
+    grid = (min(n_q, _sm_count(q.device) * cfg.programs_per_sm),)
+    Kh._bwd_fused[grid](
+        q, k, v, grad_out, lse, delta, delta, dq, dq, dq, flags, perm, seg.records, seg.order, seg.records,
+        seg.order,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        0, n_q, BH, H, N, T, S, KS, DIL, scale * Kh.LOG2E.value, scale,
+        KIND=kind, PERMUTED=permuted, DETERMINISTIC=True, FIXUP=True, HEAD_DIM=D,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IEEE=q.dtype == torch.float32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
 
 
 def backward(grad_out, q, k, v, out, lse, layout: Layout, scale: float, interpret: bool,
@@ -248,13 +323,14 @@ def backward(grad_out, q, k, v, out, lse, layout: Layout, scale: float, interpre
     kind, T, S, KS, DIL = layout.params()
     grid = (min(n_kv + n_q, _sm_count(q.device) * cfg.programs_per_sm),)
     Kh._bwd_fused[grid](
-        q, k, v, grad_out, lse, delta, dq_acc, dq, dk, dv, perm, kseg.records, kseg.order, qseg.records, qseg.order,
+        q, k, v, grad_out, lse, delta, dq_acc, dq, dk, dv, delta, perm, kseg.records, kseg.order, qseg.records,
+        qseg.order,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         n_kv, n_q, BH, H, N, T, S, KS, DIL, scale * Kh.LOG2E.value, scale,
-        KIND=kind, PERMUTED=permuted, DETERMINISTIC=deterministic, HEAD_DIM=D,
+        KIND=kind, PERMUTED=permuted, DETERMINISTIC=deterministic, FIXUP=False, HEAD_DIM=D,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IEEE=q.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -61,6 +61,8 @@ def compile_for_hopper(fn, dtype, kind, head_dim, cfg, *, heads=16, seq=1280, te
     for i, name in enumerate(fn.arg_names):
         if name in consts:
             sig[name] = "constexpr"
+        elif name == "FLAGS":
+            sig[name] = "*i8"
         elif name in FLOAT_PTRS or name in INT_PTRS:
             sig[name] = "*fp32" if name in FLOAT_PTRS else "*i32"
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -138,7 +140,7 @@ def compile_hopper_backward(kind, dtype=torch.bfloat16, head_dim=64, *, determin
     kind_id = KINDS.index(kind) if isinstance(kind, str) else kind
     cfg = config or hopper_plan.bwd_config(head_dim, False)
     fn = Kh._bwd_fused
-    consts = dict(KIND=kind_id, PERMUTED=KINDS[kind_id] in ("col", "axial_col"), DETERMINISTIC=deterministic,
+    consts = dict(KIND=kind_id, PERMUTED=KINDS[kind_id] in ("col", "axial_col"), DETERMINISTIC=deterministic, FIXUP=False,
                   HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IEEE=dtype == torch.float32, DIL=1)
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -148,6 +150,8 @@ def compile_hopper_backward(kind, dtype=torch.bfloat16, head_dim=64, *, determin
             sig[name], attrs[(i,)] = TYPES[dtype], [["tt.divisibility", 16]]
         elif name in ("LSE", "DELTA", "DQ_ACC"):
             sig[name], attrs[(i,)] = "*fp32", [["tt.divisibility", 16]]
+        elif name == "DQFLAGS":
+            sig[name] = "*i8"
         elif name in ("PERM", "KSEG", "KORDER", "QSEG", "QORDER"):
             sig[name], attrs[(i,)] = "*i32", [["tt.divisibility", 16]]
         elif name in ("qk_scale", "sm_scale"):

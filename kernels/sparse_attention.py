@@ -38,8 +38,7 @@ _UNFIT = (OutOfResources, PTXASError)
 
 from ..masks import Layout
 from ..ops import check_scale
-from . import tuning_cache
-from .hopper import _nonfinite_rows, _sees_nonfinite
+from . import hopper_plan, tuning_cache
 
 __all__ = [
     "HEAD_DIMS",
@@ -377,7 +376,7 @@ def _program(N, BH, ORDER, BLOCK: tl.constexpr, HEAVY_LAST_TILE: tl.constexpr):
 # ---------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["LUT_OFF", "LUT_W", "CNT_OFF", "FULL_OFF", "BH", "ORDER"])
 def _attn_fwd(
-    Q, K, V, O, LSE, PERM, TAB,
+    Q, K, V, O, LSE, FLAGS, PERM, TAB,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
     LUT_OFF, LUT_W, CNT_OFF, FULL_OFF, BH, ORDER, H, N, T, S, KS, DIL, qk_scale,
     KIND: tl.constexpr, PERMUTED: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
@@ -406,7 +405,6 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    bad = tl.zeros([BLOCK_M], dtype=tl.int1)
     t, addr = _fetch_first(lut, PERM, N, BLOCK_N, PERMUTED, False)
     # two loops, unlike the backward kernels' one: a single loop with the mask in a branch cost the
     # forward 25-47 registers (sm_90a: row 137 -> 162, conv 134 -> 181 at 64 x 64, 4 warps: 3 -> 2
@@ -426,27 +424,30 @@ def _attn_fwd(
         v = tl.load(v_base + pos_k[:, None] * s_vn + offs_d[None, :], mask=valid_k[:, None], other=0.0)
         mpos_k = _mask_positions(PERM, t, N, BLOCK_N, PERMUTED, False)
         qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
-        allowed = _allowed(mpos_q[:, None], mpos_k[None, :], T, S, KS, DIL, KIND)
-        qk = tl.where(allowed, qk, float("-inf"))
-        # a masked-out value's zero weight times nan/inf is nan in the MMA: such rows enter it as
-        # zeros, and the queries allowed to see one are made nan at the end (as the reference's)
-        nonfinite = _nonfinite_rows(v)
-        v = tl.where(nonfinite[:, None], 0.0, v)
-        bad |= _sees_nonfinite(allowed, nonfinite)
+        qk = tl.where(_allowed(mpos_q[:, None], mpos_k[None, :], T, S, KS, DIL, KIND), qk, float("-inf"))
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, qk, v, qk_scale, IEEE)
         t, addr = t_next, addr_next
 
-    acc = tl.where(bad[:, None], float("nan"), acc)
-    _store_out(o_base, LSE, pid_bh, pos_q, valid_q, acc, l_i, m_i, s_on, offs_d, N)
+    _store_out(o_base, LSE, FLAGS, pid_bh, pos_q, valid_q, acc, l_i, m_i, s_on, offs_d, N)
 
 
 @triton.jit
-def _store_out(o_base, LSE, pid_bh, pos_q, valid_q, acc, l_i, m_i, s_on, offs_d, N):
-    """Out (acc / l) and the natural-log lse of a finished query tile."""
+def _store_out(o_base, LSE, FLAGS, pid_bh, pos_q, valid_q, acc, l_i, m_i, s_on, offs_d, N):
+    """Out (acc / l), the natural-log lse and the non-finite row flags of a finished query tile."""
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only out-of-range rows (never stored)
-    tl.store(o_base + pos_q[:, None] * s_on + offs_d[None, :], (acc / l_safe[:, None]).to(o_base.dtype.element_ty),
-             mask=valid_q[:, None])
+    out = acc / l_safe[:, None]
+    tl.store(o_base + pos_q[:, None] * s_on + offs_d[None, :], out.to(o_base.dtype.element_ty), mask=valid_q[:, None])
     tl.store(LSE + pid_bh.to(tl.int64) * N + pos_q, (m_i + tl.log2(l_safe)) * 0.6931471805599453, mask=valid_q)
+    _store_flags(FLAGS + pid_bh.to(tl.int64) * N, pos_q, valid_q, out)
+
+
+@triton.jit
+def _store_flags(FLAGS, pos, valid, x):
+    """FLAGS[pos] = whether row ``pos`` of ``x`` holds a nan or inf: the rows the repair pass
+    (``hopper_plan.repair_forward`` / ``repair_dq``) recomputes with masked-out non-finite values
+    kept out of every product."""
+    bad = tl.max(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int8), 1)
+    tl.store(FLAGS + pos, bad, mask=valid)
 
 
 # Pair codes of the flat forward's work list: key tile (bits 0-12) | query tile << 13 (bits 13-25) |
@@ -471,7 +472,7 @@ def _flat_fetch(PAIRS, j, end, PERM, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
 
 @triton.jit
 def _attn_fwd_flat(
-    Q, K, V, O, LSE, PERM, TAB,
+    Q, K, V, O, LSE, FLAGS, PERM, TAB,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
     WORK, H, N, T, S, KS, DIL, qk_scale,
     KIND: tl.constexpr, PERMUTED: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
@@ -504,7 +505,6 @@ def _attn_fwd_flat(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    bad = tl.zeros([BLOCK_M], dtype=tl.int1)
     e, qa, ka = _flat_fetch(PAIRS, start, end, PERM, N, BLOCK_M, BLOCK_N, PERMUTED)
     qa_done = qa  # q addressing of the query tile being accumulated
     for j in range(start, end):
@@ -528,27 +528,20 @@ def _attn_fwd_flat(
         # and the scheduler cannot sink the stores below that MMA.
         if first & (j > start):
             pos_d, valid_d = _address(qa_done, N, BLOCK_M, PERMUTED, True)
-            acc = tl.where(bad[:, None], float("nan"), acc)
-            _store_out(o_base, LSE, pid_bh, pos_d, valid_d, acc, l_i, m_i, s_on, offs_d, N)
+            _store_out(o_base, LSE, FLAGS, pid_bh, pos_d, valid_d, acc, l_i, m_i, s_on, offs_d, N)
             acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         qa_done = qa
         m_i = tl.where(first, float("-inf"), m_i)  # restart: the rescale factor below clears l and acc
-        bad = bad & ~first
-        if (e & _PARTIAL) != 0:  # element mask; masked-out non-finite values as in _attn_fwd
+        if (e & _PARTIAL) != 0:  # element mask
             if not PERMUTED:
                 mpos_q = _mask_positions(PERM, qt, N, BLOCK_M, PERMUTED, True)
                 mpos_k = _mask_positions(PERM, kt, N, BLOCK_N, PERMUTED, False)
-            allowed = _allowed(mpos_q[:, None], mpos_k[None, :], T, S, KS, DIL, KIND)
-            qk = tl.where(allowed, qk, float("-inf"))
-            nonfinite = _nonfinite_rows(v)
-            v = tl.where(nonfinite[:, None], 0.0, v)
-            bad |= _sees_nonfinite(allowed, nonfinite)
+            qk = tl.where(_allowed(mpos_q[:, None], mpos_k[None, :], T, S, KS, DIL, KIND), qk, float("-inf"))
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, qk, v, qk_scale, IEEE)  # alpha = 0 after a restart
         e, qa, ka = e_next, qa_next, ka_next
     if end > start:  # the last query tile of the range
         pos_d, valid_d = _address(qa_done, N, BLOCK_M, PERMUTED, True)
-        acc = tl.where(bad[:, None], float("nan"), acc)
-        _store_out(o_base, LSE, pid_bh, pos_d, valid_d, acc, l_i, m_i, s_on, offs_d, N)
+        _store_out(o_base, LSE, FLAGS, pid_bh, pos_d, valid_d, acc, l_i, m_i, s_on, offs_d, N)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -667,7 +660,6 @@ def _attn_bwd_dq(
         delta -= tl.load(DLSE + row_base + pos_q, mask=valid_q, other=0.0)
     tl.store(DELTA + row_base + pos_q, delta, mask=valid_q)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    bad = tl.zeros([BLOCK_M], dtype=tl.int1)
     t, addr = _fetch_first(lut, PERM, N, BLOCK_N, PERMUTED, False)
     for i in range(0, count):  # full tiles first, then partial ones (element mask)
         t_next, addr_next = _fetch(lut, i + 1, count, PERM, N, BLOCK_N, PERMUTED, False)  # next tile's, issued first
@@ -681,18 +673,11 @@ def _attn_bwd_dq(
         if i >= nfull:
             if not PERMUTED:
                 mpos_k = _mask_positions(PERM, t, N, BLOCK_N, PERMUTED, False)
-            allowed = _allowed(mpos_q[:, None], mpos_k[None, :], T, S, KS, DIL, KIND)
-            p = tl.where(allowed, p, 0.0)
-            # masked-out non-finite keys/values enter dP = dO V^T and dQ = dS K as zeros (a zero
-            # weight times nan is nan); queries allowed to see one are made nan (as the reference's)
-            nonfinite = _nonfinite_rows(k) | _nonfinite_rows(v)
-            k = tl.where(nonfinite[:, None], 0.0, k)
-            v = tl.where(nonfinite[:, None], 0.0, v)
-            bad |= _sees_nonfinite(allowed, nonfinite)
+            p = tl.where(_allowed(mpos_q[:, None], mpos_k[None, :], T, S, KS, DIL, KIND), p, 0.0)
         dq = _dq_step(dq, p, do, k, v, delta, IEEE)
         t, addr = t_next, addr_next
 
-    dq = tl.where(bad[:, None], float("nan"), dq * sm_scale)
+    dq = dq * sm_scale
     out_off = row_base * HEAD_DIM + pos_q[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DQ + out_off, dq.to(DQ.dtype.element_ty), mask=valid_q[:, None])
 
@@ -1187,13 +1172,14 @@ def _fwd_plan(q, k, v, layout, scale, config):
                   IEEE=q.dtype == torch.float32, **_layout_args(layout))
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    cfg, final = _select("fwd", config, layout, N, B, H, _fwd_args(q, k, v, out, lse, perm, tables), consts, q.dtype,
-                         q.device)
+    flags = torch.empty((B, H, N), dtype=torch.int8, device=q.device)
+    cfg, final = _select("fwd", config, layout, N, B, H, _fwd_args(q, k, v, out, lse, flags, perm, tables), consts,
+                         q.dtype, q.device)
     return _FwdPlan(perm, tables, _make_launch("fwd", cfg, layout, N, B, H, consts, q.device)), final
 
 
-def _fwd_args(q, k, v, out, lse, perm, tables):
-    return (q, k, v, out, lse, perm, tables, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+def _fwd_args(q, k, v, out, lse, flags, perm, tables):
+    return (q, k, v, out, lse, flags, perm, tables, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *out.stride()[:3])
 
 
@@ -1218,8 +1204,12 @@ def _attention_forward(q, k, v, layout, scale, config):
     B, H, N, D = q.shape
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    _run(plan.launch, _fwd_args(q, k, v, out, lse, plan.perm, plan.tables))
+    flags = torch.empty((B, H, N), dtype=torch.int8, device=q.device)
+    _run(plan.launch, _fwd_args(q, k, v, out, lse, flags, plan.perm, plan.tables))
     _LAST_FWD[:] = [plan.launch.config]
+    # the rows that came out non-finite, again with masked-out non-finite values kept out of every
+    # product (a pass over the flags when everything is finite)
+    hopper_plan.repair_forward(q, k, v, out, lse, flags, layout, scale, INTERPRET)
     return out, lse
 
 
@@ -1305,6 +1295,10 @@ def _attention_backward(grad_out, q, k, v, out, lse, layout, scale, configs, gra
     _run(plan.dq, _bwd_args("dq", q, k, v, grad_out, out, lse, grad_lse, delta, dq, dk, dv, plan.perm, plan.tables))
     _run(plan.dkdv, _bwd_args("dkdv", q, k, v, grad_out, out, lse, grad_lse, delta, dq, dk, dv, plan.perm,
                               plan.tables))
+    # dQ rows that came out non-finite, again with masked-out non-finite keys and values kept out
+    # (flagged here rather than in the dQ kernel, whose float32 head_dim-128 variant spills with it)
+    dq_flags = (~torch.isfinite(dq)).any(-1).to(torch.int8)
+    hopper_plan.repair_dq(q, k, v, grad_out, lse, delta, dq, dq_flags, layout, scale, INTERPRET)
     return dq, dk, dv
 
 
