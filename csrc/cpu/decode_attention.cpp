@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -79,6 +80,7 @@ void run(const DecodeArgs& a) {
     Buffer scores(static_cast<size_t>(m_max * max_keys));
     Buffer qf(static_cast<size_t>(m_max * D)), acc(static_cast<size_t>(m_max * D));
     Buffer sums(static_cast<size_t>(m_max));
+    std::vector<uint8_t> nan_row(static_cast<size_t>(m_max));
     Buffer qt(grouped ? static_cast<size_t>(D * m_max) : 0);
     Buffer st(grouped ? static_cast<size_t>(m_max * max_keys) : 0);
     for (;;) {
@@ -131,6 +133,9 @@ void run(const DecodeArgs& a) {
         if (shared)
           for (; j < n_text[b]; ++j) sc[j] = dot(qf.data() + r * D, tk0 + j * a.text_k.s2, D);
         for (; j < n; ++j) sc[j] = dot(qf.data() + r * D, kc + (kp[j] - a.cache_offset) * a.k_cache.s2, D);
+        // a NaN or an infinity in the query or a key it reads makes a score non-finite, and a -inf
+        // score would pass for a masked one: the row is NaN (as in sparse_attention)
+        nan_row[r] = !all_finite(sc, n);
         sums[r] = exp2_sum(sc, n, 1.f, max_of(sc, n));
       }
       // 4. text part of the output of all rows: O (m x D) = P_text V_text
@@ -160,6 +165,7 @@ void run(const DecodeArgs& a) {
         float* o = a.out + (b * H + h) * D;
         const float inv = 1.f / sums[r];
         for (int64_t d = 0; d < D; ++d) o[d] = ac[d] * inv;
+        if (nan_row[r] || !all_finite(o, D)) std::fill(o, o + D, std::numeric_limits<float>::quiet_NaN());
       }
     }
     }
