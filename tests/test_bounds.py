@@ -1,0 +1,50 @@
+"""Sizes and scalars at the edge of what the kernels represent: the softmax scale in float32, Layout
+sizes within int32 positions, decode memory by the keys a position reads, sample's dtypes and top_k."""
+import os
+import re
+
+import pytest
+import torch
+
+import dalle_fast
+from dalle_fast import Layout, reference
+
+
+def test_scale_is_checked_in_float32():
+    """A finite float64 scale that overflows float32 (the kernels' precision) made every output NaN."""
+    layout = Layout("row", 3, 4)
+    q = k = v = torch.randn(1, 1, layout.seq_len, 8)
+    for scale in (1e39, 3.0e38, float("inf"), 1e-46, 0.0, -1.0, float("nan")):
+        for backend in ("cpu", "reference"):
+            with pytest.raises(ValueError, match="scale"):
+                dalle_fast.sparse_attention(q, k, v, layout, scale=scale, backend=backend)
+        kc = torch.zeros(1, 1, layout.seq_len, 8)
+        with pytest.raises(ValueError, match="scale"):
+            dalle_fast.decode_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], kc, kc.clone(), torch.tensor(0),
+                                        layout, scale=scale)
+    # the op called directly checks it too
+    with pytest.raises(RuntimeError, match="scale"):
+        torch.ops.dalle_fast.sparse_attention_fwd(q, k, v, *layout.params(), 1e39)
+    # the largest accepted scale still gives finite outputs for small scores
+    big = 1e38
+    out = dalle_fast.sparse_attention(q * 1e-20, k * 1e-20, v, layout, scale=big)
+    assert torch.isfinite(out).all()
+
+
+def test_layout_sizes_are_bounded_where_they_are_made():
+    """image_size=3037000500 overflowed the C++ sequence length (its error printed a negative number)."""
+    with pytest.raises(ValueError, match=r"text_len \+ image_size\*\*2 = 9223372037000250004 .* 2147483647"):
+        Layout("row", 4, 3037000500)
+    with pytest.raises(ValueError, match="2147483647"):
+        Layout("col", 4, 2**31)
+    with pytest.raises(ValueError, match="text_len"):
+        Layout("full", 2**31, 1)
+    for name, kw in (("kernel_size", {"kernel_size": 2**40 + 1}), ("dilation", {"dilation": 2**40})):
+        with pytest.raises(ValueError, match=name):
+            Layout("conv_like", 4, 8, **kw)
+    big = Layout("full", 1, 46340)  # the largest square image below 2**31 positions
+    assert big.seq_len == 1 + 46340**2 < 2**31
+    # the C++ ops check the same bound, with the true (positive) numbers in the message
+    with pytest.raises(RuntimeError, match=r"4 \+ 3037000500\*\*2") as err:
+        torch.ops.dalle_fast._max_decode_keys(1, 4, 3037000500, 11, 1)
+    assert not re.search(r"-\d", str(err.value).splitlines()[0])
