@@ -48,3 +48,33 @@ def test_layout_sizes_are_bounded_where_they_are_made():
     with pytest.raises(RuntimeError, match=r"4 \+ 3037000500\*\*2") as err:
         torch.ops.dalle_fast._max_decode_keys(1, 4, 3037000500, 11, 1)
     assert not re.search(r"-\d", str(err.value).splitlines()[0])
+
+
+def _peak_rss_bytes():
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) * 1024
+
+
+def _reset_peak_rss():
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak resident set (Linux)
+        f.write("5")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
+def test_decode_memory_follows_the_keys_a_position_reads():
+    """One step at position 10 of a 20-slot cache with Layout('full', 4, 8000) sized its key table
+    by the layout's 64M-key maximum (~3 GB, ~5 s)."""
+    layout = Layout("full", 4, 8000)
+    B, H, D = 4, 2, 8
+    q = torch.randn(B, H, 1, D)
+    kc, vc = torch.randn(B, H, 20, D), torch.randn(B, H, 20, D)
+    pos = torch.full((B,), 10)
+    with torch.no_grad():
+        dalle_fast.decode_attention(q, q, q, kc, vc, pos, layout)  # warm up (allocator, thread pool)
+        _reset_peak_rss()
+        before = _peak_rss_bytes()
+        out = dalle_fast.decode_attention(q, q, q, kc, vc, pos, layout)
+        grown = _peak_rss_bytes() - before
+    assert grown < 64 * 2**20, f"one decode step of 11 keys grew the peak memory by {grown / 2**20:.0f} MiB"
+    ref = reference.decode_attention(q, q, q, kc.clone(), vc.clone(), pos, layout)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)

@@ -39,17 +39,22 @@ template <typename T>
 void run(const DecodeArgs& a) {
   const int64_t B = a.batch, H = a.heads, D = a.head_dim;
   const LayoutParams& L = a.layout;
-  const int64_t max_keys = max_decode_keys(L);
   const float qscale = a.scale * LOG2E;  // scores in log2 units
   const bool shared = a.text_k.data != nullptr;
   constexpr bool kGemm = std::is_same<T, float>::value;
-  // key positions of each row (the same for all heads): B * max_keys int64, O(keys) per row
-  std::vector<int64_t> key_pos(static_cast<size_t>(B * max_keys));
+  // key positions of each row (the same for all heads), max_keys per row: the most keys a row of
+  // this call reads (not the layout's maximum, which can be the whole sequence)
   std::vector<int64_t> n_keys(B), n_text(B);
+  int64_t max_keys = 1;
   for (int64_t b = 0; b < B; ++b) {
     const DecodeKeys dk = decode_keys(L, a.pos[b * a.pos_stride]);
     n_keys[b] = dk.total();
     n_text[b] = dk.n_text;
+    max_keys = std::max(max_keys, dk.total());
+  }
+  std::vector<int64_t> key_pos(static_cast<size_t>(B * max_keys));
+  for (int64_t b = 0; b < B; ++b) {
+    const DecodeKeys dk = decode_keys(L, a.pos[b * a.pos_stride]);
     for (int64_t j = 0; j < dk.total(); ++j) key_pos[b * max_keys + j] = dk.position(j);
   }
   // rows ordered by (prompt, text keys) when the text caches are shared, cut into items
