@@ -78,3 +78,46 @@ def test_decode_memory_follows_the_keys_a_position_reads():
     assert grown < 64 * 2**20, f"one decode step of 11 keys grew the peak memory by {grown / 2**20:.0f} MiB"
     ref = reference.decode_attention(q, q, q, kc.clone(), vc.clone(), pos, layout)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_sample_takes_float64_logits():
+    """sample refused float64 logits, so teacher_forced_logits failed on a float64 model."""
+    logits = torch.tensor([[0.0, 5.0, 1.0], [2.0, -1.0, 9.0]], dtype=torch.float64)
+    seeds = torch.tensor([1, 2])
+    for backend in ("cpu", "reference"):
+        tokens = dalle_fast.sample(logits, seeds=seeds, step=0, temperature=0.0, backend=backend)
+        assert tokens.tolist() == [1, 2]
+        drawn = dalle_fast.sample(logits, seeds=seeds, step=3, uncond_logits=logits.flip(1), cfg_scale=2.0,
+                                  backend=backend)
+        assert drawn.tolist() == dalle_fast.sample(logits.float(), seeds=seeds, step=3,
+                                                   uncond_logits=logits.flip(1).float(), cfg_scale=2.0,
+                                                   backend=backend).tolist()
+
+
+def test_teacher_forced_logits_on_a_float64_model(monkeypatch):
+    """(float64 attention runs on the reference backend; the model's logits reach sample as float64)"""
+    from dalle_fast.generate import teacher_forced_logits
+    from dalle_fast.models.dalle import DALLE, DALLEConfig
+    torch.manual_seed(0)
+    cfg = DALLEConfig(text_vocab=32, text_len=5, image_size=3, image_vocab=16, dim=16, depth=2, heads=2,
+                      dim_head=8)
+    model = DALLE(cfg).double().eval()
+    monkeypatch.setenv("DALLE_FAST_BACKEND", "reference")
+    text = torch.randint(1, 20, (2, cfg.text_len - 1))
+    codes = torch.randint(0, cfg.image_vocab, (2, cfg.image_size, cfg.image_size))
+    with torch.no_grad():
+        for attention in ("sparse", "dense"):
+            logits = teacher_forced_logits(model, text, codes, attention=attention)
+            assert logits.shape == (2, 9, cfg.image_vocab) and torch.isfinite(logits).all()
+            assert logits.dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_top_k_beyond_the_vocabulary_keeps_every_token(backend):
+    """top_k=10**30 gave "Expected a value of type 'int' ... found type 'int'"."""
+    logits = torch.randn(3, 50)
+    seeds = torch.arange(3)
+    for step in range(5):
+        ref = dalle_fast.sample(logits, seeds=seeds, step=step, top_k=0, backend=backend)
+        for top_k in (50, 51, 2**63 - 1, 10**30):
+            assert torch.equal(dalle_fast.sample(logits, seeds=seeds, step=step, top_k=top_k, backend=backend), ref)
