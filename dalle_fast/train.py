@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt_lib
+from .data.codes import report_skipped
 from .masks import _int_at_least, _positive_int
 
 LossFn = Callable[[nn.Module, Any, int], Mapping[str, torch.Tensor]]
@@ -413,6 +414,8 @@ class Trainer:
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.save()
         bar.close()
+        if self.rank == 0:
+            report_skipped(self.dataset)
         self.history.extend(history)
         return history
 

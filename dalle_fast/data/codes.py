@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -85,4 +86,13 @@ def encode_dataset(dvae, tokenizer, dataset: Dataset, text_len: int, directory: 
     _save_npy(d / "codes.npy", codes)
     _save_npy(d / "text.npy", text)
     meta_path.write_text(json.dumps(meta))
+    report_skipped(dataset)
     return CodesDataset.load(d)
+
+
+def report_skipped(dataset: Dataset) -> None:
+    """Print, once data loading is done, the dataset's summary of the files it skipped (datasets
+    with a ``skip_summary()``, e.g. ImageFolderDataset), if any, to stderr."""
+    summary = dataset.skip_summary() if hasattr(dataset, "skip_summary") else None
+    if summary:
+        print(f"data: {summary}", file=sys.stderr, flush=True)
