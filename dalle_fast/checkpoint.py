@@ -228,8 +228,32 @@ class Checkpoint:
         return int(self.meta["step"])
 
 
+def _check_meta(path: Path, meta: dict) -> None:
+    """ValueError naming ``path`` for a field of the JSON the loaders would trip over."""
+    def bad(what):
+        raise ValueError(f"checkpoint {str(path)!r}: {what} (truncated or hand-edited file)")
+
+    step = meta["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        bad(f"step must be an int >= 0, got {step!r}")
+    for key in ("model_type", "weights", "weights_sha256"):
+        if not isinstance(meta[key], str):
+            bad(f"{key} must be a string, got {meta[key]!r}")
+    if Path(meta["weights"]).name != meta["weights"] or meta["weights"] in ("", ".", ".."):
+        bad(f"weights must name a file beside the JSON, got {meta['weights']!r}")
+    for key, types in (("model_config", (dict, type(None))), ("optimizer", (dict, type(None))),
+                       ("rng", (list, type(None))), ("extra", (dict, type(None)))):
+        if not isinstance(meta.get(key), types):
+            bad(f"{key} must be {' or '.join('null' if t is type(None) else t.__name__ for t in types)}, "
+                f"got {type(meta.get(key)).__name__}")
+    optim = meta.get("optimizer")
+    if optim is not None and not (isinstance(optim.get("param_groups"), list) and isinstance(optim.get("state"), dict)):
+        bad("optimizer must hold a list 'param_groups' and a dict 'state'")
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a checkpoint by its JSON path, or the newest one in a directory. Verifies the weights hash."""
+    """Read a checkpoint by its JSON path, or the newest one in a directory. Verifies the weights
+    hash. Every failure to read it is a ValueError naming the file."""
     path = resolve_checkpoint(path)
     try:
         meta = json.loads(path.read_text())
@@ -240,18 +264,28 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     missing = [k for k in ("step", "model_type", "weights", "weights_sha256") if k not in meta]
     if missing:
         raise ValueError(f"checkpoint {str(path)!r} lacks {', '.join(missing)} (truncated or hand-edited file)")
-    weights = path.parent / str(meta["weights"])
+    _check_meta(path, meta)
+    weights = path.parent / meta["weights"]
     try:
         blob = weights.read_bytes()
     except OSError as err:
         raise ValueError(f"weights of checkpoint {str(path)!r} cannot be read ({weights}: {err.strerror})") from None
     if hashlib.sha256(blob).hexdigest() != meta["weights_sha256"]:
         raise ValueError(f"weights of {str(path)!r} do not match their recorded SHA-256 (corrupt file)")
-    tensors = st_load(blob)
+    try:
+        tensors = st_load(blob)
+    except Exception as err:  # noqa: BLE001  (safetensors raises its own SafetensorError, and others)
+        raise ValueError(f"weights of checkpoint {str(path)!r} ({weights.name}) are not a valid safetensors "
+                         f"file: {err}") from None
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     optim = None
     if meta.get("optimizer") is not None:
-        optim = _join_optimizer_state({k: v for k, v in tensors.items() if k.startswith("optimizer.")}, meta["optimizer"])
+        try:
+            optim = _join_optimizer_state({k: v for k, v in tensors.items() if k.startswith("optimizer.")},
+                                          meta["optimizer"])
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"checkpoint {str(path)!r}: its optimizer state does not read back "
+                             f"({type(err).__name__}: {err})") from None
     return Checkpoint(meta, model_state, optim, path)
 
 
