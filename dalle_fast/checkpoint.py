@@ -10,6 +10,11 @@ A checkpoint at step ``n`` is two files in one directory:
 Each file is written to a temporary file in the same directory, flushed, fsynced and moved into place
 with ``os.replace``; the JSON is written last, so a JSON file's presence means its checkpoint is
 complete. Nothing is pickled.
+
+A process killed while writing leaves only a hidden temporary file (``.checkpoint-....tmp``), which
+:func:`remove_stale_temp_files` deletes. A checkpoint that fails to load (truncated, hand-edited,
+damaged on disk) can be set aside with :func:`quarantine_checkpoint` (renamed ``*.damaged``, kept);
+:func:`newest_verified_checkpoint` finds the newest one that loads.
 """
 from __future__ import annotations
 
@@ -34,6 +39,10 @@ from .masks import _positive_int
 
 FORMAT = "dalle_fast.checkpoint"
 _NAME_RE = re.compile(r"checkpoint-(\d{8,})\.json")
+# atomic_write's temporary files (mkstemp: ".<name>.<8 random chars>.tmp") of the files a training
+# run writes: checkpoints and its metrics log
+_TEMP_RE = re.compile(r"\.(checkpoint-\d{8,}\.(json|safetensors)|metrics\.jsonl)\.[A-Za-z0-9_]{8}\.tmp")
+DAMAGED_SUFFIX = ".damaged"
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:
@@ -134,6 +143,61 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
 
 
 # -- save / load ---------------------------------------------------------------------------------
+def remove_stale_temp_files(directory: str | Path) -> list[Path]:
+    """Delete the temporary files a killed writer of this module left in ``directory`` (checkpoint
+    and metrics-log temporaries only; nothing else) and return them. Call it only while no other
+    process writes checkpoints there (a run starting or resuming)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for p in directory.iterdir():
+        if _TEMP_RE.fullmatch(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return sorted(removed)
+
+
+def quarantine_checkpoint(path: str | Path) -> list[Path]:
+    """Set a damaged checkpoint aside, keeping it: its weights file and then its JSON are renamed
+    ``<name>.damaged`` (``.damaged-2``, ... if taken), so that listing, resuming and pruning no
+    longer see it. Returns the new paths."""
+    path = Path(path)
+    moved = []
+    for p in (path.with_suffix(".safetensors"), path):
+        if not p.exists():
+            continue
+        target, n = p.with_name(p.name + DAMAGED_SUFFIX), 1
+        while target.exists():
+            n += 1
+            target = p.with_name(f"{p.name}{DAMAGED_SUFFIX}-{n}")
+        os.replace(p, target)
+        moved.append(target)
+    return moved
+
+
+def newest_verified_checkpoint(directory: str | Path, newer_than: int = -1
+                               ) -> tuple[Checkpoint | None, list[tuple[Path, str]]]:
+    """The newest checkpoint of ``directory`` that loads and verifies (None if none does), and the
+    newer ones that failed, newest first, each with why (its ValueError). Stops at the first
+    checkpoint not newer than step ``newer_than``."""
+    damaged = []
+    for path in reversed(list_checkpoints(directory)):
+        if int(_NAME_RE.fullmatch(path.name)[1]) <= newer_than:
+            break
+        try:
+            return load_checkpoint(path), damaged
+        except ValueError as err:
+            damaged.append((path, str(err)))
+    return None, damaged
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step in a checkpoint file name (``checkpoint-00000042.json`` -> 42), or None."""
+    m = _NAME_RE.fullmatch(Path(path).name)
+    return int(m[1]) if m else None
+
+
 def checkpoint_path(directory: str | Path, step: int) -> Path:
     """JSON path of the checkpoint at ``step``."""
     return Path(directory) / f"checkpoint-{step:08d}.json"

@@ -52,6 +52,105 @@ def assert_same_weights(a, b):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """Weights of an uninterrupted 8-step run."""
+    t = micro_trainer(tmp_path_factory.mktemp("straight"), 8)
+    t.fit()
+    return weights(t)
+
+
+def damage(path, how):
+    if how == "truncate":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "delete":
+        path.unlink()
+    elif how == "garbage":
+        path.write_bytes(b"\x00" * 100)
+
+
+@pytest.mark.parametrize("what,how", [("safetensors", "truncate"), ("json", "truncate"), ("safetensors", "delete"),
+                                      ("json", "garbage")])
+def test_resume_auto_passes_over_a_damaged_newest_checkpoint(tmp_path, straight, what, how):
+    """With the newest checkpoint damaged, --resume auto failed and resuming from the previous
+    intact one was refused ("not the newest checkpoint"): no way to recover was given."""
+    interrupted_run(tmp_path, 6)  # checkpoints 2, 4, 6
+    damage(tmp_path / f"checkpoint-00000006.{what}", how)
+    resumed = micro_trainer(tmp_path, 8)
+    with pytest.warns(UserWarning, match=r"checkpoint-00000006\.json is damaged .*resuming from checkpoint-00000004"):
+        resumed.fit(resume="auto")
+    assert resumed.step == 8
+    assert_same_weights(weights(resumed), straight)
+    # the damaged files are kept, renamed out of the checkpoint listing (and of pruning)
+    kept = sorted(p.name for p in tmp_path.glob("*.damaged"))
+    assert "checkpoint-00000006.json.damaged" in kept
+    if how != "delete":
+        assert f"checkpoint-00000006.{what}.damaged" in kept
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == [f"checkpoint-0000000{i}.json" for i in (4, 6, 8)]
+
+
+def test_resume_from_an_older_checkpoint_when_the_newer_ones_are_damaged(tmp_path, straight):
+    interrupted_run(tmp_path, 6)
+    older = tmp_path / "checkpoint-00000004.json"
+    # all intact: going back would mix two runs; the message says how to recover
+    with pytest.raises(ValueError, match=r"not the newest checkpoint .*move the newer checkpoints"):
+        micro_trainer(tmp_path, 8).fit(resume=older)
+    damage(tmp_path / "checkpoint-00000006.safetensors", "truncate")
+    resumed = micro_trainer(tmp_path, 8)
+    with pytest.warns(UserWarning, match=r"checkpoint-00000006\.json is damaged"):
+        resumed.fit(resume=older)
+    assert_same_weights(weights(resumed), straight)
+    assert (tmp_path / "checkpoint-00000006.safetensors.damaged").is_file()
+
+
+def test_no_checkpoint_verifies_is_a_clear_error_and_renames_nothing(tmp_path):
+    micro_trainer(tmp_path, 4).fit()
+    for step in (2, 4):
+        damage(tmp_path / f"checkpoint-0000000{step}.safetensors", "truncate")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ValueError, match=r"no checkpoint .* verifies: checkpoint-00000004\.json \(.*\); "
+                                         r"checkpoint-00000002\.json"):
+        micro_trainer(tmp_path, 6).fit(resume="auto")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_cli_resume_auto_recovers_and_says_what_it_passed_over(tmp_path, capsys):
+    argv = ["train-vae", "--image-size", "16", "--batch-size", "4", "--shapes-length", "8", "--out", str(tmp_path),
+            "--checkpoint-every", "1", "--no-progress", "--device", "cpu", "--steps"]
+    assert main(argv + ["2"]) == 0
+    damage(tmp_path / "checkpoint-00000002.safetensors", "truncate")
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="checkpoint-00000002.json is damaged"):
+        assert main(argv + ["3", "--resume", "auto"]) == 0
+    assert ck.latest_checkpoint(tmp_path).name == "checkpoint-00000003.json"
+    assert (tmp_path / "checkpoint-00000002.safetensors.damaged").is_file()
+
+
+def test_stale_temporary_files_of_a_killed_writer_are_removed(tmp_path, straight):
+    """kill -9 during a checkpoint write left its full-size hidden temporary file in --out forever."""
+    interrupted_run(tmp_path, 4)
+    stale = [tmp_path / ".checkpoint-00000006.safetensors.k2j3_x9a.tmp", tmp_path / ".checkpoint-00000006.json.abcdefgh.tmp",
+             tmp_path / ".metrics.jsonl.zz8u1q0w.tmp"]
+    for p in stale:
+        p.write_bytes(b"x" * 1000)
+    others = [tmp_path / ".keep.tmp", tmp_path / "notes.checkpoint-00000006.safetensors.abc.tmp", tmp_path / "x.txt"]
+    for p in others:
+        p.write_text("user file")
+    resumed = micro_trainer(tmp_path, 8)
+    with pytest.warns(UserWarning, match="removed 3 unfinished file"):
+        resumed.fit(resume="auto")
+    assert not any(p.exists() for p in stale) and all(p.read_text() == "user file" for p in others)
+    assert_same_weights(weights(resumed), straight)
+    # a new run in a fresh directory cleans too (and prune-only writes leave nothing behind)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / ".checkpoint-00000002.json.qwertyui.tmp").write_text("{")
+    with pytest.warns(UserWarning, match="removed 1 unfinished file"):
+        micro_trainer(fresh, 2).fit()
+    assert sorted(p.name for p in fresh.iterdir() if p.name.startswith(".")) == []
+
+
 def write_checkpoint(tmp_path, **meta_changes):
     path = ck.save_checkpoint(tmp_path, 3, torch.nn.Linear(2, 2), torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()))
     meta = json.loads(path.read_text())
@@ -88,3 +187,13 @@ def test_malformed_optimizer_state_is_a_value_error_naming_the_file(tmp_path):
     path = write_checkpoint(tmp_path, optimizer={"param_groups": [{"params": [0, 1]}], "state": {"x": {"step": 1}}})
     with pytest.raises(ValueError, match=r"checkpoint-00000003\.json"):
         ck.load_checkpoint(path)
+
+
+def test_malformed_rng_state_on_resume_is_a_value_error_naming_the_file(tmp_path):
+    micro_trainer(tmp_path, 2).fit()
+    path = tmp_path / "checkpoint-00000002.json"
+    meta = json.loads(path.read_text())
+    meta["rng"] = [{"torch": "bm90IGEgc3RhdGU=", "numpy": [1], "python": [3]}]
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"checkpoint-00000002\.json.*RNG"):
+        micro_trainer(tmp_path, 4).fit(resume="auto")
