@@ -286,8 +286,11 @@ class Trainer:
                 self.optimizer.load_state_dict(move_to(ck.optimizer_state, self.device))
         except (RuntimeError, ValueError, KeyError) as err:
             raise ValueError(f"{where} does not fit this model: {str(err).splitlines()[0]}") from None
+        if ck.optimizer_state is None:
+            warnings.warn(f"{where} holds no optimizer state: AdamW starts from zero moments, so this run will "
+                          "not match an uninterrupted one", stacklevel=2)
         self.step = ck.step
-        saved = ck.meta.get("extra", {}).get("train_config", {})
+        saved = (ck.meta.get("extra") or {}).get("train_config") or {}
         for key in ("seed", "batch_size"):
             if key in saved and saved[key] != getattr(self.config, key):
                 warnings.warn(f"resuming with {key}={getattr(self.config, key)} but the checkpoint used "

@@ -197,3 +197,26 @@ def test_malformed_rng_state_on_resume_is_a_value_error_naming_the_file(tmp_path
     path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"checkpoint-00000002\.json.*RNG"):
         micro_trainer(tmp_path, 4).fit(resume="auto")
+
+
+def test_resume_without_optimizer_state_warns(tmp_path):
+    """A checkpoint whose optimizer state is null resumed silently with fresh AdamW state."""
+    micro_trainer(tmp_path, 2).fit()
+    path = tmp_path / "checkpoint-00000002.json"
+    meta = json.loads(path.read_text())
+    meta["optimizer"] = None
+    path.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match=r"checkpoint-00000002\.json' holds no optimizer state"):
+        micro_trainer(tmp_path, 3).fit(resume="auto")
+
+
+def test_resuming_a_finished_run_reports_its_step_not_nan(tmp_path, capsys):
+    argv = ["train-vae", "--image-size", "16", "--batch-size", "4", "--shapes-length", "8", "--out", str(tmp_path),
+            "--no-progress", "--device", "cpu", "--steps", "2"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv + ["--resume", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "nan" not in out and "step 2" in out and "already" in out
+    assert ck.latest_checkpoint(tmp_path).name == "checkpoint-00000002.json"
+    assert os.path.getsize(tmp_path / "metrics.jsonl") > 0
