@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -220,3 +221,20 @@ def test_resuming_a_finished_run_reports_its_step_not_nan(tmp_path, capsys):
     assert "nan" not in out and "step 2" in out and "already" in out
     assert ck.latest_checkpoint(tmp_path).name == "checkpoint-00000002.json"
     assert os.path.getsize(tmp_path / "metrics.jsonl") > 0
+
+
+def test_codes_cache_killed_while_written_is_encoded_again(tmp_path):
+    """A run killed while writing the transformer's code cache left a truncated meta.json, which
+    the next run read with json.loads (a traceback); a record from an older encoding could also
+    match arrays half replaced by a newer one."""
+    from dalle_fast.data.codes import encode_dataset
+    from dalle_fast.tokenizer import Tokenizer
+    data = ShapesDataset(size=16, length=6, seed=2)
+    tok = Tokenizer.train([data[i]["caption"] for i in range(6)], vocab_size=300, text_len=16)
+    dvae = DVAE(MICRO).eval()
+    first = encode_dataset(dvae, tok, data, 15, tmp_path, {"v": 1}, progress=False)
+    codes = np.array(first.codes)
+    (tmp_path / "meta.json").write_text('{"describe": {"v"')  # killed mid-write
+    again = encode_dataset(dvae, tok, data, 15, tmp_path, {"v": 1}, progress=False)
+    assert np.array_equal(np.array(again.codes), codes)
+    assert json.loads((tmp_path / "meta.json").read_text())["describe"] == {"v": 1}
