@@ -42,10 +42,10 @@ def sparse_attention_lse(q, k, v, layout: Layout, scale: Optional[float] = None,
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     mask = layout.dense_mask(n, device=q.device)
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
-    bad_q = _nonfinite_rows(q)
     bad_kv = _nonfinite_rows(k) | _nonfinite_rows(v)
+    poisoned = _nonfinite_rows(q) | (mask & bad_kv.unsqueeze(-2)).any(-1)
     zero = q.new_zeros(())
-    q = torch.where(bad_q.unsqueeze(-1), zero, q)
+    q = torch.where(poisoned.unsqueeze(-1), zero, q)  # (so that nothing of a NaN row reaches a gradient)
     k = torch.where(bad_kv.unsqueeze(-1), zero, k)
     v = torch.where(bad_kv.unsqueeze(-1), zero, v)
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
@@ -53,7 +53,6 @@ def sparse_attention_lse(q, k, v, layout: Layout, scale: Optional[float] = None,
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.unsqueeze(-1))
     out = torch.matmul(p, v)
-    poisoned = bad_q | (mask & bad_kv.unsqueeze(-2)).any(-1)
     return out.masked_fill(poisoned.unsqueeze(-1), float("nan")), lse.masked_fill(poisoned, float("nan"))
 
 
@@ -137,12 +136,20 @@ def philox_u64(seed: int, step: int) -> int:
 
 
 def _guided(logits, uncond_logits, cfg_scale):
+    """float32 ``u + cfg_scale * (x - u)`` rounded once after the multiply-add, as the kernels' fmaf
+    (exact in float64: a float32 product fits its mantissa), -inf where either is -inf."""
     x = logits.float()
     if uncond_logits is None:
         return x
     u = uncond_logits.float()
+    c = float(torch.tensor(cfg_scale, dtype=torch.float32))
+    mix = (c * (x - u).double() + u.double()).float()
     masked = torch.isneginf(x) | torch.isneginf(u)
-    return torch.where(masked, torch.full_like(x, float("-inf")), u + cfg_scale * (x - u))
+    return torch.where(masked, torch.full_like(x, float("-inf")), mix)
+
+
+def _bad(t):
+    return torch.isnan(t) | torch.isposinf(t)
 
 
 def sample_support(logits, temperature=1.0, top_k=0, top_p=1.0, uncond_logits=None, cfg_scale=1.0,
@@ -160,8 +167,9 @@ def sample_support(logits, temperature=1.0, top_k=0, top_p=1.0, uncond_logits=No
     lo, hi = vocab_range if vocab_range is not None else (0, V)
     inside = torch.zeros(V, dtype=torch.bool, device=x.device)
     inside[lo:hi] = True
-    if torch.isnan(x[:, lo:hi]).any() or torch.isposinf(x[:, lo:hi]).any():
-        raise ValueError("logits contain NaN or +inf inside vocab_range")
+    inputs = [logits.float()] + ([uncond_logits.float()] if uncond_logits is not None else [])
+    if any(_bad(t[:, lo:hi]).any() for t in [x] + inputs):  # (as the kernels: inputs and guided mix)
+        raise ValueError("logits (or uncond_logits / the guided mix) contain NaN or +inf inside vocab_range")
     x = torch.where(inside, x, torch.full_like(x, float("-inf"))).double()
     if torch.isneginf(x).all(dim=1).any():
         raise ValueError("a row has only -inf logits inside vocab_range")
