@@ -10,6 +10,11 @@ A checkpoint at step ``n`` is two files in one directory:
 Each file is written to a temporary file in the same directory, flushed, fsynced and moved into place
 with ``os.replace``; the JSON is written last, so a JSON file's presence means its checkpoint is
 complete. Nothing is pickled.
+
+A process killed while writing leaves only a hidden temporary file (``.checkpoint-....tmp``), which
+:func:`remove_stale_temp_files` deletes. A checkpoint that fails to load (truncated, hand-edited,
+damaged on disk) can be set aside with :func:`quarantine_checkpoint` (renamed ``*.damaged``, kept);
+:func:`newest_verified_checkpoint` finds the newest one that loads.
 """
 from __future__ import annotations
 
@@ -34,6 +39,10 @@ from .masks import _positive_int
 
 FORMAT = "dalle_fast.checkpoint"
 _NAME_RE = re.compile(r"checkpoint-(\d{8,})\.json")
+# atomic_write's temporary files (mkstemp: ".<name>.<8 random chars>.tmp") of the files a training
+# run writes: checkpoints and its metrics log
+_TEMP_RE = re.compile(r"\.(checkpoint-\d{8,}\.(json|safetensors)|metrics\.jsonl)\.[A-Za-z0-9_]{8}\.tmp")
+DAMAGED_SUFFIX = ".damaged"
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:
@@ -134,6 +143,61 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
 
 
 # -- save / load ---------------------------------------------------------------------------------
+def remove_stale_temp_files(directory: str | Path) -> list[Path]:
+    """Delete the temporary files a killed writer of this module left in ``directory`` (checkpoint
+    and metrics-log temporaries only; nothing else) and return them. Call it only while no other
+    process writes checkpoints there (a run starting or resuming)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for p in directory.iterdir():
+        if _TEMP_RE.fullmatch(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return sorted(removed)
+
+
+def quarantine_checkpoint(path: str | Path) -> list[Path]:
+    """Set a damaged checkpoint aside, keeping it: its weights file and then its JSON are renamed
+    ``<name>.damaged`` (``.damaged-2``, ... if taken), so that listing, resuming and pruning no
+    longer see it. Returns the new paths."""
+    path = Path(path)
+    moved = []
+    for p in (path.with_suffix(".safetensors"), path):
+        if not p.exists():
+            continue
+        target, n = p.with_name(p.name + DAMAGED_SUFFIX), 1
+        while target.exists():
+            n += 1
+            target = p.with_name(f"{p.name}{DAMAGED_SUFFIX}-{n}")
+        os.replace(p, target)
+        moved.append(target)
+    return moved
+
+
+def newest_verified_checkpoint(directory: str | Path, newer_than: int = -1
+                               ) -> tuple[Checkpoint | None, list[tuple[Path, str]]]:
+    """The newest checkpoint of ``directory`` that loads and verifies (None if none does), and the
+    newer ones that failed, newest first, each with why (its ValueError). Stops at the first
+    checkpoint not newer than step ``newer_than``."""
+    damaged = []
+    for path in reversed(list_checkpoints(directory)):
+        if int(_NAME_RE.fullmatch(path.name)[1]) <= newer_than:
+            break
+        try:
+            return load_checkpoint(path), damaged
+        except ValueError as err:
+            damaged.append((path, str(err)))
+    return None, damaged
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step in a checkpoint file name (``checkpoint-00000042.json`` -> 42), or None."""
+    m = _NAME_RE.fullmatch(Path(path).name)
+    return int(m[1]) if m else None
+
+
 def checkpoint_path(directory: str | Path, step: int) -> Path:
     """JSON path of the checkpoint at ``step``."""
     return Path(directory) / f"checkpoint-{step:08d}.json"
@@ -228,8 +292,32 @@ class Checkpoint:
         return int(self.meta["step"])
 
 
+def _check_meta(path: Path, meta: dict) -> None:
+    """ValueError naming ``path`` for a field of the JSON the loaders would trip over."""
+    def bad(what):
+        raise ValueError(f"checkpoint {str(path)!r}: {what} (truncated or hand-edited file)")
+
+    step = meta["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        bad(f"step must be an int >= 0, got {step!r}")
+    for key in ("model_type", "weights", "weights_sha256"):
+        if not isinstance(meta[key], str):
+            bad(f"{key} must be a string, got {meta[key]!r}")
+    if Path(meta["weights"]).name != meta["weights"] or meta["weights"] in ("", ".", ".."):
+        bad(f"weights must name a file beside the JSON, got {meta['weights']!r}")
+    for key, types in (("model_config", (dict, type(None))), ("optimizer", (dict, type(None))),
+                       ("rng", (list, type(None))), ("extra", (dict, type(None)))):
+        if not isinstance(meta.get(key), types):
+            bad(f"{key} must be {' or '.join('null' if t is type(None) else t.__name__ for t in types)}, "
+                f"got {type(meta.get(key)).__name__}")
+    optim = meta.get("optimizer")
+    if optim is not None and not (isinstance(optim.get("param_groups"), list) and isinstance(optim.get("state"), dict)):
+        bad("optimizer must hold a list 'param_groups' and a dict 'state'")
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a checkpoint by its JSON path, or the newest one in a directory. Verifies the weights hash."""
+    """Read a checkpoint by its JSON path, or the newest one in a directory. Verifies the weights
+    hash. Every failure to read it is a ValueError naming the file."""
     path = resolve_checkpoint(path)
     try:
         meta = json.loads(path.read_text())
@@ -240,18 +328,28 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     missing = [k for k in ("step", "model_type", "weights", "weights_sha256") if k not in meta]
     if missing:
         raise ValueError(f"checkpoint {str(path)!r} lacks {', '.join(missing)} (truncated or hand-edited file)")
-    weights = path.parent / str(meta["weights"])
+    _check_meta(path, meta)
+    weights = path.parent / meta["weights"]
     try:
         blob = weights.read_bytes()
     except OSError as err:
         raise ValueError(f"weights of checkpoint {str(path)!r} cannot be read ({weights}: {err.strerror})") from None
     if hashlib.sha256(blob).hexdigest() != meta["weights_sha256"]:
         raise ValueError(f"weights of {str(path)!r} do not match their recorded SHA-256 (corrupt file)")
-    tensors = st_load(blob)
+    try:
+        tensors = st_load(blob)
+    except Exception as err:  # noqa: BLE001  (safetensors raises its own SafetensorError, and others)
+        raise ValueError(f"weights of checkpoint {str(path)!r} ({weights.name}) are not a valid safetensors "
+                         f"file: {err}") from None
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     optim = None
     if meta.get("optimizer") is not None:
-        optim = _join_optimizer_state({k: v for k, v in tensors.items() if k.startswith("optimizer.")}, meta["optimizer"])
+        try:
+            optim = _join_optimizer_state({k: v for k, v in tensors.items() if k.startswith("optimizer.")},
+                                          meta["optimizer"])
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"checkpoint {str(path)!r}: its optimizer state does not read back "
+                             f"({type(err).__name__}: {err})") from None
     return Checkpoint(meta, model_state, optim, path)
 
 

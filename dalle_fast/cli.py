@@ -87,8 +87,11 @@ def dataset_from_args(args: argparse.Namespace, image_size: int):
 def _report(trainer, out: Path) -> int:
     from .checkpoint import latest_checkpoint
     if trainer.rank == 0:
-        last = trainer.history[-1] if trainer.history else {}
-        print(f"done: step {trainer.step}, loss {last.get('loss', float('nan')):.4f}, "
+        if not trainer.history:  # resumed at its last step: nothing trained, no loss to show
+            print(f"done: already at step {trainer.step} of {trainer.config.steps}, nothing to train; "
+                  f"checkpoint {latest_checkpoint(out)}")
+            return 0
+        print(f"done: step {trainer.step}, loss {trainer.history[-1]['loss']:.4f}, "
               f"checkpoint {latest_checkpoint(out)}")
     return 0
 

@@ -31,6 +31,9 @@ __all__ = ["KINDS", "Layout", "TileTable", "PackedTileTables", "paper_schedule"]
 #: Mask kinds in the order of their integer ids (the id is what the C++/CUDA/Triton kernels take).
 KINDS = ("full", "row", "col", "conv", "axial_row", "axial_col", "conv_like")
 KIND_IDS = {name: i for i, name in enumerate(KINDS)}
+#: Longest sequence ``text_len + image_size**2`` a Layout may describe: the kernels address positions
+#: and tile offsets with int32.
+MAX_SEQ_LEN = 2**31 - 1
 # kinds whose kernels visit the image part column-major
 _TRANSPOSED = frozenset({"col", "axial_col"})
 
@@ -225,6 +228,13 @@ class Layout:
         _positive_int("image_size", self.image_size)
         _positive_int("kernel_size", self.kernel_size)
         _positive_int("dilation", self.dilation)
+        for name in ("text_len", "kernel_size", "dilation"):
+            if getattr(self, name) > MAX_SEQ_LEN:
+                raise ValueError(f"{name} must be at most {MAX_SEQ_LEN}, got {getattr(self, name)}")
+        if self.seq_len > MAX_SEQ_LEN:
+            raise ValueError(f"text_len + image_size**2 = {self.seq_len} exceeds {MAX_SEQ_LEN}, the longest "
+                             f"sequence the kernels address (int32 positions); got text_len={self.text_len}, "
+                             f"image_size={self.image_size}")
         if self.kind == "conv" and self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd for kind 'conv', got {self.kernel_size}")
         if self.dilation != 1 and self.kind != "conv_like":

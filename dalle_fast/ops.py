@@ -114,12 +114,22 @@ def resolve_backend(backend: Optional[str], device: torch.device, *, op: str = "
     return backend
 
 
+#: Largest softmax scale: the kernels compute in float32 and fold log2(e) into the scale, which
+#: must stay finite there (a float64 scale past it, e.g. 1e39, made every output NaN).
+MAX_SCALE = 2.0e38
+
+
 def check_scale(scale: float) -> float:
-    """``scale`` as a float; ValueError unless positive and finite (the kernels' running max relies
-    on scale > 0; a non-finite scale gives NaN rows). Shared by every attention op."""
-    scale = float(scale)
-    if not 0 < scale < math.inf:
-        raise ValueError(f"scale must be positive and finite, got {scale}")
+    """``scale`` as a float; ValueError unless positive and finite in float32, the precision the
+    kernels use (their running max relies on scale > 0; a non-finite scale gives NaN rows): in
+    ``(0, MAX_SCALE]`` and not 0 once rounded to float32. Shared by every attention op."""
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"scale must be a number, got {type(scale).__name__}") from None
+    if not 0 < scale <= MAX_SCALE or float(torch.tensor(scale, dtype=torch.float32)) == 0:
+        raise ValueError(f"scale must be positive and finite in float32 (the kernels' precision), i.e. in "
+                         f"(1.5e-45, {MAX_SCALE:g}], got {scale}")
     return scale
 
 

@@ -21,21 +21,39 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _nonfinite_rows(t: torch.Tensor) -> torch.Tensor:
+    """``(..., N)`` bool: rows of ``t`` ``(..., N, D)`` holding a NaN or an infinity."""
+    return ~torch.isfinite(t).all(-1)
+
+
 def sparse_attention_lse(q, k, v, layout: Layout, scale: Optional[float] = None, compute_dtype=None):
     """Dense masked attention. q, k, v: ``(B, H, N, D)``. Returns ``(out (B,H,N,D), lse (B,H,N))``.
 
     ``out`` is in ``compute_dtype`` (default: float64 for float64 inputs, else float32) and ``lse``
     is the natural-log log-sum-exp of the scaled, masked scores of each query row.
+
+    Non-finite values: keys and values outside a query's mask never influence its output, lse or
+    gradients, whatever they hold; a row whose query, or any key or value it may read, holds NaN or
+    an infinity outputs NaN (out and lse) and passes no gradient. (Masked products are zeroed: a
+    masked probability of 0 times a NaN value would otherwise be NaN.)
     """
     n = q.shape[-2]
     dt = compute_dtype or _compute_dtype(q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     mask = layout.dense_mask(n, device=q.device)
-    s = torch.matmul(q.to(dt), k.to(dt).transpose(-1, -2)) * scale
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    bad_kv = _nonfinite_rows(k) | _nonfinite_rows(v)
+    poisoned = _nonfinite_rows(q) | (mask & bad_kv.unsqueeze(-2)).any(-1)
+    zero = q.new_zeros(())
+    q = torch.where(poisoned.unsqueeze(-1), zero, q)  # (so that nothing of a NaN row reaches a gradient)
+    k = torch.where(bad_kv.unsqueeze(-1), zero, k)
+    v = torch.where(bad_kv.unsqueeze(-1), zero, v)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
     s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.unsqueeze(-1))
-    return torch.matmul(p, v.to(dt)), lse
+    out = torch.matmul(p, v)
+    return out.masked_fill(poisoned.unsqueeze(-1), float("nan")), lse.masked_fill(poisoned, float("nan"))
 
 
 def sparse_attention(q, k, v, layout: Layout, scale: Optional[float] = None, compute_dtype=None):
@@ -62,7 +80,8 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, pos, layout: Layout, sca
     With shared text caches ``text_k_cache``/``text_v_cache`` ``(P, H, >=T, D)`` and
     ``prompt_index`` ``(B,)``, row ``b`` reads its text keys from prompt ``prompt_index[b]`` and the
     per-row caches hold image positions only (position ``p`` at slot ``p - T``).
-    Returns ``(B, H, 1, D)`` in ``compute_dtype`` if given, else q's dtype.
+    Returns ``(B, H, 1, D)`` in ``compute_dtype`` if given, else q's dtype. A head whose query or
+    any key or value it reads is not finite outputs NaN (as :func:`sparse_attention_lse`).
     """
     B, H, _, D = q.shape
     dt = compute_dtype or _compute_dtype(q.dtype)
@@ -84,7 +103,10 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, pos, layout: Layout, sca
         else:
             kk, vv = k_cache[b][:, keys], v_cache[b][:, keys]
         s = torch.matmul(q[b].to(dt), kk.to(dt).transpose(-1, -2)) * scale  # (H, 1, n)
-        outs.append(torch.matmul(torch.softmax(s, dim=-1), vv.to(dt)))
+        out = torch.matmul(torch.softmax(s, dim=-1), vv.to(dt))
+        # a head whose query or any key or value it reads is not finite: NaN (as sparse_attention)
+        bad = _nonfinite_rows(q[b]).any(-1) | _nonfinite_rows(kk).any(-1) | _nonfinite_rows(vv).any(-1)
+        outs.append(out.masked_fill(bad[:, None, None], float("nan")))
     out = torch.stack(outs) if outs else q.new_empty(q.shape, dtype=dt)  # (an empty batch)
     return out if compute_dtype is not None else out.to(q.dtype)
 
@@ -114,12 +136,20 @@ def philox_u64(seed: int, step: int) -> int:
 
 
 def _guided(logits, uncond_logits, cfg_scale):
+    """float32 ``u + cfg_scale * (x - u)`` rounded once after the multiply-add, as the kernels' fmaf
+    (exact in float64: a float32 product fits its mantissa), -inf where either is -inf."""
     x = logits.float()
     if uncond_logits is None:
         return x
     u = uncond_logits.float()
+    c = float(torch.tensor(cfg_scale, dtype=torch.float32))
+    mix = (c * (x - u).double() + u.double()).float()
     masked = torch.isneginf(x) | torch.isneginf(u)
-    return torch.where(masked, torch.full_like(x, float("-inf")), u + cfg_scale * (x - u))
+    return torch.where(masked, torch.full_like(x, float("-inf")), mix)
+
+
+def _bad(t):
+    return torch.isnan(t) | torch.isposinf(t)
 
 
 def sample_support(logits, temperature=1.0, top_k=0, top_p=1.0, uncond_logits=None, cfg_scale=1.0,
@@ -137,8 +167,9 @@ def sample_support(logits, temperature=1.0, top_k=0, top_p=1.0, uncond_logits=No
     lo, hi = vocab_range if vocab_range is not None else (0, V)
     inside = torch.zeros(V, dtype=torch.bool, device=x.device)
     inside[lo:hi] = True
-    if torch.isnan(x[:, lo:hi]).any() or torch.isposinf(x[:, lo:hi]).any():
-        raise ValueError("logits contain NaN or +inf inside vocab_range")
+    inputs = [logits.float()] + ([uncond_logits.float()] if uncond_logits is not None else [])
+    if any(_bad(t[:, lo:hi]).any() for t in [x] + inputs):  # (as the kernels: inputs and guided mix)
+        raise ValueError("logits (or uncond_logits / the guided mix) contain NaN or +inf inside vocab_range")
     x = torch.where(inside, x, torch.full_like(x, float("-inf"))).double()
     if torch.isneginf(x).all(dim=1).any():
         raise ValueError("a row has only -inf logits inside vocab_range")

@@ -47,11 +47,11 @@ def sample(logits: torch.Tensor, *, seeds: torch.Tensor, step, temperature: floa
     """Draw one token per row.
 
     Args:
-        logits: ``(B, V)`` float32/bfloat16/float16 (computed in float32).
+        logits: ``(B, V)`` float32/bfloat16/float16/float64 (computed in float32).
         seeds: int64 ``(B,)`` on logits' device, one seed per row.
         step: int64 one-element tensor on logits' device (or an int): the draw counter.
         temperature: >= 0; 0 is greedy (argmax, lowest index on ties).
-        top_k: keep the ``top_k`` largest (0: all).
+        top_k: keep the ``top_k`` largest (0, or ``top_k >= V``: all).
         top_p: in (0, 1]; keep the smallest prefix with probability >= top_p (1: all).
         uncond_logits: optional ``(B, V)``; the guided logit is ``uncond + cfg_scale * (logits -
             uncond)`` (a token -inf in either stays -inf).
@@ -68,8 +68,8 @@ def sample(logits: torch.Tensor, *, seeds: torch.Tensor, step, temperature: floa
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise ValueError(f"logits must be a (batch, vocab) tensor, got "
                          f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
-    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise ValueError(f"logits must be float32, bfloat16, float16 or float64, got {logits.dtype}")
     B, V = logits.shape
     dev = logits.device
     if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.shape != (B,):
@@ -111,6 +111,10 @@ def sample(logits: torch.Tensor, *, seeds: torch.Tensor, step, temperature: floa
         if (isinstance(lo, bool) or isinstance(hi, bool) or not isinstance(lo, int) or not isinstance(hi, int)
                 or not 0 <= lo < hi <= V):
             raise ValueError(f"vocab_range must be ints with 0 <= lo < hi <= vocab = {V}, got {vocab_range!r}")
+    top_k = min(top_k, V)  # keeping V tokens keeps all (and a huge int fits the op's int64)
+    if logits.dtype == torch.float64:  # the kernels compute in float32
+        logits = logits.float()
+        uncond_logits = uncond_logits.float() if uncond_logits is not None else None
     name = _resolve(backend, dev)
     if name == "reference":
         tokens = reference.sample(logits, seeds, int(step), temperature, top_k, top_p, uncond_logits, cfg_scale,

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt_lib
+from .data.codes import report_skipped
 from .masks import _int_at_least, _positive_int
 
 LossFn = Callable[[nn.Module, Any, int], Mapping[str, torch.Tensor]]
@@ -206,6 +207,7 @@ class Trainer:
         self.use_bf16 = config.precision == "bf16" or (
             config.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
         self._ddp: nn.Module | None = None
+        self._verified: ckpt_lib.Checkpoint | None = None  # checked by _plan_resume, read once
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -262,7 +264,9 @@ class Trainer:
 
     def load(self, path: str | Path) -> None:
         """Restore weights, optimizer, step and RNG states from a checkpoint (file or directory)."""
-        ck = ckpt_lib.load_checkpoint(path)
+        ck, self._verified = self._verified, None
+        if ck is None or ck.path != Path(path):
+            ck = ckpt_lib.load_checkpoint(path)
         where = f"resume: checkpoint {str(ck.path)!r}"
         if ck.meta.get("model_type") != self.model_type:
             raise ValueError(f"{where} holds a {ck.meta.get('model_type')!r} model, this run trains {self.model_type!r}")
@@ -282,8 +286,11 @@ class Trainer:
                 self.optimizer.load_state_dict(move_to(ck.optimizer_state, self.device))
         except (RuntimeError, ValueError, KeyError) as err:
             raise ValueError(f"{where} does not fit this model: {str(err).splitlines()[0]}") from None
+        if ck.optimizer_state is None:
+            warnings.warn(f"{where} holds no optimizer state: AdamW starts from zero moments, so this run will "
+                          "not match an uninterrupted one", stacklevel=2)
         self.step = ck.step
-        saved = ck.meta.get("extra", {}).get("train_config", {})
+        saved = (ck.meta.get("extra") or {}).get("train_config") or {}
         for key in ("seed", "batch_size"):
             if key in saved and saved[key] != getattr(self.config, key):
                 warnings.warn(f"resuming with {key}={getattr(self.config, key)} but the checkpoint used "
@@ -297,28 +304,72 @@ class Trainer:
                           stacklevel=2)
         rng = ck.meta.get("rng") or []
         if len(rng) == self.world:
-            ckpt_lib.set_rng_state(rng[self.rank])
+            try:
+                ckpt_lib.set_rng_state(rng[self.rank])
+            except (KeyError, TypeError, ValueError, RuntimeError) as err:
+                raise ValueError(f"{where}: its RNG state of rank {self.rank} does not read back "
+                                 f"({type(err).__name__}: {err})") from None
         else:
             warnings.warn(f"checkpoint has RNG states of {len(rng)} ranks, running {self.world}: reseeding", stacklevel=2)
             self._seed()
 
-    def _check_out_dir(self, resume) -> str | None:
-        """Why training into ``out_dir`` from ``resume`` would mix two runs' files, or None. A run
-        starts in a directory without checkpoints, or continues from the newest one there (so that
-        pruning, ``resume="auto"`` and the dVAE a transformer records only ever see one run)."""
-        existing = ckpt_lib.list_checkpoints(self.out_dir) if self.out_dir is not None else []
-        if not existing:
-            return None
-        newest = existing[-1]
+    def _plan_resume(self, resume) -> tuple[Path | None, str | None]:
+        """Rank 0, before training: removes the temporary files a killed checkpoint writer left in
+        ``out_dir``, then returns ``(checkpoint to resume from or None, why this run may not start
+        or None)``. A run starts in a directory without checkpoints, or continues from the newest one
+        there that verifies (so that pruning, ``resume="auto"`` and the dVAE a transformer records only
+        ever see one run); newer checkpoints that fail to load are set aside (renamed ``*.damaged``,
+        kept) with a warning naming each."""
+        out = self.out_dir
+        if out is None:
+            return (Path(resume) if resume not in (None, "auto") else None), None
+        removed = ckpt_lib.remove_stale_temp_files(out)
+        if removed:
+            warnings.warn(f"out_dir {str(out)!r}: removed {len(removed)} unfinished file(s) an interrupted "
+                          f"checkpoint write left: {', '.join(p.name for p in removed)}", stacklevel=3)
+        existing = ckpt_lib.list_checkpoints(out)
         if resume is None:
-            return (f"out_dir {str(self.out_dir)!r} already holds checkpoints (newest: {newest.name}); "
-                    "resume='auto' (--resume auto) continues that run; a new run needs a new out_dir")
-        resolved = ckpt_lib.resolve_checkpoint(resume)
-        if resolved.resolve() != newest.resolve():
-            return (f"resume: {str(resolved)!r} is not the newest checkpoint of out_dir {str(self.out_dir)!r} "
-                    f"({newest.name}): training on from it would mix two runs' checkpoints there; resume from "
-                    "the newest, or write this run to a new out_dir")
-        return None
+            if existing:
+                return None, (f"out_dir {str(out)!r} already holds checkpoints (newest: {existing[-1].name}); "
+                              "resume='auto' (--resume auto) continues that run; a new run needs a new out_dir")
+            return None, None
+        if resume == "auto" or (Path(resume).is_dir() and Path(resume).resolve() == out.resolve() and existing):
+            return self._newest_verified() if existing else (None, None)
+        try:
+            resolved = ckpt_lib.resolve_checkpoint(resume)
+        except ValueError as err:
+            return None, f"resume: {err}"
+        if not existing or resolved.resolve() == existing[-1].resolve():
+            return resolved, None
+        step = ckpt_lib.checkpoint_step(resolved)
+        if resolved.parent.resolve() == out.resolve() and step is not None:
+            found, damaged = ckpt_lib.newest_verified_checkpoint(out, newer_than=step)
+            if found is None:  # every newer checkpoint is damaged: set them aside, go back to this one
+                self._set_aside(damaged, resolved)
+                return resolved, None
+        return None, (f"resume: {str(resolved)!r} is not the newest checkpoint of out_dir {str(out)!r} "
+                      f"({existing[-1].name}): training on from it would mix two runs' checkpoints there. To go "
+                      "back to it, move the newer checkpoints (.json and .safetensors) out of out_dir first; "
+                      "resume='auto' (--resume auto) continues from the newest that verifies; or write this run "
+                      "to a new out_dir")
+
+    def _newest_verified(self) -> tuple[Path | None, str | None]:
+        found, damaged = ckpt_lib.newest_verified_checkpoint(self.out_dir)
+        if found is None:
+            return None, (f"resume: no checkpoint in out_dir {str(self.out_dir)!r} verifies: "
+                          + "; ".join(f"{p.name} ({why})" for p, why in damaged)
+                          + ". Move them out of out_dir to start anew there, or start a new run in a new out_dir")
+        self._set_aside(damaged, found.path)
+        self._verified = found  # load() takes it instead of reading the file again
+        return found.path, None
+
+    @staticmethod
+    def _set_aside(damaged: list[tuple[Path, str]], resume_from: Path) -> None:
+        for path, why in damaged:
+            kept = ckpt_lib.quarantine_checkpoint(path)
+            warnings.warn(f"resume: {path.name} is damaged ({why}); resuming from {resume_from.name}; the damaged "
+                          f"files are kept as {', '.join(p.name for p in kept) or 'nothing (none left)'}",
+                          stacklevel=4)
 
     def _trim_metrics(self) -> None:
         """Drop the records of ``metrics.jsonl`` past the step this run starts from (a resumed run
@@ -349,13 +400,12 @@ class Trainer:
     def fit(self, resume: str | Path | None = None) -> list[dict[str, float]]:
         """Train until ``config.steps``. ``resume``: a checkpoint path/directory, or ``"auto"`` for the
         newest checkpoint in ``out_dir`` if there is one. Returns the logged metrics of this call."""
-        if resume == "auto":
-            resume = ckpt_lib.latest_checkpoint(self.out_dir) if self.out_dir is not None else None
-        problem = self._check_out_dir(resume) if self.rank == 0 else None
-        if self.world > 1:  # every rank stops, or none
-            box = [problem]
+        plan = self._plan_resume(resume) if self.rank == 0 else (None, None)
+        if self.world > 1:  # every rank stops, or none; all resume from what rank 0 chose
+            box = [plan]
             dist.broadcast_object_list(box, src=0)
-            problem = box[0]
+            plan = box[0]
+        resume, problem = plan
         if problem:
             raise ValueError(problem)
         if resume is not None:
@@ -413,6 +463,8 @@ class Trainer:
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.save()
         bar.close()
+        if self.rank == 0:
+            report_skipped(self.dataset)
         self.history.extend(history)
         return history
 

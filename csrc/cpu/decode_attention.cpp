@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -38,17 +39,22 @@ template <typename T>
 void run(const DecodeArgs& a) {
   const int64_t B = a.batch, H = a.heads, D = a.head_dim;
   const LayoutParams& L = a.layout;
-  const int64_t max_keys = max_decode_keys(L);
   const float qscale = a.scale * LOG2E;  // scores in log2 units
   const bool shared = a.text_k.data != nullptr;
   constexpr bool kGemm = std::is_same<T, float>::value;
-  // key positions of each row (the same for all heads): B * max_keys int64, O(keys) per row
-  std::vector<int64_t> key_pos(static_cast<size_t>(B * max_keys));
+  // key positions of each row (the same for all heads), max_keys per row: the most keys a row of
+  // this call reads (not the layout's maximum, which can be the whole sequence)
   std::vector<int64_t> n_keys(B), n_text(B);
+  int64_t max_keys = 1;
   for (int64_t b = 0; b < B; ++b) {
     const DecodeKeys dk = decode_keys(L, a.pos[b * a.pos_stride]);
     n_keys[b] = dk.total();
     n_text[b] = dk.n_text;
+    max_keys = std::max(max_keys, dk.total());
+  }
+  std::vector<int64_t> key_pos(static_cast<size_t>(B * max_keys));
+  for (int64_t b = 0; b < B; ++b) {
+    const DecodeKeys dk = decode_keys(L, a.pos[b * a.pos_stride]);
     for (int64_t j = 0; j < dk.total(); ++j) key_pos[b * max_keys + j] = dk.position(j);
   }
   // rows ordered by (prompt, text keys) when the text caches are shared, cut into items
@@ -79,6 +85,7 @@ void run(const DecodeArgs& a) {
     Buffer scores(static_cast<size_t>(m_max * max_keys));
     Buffer qf(static_cast<size_t>(m_max * D)), acc(static_cast<size_t>(m_max * D));
     Buffer sums(static_cast<size_t>(m_max));
+    std::vector<uint8_t> nan_row(static_cast<size_t>(m_max));
     Buffer qt(grouped ? static_cast<size_t>(D * m_max) : 0);
     Buffer st(grouped ? static_cast<size_t>(m_max * max_keys) : 0);
     for (;;) {
@@ -131,6 +138,9 @@ void run(const DecodeArgs& a) {
         if (shared)
           for (; j < n_text[b]; ++j) sc[j] = dot(qf.data() + r * D, tk0 + j * a.text_k.s2, D);
         for (; j < n; ++j) sc[j] = dot(qf.data() + r * D, kc + (kp[j] - a.cache_offset) * a.k_cache.s2, D);
+        // a NaN or an infinity in the query or a key it reads makes a score non-finite, and a -inf
+        // score would pass for a masked one: the row is NaN (as in sparse_attention)
+        nan_row[r] = !all_finite(sc, n);
         sums[r] = exp2_sum(sc, n, 1.f, max_of(sc, n));
       }
       // 4. text part of the output of all rows: O (m x D) = P_text V_text
@@ -160,6 +170,7 @@ void run(const DecodeArgs& a) {
         float* o = a.out + (b * H + h) * D;
         const float inv = 1.f / sums[r];
         for (int64_t d = 0; d < D; ++d) o[d] = ac[d] * inv;
+        if (nan_row[r] || !all_finite(o, D)) std::fill(o, o + D, std::numeric_limits<float>::quiet_NaN());
       }
     }
     }

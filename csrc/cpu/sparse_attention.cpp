@@ -100,8 +100,10 @@ namespace {
 // rows[i] = src[perm[i]] (when rows is non-null) and t[d * N + i] = src[perm[i]][d] (when t is
 // non-null) for one head's (N, D) rows; perm == nullptr is the identity. One read of the source;
 // 16 rows at a time are made contiguous (in rows, or a scratch block) and transposed in 16 x 16
-// register tiles (at::vec::transpose_mxn).
-void gather_head(const float* src, const int32_t* perm, int64_t N, int64_t D, float* rows, float* t) {
+// register tiles (at::vec::transpose_mxn). With `finite`, *finite becomes false when a source row
+// holds a NaN or an infinity (checked on the block just read, in L1).
+void gather_head(const float* src, const int32_t* perm, int64_t N, int64_t D, float* rows, float* t,
+                 bool* finite = nullptr) {
   constexpr int64_t B = 16;
   Buffer scratch(perm && !rows && t ? B * D : 0);
   for (int64_t i0 = 0; i0 < N; i0 += B) {
@@ -114,6 +116,7 @@ void gather_head(const float* src, const int32_t* perm, int64_t N, int64_t D, fl
     } else if (rows) {
       std::memcpy(rows + i0 * D, block, nb * D * sizeof(float));
     }
+    if (finite && *finite) *finite = all_finite(block, nb * D);
     if (!t) continue;
     for (int64_t d0 = 0; d0 < D; d0 += B) {
       if (nb == B && D - d0 >= B) {
@@ -132,13 +135,32 @@ void gather_head(const float* src, const int32_t* perm, int64_t N, int64_t D, fl
 struct HeadCache {
   Buffer kt, vp;
   int64_t head = -1;
+  bool k_finite = true;  // no key of the head holds a NaN or an infinity
+  // Slots (processing order) whose key or value row holds a NaN or an infinity, of head bad_head
+  // (find_bad, on demand): bad[i] and the counts bad_before[i] of such slots before i.
+  std::vector<uint8_t> bad;
+  std::vector<int32_t> bad_before;
+  int64_t bad_head = -1;
 
   void fill(const Schedule& s, const float* k, const float* v, int64_t bh, int64_t N, int64_t D) {
     if (bh == head) return;
     head = bh;
     const int32_t* perm = s.identity ? nullptr : s.perm.data();
-    gather_head(k + bh * N * D, perm, N, D, nullptr, kt.data());
+    k_finite = true;
+    gather_head(k + bh * N * D, perm, N, D, nullptr, kt.data(), &k_finite);
     if (perm) gather_head(v + bh * N * D, perm, N, D, vp.data(), nullptr);
+  }
+  void find_bad(const Schedule& s, const float* k, const float* v, int64_t N, int64_t D) {
+    if (bad_head == head) return;
+    bad_head = head;
+    bad.resize(N);
+    bad_before.resize(N + 1);
+    bad_before[0] = 0;
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t row = (head * N + (s.identity ? i : s.perm[i])) * D;
+      bad[i] = !all_finite(k + row, D) || !all_finite(v + row, D);
+      bad_before[i + 1] = bad_before[i] + bad[i];
+    }
   }
   const float* values(const Schedule& s, const float* v, int64_t N, int64_t D) const {
     return s.identity ? v + head * N * D : vp.data();
@@ -146,13 +168,20 @@ struct HeadCache {
 };
 
 struct FwdScratch {
-  Buffer S, acc, m, l, qbuf;
+  Buffer S, acc, m, l, qbuf, vrun;
+  std::vector<uint8_t> poisoned;
   HeadCache cache;
 };
 
-// Forward of query tile qi of head bh (see the file comment).
-void fwd_query_tile(const Schedule& s, const AttnProblem& p, const float* q, const float* k, const float* v,
-                    float* out, float* lse, int64_t bh, int64_t qi, FwdScratch& w) {
+// Forward of query tile qi of head bh (see the file comment). Returns whether every row came out
+// finite. Non-finite inputs: a GEMM computes 0 * NaN = NaN, so a masked probability of 0 does not
+// keep a NaN or infinite value row out of the rows that may not read it. When a head holds such
+// rows (`careful`, with w.cache.find_bad done), each run that contains one multiplies P by a copy
+// of its value rows with those rows zeroed (masked scores are -inf already, whatever the key), and
+// the rows of the tile that may read one, or whose query is not finite, output NaN (lse NaN).
+// Without such rows the tile takes the plain path; a non-finite result there sends the caller here.
+bool fwd_query_tile(const Schedule& s, const AttnProblem& p, const float* q, const float* k, const float* v,
+                    float* out, float* lse, int64_t bh, int64_t qi, FwdScratch& w, bool careful) {
   const int64_t N = p.n, D = p.d, BM = s.bm, BN = s.bn;
   const float scale = p.scale;
   const int64_t max_tiles = std::max<int64_t>(1, RUN_MAX / BN);
@@ -171,10 +200,28 @@ void fwd_query_tile(const Schedule& s, const AttnProblem& p, const float* q, con
   std::fill(acc, acc + BM * D, 0.f);
   std::fill(m, m + BM, NEG_INF);
   std::fill(l, l + BM, 0.f);
+  uint8_t* poisoned = w.poisoned.data();
+  if (careful)
+    for (int64_t r = 0; r < mq; ++r) poisoned[r] = !all_finite(Q + r * D, D);
   const TileRef* list = s.q_tiles.data();
   for_each_run(list, s.q_ptr[qi], s.q_ptr[qi + 1], max_tiles, [&](Run run) {
     const int64_t k0 = list[run.first].tile * BN;
     const int64_t klen = std::min(run.count * BN, N - k0);
+    const float* Vrun = Vh + k0 * D;
+    if (careful && w.cache.bad_before[k0 + klen] != w.cache.bad_before[k0]) {
+      float* vr = w.vrun.data();
+      for (int64_t j = 0; j < klen; ++j) {
+        if (!w.cache.bad[k0 + j]) {
+          std::memcpy(vr + j * D, Vrun + j * D, D * sizeof(float));
+          continue;
+        }
+        std::fill(vr + j * D, vr + (j + 1) * D, 0.f);
+        const TileRef& tr = list[run.first + j / BN];  // the key tile of slot k0 + j
+        for (int64_t r = 0; r < mq; ++r)
+          if (tr.mask_off < 0 || s.masks[tr.mask_off + r * BN + j % BN]) poisoned[r] = 1;
+      }
+      Vrun = vr;
+    }
     float* Sp = w.S.data();
     gemm(mq, klen, D, Q, D, Kt + k0, N, Sp, klen, false);
     mask_run(s.masks, s.bn, list, run, Sp, mq, klen);
@@ -195,18 +242,26 @@ void fwd_query_tile(const Schedule& s, const AttnProblem& p, const float* q, con
       m[r] = mnew;
       if (alpha != 1.f) scale_by(acc + r * D, D, alpha);
     }
-    gemm(mq, D, klen, Sp, klen, Vh + k0 * D, D, acc, D, true);
+    gemm(mq, D, klen, Sp, klen, Vrun, D, acc, D, true);
   });
+  bool finite = true;
   for (int64_t r = 0; r < mq; ++r) {  // write rows back to their sequence positions
     const int64_t pos = perm ? perm[q0 + r] : q0 + r;
-    const float inv = 1.f / l[r];
     float* O = out + (bh * N + pos) * D;
+    if (careful && poisoned[r]) {
+      std::fill(O, O + D, std::numeric_limits<float>::quiet_NaN());
+      lse[bh * N + pos] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    const float inv = 1.f / l[r];
     for (int64_t d = 0; d < D; ++d) O[d] = acc[r * D + d] * inv;
     // m * scale rounded on its own (volatile: not fused into the add), as the backward rounds its
     // scaled scores (scale_scores), so that their difference at the max is exact
     volatile float ms = m[r] * scale;
     lse[bh * N + pos] = ms + std::log(l[r]);
+    finite = finite && all_finite(O, D) && std::isfinite(lse[bh * N + pos]);
   }
+  return finite;
 }
 
 }  // namespace
@@ -228,11 +283,22 @@ void sparse_attention_forward(const Schedule& s, const AttnProblem& p, const flo
     w.m.resize(BM);
     w.l.resize(BM);
     w.qbuf.resize(s.identity ? 0 : BM * D);
+    w.vrun.resize(max_tiles * BN * D);
+    w.poisoned.resize(BM);
     w.cache.kt.resize(D * N);
     w.cache.vp.resize(s.identity ? 0 : N * D);
     for (int64_t task = next_task(); task < ntasks; task = next_task())
-      for (int64_t t = task * tiles_per_task; t < (task + 1) * tiles_per_task; ++t)
-        fwd_query_tile(s, p, q, k, v, out, lse, t / s.nq, t % s.nq, w);
+      for (int64_t t = task * tiles_per_task; t < (task + 1) * tiles_per_task; ++t) {
+        const int64_t bh = t / s.nq, qi = t % s.nq;
+        w.cache.fill(s, k, v, bh, N, D);
+        // a non-finite key may give a -inf score, which the plain path would read as masked
+        const bool careful = !w.cache.k_finite;
+        if (careful) w.cache.find_bad(s, k, v, N, D);
+        if (!fwd_query_tile(s, p, q, k, v, out, lse, bh, qi, w, careful) && !careful) {
+          w.cache.find_bad(s, k, v, N, D);  // a NaN or an infinity came out: redo the tile
+          fwd_query_tile(s, p, q, k, v, out, lse, bh, qi, w, true);
+        }
+      }
   });
 }
 
@@ -276,6 +342,7 @@ struct HeadOperands {
 // query-tile-major dQ pass needs it.
 struct HeadBuffers {
   Buffer qs, qst, k, kt, v, vt, go, got, lse, delta;
+  Buffer in_q, in_k, in_v, in_go, in_out, in_lse, in_glse;  // sanitize_head's copies
   HeadOperands ops{};
 
   void allocate(const Schedule& s, int64_t N, int64_t D, bool need_vt) {
@@ -286,33 +353,86 @@ struct HeadBuffers {
   }
 };
 
+// One head's backward inputs in sequence order (rows (N, D), lse and grad_lse (N,) or null):
+// pointers into the call's inputs, or into sanitize_head's copies.
+struct HeadInputs {
+  const float *q, *k, *v, *go, *out, *lse, *glse;
+};
+
+inline HeadInputs head_inputs(const AttnProblem& p, const BwdInputs& in, int64_t bh) {
+  const int64_t off = bh * p.n * p.d;
+  return {in.q + off, in.k + off, in.v + off, in.go + off, in.out + off, in.lse + bh * p.n,
+          in.grad_lse ? in.grad_lse + bh * p.n : nullptr};
+}
+
+// Head bh has rows the forward output as NaN (lse NaN): rows whose query, or a key or value they
+// may read, holds a NaN or an infinity.
+inline bool head_has_nan_rows(const AttnProblem& p, const BwdInputs& in, int64_t bh) {
+  return !all_finite(in.lse + bh * p.n, p.n);
+}
+
+// Copies of head bh's inputs for a head with NaN rows, in which those rows pass no gradient and
+// nothing non-finite reaches another row: a NaN row gets query, grad_out, out and grad_lse 0 and
+// lse +inf (so its P, dP and dS are exactly 0), and key and value rows holding a NaN or an
+// infinity become 0 (only NaN rows may read them; every other row has them masked, where a
+// GEMM's 0 * NaN would otherwise leak into its dQ, and dP = dO V^T into its masked dS).
+HeadInputs sanitize_head(const AttnProblem& p, const BwdInputs& in, int64_t bh, HeadBuffers& b) {
+  const int64_t N = p.n, D = p.d;
+  const HeadInputs src = head_inputs(p, in, bh);
+  for (Buffer* x : {&b.in_q, &b.in_k, &b.in_v, &b.in_go, &b.in_out}) x->resize(N * D);
+  b.in_lse.resize(N);
+  b.in_glse.resize(N);
+  auto row = [&](const float* from, Buffer& to, int64_t i, bool zero) {
+    if (zero)
+      std::fill(to.data() + i * D, to.data() + (i + 1) * D, 0.f);
+    else
+      std::memcpy(to.data() + i * D, from + i * D, D * sizeof(float));
+  };
+  for (int64_t i = 0; i < N; ++i) {
+    const bool nan_row = !std::isfinite(src.lse[i]);
+    const bool bad_kv = !all_finite(src.k + i * D, D) || !all_finite(src.v + i * D, D);
+    row(src.q, b.in_q, i, nan_row);
+    row(src.go, b.in_go, i, nan_row);
+    row(src.out, b.in_out, i, nan_row);
+    row(src.k, b.in_k, i, bad_kv);
+    row(src.v, b.in_v, i, bad_kv);
+    b.in_lse[i] = nan_row ? std::numeric_limits<float>::infinity() : src.lse[i];
+    b.in_glse[i] = nan_row || !src.glse ? 0.f : src.glse[i];
+  }
+  return {b.in_q.data(), b.in_k.data(), b.in_v.data(), b.in_go.data(), b.in_out.data(), b.in_lse.data(),
+          b.in_glse.data()};
+}
+
+inline HeadInputs checked_head_inputs(const AttnProblem& p, const BwdInputs& in, int64_t bh, HeadBuffers& b) {
+  return head_has_nan_rows(p, in, bh) ? sanitize_head(p, in, bh, b) : head_inputs(p, in, bh);
+}
+
 constexpr int PREP_PARTS = 4;  // q | k | v | grad_out, lse, delta
 
-// Fills part `part` of head bh's operands into b (allocated) and points b.ops at them.
-void prepare_head(const Schedule& s, const AttnProblem& p, const BwdInputs& in, int64_t bh, int part,
-                  HeadBuffers& b) {
-  const int64_t N = p.n, D = p.d, off = bh * N * D;
+// Fills part `part` of a head's operands (inputs `in`) into b (allocated) and points b.ops at them.
+void prepare_head(const Schedule& s, const AttnProblem& p, const HeadInputs& in, int part, HeadBuffers& b) {
+  const int64_t N = p.n, D = p.d;
   const int32_t* perm = s.identity ? nullptr : s.perm.data();
   HeadOperands& h = b.ops;
   switch (part) {
     case 0:
-      gather_head(in.q + off, perm, N, D, b.qs.data(), b.qst.data());
+      gather_head(in.q, perm, N, D, b.qs.data(), b.qst.data());
       h.qs = b.qs.data(), h.qst = b.qst.data();
       break;
     case 1:
-      gather_head(in.k + off, perm, N, D, perm ? b.k.data() : nullptr, b.kt.data());
-      h.k = perm ? b.k.data() : in.k + off, h.kt = b.kt.data();
+      gather_head(in.k, perm, N, D, perm ? b.k.data() : nullptr, b.kt.data());
+      h.k = perm ? b.k.data() : in.k, h.kt = b.kt.data();
       break;
     case 2:
       if (perm || !b.vt.empty())
-        gather_head(in.v + off, perm, N, D, perm ? b.v.data() : nullptr, b.vt.empty() ? nullptr : b.vt.data());
-      h.v = perm ? b.v.data() : in.v + off, h.vt = b.vt.empty() ? nullptr : b.vt.data();
+        gather_head(in.v, perm, N, D, perm ? b.v.data() : nullptr, b.vt.empty() ? nullptr : b.vt.data());
+      h.v = perm ? b.v.data() : in.v, h.vt = b.vt.empty() ? nullptr : b.vt.data();
       break;
     default: {
-      gather_head(in.go + off, perm, N, D, perm ? b.go.data() : nullptr, b.got.data());
-      h.go = perm ? b.go.data() : in.go + off, h.got = b.got.data();
-      const float* lse = in.lse + bh * N;
-      const float* glse = in.grad_lse ? in.grad_lse + bh * N : nullptr;
+      gather_head(in.go, perm, N, D, perm ? b.go.data() : nullptr, b.got.data());
+      h.go = perm ? b.go.data() : in.go, h.got = b.got.data();
+      const float* lse = in.lse;
+      const float* glse = in.glse;
       // rowsum(grad_out * out) rounded as the GEMMs round dP = dO V^T: where a row's softmax is one-hot,
       // out is that key's value row and dS = P (dP - delta) cancels exactly, as it does in PyTorch
       // (any other summation order leaves scale x 1 ulp of dP in dS there)
@@ -324,8 +444,8 @@ void prepare_head(const Schedule& s, const AttnProblem& p, const BwdInputs& in, 
         float acc[R];
         for (int64_t r = 0; r < R; ++r) {
           const int64_t pos = perm ? perm[i0 + std::min(r, nr - 1)] : i0 + std::min(r, nr - 1);
-          g[r] = in.go + off + pos * D;
-          o[r] = in.out + off + pos * D;
+          g[r] = in.go + pos * D;
+          o[r] = in.out + pos * D;
         }
         dots_in_gemm_order<R>(g, o, D, acc);
         for (int64_t r = 0; r < nr; ++r) {
@@ -422,7 +542,8 @@ void sparse_attention_backward(const Schedule& s, const AttnProblem& p, const Bw
       HeadBuffers b;
       b.allocate(s, N, D, /*need_vt=*/false);
       for (int64_t bh = next_task(); bh < p.bh; bh = next_task()) {
-        for (int part = 0; part < PREP_PARTS; ++part) prepare_head(s, p, in, bh, part, b);
+        const HeadInputs hin = checked_head_inputs(p, in, bh, b);
+        for (int part = 0; part < PREP_PARTS; ++part) prepare_head(s, p, hin, part, b);
         std::fill(dqt.begin(), dqt.end(), 0.f);
         const HeadGrads g = grads(bh);
         for (int64_t kj = 0; kj < s.nk; ++kj)
@@ -442,9 +563,11 @@ void sparse_attention_backward(const Schedule& s, const AttnProblem& p, const Bw
   // (key-tile-major) and dQ (query-tile-major) in separate passes.
   std::vector<HeadBuffers> heads(p.bh);
   for (auto& b : heads) b.allocate(s, N, D, /*need_vt=*/true);
+  std::vector<HeadInputs> inputs(p.bh);
+  for (int64_t bh = 0; bh < p.bh; ++bh) inputs[bh] = checked_head_inputs(p, in, bh, heads[bh]);
   parallel_tasks(p.bh * PREP_PARTS, [&](auto next_task) {
     for (int64_t t = next_task(); t < p.bh * PREP_PARTS; t = next_task())
-      prepare_head(s, p, in, t / PREP_PARTS, static_cast<int>(t % PREP_PARTS), heads[t / PREP_PARTS]);
+      prepare_head(s, p, inputs[t / PREP_PARTS], static_cast<int>(t % PREP_PARTS), heads[t / PREP_PARTS]);
   });
   parallel_tasks(p.bh * s.nk, [&](auto next_task) {
     Buffer St(scratch), dPt(scratch), dka(s.bn * D), dva(s.bn * D);

@@ -101,6 +101,21 @@ inline float max_of(const float* x, int64_t n) {
   return reduce_max(m);
 }
 
+// True when no x[i] (i < n) is NaN or an infinity: x - x is 0 for a finite x, NaN otherwise.
+inline bool all_finite(const float* x, int64_t n) {
+  Vec acc(0.f);
+  int64_t i = 0;
+  for (; i + VEC <= n; i += VEC) {
+    const Vec v = Vec::loadu(x + i);
+    acc = acc + (v - v);
+  }
+  if (i < n) {
+    const Vec v = Vec::loadu(x + i, n - i);  // the lanes past n load as 0
+    acc = acc + (v - v);
+  }
+  return !std::isnan(reduce_sum(acc));
+}
+
 // 2^((s - m) * a) for the scores s of one vector, 0 where s == -inf (a masked score); NaN stays NaN.
 inline Vec softmax_numerator(const Vec& s, const Vec& m, const Vec& a) {
   return Vec::blendv(Vec(0.f), exp2((s - m) * a), s != Vec(NEG_INF));  // != is unordered: NaN is live

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,14 @@ def data_fingerprint(root: str | Path) -> str:
     return h.hexdigest()
 
 
+def _read_meta(path: Path) -> Any:
+    """The cache record, or None if missing or unreadable (a cache miss: encode again)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
 def _save_npy(path: Path, array: np.ndarray) -> None:
     tmp = path.with_suffix(".tmp.npy")
     np.save(tmp, array)
@@ -66,7 +75,7 @@ def encode_dataset(dvae, tokenizer, dataset: Dataset, text_len: int, directory: 
     d = Path(directory)
     meta = {"describe": describe, "length": len(dataset), "text_len": text_len}
     meta_path = d / "meta.json"
-    if meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
+    if _read_meta(meta_path) == meta:
         return CodesDataset.load(d)
     if dvae.config.vocab_size > 2 ** 16:
         raise ValueError(f"a codebook of {dvae.config.vocab_size} entries does not fit uint16 codes")
@@ -82,7 +91,21 @@ def encode_dataset(dvae, tokenizer, dataset: Dataset, text_len: int, directory: 
         codes[i:i + len(items)] = dvae.encode(images).cpu().numpy().astype(np.uint16)
         text[i:i + len(items)] = tokenizer.encode([it["caption"] for it in items], text_len=text_len).numpy()
         i += len(items)
+    # the record goes first and comes back last: a run killed in between leaves no record that
+    # could match arrays from two different encodings
+    meta_path.unlink(missing_ok=True)
     _save_npy(d / "codes.npy", codes)
     _save_npy(d / "text.npy", text)
-    meta_path.write_text(json.dumps(meta))
+    tmp = meta_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, meta_path)
+    report_skipped(dataset)
     return CodesDataset.load(d)
+
+
+def report_skipped(dataset: Dataset) -> None:
+    """Print, once data loading is done, the dataset's summary of the files it skipped (datasets
+    with a ``skip_summary()``, e.g. ImageFolderDataset), if any, to stderr."""
+    summary = dataset.skip_summary() if hasattr(dataset, "skip_summary") else None
+    if summary:
+        print(f"data: {summary}", file=sys.stderr, flush=True)

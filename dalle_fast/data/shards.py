@@ -16,7 +16,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from .folder import IMAGE_EXTENSIONS, resize_center_crop
+from .folder import IMAGE_EXTENSIONS, check_image_size, resize_center_crop
 from .shapes import to_rgb
 
 
@@ -81,6 +81,7 @@ def _decode_image(key: str, data: bytes) -> Image.Image | None:
     if "." + key.rsplit(".", 1)[-1].lower() not in IMAGE_EXTENSIONS:
         return None
     img = Image.open(io.BytesIO(data))
+    check_image_size(img)  # before decoding: a huge or absurd image is skipped unread
     img.load()
     return img
 
@@ -89,8 +90,8 @@ def shard_dataset(urls: str | list[str], size: int, shuffle: int = 0, seed: int 
     """Iterable dataset over shards: yields ``{"image": (3, size, size) float, "caption": str, "key": str}``.
 
     ``urls``: brace pattern (``"data/shard-{000000..000009}.tar"``) or a list. ``shuffle``: sample
-    shuffle buffer (0 = file order). Corrupt samples are skipped with a warning
-    (``wds.warn_and_continue``). Shards are split across DDP ranks and DataLoader workers.
+    shuffle buffer (0 = file order). Corrupt samples, and images over the pixel and aspect caps of
+    :func:`~.folder.check_image_size`, are skipped with a warning (``wds.warn_and_continue``). Shards are split across DDP ranks and DataLoader workers.
     """
     def to_item(sample: dict) -> dict:
         return {"image": resize_center_crop(sample["image"], size), "caption": sample["caption"], "key": sample["__key__"]}
