@@ -3,13 +3,15 @@
 Subcommands live in :data:`SUBCOMMANDS`; other modules add theirs with :func:`register_subcommand`
 (``demo`` in :mod:`dalle_fast.demo`)::
 
-    dalle-fast train-vae --preset tiny --steps 2000 --out runs/dvae            # built-in shapes data
+    dalle-fast train-vae --out runs/vae                   # built-in shapes data, the defaults' recipe
     dalle-fast train-vae --preset paper --data /data/images --out runs/dvae     # image folder
     torchrun --nproc-per-node 8 -m dalle_fast.cli train-vae ...                 # DDP
-    dalle-fast train-clip --preset tiny --steps 2000 --out runs/clip --resume auto
-    dalle-fast train --dvae runs/dvae --tokenizer runs/clip/tokenizer.json --out runs/dalle
-    dalle-fast generate "a red circle above a blue square" --checkpoint runs/dalle -n 16 --rerank --clip runs/clip
-    dalle-fast demo --out docs/demo          # everything above on the shapes data, with an accuracy report
+    dalle-fast train-clip --out runs/clip                 # CLIP and the tokenizer (runs/clip/tokenizer.json)
+    dalle-fast train --dvae runs/vae --tokenizer runs/clip/tokenizer.json --out runs/dalle
+    dalle-fast generate "a large red circle in the center" --checkpoint runs/dalle --clip runs/clip --rerank
+    dalle-fast demo --out demo       # everything above on the shapes data, with an accuracy report
+
+Ctrl-C or SIGTERM in training saves the step and prints the command that resumes (``--resume auto``).
 """
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ def add_training_arguments(p: argparse.ArgumentParser, presets: Sequence[str], d
                            default_lr: float, default_steps: int = 1000, default_batch_size: int = 32,
                            preset_help: str = "model size preset") -> None:
     """Options every training subcommand shares (data, schedule, checkpoints, devices). The defaults
-    are each command's recipe for the built-in shapes data on a CPU (README, "Model layer")."""
+    are each command's recipe for the built-in shapes data on a CPU (README, "Train and generate on
+    the built-in shapes data")."""
     p.add_argument("--preset", choices=list(presets), default=default_preset, help=preset_help)
     p.add_argument("--data", type=Path, default=None,
                    help="image folder (name.png + name.txt); default: the built-in shapes dataset")
