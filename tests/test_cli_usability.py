@@ -69,7 +69,9 @@ TRAIN = ["train-vae", "--preset", "tiny", "--image-size", "8", "--shapes-length"
 def _start(out, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "dalle_fast.cli", *TRAIN, "--out", str(out), *extra], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # (a background
+    # job's shell ignores SIGINT, and training leaves an ignored signal ignored)
 
 
 def _wait_for_step(proc, out, step, timeout=120):
@@ -118,6 +120,14 @@ def test_sigterm_and_ctrl_c_save_the_step_and_resume_to_the_same_weights(tmp_pat
         assert torch.equal(value, resumed.model_state[name]), name
     for name, value in straight.optimizer_state["state"][0].items():
         assert torch.equal(torch.as_tensor(value), torch.as_tensor(resumed.optimizer_state["state"][0][name])), name
+
+
+@pytest.fixture(autouse=True)
+def _sigint_handled():
+    """Python's own SIGINT handler, also where the test run inherited SIGINT ignored (a background job)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 def test_a_second_signal_aborts_at_once():

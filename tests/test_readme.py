@@ -45,7 +45,8 @@ def commands() -> list[list[str]]:
 
 
 def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DALLE_FAST_SKIP_SETUP",
+                                                             "DALLE_FAST_VENV", "TORCH_SPEC")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     return {**env, "OMP_NUM_THREADS": "1", **extra}
 
