@@ -25,6 +25,7 @@ full static cache per row, text duplicated, and masked dense attention over the 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -373,6 +374,21 @@ def check_compatible(model: DALLE, dvae, tokenizer, clip=None) -> None:
 
 
 @torch.no_grad()
+def _warn_unknown_words(tokenizer, captions: Sequence[str]) -> None:
+    """One :class:`~dalle_fast.tokenizer.UnknownWordsWarning` for all captions with words the
+    tokenizer splits into pieces (typically words the training captions never held)."""
+    from .tokenizer import UnknownWordsWarning
+    found = {}
+    for caption in dict.fromkeys(captions):
+        words = tokenizer.unknown_words(caption) if hasattr(tokenizer, "unknown_words") else []
+        if words:
+            found[caption] = words
+    if found:
+        warnings.warn("; ".join(f"caption {c!r}: {', '.join(map(repr, w))}" for c, w in found.items())
+                      + (" -- not in the tokenizer's vocabulary as whole words (the training captions did not hold "
+                         "them), so the model has likely not learned them"), UnknownWordsWarning, stacklevel=3)
+
+
 def generate_images(model: DALLE, dvae, tokenizer, captions: str | Sequence[str], num_images: int = 16, *,
                     clip=None, batch_size: int | None = None, **kwargs) -> Generation:
     """Captions -> images, reranked by ``clip`` when given.
@@ -398,6 +414,7 @@ def generate_images(model: DALLE, dvae, tokenizer, captions: str | Sequence[str]
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {type(seed).__name__}")
     text = tokenizer.encode(captions, text_len=model.config.text_len - 1)  # ValueError if one is empty
+    _warn_unknown_words(tokenizer, captions)
     chunk = batch_size or num_images
     dev = model.head.weight.device
     parts = []

@@ -33,6 +33,10 @@ class TruncationWarning(UserWarning):
     """Some captions were longer than ``text_len`` tokens and were cut."""
 
 
+class UnknownWordsWarning(UserWarning):
+    """A caption holds words the tokenizer has no token for (see :meth:`Tokenizer.unknown_words`)."""
+
+
 def _hf_tokenizer() -> HFTokenizer:
     tok = HFTokenizer(models.BPE())
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
@@ -82,6 +86,10 @@ class Tokenizer:
                                       special_tokens=[])
         hf.train_from_iterator(checked(), trainer=trainer)
         return cls(hf, text_len)
+
+    def with_text_len(self, text_len: int) -> "Tokenizer":
+        """The same BPE model with ``text_len`` positions (and so ``text_len`` padding tokens)."""
+        return type(self)(self._hf, text_len)
 
     def fingerprint(self) -> str:
         """SHA-256 of the whole BPE model and the text length: tokenizers with the same sizes but
@@ -143,6 +151,19 @@ class Tokenizer:
             if not row:
                 raise ValueError(f"texts[{i}] = {texts[i]!r} tokenizes to nothing")
         return ids
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of ``text`` that have no token of their own in the BPE vocabulary (with or
+        without a leading space) and are split into pieces: words the training captions did not
+        hold often enough, so a model trained on them has not learned them."""
+        unknown = []
+        for piece, _ in self._hf.pre_tokenizer.pre_tokenize_str(self.normalize(text)):
+            bare = piece.lstrip("\u0120")  # the byte-level alphabet's space
+            if len(bare) > 1 and all(self._hf.token_to_id(p) is None for p in (bare, "\u0120" + bare)):
+                word = self._hf.decoder.decode([bare])
+                if word not in unknown:
+                    unknown.append(word)
+        return unknown
 
     def encode(self, texts: str | Sequence[str], text_len: int | None = None, *,
                return_truncated: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[int]]:

@@ -23,6 +23,9 @@ import json
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -234,6 +237,7 @@ class Trainer:
                 self.dataset.set_epoch(epoch)
             loader = DataLoader(self.dataset, batch_sampler=[self.local_indices(s) for s in range(step, end)],
                                 collate_fn=self.collate_fn, num_workers=self.config.num_workers,
+                                worker_init_fn=_ignore_interrupts if self.config.num_workers else None,
                                 pin_memory=self.device.type == "cuda",
                                 generator=torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch))
             for batch in loader:
@@ -290,6 +294,8 @@ class Trainer:
             warnings.warn(f"{where} holds no optimizer state: AdamW starts from zero moments, so this run will "
                           "not match an uninterrupted one", stacklevel=2)
         self.step = ck.step
+        if self.rank == 0:
+            print(f"resuming from {ck.path} (step {ck.step} of {self.config.steps})", flush=True)
         saved = (ck.meta.get("extra") or {}).get("train_config") or {}
         for key in ("seed", "batch_size"):
             if key in saved and saved[key] != getattr(self.config, key):
@@ -429,6 +435,18 @@ class Trainer:
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.use_bf16
                     else contextlib.nullcontext())
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        stop = _StopOnSignal(announce=self.rank == 0)
+        with stop, contextlib.closing(bar):
+            self._loop(model, bar, autocast, params, history, stop)
+        if self.rank == 0:
+            report_skipped(self.dataset)
+        self.history.extend(history)
+        if stop.signum is not None and self.step < cfg.steps:
+            raise TrainingInterrupted(stop.signum, self.step, stop.checkpoint)
+        return history
+
+    def _loop(self, model, bar, autocast, params, history, stop: "_StopOnSignal") -> None:
+        cfg = self.config
         t0, images0 = time.perf_counter(), 0
         for step, batch in self._batches(self.step):
             lr = lr_at(step, cfg)
@@ -460,13 +478,73 @@ class Trainer:
                     self.out_dir.mkdir(parents=True, exist_ok=True)
                     with open(self.out_dir / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(record) + "\n")
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                self.save()
-        bar.close()
-        if self.rank == 0:
-            report_skipped(self.dataset)
-        self.history.extend(history)
-        return history
+            saved = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
+            if saved:
+                path = self.save()
+            if self._stop_requested(stop) and self.step < cfg.steps:
+                stop.checkpoint = path if saved else self.save()  # (every rank calls save, or none)
+                return
+
+    def _stop_requested(self, stop: "_StopOnSignal") -> bool:
+        """Whether a stop signal arrived (on any rank: all ranks stop after the same step)."""
+        if self.world > 1:
+            flag = torch.tensor([stop.signum or 0], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and stop.signum is None:
+                stop.signum = int(flag.item())
+        return stop.signum is not None
+
+
+# -- interrupts ------------------------------------------------------------------------------------
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGINT or SIGTERM after finishing a step and writing its checkpoint
+    (``checkpoint``: its JSON path; None without an ``out_dir``). ``exit_code`` is the shell's
+    convention for the signal (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.exit_code = 128 + signum
+        where = f"checkpoint {checkpoint}" if checkpoint is not None else "no checkpoint (no out_dir)"
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; {where}")
+
+
+class _StopOnSignal:
+    """While active (in the main thread): the first SIGINT or SIGTERM only records ``signum`` (the
+    loop finishes its step, saves and stops); a second one raises KeyboardInterrupt at once. Signals
+    the process ignores (``SIG_IGN``, e.g. under ``nohup``) stay ignored."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce: bool = True) -> None:
+        self.signum: int | None = None
+        self.checkpoint: Path | None = None
+        self.announce = announce
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        if self.announce:  # os.write: no lock that the interrupted code might hold
+            os.write(sys.stderr.fileno(), f"\n{signal.Signals(signum).name}: finishing this step and saving a "
+                     "checkpoint (Ctrl-C again to abort without saving)\n".encode())
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT to the main process, which finishes its step and saves."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # -- model-specific entry points ------------------------------------------------------------------

@@ -4,8 +4,10 @@
 #
 #   bash scripts/setup.sh [VENV_DIR]          default .venv
 #
-# Environment: TORCH_SPEC (default torch==2.14.1), DALLE_FAST_EDITABLE=1 for an editable install,
-# MAX_JOBS (parallel compile jobs), DALLE_FAST_SKIP_CUDA=1 (CPU only).
+# Environment: TORCH_SPEC (default torch==2.14.1: pip arguments, so on a machine without a GPU
+# TORCH_SPEC="torch==2.14.1 --index-url https://download.pytorch.org/whl/cpu" takes the CPU wheel),
+# DALLE_FAST_EDITABLE=1 for an editable install, MAX_JOBS (parallel compile jobs),
+# DALLE_FAST_SKIP_CUDA=1 (CPU only).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$(realpath -m "${1:-$root/.venv}")"  # absolute: used after cd below
@@ -16,7 +18,8 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 pip=("$venv/bin/python" -m pip)
 "${pip[@]}" install -q --upgrade pip setuptools wheel ninja
-"${pip[@]}" install -q "${TORCH_SPEC:-torch==2.14.1}"
+read -ra torch_spec <<< "${TORCH_SPEC:-torch==2.14.1}"  # (split: it may carry --index-url URL)
+"${pip[@]}" install -q "${torch_spec[@]}"
 "${pip[@]}" install -q -r "$root/requirements.txt"
 # OpenAI's dVAE modules (converter test); --no-deps: its metadata pins torch/torchvision
 "${pip[@]}" install -q --no-deps "dall-e==0.1" || echo "note: dall-e not installed; the converter tests will skip"

@@ -22,7 +22,7 @@ def test_cli_train_and_generate(tmp_path, capsys):
     assert codes.dtype == np.uint16 and codes.shape == (12, 8, 8)
     mtime = (tmp_path / "dalle" / "codes" / "codes.npy").stat().st_mtime_ns
     model = ck.load_model(tmp_path / "dalle")
-    assert isinstance(model, DALLE) and model.config.image_size == 8 and model.config.image_vocab == 512
+    assert isinstance(model, DALLE) and model.config.image_size == 8 and model.config.image_vocab == 128  # demo dVAE
     # resume: the cached codes are reused, training continues from step 2
     assert main(train[:train.index("--steps") + 1] + ["3"] + train[train.index("--steps") + 2:]
                 + ["--resume", "auto"]) == 0
@@ -34,8 +34,10 @@ def test_cli_train_and_generate(tmp_path, capsys):
                  "--rerank", "--clip", str(tmp_path / "clip"), "--out", str(out), "--no-progress",
                  "--device", "cpu", "--cfg-scale", "2"]) == 0
     assert "best CLIP score" in capsys.readouterr().out
-    assert Image.open(out / "grid.png").size == (2 + 2 * 34, 2 + 2 * 34)  # 2x2 grid of 32 px images
-    assert Image.open(out / "top.png").size == (36, 36)
+    assert Image.open(out / "grid-1x.png").size == (2 + 2 * 34, 2 + 2 * 34)  # 2x2 grid of 32 px images
+    assert Image.open(out / "top-1x.png").size == (36, 36)
+    assert Image.open(out / "grid.png").size == (4 * 70, 4 * 70)  # viewable: 32 px -> 128 px, nearest neighbour
+    assert Image.open(out / "top.png").size == (4 * 36, 4 * 36)
     # clear errors, no traceback
     assert main(["generate", "x", "--checkpoint", str(tmp_path / "nothing")]) == 2
     assert main(["generate", "x", "--checkpoint", str(tmp_path / "clip")]) == 2  # not a transformer

@@ -26,8 +26,9 @@ def test_demo_quick_writes_report(tmp_path, capsys):
     assert results["timings_s"]["total_s"] > 0 and results["machine"]["cores"] >= 1
     for name in ("seen_reranked.png", "heldout_reranked.png"):
         assert name in report
-        w, h = Image.open(out / name).size  # 32 candidates of 32 px per row, one row per caption (2)
-        assert (w, h) == (2 + 32 * 34, 2 + 2 * 34)
+        w, h = Image.open(out / name.replace(".png", "-1x.png")).size  # 32 candidates of 32 px per row,
+        assert (w, h) == (2 + 32 * 34, 2 + 2 * 34)  # one row per caption (2)
+        assert Image.open(out / name).size == (4 * w, 4 * h)  # the viewable copy: 32 px -> 128 px
 
 
 def test_demo_rejects_bad_arguments(tmp_path, capsys):

@@ -135,7 +135,7 @@ class DALLEConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "DALLEConfig":
-        """``tiny`` (CPU demo: text 16, 8x8 image tokens from the tiny dVAE, 4 layers of width 128),
+        """``tiny`` (CPU demo: text 16, 8x8 image tokens from the tiny dVAE, 4 layers of width 192),
         ``small`` (the paper's sequence shape, text 256 + 32x32 image tokens, 8 layers of width 256),
         ``paper`` (64 layers, 62 heads of 64, width 3968: defined, not trained here)."""
         if name not in DALLE_PRESETS:
@@ -155,7 +155,7 @@ class DALLEConfig:
 
 
 DALLE_PRESETS: dict[str, DALLEConfig] = {
-    "tiny": DALLEConfig(text_vocab=512, image_vocab=512, text_len=16, image_size=8, dim=128, depth=4, heads=4,
+    "tiny": DALLEConfig(text_vocab=512, image_vocab=512, text_len=16, image_size=8, dim=192, depth=4, heads=6,
                         dim_head=32),
     "small": DALLEConfig(text_vocab=16384, image_vocab=8192, text_len=256, image_size=32, dim=256, depth=8, heads=4,
                          dim_head=64),
