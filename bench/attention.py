@@ -472,13 +472,18 @@ _KERNEL_GEMMS = {"fwd": 2, "dkdv": 4, "dq": 3}
 def l2_traffic(kernel: str, table, head_dim: int, elem_bytes: int, bh: int, flat: int = 0) -> int:
     """Bytes one launch of a Triton kernel moves between L2 and the SMs, from its tile table (a
     model: every tile counted once per program that loads it, nothing served from L1; reads and
-    writes, in-range rows only; table and index loads left out).
+    writes, in-range rows only; table and index loads left out): the sum of :func:`l2_reads_writes`.
 
     fwd: q once per query tile (per pair in the flat forward, which reloads it), K and V per pair,
     out and lse written once. dq: q, dO, O and lse per query tile, K and V per pair, dq and delta
     written. dkdv: K and V per key tile, q, dO, lse and delta per pair, dK and dV written. Set next
     to a kernel's time (``l2_tbs`` in the tuning table) it says whether the kernel runs near what
     L2 delivers (an H100's ~5.5-7 TB/s in published microbenchmarks)."""
+    return sum(l2_reads_writes(kernel, table, head_dim, elem_bytes, bh, flat))
+
+
+def l2_reads_writes(kernel: str, table, head_dim: int, elem_bytes: int, bh: int, flat: int = 0) -> tuple:
+    """``(read, written)`` bytes of one launch of ``kernel`` as :func:`l2_traffic` models it."""
     n, bm, bn = table.seq_len, table.block_m, table.block_n
     rows = torch.clamp(n - torch.arange(table.num_q_tiles) * bm, max=bm)  # in-range rows per query tile
     cols = torch.clamp(n - torch.arange(table.num_k_tiles) * bn, max=bn)  # and per key tile
@@ -487,14 +492,14 @@ def l2_traffic(kernel: str, table, head_dim: int, elem_bytes: int, bh: int, flat
     pair_cols = int(cols[table.col_idx.long()].sum())  # key rows over all pairs
     q_rows, k_rows, row, f32 = int(rows.sum()), int(cols.sum()), head_dim * elem_bytes, 4
     if kernel == "fwd":
-        moved = (pair_rows if flat else q_rows) * row + 2 * pair_cols * row + q_rows * (row + f32)
+        read, written = (pair_rows if flat else q_rows) * row + 2 * pair_cols * row, q_rows * (row + f32)
     elif kernel == "dq":
-        moved = q_rows * (3 * row + f32) + 2 * pair_cols * row + q_rows * (row + f32)
+        read, written = q_rows * (3 * row + f32) + 2 * pair_cols * row, q_rows * (row + f32)
     elif kernel == "dkdv":
-        moved = 2 * k_rows * row + pair_rows * (2 * row + 2 * f32) + 2 * k_rows * row
+        read, written = 2 * k_rows * row + pair_rows * (2 * row + 2 * f32), 2 * k_rows * row
     else:
         raise ValueError(f"kernel must be one of fwd, dq, dkdv, got {kernel!r}")
-    return bh * moved
+    return bh * read, bh * written
 
 
 def write_tuning_log(path, bh, text_len, image_size, quiet=False):

@@ -224,6 +224,40 @@ def test_schedule_model():
         assert 1.0 <= r["o1"] <= r["o0"], r
 
 
+def test_forward_l2_model_old_and_new_tiles():
+    """bench/schedule_model.py's L2 bytes per forward at the default GPU shape (bfloat16, B*H = 8 x 16,
+    D = 64, text 256 + 32 x 32): hand counts of the row tables, the portable forward equal to the
+    tuning table's model (262.8 MB in all, the figure the 128-row design is measured against) and
+    the Hopper forward's 128-row query tiles at or under 180 MB read; printed by the script."""
+    spec = importlib.util.spec_from_file_location("schedule_model", BENCH / "schedule_model.py")
+    sm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sm)
+    from dalle_fast import Layout
+
+    layout, bh, row_bytes = Layout("row", 256, 32), 128, 64 * 2
+    written = bh * 1280 * (row_bytes + 4)  # out and the float32 lse, once per query row
+    # 64 x 64: 105 (query tile, key tile) pairs (test_tuning_log_table); 128 x 64: 10 query tiles,
+    # text tiles 2 + 4 pairs, the first image tile 4 text + 2 image, the other 7 each 4 text + the
+    # key tile holding its first row - 32 + its own 2: 2 + 4 + 6 + 7 * 7 = 61
+    old = sm.forward_l2(layout, 1280, bh, 64, 64, 64)
+    new = sm.forward_l2(layout, 1280, bh, 64, 128, 64)
+    assert (old["pairs"], new["pairs"]) == (105, 61)
+    for r, pairs in ((old, 105), (new, 61)):
+        assert r["written"] == written
+        assert r["read"] == bh * (1280 * row_bytes + 2 * pairs * 64 * row_bytes)  # q once, K and V per pair
+    bench = _bench_attention()
+    table = layout.tile_table(1280, 64, 64)
+    assert old["total"] == bench.l2_traffic("fwd", table, 64, 2, bh) == 262_799_360
+    wide = sm.forward_l2(layout, 1280, bh, 64, 128, 128)
+    assert new["read"] <= 180e6 and wide["read"] <= 180e6 and new["total"] <= 180e6, (new, wide)
+    assert new["total"] < 0.65 * old["total"]
+    out = _run("schedule_model.py", "--kinds", "row", "--bh", "128")
+    lines = {tuple(ln.split()[:3]): ln.split() for ln in out.splitlines() if ln.startswith("row ")}
+    assert lines[("row", "portable", "64x64")][3:7] == ["105", "241.2", "21.6", "262.8"], out
+    assert lines[("row", "hopper", "128x64")][3:7] == ["61", "148.9", "21.6", "170.5"], out
+    assert ("row", "hopper", "128x128") in lines and "us @ 5.5 TB/s" in out
+
+
 _TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 _NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a CUDA device")
 # small valid arguments the bad one is appended to (argparse keeps the last value of a flag), so
@@ -263,6 +297,8 @@ _BAD_ARGS = [  # (script, flag named in the error, the bad arguments)
     ("schedule_model.py", "--text-len", ["--text-len", "0"]),
     ("schedule_model.py", "--kinds", ["--kinds", "row,foo"]),
     ("schedule_model.py", "--overhead", ["--overhead", "nan"]),
+    ("schedule_model.py", "--l2-tbs", ["--l2-tbs", "0"]),
+    ("schedule_model.py", "--head-dim", ["--head-dim", "0"]),
     pytest.param("kernel_resources.py", "--kinds", ["--kinds", "foo"], marks=_TRITON),
     pytest.param("kernel_resources.py", "--dtypes", ["--dtypes", "foo"], marks=_TRITON),
     pytest.param("kernel_resources.py", "--head-dims", ["--head-dims", "48"], marks=_TRITON),
