@@ -498,6 +498,8 @@ _SMALL = {
     "sampling.py": ["--quick"],
     "generate.py": ["--preset", "tiny", "--modes", "sparse", "--batch", "1", "-n", "1", "--repeat", "1"],
     "l2_bandwidth.py": ["--device", "cpu", "--sizes-mb", "0.1"],
+    "ncu_forward.py": ["--kinds", "row", "--batch", "1", "--heads", "1"],
+    "gpu_decide.py": ["--dir", "."],
 }
 _BAD_ARGS = [  # (script, flag named in the error, the bad arguments)
     ("attention.py", "--batch", ["--batch", "0"]),
@@ -542,6 +544,11 @@ _BAD_ARGS = [  # (script, flag named in the error, the bad arguments)
     ("generate.py", "--device", ["--device", "cuda:7"]),
     ("l2_bandwidth.py", "--sizes-mb", ["--sizes-mb", "nan"]),
     ("l2_bandwidth.py", "--sizes-mb", ["--sizes-mb", "0.1,inf"]),
+    ("ncu_forward.py", "--paths", ["--paths", "hopper,foo"]),
+    ("ncu_forward.py", "--kinds", ["--kinds", "row,foo"]),
+    ("ncu_forward.py", "--batch", ["--batch", "0"]),
+    pytest.param("ncu_forward.py", "--device cuda", [], marks=_NO_CUDA),
+    ("gpu_decide.py", "--dir", ["--dir", "no-such-folder"]),
 ]
 
 
@@ -550,6 +557,8 @@ def test_bench_scripts_refuse_bad_arguments(script, flag, bad, tmp_path):
     """A bad command-line argument ends in argparse's error (exit code 2, one line naming the flag),
     not in a traceback, a run on a default in its place, or a run that reports nonsense."""
     out = [] if script in ("schedule_model.py", "kernel_resources.py") else ["--out", str(tmp_path / "out")]
+    if script == "gpu_decide.py":  # its --out is a file
+        out = ["--out", str(tmp_path / "out" / "decide.json")]
     r = subprocess.run([sys.executable, str(BENCH / script), *_SMALL[script], *out, *bad], env=_env(),
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 2, f"rc={r.returncode}\n" + r.stdout[-2000:] + r.stderr[-2000:]
@@ -709,3 +718,76 @@ def test_flex_counts_the_in_range_part_of_its_blocks():
         assert pairs == expect, (block, pairs, expect)
     assert expect < N * N  # the count is not the dense one
 
+
+def _attention_json(path, rows, missing=()):
+    path.mkdir(parents=True)
+    meta = dict(machine="NVIDIA H100 80GB HBM3", torch="2.x", dtype="torch.bfloat16", batch=8, heads=16, head_dim=64,
+                missing=[list(m) for m in missing])
+    (path / "attention_cuda.json").write_text(json.dumps(dict(meta=meta, rows=rows)))
+
+
+def test_gpu_decide_table(tmp_path):
+    """bench/gpu_decide.py, the GPU check's deciding table, from files as the check's steps write them
+    (made up here, no GPU): kernel-only us of both Triton paths per kind and mode against SDPA causal
+    and the fastest Flex (from another step's file), equal work on the causal mask, the backward
+    split, the targets of each path, L2 bandwidth, ncu's metrics labelled with the launch order."""
+    def r(kind, mode, provider, kernel_ms, ms=1.0, rate=None, split=None):
+        return dict(row(kind, mode, provider, ms, 1.0, kernel_ms, rate), kernel_split=split)
+
+    _attention_json(tmp_path / "decide_kernels", [
+        r("row", "fwd", "dalle_fast[portable]", 0.075, rate=188.0), r("row", "fwd", "dalle_fast[hopper]", 0.035, rate=310.0),
+        r("row", "fwd", "sdpa_causal", 0.0847),
+        r("row", "bwd", "dalle_fast[portable]", 0.3, split={"_attn_bwd_dkdv": 200.0, "_attn_bwd_dq": 100.0}),
+        r("row", "bwd", "dalle_fast[hopper]", 0.2, split={"_bwd_fused": 190.0, "_bwd_delta": 10.0}),
+        r("full", "fwd", "dalle_fast[portable]", 0.12, rate=232.0), r("full", "fwd", "dalle_fast[hopper]", 0.04, rate=400.0),
+        r("full", "fwd", "sdpa_causal", 0.085),
+    ], missing=[("col", "fwd", "dalle_fast[hopper]")])
+    _attention_json(tmp_path / "decide_baselines", [
+        r("row", "fwd", "flex128", 0.09), r("row", "fwd", "flex64", 0.07), r("row", "bwd", "flex128", 0.4),
+        r("full", "fwd", "flex128", 0.1),
+    ])
+    (tmp_path / "l2_bandwidth.json").write_text(json.dumps(dict(l2_cache_mib=50.0, rows=[
+        dict(size_mb=8.0, method="triton read", gbps=5800.0), dict(size_mb=8.0, method="torch.sum", gbps=900.0),
+        dict(size_mb=32.0, method="triton read", gbps=6100.0), dict(size_mb=1024.0, method="triton read", gbps=3200.0)])))
+    head = '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size",' \
+           '"Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"'
+
+    def metric(i, kernel, name, unit, value):
+        return f'"{i}","99","python","h","{kernel}","1","7","(384, 1, 1)","(132, 1, 1)","0","9.0","S","{name}","{unit}","{value}"'
+    (tmp_path / "ncu_forward.csv").write_text("\n".join([
+        "==PROF== Connected to process 99", head, metric(0, "_fwd_hopper", "Duration", "us", "35.10"),
+        metric(0, "_fwd_hopper", "Compute (SM) Throughput", "%", "71.2"), metric(0, "_fwd_hopper", "SM Frequency", "Ghz", "1.7"),
+        metric(1, "_attn_fwd", "Duration", "us", "75.00"), metric(1, "_attn_fwd", "Registers Per Thread", "register/thread", "168"),
+        "==PROF== Disconnected from process 99"]))
+    (tmp_path / "ncu_forward.json").write_text(json.dumps(dict(launches=[dict(path="hopper", kind="row"),
+                                                                         dict(path="portable", kind="row")])))
+    out = _run("gpu_decide.py", "--dir", str(tmp_path))
+    lines = out.splitlines()
+    table = {tuple(ln.split()[:2]): ln.split() for ln in lines if ln.startswith(("row ", "full "))}
+    # kind mode portable hopper new/old sdpa_causal flex(us name) new-vs-sdpa new-vs-flex old-vs-sdpa old-vs-flex
+    assert table[("row", "fwd")] == ["row", "fwd", "75.0", "35.0", "0.47x", "84.7", "70.0", "flex64", "2.42x", "2.00x",
+                                     "1.13x", "0.93x"], out
+    assert table[("row", "bwd")][2:5] == ["300.0", "200.0", "0.67x"] and table[("row", "bwd")][6:8] == ["400.0", "flex128"]
+    assert table[("full", "fwd")][8] == "2.12x"
+    assert "# equal work (full = causal mask, as SDPA is_causal=True) fwd: hopper 2.12x, portable 0.71x SDPA's speed" in out
+    assert "# bwd split dalle_fast[hopper] row (us): _bwd_fused 190.0, _bwd_delta 10.0" in out
+    assert "# L2 read bandwidth: 6.10 TB/s from L2 (triton read, 32 MB buffer); 3.20 TB/s from HBM (1024 MB)" in out
+    assert "# ncu hopper row _fwd_hopper: Duration 35.10 us, Compute (SM) Throughput 71.2 %" in out
+    assert "# ncu portable row _attn_fwd: Duration 75.00 us, Registers Per Thread 168 register/thread" in out
+    hopper = lines[lines.index("# targets of dalle_fast[hopper] (value met / NOT / ? unchecked)") + 1:]
+    assert hopper[0].split() == ["target", "goal", "row", "col", "full"]
+    flex_line = next(ln for ln in hopper if ln.startswith("fwd vs Flex, kernel"))
+    # row 0.07 / 0.035, col unchecked (hopper's col forward was asked for, not measured), full 0.1 / 0.04
+    assert flex_line.split()[-6:] == ["2.00", "met", "-", "?", "2.50", "met"], flex_line
+    tflops = next(ln for ln in hopper if ln.startswith("fwd TFLOP/s, kernel"))
+    assert tflops.split()[-6:] == ["310.00", "met", "-", "?", "400.00", "met"], tflops  # col: hopper fwd missing
+    decide = json.loads((tmp_path / "decide.json").read_text())
+    assert len(decide["inputs"]) == 2 and [k["kernel"] for k in decide["ncu"]] == ["_fwd_hopper", "_attn_fwd"]
+    assert decide["kernel_only"][0] == dict(kind="row", mode="fwd", old_us=75.0, new_us=35.0, new_over_old=0.467,
+                                            sdpa_causal_us=84.7, flex_us=70.0, flex="flex64", new_vs_sdpa=2.42,
+                                            new_vs_flex=2.0, old_vs_sdpa=1.129, old_vs_flex=0.933, profiler=False)
+    assert decide["missing"] == [["col", "fwd", "dalle_fast[hopper]"]]
+    # ncu without permission for the counters: a note, no metrics
+    (tmp_path / "ncu_forward.csv").write_text("==ERROR== ERR_NVGPUCTRPERM - The user does not have permission\n")
+    out = _run("gpu_decide.py", "--dir", str(tmp_path))
+    assert "# ncu speed-of-light: ncu: no permission to read the GPU's performance counters (ERR_NVGPUCTRPERM)" in out
