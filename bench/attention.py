@@ -258,7 +258,8 @@ class Case(NamedTuple):
 
 def prepare_case(provider, layout, mode, B, H, N, D, dtype, device) -> Case:
     """The :class:`Case` of one call of ``mode``; a dalle_fast row's calls (the retained forward
-    included) run on its Triton path."""
+    included) run on its Triton path (the context manager's enter and exit are part of the time
+    through the op)."""
     attn, pairs = make_provider(provider, layout, B, H, N, D, dtype, device)
     context = path_context(provider) if path_of(provider) else None
     gen = torch.Generator(device="cpu").manual_seed(0)
