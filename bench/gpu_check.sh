@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
-# GPU check of dalle_fast on a fresh GPU machine (torch, triton, nvcc; no internet needed):
-#   1. environment (GPU, driver, versions)       4. bench/decode.py / bench/sampling.py --quick (if present)
-#   2. build dalle_fast._C in place (CUDA)       5. GPU tests, one pytest run per test file
-#   3. bench/attention.py --device cuda (bf16),  6. bench/kernel_resources.py (static, this Triton)
-#      bench/host_overhead.py --device cuda,      7. summary table (last)
-#      bench/l2_bandwidth.py --device cuda
-# The benchmarks run before the tests so that their numbers come in even when the tests use up the
-# budget (the tests then reuse the kernels the benchmark compiled, from Triton's cache).
+# GPU check of dalle_fast on a fresh GPU machine (torch, triton, nvcc; no internet needed).
+#
+# Part 1, the deciding run, first and in priority order, so that its first minutes answer the
+# questions about the Triton kernels (old: the portable path; new: the hopper path):
+#   env              GPU, driver, versions
+#   build_cpu        the CPU extension only (what `import dalle_fast` needs; skipped when it imports)
+#   decide_kernels   bench/attention.py: kernel-only (CUDA graph) and through-the-op time of both
+#                    Triton paths, forward and backward, per kind (row, col, conv, full = the plain
+#                    causal mask, equal work with SDPA is_causal=True), SDPA causal, and the time per
+#                    kernel of each dalle_fast row (--kernel-split: the backward split)
+#   decide_baselines bench/attention.py: compiled FlexAttention (block 128, 64), SDPA + mask,
+#                    flash_attn, xformers, kernel-only and through the op
+#   decide_l2        bench/l2_bandwidth.py: read bandwidth from L2 and HBM
+#   decide_ncu       Nsight Compute speed-of-light of the forward kernels (bench/ncu_forward.py), when
+#                    ncu is found ($NCU, PATH, /usr/local/cuda/bin); skipped with the reason otherwise
+#   decide_summary   bench/gpu_decide.py: the deciding table, $OUT/decide.json
+# Part 2, the rest: build with the CUDA sources, import, bench/attention.py forward + backward
+# through the op, bench/host_overhead.py, bench/decode.py / bench/sampling.py --quick (if present),
+# the GPU tests (one pytest run per file), bench/kernel_resources.py (static, this Triton).
+# Last: the benchmark CSVs, the step table, and the deciding table again (with what part 2 added).
 # Every step runs under `timeout`, a failed step does not stop the others, and the script exits
 # non-zero if any step failed. The whole run is capped at DALLE_FAST_CHECK_BUDGET seconds (default
-# 460, under 8 minutes on one H100). Logs and benchmark outputs go to ${OUT:-bench/out}.
+# 460, under 8 minutes on one H100 or H200); steps that find the budget spent are skipped. Logs and
+# outputs (JSON, CSV) go to ${OUT:-bench/out}.
 #
-#   bash bench/gpu_check.sh                 # PYTHON=/path/to/python to pick an interpreter
+#   bash bench/gpu_check.sh                 # PYTHON=/path/to/python to pick an interpreter, NCU=/path/to/ncu
 set -u -o pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,11 +38,14 @@ export MAX_JOBS="${MAX_JOBS:-16}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET DALLE_FAST_BACKEND DALLE_FAST_SKIP_CUDA DALLE_FAST_TUNING_CACHE DALLE_FAST_TRITON_AUTOTUNE
-# a fresh tuning cache, so that the benchmark times every candidate (its tuning table); the tests
-# use private ones (tests/conftest.py)
+unset TRITON_INTERPRET DALLE_FAST_BACKEND DALLE_FAST_SKIP_CUDA DALLE_FAST_TUNING_CACHE DALLE_FAST_TRITON_AUTOTUNE \
+  DALLE_FAST_TRITON_PATH
+# a fresh tuning cache, so that the benchmark times every candidate (its tuning table); the later
+# steps reuse what the deciding run tuned; the tests use private ones (tests/conftest.py)
 export DALLE_FAST_CACHE_DIR="$OUT/tuning-cache"
 rm -rf "$DALLE_FAST_CACHE_DIR"
+# the problem every attention step measures: bfloat16, B=8, H=16, D=64, text 256 + 32 x 32 (N=1280)
+SHAPE=(--device cuda --dtype bfloat16 --batch 8 --heads 16 --head-dim 64 --kinds row,col,conv,full)
 
 T0=$(date +%s)
 NAMES=()
@@ -79,31 +95,60 @@ skip() {  # skip NAME REASON
   echo "=== $1: skipped ($2)"
 }
 
-# 1. environment --------------------------------------------------------------------------------
+# ===== part 1: the deciding run =================================================================
 step env 60 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvcc --version | tail -n 2; \
   $PY -c 'import sys, torch, triton; print(\"python\", sys.version.split()[0]); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda); print(\"triton\", triton.__version__); print(\"gpu\", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))'"
 
-# 2. build ----------------------------------------------------------------------------------------
+# the deciding run needs torch, triton and an importable dalle_fast: the CPU extension builds in a
+# fraction of the full build's time (part 2 rebuilds it with the CUDA sources)
+if "$PY" -c "import dalle_fast._C" >/dev/null 2>&1; then
+  skip build_cpu "dalle_fast._C imports"
+else
+  step build_cpu 150 env DALLE_FAST_SKIP_CUDA=1 "$PY" setup.py build_ext --inplace
+fi
+
+step decide_kernels 150 "$PY" bench/attention.py "${SHAPE[@]}" --modes fwd,bwd --providers dalle_fast,sdpa_causal \
+  --triton-path portable,hopper --kernel-split --out "$OUT/decide_kernels"
+step decide_baselines 120 "$PY" bench/attention.py "${SHAPE[@]}" --modes fwd,bwd \
+  --providers flex128,flex64,sdpa_mask,flash_attn,xformers --out "$OUT/decide_baselines"
+step decide_l2 40 "$PY" bench/l2_bandwidth.py --device cuda --out "$OUT/l2_bandwidth.json"
+
+# Nsight Compute: speed-of-light and launch statistics of one forward per (path, kind), the new
+# (hopper) kernels first
+NCU="${NCU-auto}"
+if [[ "$NCU" == auto ]]; then
+  NCU="$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)"
+fi
+if [[ -z "$NCU" || ! -x "$NCU" ]]; then
+  skip decide_ncu "ncu not found"
+else
+  rm -f "$OUT/ncu_forward.csv"
+  SAVED_FAILED=$FAILED
+  step decide_ncu 90 "$NCU" --profile-from-start off --kernel-name-base function \
+    --kernel-name "regex:^(_fwd_hopper|_attn_fwd)" --section SpeedOfLight --section LaunchStats \
+    --csv --page details --log-file "$OUT/ncu_forward.csv" \
+    "$PY" bench/ncu_forward.py --paths hopper,portable --kinds row,col,conv,full --out "$OUT/ncu_forward.json"
+  if grep -qs ERR_NVGPUCTRPERM "$OUT/ncu_forward.csv" "$OUT/decide_ncu.log"; then  # not this project's failure
+    FAILED=$SAVED_FAILED
+    RESULTS[-1]="SKIP(no GPU counter permission)"
+  fi
+fi
+step decide_summary 30 "$PY" bench/gpu_decide.py --dir "$OUT"
+
+# ===== part 2: build, GPU tests and the rest =====================================================
 step build 240 "$PY" setup.py build_ext --inplace
 step import 60 "$PY" -c "import dalle_fast, torch; import dalle_fast._C; print('dalle_fast', dalle_fast.__version__, 'ok on', torch.cuda.get_device_name(0))"
 
-# 3. attention benchmark --------------------------------------------------------------------------
-if [[ -f bench/attention.py ]]; then
-  # DALLE_FAST_TRITON_FLAT=1: the tuner also times the flat work-list forward (opt-in until measured)
-  step bench_attention 230 env DALLE_FAST_TRITON_FLAT=1 "$PY" bench/attention.py --device cuda --dtype bfloat16 --batch 8 --heads 16 \
-    --head-dim 64 --kinds row,col,conv,full --modes fwd,bwd,fwdbwd --quick-flex --out "$OUT/attention"
-else
-  NAMES+=("bench_attention"); RESULTS+=("FAIL(bench/attention.py missing)"); SECONDS_USED+=(0); FAILED=1
-fi
+# forward + backward through the op (what a user's training step sees), every provider; forward and
+# backward alone were measured in part 1
+step bench_attention 150 "$PY" bench/attention.py "${SHAPE[@]}" --modes fwdbwd --quick-flex \
+  --triton-path portable,hopper --out "$OUT/attention"
 
 # host time per call with real launches, tiny problem (dalle_fast vs SDPA causal)
 step bench_host_overhead 60 "$PY" bench/host_overhead.py --device cuda --calls 200 --rounds 5 \
   --out "$OUT/host_overhead.json"
 
-# read bandwidth from L2 and HBM, to set the tuning table's modelled L2 traffic (l2_tbs) against
-step bench_l2 45 "$PY" bench/l2_bandwidth.py --device cuda --out "$OUT/l2_bandwidth.json"
-
-# 4. decode / sampling benchmarks (when present) ----------------------------------------------------
+# decode / sampling benchmarks (when present)
 for b in decode sampling; do
   if [[ -f "bench/$b.py" ]]; then
     step "bench_$b" 90 "$PY" "bench/$b.py" --device cuda --quick --out "$OUT/$b"
@@ -112,8 +157,8 @@ for b in decode sampling; do
   fi
 done
 
-# 5. GPU tests, one run per file (slow tests excluded): the files with GPU tests; the rest of the
-# suite is CPU-only and runs in CI ---------------------------------------------------------------
+# GPU tests, one run per file (slow tests excluded): the files with GPU tests; the rest of the
+# suite is CPU-only and runs in CI
 GPU_TESTS="${GPU_TESTS:-tests/test_triton_attention.py tests/test_decode_attention.py tests/test_sample.py}"
 # On the lent H200 image (torch 2.11, g++ 13.3) any C++ extension op that raises a c10::Error
 # (even a five-line TORCH_CHECK op built with load_inline) kills the process with SIGSEGV. Probe
@@ -140,20 +185,31 @@ done
 # differently): last, so it only uses what the budget leaves
 step kernel_resources 60 "$PY" bench/kernel_resources.py --kinds row,col,conv --defaults-only
 
-# 6. summary --------------------------------------------------------------------------------------
-for f in "$OUT"/attention/attention_cuda.csv; do
-  [[ -f "$f" ]] && { echo "--- $f"; column -s, -t <"$f" 2>/dev/null || cat "$f"; }
+# summary: the benchmark tables, the step table, then the deciding table (with part 2's numbers) --
+for name in decide_kernels decide_baselines bench_attention; do
+  log="$OUT/$name.log"
+  [[ -f "$log" ]] && grep -qE '^kind +mode +provider' "$log" && {
+    echo "--- $name (bench/attention.py; CSV and JSON in $OUT)"
+    awk '/^kind +mode +provider/ {p = 1} p && /^#/ {exit} p' "$log"
+  }
 done
-[[ -f "$OUT/bench_attention.log" ]] && { echo "--- Triton tuner (kernel time of every candidate: $OUT/attention/attention_cuda_tuning.csv)"; grep -E "^#   (fwd|dkdv|dq) " "$OUT/bench_attention.log"; }
-[[ -f "$OUT/bench_attention.log" ]] && sed -n '/speed targets/,/^# wrote/p' "$OUT/bench_attention.log" | grep -v '^# wrote'
+for name in decide_kernels bench_attention; do
+  [[ -f "$OUT/$name.log" ]] && grep -qE "^#   (fwd|dkdv|dq) " "$OUT/$name.log" && {
+    echo "--- Triton tuner in $name (kernel time of every candidate: *_tuning.csv)"
+    grep -E "^#   (fwd|dkdv|dq) " "$OUT/$name.log"
+  }
+done
 [[ -f "$OUT/bench_host_overhead.log" ]] && { echo "--- host overhead"; tail -n 11 "$OUT/bench_host_overhead.log"; }
-[[ -f "$OUT/bench_l2.log" ]] && { echo "--- read bandwidth (GB/s)"; grep -v '^# wrote' "$OUT/bench_l2.log" | tail -n 12; }
+[[ -f "$OUT/decide_l2.log" ]] && { echo "--- read bandwidth (GB/s)"; grep -v '^# wrote' "$OUT/decide_l2.log" | tail -n 12; }
 echo
 echo "dalle_fast GPU check: $(date -u +%Y-%m-%dT%H:%MZ), total $(($(date +%s) - T0))s, outputs in $OUT"
 printf '%-28s %-34s %8s\n' "step" "result" "seconds"
 for i in "${!NAMES[@]}"; do
   printf '%-28s %-34s %8s\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${SECONDS_USED[$i]}"
 done
+echo
+echo "--- deciding table ($OUT/decide.json)"
+timeout 60 "$PY" bench/gpu_decide.py --dir "$OUT" || echo "(the deciding table failed: rc=$?)"
 if ((FAILED)); then
   echo "GPU check: FAILED"
   exit 1
