@@ -60,6 +60,11 @@ def stub_kernels(K, counts):
     K.INTERPRET = True  # check_inputs accepts CPU tensors; fixed (untuned) configurations
     for name in list(K._KERNELS):
         K._KERNELS[name] = _Stub(name, counts)
+    # the hopper module's kernels too: the portable forward's repair launch (a pass over the row
+    # flags) goes through them
+    from dalle_fast.kernels import hopper as Kh
+    for name in ("_fwd_hopper", "_bwd_delta", "_bwd_fused"):
+        setattr(Kh, name, _Stub(name, counts))
     K.clear_caches()
 
 

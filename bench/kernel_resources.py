@@ -116,7 +116,7 @@ def hopper_rows(kinds, dtypes, head_dims):
     why = hopper_ws_supported()
     print(f"\n# hopper path (Triton {triton.__version__}): forward warp specialisation "
           f"{'available' if why is None else 'unavailable: ' + why}")
-    print(f"{'kernel':<12} {'kind':<9} {'dtype':<9} {'D':>4} {'config':<22} {'warps':>5} {'ws':>5} {'regs':>5} "
+    print(f"{'kernel':<15} {'kind':<9} {'dtype':<9} {'D':>4} {'config':<22} {'warps':>5} {'ws':>5} {'regs':>5} "
           f"{'stack':>6} {'smem KiB':>9} {'HGMMA':>6} {'LDGSTS':>7}  note")
     for dname in dtypes:
         dtype = getattr(torch, dname)
@@ -125,11 +125,11 @@ def hopper_rows(kinds, dtypes, head_dims):
         for head_dim in head_dims:
             for kname in kinds:
                 permuted = kname in ("col", "axial_col")
-                builds = [("fwd", lambda: compile_hopper_forward(kname, dtype, head_dim, tma=not permuted,
+                builds = [("hopper-fwd", lambda: compile_hopper_forward(kname, dtype, head_dim, tma=not permuted,
                                                                  ws=not permuted and why is None),
                            hopper_plan.fwd_config(head_dim, False))]
                 for det in (False, True):
-                    builds.append((f"bwd{'-det' if det else ''}",
+                    builds.append((f"hopper-bwd{'-det' if det else ''}",
                                    lambda det=det: compile_hopper_backward(kname, dtype, head_dim, deterministic=det),
                                    hopper_plan.bwd_config(head_dim, False)))
                 for name, build, cfg in builds:
@@ -137,13 +137,13 @@ def hopper_rows(kinds, dtypes, head_dims):
                         c = build()
                         r = resources(c)
                     except Exception as e:  # noqa: BLE001 - report and go on
-                        print(f"{name:<12} {kname:<9} {dname:<9} {head_dim:>4} failed: {type(e).__name__}: {str(e)[:80]}")
+                        print(f"{name:<15} {kname:<9} {dname:<9} {head_dim:>4} failed: {type(e).__name__}: {str(e)[:80]}")
                         continue
                     note = "SPILLS" if r["stack"] or r["local"] else ""
                     if r["wgmma_serialized"]:
                         note += " WGMMA-SERIALIZED"
                     shape = f"{cfg.block_m}x{cfg.block_n} s{cfg.num_stages}"
-                    print(f"{name:<12} {kname:<9} {dname:<9} {head_dim:>4} {shape:<22} {c.metadata.num_warps:>5} "
+                    print(f"{name:<15} {kname:<9} {dname:<9} {head_dim:>4} {shape:<22} {c.metadata.num_warps:>5} "
                           f"{str(warp_specialized(c)):>5} {r['regs']:>5} {r['stack']:>6} {r['smem'] / 1024:>9.1f} "
                           f"{r['hgmma']:>6} {r['ldgsts']:>7}  {note.strip()}")
 

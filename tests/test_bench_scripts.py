@@ -102,8 +102,9 @@ def test_host_overhead_bench_counts_the_launches(tmp_path):
     res = json.loads((tmp_path / "h.json").read_text())
     assert res["stubbed"] and res["device"] == "cpu"
     launches = {r["call"]: r["launches"] for r in res["rows"]}
-    # forward: one kernel; backward: dQ (with delta), dK/dV
-    assert launches == {"fwd (no_grad)": 1, "fwd (autograd)": 1, "bwd": 2, "fwd+bwd": 3}
+    # forward: one kernel and the repair pass over its row flags; backward: dQ (with delta), dK/dV
+    # and the dQ repair pass
+    assert launches == {"fwd (no_grad)": 2, "fwd (autograd)": 2, "bwd": 3, "fwd+bwd": 5}
     assert all(r["us"] > 0 for r in res["rows"])
 
 
@@ -130,6 +131,9 @@ kr.main(["--kinds", "row", "--head-dims", "32"])
     assert [ln.split()[0] for ln in lines] == ["fwd", "fwd", "dkdv", "dq", "fwd_flat"], r.stdout
     assert all("default" in ln for ln in lines[:1] + lines[2:4]) and "default" not in lines[1] + lines[4]
     assert not any("SPILLS" in ln or "SERIALIZED" in ln or "failed" in ln for ln in lines), r.stdout
+    hopper = [ln for ln in r.stdout.splitlines() if ln.startswith("hopper-")]
+    assert [ln.split()[0] for ln in hopper] == ["hopper-fwd", "hopper-bwd", "hopper-bwd-det"], r.stdout
+    assert not any("failed" in ln for ln in hopper) and "SPILLS" not in hopper[0], r.stdout
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
