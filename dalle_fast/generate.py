@@ -1,7 +1,8 @@
 """Fast generation for :class:`dalle_fast.models.dalle.DALLE`: static KV cache, fused decode step,
 CUDA-graph replay, dVAE decoding and CLIP reranking.
 
-The loop (``attention="sparse"``, the fast path):
+The loop is :class:`dalle_fast.engine.Engine` over the model's step API (``setup_caches``,
+``prefill``, ``decode_step``); with ``attention="sparse"``, the fast path:
 
 1. **Prefill** each prompt's text once with ``sparse_attention`` (text is plain causal attention in
    every layer kind), keeping its keys/values as the layer's *shared text cache*
@@ -31,14 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .decode import _resolve as _decode_backend
-from .decode import decode_attention
+from .engine import Engine, SampleOptions, draw
 from .masks import _positive_int
 from .models.dalle import DALLE
-from .ops import sparse_attention
 from .sampling import _resolve as _sample_backend
 from .sampling import check_error_flags, sample
 
@@ -48,12 +47,7 @@ __all__ = ["ATTENTION_MODES", "Generation", "Pipeline", "generate_codes", "gener
 ATTENTION_MODES = ("sparse", "dense", "none")
 
 
-@dataclass(frozen=True)
-class _Options:
-    cfg_scale: float
-    temperature: float
-    top_k: int
-    top_p: float
+_Options = SampleOptions  # (the old private name; bench/generate.py uses it)
 
 
 def _seeds(seed: int, seeds: torch.Tensor | None, rows: int, device: torch.device) -> torch.Tensor:
@@ -81,126 +75,10 @@ def _prime(model: DALLE, prime: torch.Tensor | None, prompts: int, device: torch
     return flat.to(device)
 
 
-def _draw(logits: torch.Tensor, rows: int, seeds: torch.Tensor, step, opts: _Options,
-          errors: torch.Tensor) -> torch.Tensor:
-    """Image logits of ``rows`` conditional rows (then ``rows`` unconditional ones with guidance) -> codes.
-    The sampler's error flag of each row is OR-ed into ``errors`` (int32 ``(rows,)``, on the device,
-    no host sync; :func:`dalle_fast.sampling.check_error_flags` reads it once the codes are done): the
-    CUDA kernel draws the lowest token for a row with NaN/+inf logits and flags it, the CPU kernel raises."""
-    guided = logits.shape[0] != rows
-    tokens, flag = sample(logits[:rows], seeds=seeds, step=step, temperature=opts.temperature, top_k=opts.top_k,
-                          top_p=opts.top_p, uncond_logits=logits[rows:] if guided else None,
-                          cfg_scale=opts.cfg_scale, return_error_flag=True)
-    errors.bitwise_or_(flag)
-    return tokens
-
-
-class _CachedDecoder:
-    """Static caches and one decode step (``attention`` ``sparse`` or ``dense``) for ``rows`` images."""
-
-    def __init__(self, model: DALLE, text: torch.Tensor, num_images: int, guided: bool, seeds: torch.Tensor,
-                 opts: _Options, attention: str) -> None:
-        cfg = model.config
-        self.model, self.opts, self.seeds, self.attention = model, opts, seeds, attention
-        prompts = text.shape[0]
-        self.rows = prompts * num_images
-        dev = text.device
-        # prompts (+ the all-padding caption): prefill once per prompt
-        text_u = torch.cat([text, model.null_text(1)]) if guided else text
-        prompt_index = torch.arange(prompts, device=dev).repeat_interleave(num_images)
-        if guided:
-            prompt_index = torch.cat([prompt_index, torch.full_like(prompt_index, prompts)])
-        self.prompt_index = prompt_index
-        text_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-        def keep(layout):
-            def attend(q, k, v):
-                text_kv.append((k.contiguous(), v.contiguous()))
-                return sparse_attention(q, k, v, layout)
-            return attend
-
-        h = model.hidden(model.embed_text(text_u), [keep(b.layout) for b in model.blocks])
-        self.first_logits = model.image_logits(h[:, -1])[prompt_index]  # (rows [x2], image_vocab)
-        n_rows, T, S2 = prompt_index.numel(), cfg.text_len, cfg.image_tokens
-        self.k_cache, self.v_cache = [], []
-        # sparse: image-only caches beside the shared text; dense: full caches, text copied into every row
-        self.text_kv = text_kv if attention == "sparse" else None
-        length = S2 if attention == "sparse" else T + S2
-        for k, v in text_kv:
-            kc, vc = (t.new_zeros((n_rows, t.shape[1], length, t.shape[3])) for t in (k, v))
-            if attention == "dense":
-                kc[:, :, :T], vc[:, :, :T] = k[prompt_index], v[prompt_index]
-            self.k_cache.append(kc)
-            self.v_cache.append(vc)
-        # static step state (device tensors, so a captured graph replays)
-        self.tokens = torch.zeros(self.rows, dtype=torch.int64, device=dev)
-        self.pos = torch.tensor(T, dtype=torch.int64, device=dev)  # position of the token being fed
-        self.step = torch.ones(1, dtype=torch.int64, device=dev)   # draw counter of the token being drawn
-        self.errors = torch.zeros(self.rows, dtype=torch.int32, device=dev)  # sampler flags, OR-ed (_draw)
-        self.host_pos = T
-
-    def _attends(self):
-        if self.attention == "sparse":
-            return [self._sparse_attend(i) for i in range(len(self.k_cache))]
-        return [self._dense_attend(i) for i in range(len(self.k_cache))]
-
-    def _sparse_attend(self, i: int):
-        layout = self.model.blocks[i].layout
-        tk, tv = self.text_kv[i]
-
-        def attend(q, k, v):
-            return decode_attention(q, k, v, self.k_cache[i], self.v_cache[i], self.pos, layout,
-                                    text_k_cache=tk, text_v_cache=tv, prompt_index=self.prompt_index)
-        return attend
-
-    def _dense_attend(self, i: int):
-        layout, p = self.model.blocks[i].layout, self.host_pos
-
-        def attend(q, k, v):
-            kc, vc = self.k_cache[i], self.v_cache[i]
-            kc[:, :, p] = k[:, :, 0]
-            vc[:, :, p] = v[:, :, 0]
-            mask = layout.allowed(torch.tensor(p), torch.arange(p + 1)).to(q.device)[None]  # (1, p + 1)
-            return F.scaled_dot_product_attention(q, kc[:, :, :p + 1], vc[:, :, :p + 1], attn_mask=mask)
-        return attend
-
-    def first(self) -> torch.Tensor:
-        """Code 0 of every row, from the prefill's last text position."""
-        return _draw(self.first_logits, self.rows, self.seeds, 0, self.opts, self.errors)
-
-    def run_step(self) -> None:
-        """Feed ``tokens`` at ``pos``, draw the next code into ``tokens``, advance ``pos`` and ``step``."""
-        model = self.model
-        tok = self.tokens if self.k_cache[0].shape[0] == self.rows else self.tokens.repeat(2)
-        x = model.embed_image(tok[:, None], self.pos - model.config.text_len)
-        h = model.hidden(x, self._attends())
-        self.logits = model.image_logits(h[:, 0])  # (rows [x2], image_vocab), kept for teacher_forced_logits
-        self.tokens.copy_(_draw(self.logits, self.rows, self.seeds, self.step, self.opts, self.errors))
-        self.pos += 1
-        self.step += 1
-        self.host_pos += 1
-
-
-class _GraphedStep:
-    """Capture ``decoder.run_step`` once in a CUDA graph (after one eager warm-up step) and replay it."""
-
-    def __init__(self, decoder: _CachedDecoder) -> None:
-        self.decoder, self.graph, self.eager_done = decoder, None, False
-
-    def __call__(self) -> None:
-        if self.graph is None and not self.eager_done:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self.decoder.run_step()  # warm-up: a real step (allocations, lazy inits)
-            torch.cuda.current_stream().wait_stream(stream)
-            self.eager_done = True
-            return
-        if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.decoder.run_step()  # recorded, not executed
-        self.graph.replay()
+def _draw(logits: torch.Tensor, rows: int, seeds: torch.Tensor, step, opts: SampleOptions,
+          errors: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`dalle_fast.engine.draw` with this module's ``sample``."""
+    return draw(logits, rows, seeds, step, opts, errors, sample)
 
 
 def _uncapturable_ops(device: torch.device) -> list[str]:
@@ -258,10 +136,9 @@ def generate_codes(model: DALLE, text: torch.Tensor, num_images: int = 1, *, cfg
     primed = _prime(model, prime, prompts, dev)
     primed = None if primed is None else primed.repeat_interleave(num_images, 0)
     n_prime = 0 if primed is None else primed.shape[1]
-    opts = _Options(float(cfg_scale), temperature, top_k, top_p)
+    opts = SampleOptions(float(cfg_scale), temperature, top_k, top_p)
     guided = opts.cfg_scale != 1.0
     S2 = cfg.image_tokens
-    codes = torch.empty(rows, S2, dtype=torch.int64, device=dev)
     uncapturable = _uncapturable_ops(dev)
     use_graph = (dev.type == "cuda" and attention == "sparse" and not uncapturable) if cuda_graph is None \
         else bool(cuda_graph)
@@ -273,6 +150,7 @@ def generate_codes(model: DALLE, text: torch.Tensor, num_images: int = 1, *, cfg
     bar = tqdm(total=S2, disable=not progress, desc="generate", unit="tok")
 
     if attention == "none":
+        codes = torch.empty(rows, S2, dtype=torch.int64, device=dev)
         errors = torch.zeros(rows, dtype=torch.int32, device=dev)
         text_rows = text.repeat_interleave(num_images, 0)
         if guided:
@@ -289,20 +167,20 @@ def generate_codes(model: DALLE, text: torch.Tensor, num_images: int = 1, *, cfg
         check_error_flags(errors, "generate")
         return codes.view(prompts, num_images, cfg.image_size, cfg.image_size)
 
-    decoder = _CachedDecoder(model, text, num_images, guided, seeds, opts, attention)
-    step = _GraphedStep(decoder) if use_graph else decoder.run_step
-    decoder.tokens.copy_(primed[:, 0] if n_prime else decoder.first())
-    codes[:, 0] = decoder.tokens
-    bar.update(1)
-    for j in range(1, S2):
-        step()
-        if j < n_prime:
-            decoder.tokens.copy_(primed[:, j])
-        codes[:, j] = decoder.tokens
-        bar.update(1)
+    engine = Engine(model, _prompts(model, text, guided), num_images, text_len=cfg.text_len, seeds=seeds, opts=opts,
+                    guided=guided, dense=attention == "dense", sample=sample)
+    try:
+        codes = engine.decode(S2, primed, cuda_graph=use_graph, progress=bar)
+    finally:
+        engine.close()
     bar.close()
-    check_error_flags(decoder.errors, "generate")
+    check_error_flags(engine.errors, "generate")
     return codes.view(prompts, num_images, cfg.image_size, cfg.image_size)
+
+
+def _prompts(model: DALLE, text: torch.Tensor, guided: bool) -> torch.Tensor:
+    """What :meth:`DALLE.prefill` takes: the captions, then the all-padding caption with guidance."""
+    return torch.cat([text, model.null_text(1)]) if guided else text
 
 
 @torch.no_grad()
@@ -325,13 +203,18 @@ def teacher_forced_logits(model: DALLE, text: torch.Tensor, codes: torch.Tensor,
         raise ValueError(f"text has {text.shape[0]} rows but codes has {rows}")
     if rows == 0:
         raise ValueError("text must hold at least one prompt, got a batch of 0")
-    decoder = _CachedDecoder(model, text.to(dev).long(), 1, guided, torch.zeros(rows, dtype=torch.int64, device=dev),
-                             _Options(2.0 if guided else 1.0, 1.0, 0, 1.0), attention)
-    out = [decoder.first_logits]
-    for j in range(1, codes.shape[1]):
-        decoder.tokens.copy_(codes[:, j - 1])
-        decoder.run_step()
-        out.append(decoder.logits)
+    engine = Engine(model, _prompts(model, text.to(dev).long(), guided), 1, text_len=model.config.text_len,
+                    seeds=torch.zeros(rows, dtype=torch.int64, device=dev),
+                    opts=SampleOptions(2.0 if guided else 1.0, 1.0, 0, 1.0), guided=guided,
+                    dense=attention == "dense", sample=sample)
+    try:
+        out = [engine.first_logits]
+        for j in range(1, codes.shape[1]):
+            engine.tokens.copy_(codes[:, j - 1])
+            engine.run_step()
+            out.append(engine.logits)
+    finally:
+        engine.close()
     return torch.stack(out, 1)[:, :codes.shape[1]]  # one entry per code: none for codes (B, 0)
 
 

@@ -16,9 +16,11 @@ The loss is ``text_loss_weight`` (1/8) text cross-entropy (over the text vocabul
 (7/8) image cross-entropy (over the image vocabulary), as in the paper.
 
 Attention layer ``i`` uses ``dalle_fast.Layout(kinds[i], T, S)`` (default
-``dalle_fast.paper_schedule(depth)``), computed by ``dalle_fast.sparse_attention``; every block
-takes an optional ``attend(q, k, v)`` so that generation (:mod:`dalle_fast.generate`) can run the
-same weights with a KV cache (``decode_attention``) or a dense baseline.
+``dalle_fast.paper_schedule(depth)``), computed by ``dalle_fast.sparse_attention`` in each block's
+:class:`dalle_fast.nn.SparseAttention`. For generation the model implements the step API of
+:mod:`dalle_fast.engine`: :meth:`DALLE.setup_caches` (one :class:`dalle_fast.engine.KVCache` per
+layer), :meth:`DALLE.prefill` (the prompts' text, once per prompt) and :meth:`DALLE.decode_step`
+(one image token per row, ``decode_attention`` over the cache).
 
 Classifier-free guidance: during training each caption is replaced by all-padding text with
 probability ``caption_dropout``, so the model also learns the unconditional distribution
@@ -27,7 +29,7 @@ probability ``caption_dropout``, so the model also learns the unconditional dist
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,13 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine import KVCache
 from ..masks import KINDS, Layout, _int_at_least, _positive_int, paper_schedule
 from ..nn.attention import SparseAttention
 from ..nn.functional import vocab_slice_cross_entropy
-from ..ops import sparse_attention
-
-#: ``attend(q, k, v) -> out``, all ``(B, heads, n, dim_head)``: replaces a layer's sparse attention.
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -164,12 +163,6 @@ DALLE_PRESETS: dict[str, DALLEConfig] = {
 }
 
 
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, n, D) -> (B, n, H * D)."""
-    b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)
-
-
 class Block(nn.Module):
     """Pre-norm block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``. x ``(B, n, dim)``."""
 
@@ -184,12 +177,10 @@ class Block(nn.Module):
     def layout(self) -> Layout:
         return self.attn.layout
 
-    def forward(self, x: torch.Tensor, attend: Attend | None = None) -> torch.Tensor:
-        """``attend(q, k, v)`` replaces ``sparse_attention(q, k, v, layout)`` (KV caches, baselines)."""
-        q, k, v = self.attn.qkv(self.norm1(x))
-        out = (attend(q, k, v) if attend is not None
-               else sparse_attention(q, k, v, self.attn.layout, backend=self.attn.backend))
-        x = x + self.attn.to_out(_merge_heads(out))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None,
+                index: int | None = None) -> torch.Tensor:
+        """``cache``/``pos``/``index``: as :meth:`dalle_fast.nn.SparseAttention.forward` (generation)."""
+        x = x + self.attn(self.norm1(x), cache, pos, index)
         return x + self.mlp(self.norm2(x))
 
 
@@ -214,6 +205,7 @@ class DALLE(nn.Module):
         for p in (self.text_emb.weight, self.image_emb.weight, self.text_pos, self.image_row, self.image_col):
             nn.init.normal_(p, std=0.02)
         self.register_buffer("pad_ids", torch.arange(cfg.text_len - 1) + cfg.pad_base, persistent=False)
+        self.caches: list[KVCache] | None = None  # generation caches (setup_caches), one per layer
 
     # -- input checks ----------------------------------------------------------------------------
     def check_text(self, text: torch.Tensor, name: str = "text") -> None:
@@ -271,10 +263,12 @@ class DALLE(nn.Module):
             x = torch.cat([x, self.embed_image(codes)], 1)
         return x
 
-    def hidden(self, x: torch.Tensor, attends: Sequence[Attend | None] | None = None) -> torch.Tensor:
-        """Run the blocks (``attends[i]`` replaces layer i's attention) and the final norm."""
+    def hidden(self, x: torch.Tensor, caches: Sequence[KVCache] | None = None, pos: torch.Tensor | None = None,
+               index: int | None = None) -> torch.Tensor:
+        """Run the blocks and the final norm; with ``caches`` (one per layer) a prefill (``pos`` None)
+        or a decode step at ``pos``, as :meth:`dalle_fast.nn.SparseAttention.forward`."""
         for i, block in enumerate(self.blocks):
-            x = block(x, None if attends is None else attends[i])
+            x = block(x, None if caches is None else caches[i], pos, index)
         return self.norm(x)
 
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -286,6 +280,35 @@ class DALLE(nn.Module):
         """``(..., dim) -> (..., image_vocab)``: the head's image rows (code ``c`` is column ``c``)."""
         tv = self.config.text_vocab
         return F.linear(h, self.head.weight[tv:], self.head.bias[tv:])
+
+    # -- step API (dalle_fast.engine.StepModel) ---------------------------------------------------
+    def setup_caches(self, prompt_index: torch.Tensor, *, dense: bool = False) -> None:
+        """Static caches for ``prompt_index.numel()`` rows, row ``r`` continuing prompt ``prompt_index[r]``
+        (``dense``: the full-cache baseline instead of shared text + image-only caches)."""
+        cfg = self.config
+        self.caches = [KVCache(prompt_index, cfg.text_len, cfg.image_tokens, dense) for _ in self.blocks]
+
+    def clear_caches(self) -> None:
+        self.caches = None
+
+    def prefill(self, text: torch.Tensor) -> torch.Tensor:
+        """Captions ``(P, T - 1)`` (unchecked, int64) -> image logits ``(P, image_vocab)`` of the last text
+        position; fills the caches' shared text keys/values."""
+        h = self.hidden(self.embed_text(text), self._step_caches())
+        return self.image_logits(h[:, -1])
+
+    def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, index: int) -> torch.Tensor:
+        """Image tokens ``(rows,)`` at position ``pos`` (0-dim int64 device tensor; ``index`` the same on
+        the host, read only by the dense baseline) -> image logits ``(rows, image_vocab)`` of ``pos + 1``."""
+        x = self.embed_image(tokens[:, None], pos - self.config.text_len)
+        h = self.hidden(x, self._step_caches(), pos, index)
+        return self.image_logits(h[:, 0])
+
+    def _step_caches(self) -> list[KVCache]:
+        caches = getattr(self, "caches", None)  # (absent on models pickled before the step API)
+        if caches is None:
+            raise RuntimeError("no generation caches: call setup_caches first")
+        return caches
 
     # -- full passes -----------------------------------------------------------------------------
     def logits(self, text: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:

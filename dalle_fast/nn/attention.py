@@ -25,7 +25,8 @@ class SparseAttention(nn.Module):
     Shapes: ``x (batch, seq, dim) -> (batch, seq, dim)`` with ``seq <= layout.seq_len``; dtypes and
     devices are those of :func:`dalle_fast.sparse_attention` for the chosen backend (CPU: float32,
     bfloat16, float16; CUDA via triton: float16, bfloat16, float32 with ``dim_head`` 32/64/128).
-    :meth:`qkv` gives the projected q, k, v for a KV-cached step with :func:`dalle_fast.decode_attention`.
+    :meth:`qkv` gives the projected q, k, v; ``forward`` with a ``cache`` runs a KV-cached prefill or
+    decode step (:class:`dalle_fast.engine.KVCache`, :func:`dalle_fast.decode_attention`).
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int, layout: Layout, *, bias: bool = False,
@@ -48,9 +49,18 @@ class SparseAttention(nn.Module):
         qkv = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head)
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, pos: Optional[torch.Tensor] = None,
+                index: Optional[int] = None) -> torch.Tensor:
+        """``x (B, N, dim)``. With a :class:`dalle_fast.engine.KVCache` ``cache`` (generation): ``pos``
+        None is the prefill of the prompts' text, else one token per row at position ``pos`` (0-dim
+        int64 device tensor; ``index`` is the same position on the host)."""
         q, k, v = self.qkv(x)
-        out = sparse_attention(q, k, v, self.layout, backend=self.backend)
+        if cache is None:
+            out = sparse_attention(q, k, v, self.layout, backend=self.backend)
+        elif pos is None:
+            out = cache.prefill(q, k, v, self.layout, backend=self.backend)
+        else:
+            out = cache.decode(q, k, v, pos, index, self.layout)
         b, h, n, d = out.shape
         return self.to_out(out.transpose(1, 2).reshape(b, n, h * d))
 

@@ -1,0 +1,211 @@
+"""The generation engine: one static-cache decode loop for every model that implements the step API.
+
+The step API (:class:`StepModel`, in the manner of gpt-fast) is what a model offers the engine:
+
+- ``setup_caches(prompt_index, dense=False)``: static caches for ``rows = prompt_index.numel()``
+  sequences; row ``r`` continues prompt ``prompt_index[r]`` (a layer's cache is a :class:`KVCache`).
+- ``prefill(prompts)``: run the prompts' text once (``P`` rows, not ``rows``), keep each layer's
+  text keys/values as the prompts' *shared* text cache, return the image logits ``(P, V)`` of the
+  last text position.
+- ``decode_step(tokens, pos, index)``: feed one image token per row at sequence position ``pos``
+  (a 0-dim int64 device tensor, so the step can be captured in a CUDA graph; ``index`` is the same
+  position on the host, for paths that cannot be captured) and return the image logits ``(rows, V)``
+  of the next position.
+- ``clear_caches()``: drop the caches.
+
+:class:`dalle_fast.models.dalle.DALLE` implements it itself; the DALLE-pytorch adapter wraps its model
+in a small object that does (:mod:`dalle_fast.integrations.dalle_pytorch`). :class:`Engine` drives
+either: the prompt rows with their candidates (and, with classifier-free guidance, the unconditional
+rows after the conditional ones, all sharing one null prompt), the per-row seeds and draw counter,
+the sampler's error flags, priming and the CUDA-graph replay of the step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .decode import decode_attention
+from .masks import Layout
+from .ops import sparse_attention
+from .sampling import sample as _sample
+
+__all__ = ["Engine", "KVCache", "SampleOptions", "StepModel", "draw"]
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """Sampler options of one generation (see :func:`dalle_fast.sample`)."""
+    cfg_scale: float
+    temperature: float
+    top_k: int
+    top_p: float
+
+
+class StepModel(Protocol):
+    """What :class:`Engine` drives (see the module docstring)."""
+
+    def setup_caches(self, prompt_index: torch.Tensor, *, dense: bool = False) -> None: ...
+
+    def prefill(self, prompts: torch.Tensor) -> torch.Tensor: ...
+
+    def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, index: int) -> torch.Tensor: ...
+
+    def clear_caches(self) -> None: ...
+
+
+class KVCache:
+    """One attention layer's static cache for ``rows`` sequences.
+
+    ``dense=False`` (the fast path): the prompts' text keys/values ``(P, H, T, D)`` are kept once and
+    shared by their rows through ``prompt_index``; each row has an image-only cache ``(rows, H, S*S, D)``
+    and a step reads only the keys the layout allows (:func:`dalle_fast.decode_attention`).
+    ``dense=True`` (the baseline): a full cache ``(rows, H, T + S*S, D)`` per row, the text copied
+    into every row, and masked dense attention over the prefix.
+    """
+
+    def __init__(self, prompt_index: torch.Tensor, text_len: int, image_tokens: int, dense: bool = False) -> None:
+        self.prompt_index, self.text_len, self.image_tokens, self.dense = prompt_index, text_len, image_tokens, dense
+        self.text_k = self.text_v = self.k = self.v = None
+
+    def prefill(self, q, k, v, layout: Layout, *, scale: Optional[float] = None,
+                backend: Optional[str] = None) -> torch.Tensor:
+        """Attention over the prompts' text ``(P, H, T, D)``; keeps its keys/values and allocates the caches."""
+        self.text_k, self.text_v = k.contiguous(), v.contiguous()
+        rows, T = self.prompt_index.numel(), self.text_len
+        length = T + self.image_tokens if self.dense else self.image_tokens
+        self.k, self.v = (t.new_zeros((rows, t.shape[1], length, t.shape[3])) for t in (self.text_k, self.text_v))
+        if self.dense:
+            self.k[:, :, :T], self.v[:, :, :T] = self.text_k[self.prompt_index], self.text_v[self.prompt_index]
+        return sparse_attention(q, k, v, layout, scale=scale, backend=backend)
+
+    def decode(self, q, k, v, pos: torch.Tensor, index: int, layout: Layout, *,
+               scale: Optional[float] = None) -> torch.Tensor:
+        """One token per row at position ``pos`` (``index`` on the host): writes its key/value, attends."""
+        if not self.dense:
+            return decode_attention(q, k, v, self.k, self.v, pos, layout, scale=scale, text_k_cache=self.text_k,
+                                    text_v_cache=self.text_v, prompt_index=self.prompt_index)
+        p = index
+        self.k[:, :, p] = k[:, :, 0]
+        self.v[:, :, p] = v[:, :, 0]
+        mask = layout.allowed(torch.tensor(p), torch.arange(p + 1)).to(q.device)[None]  # (1, p + 1)
+        return F.scaled_dot_product_attention(q, self.k[:, :, :p + 1], self.v[:, :, :p + 1], attn_mask=mask,
+                                              scale=scale)
+
+
+def draw(logits: torch.Tensor, rows: int, seeds: torch.Tensor, step, opts: SampleOptions,
+         errors: Optional[torch.Tensor] = None, sample: Callable = _sample) -> torch.Tensor:
+    """Image logits of ``rows`` conditional rows (then ``rows`` unconditional ones with guidance) -> codes.
+    The sampler's error flag of each row is OR-ed into ``errors`` (int32 ``(rows,)``, on the device,
+    no host sync; :func:`dalle_fast.sampling.check_error_flags` reads it once the codes are done): the
+    CUDA kernel draws the lowest token for a row with NaN/+inf logits and flags it, the CPU kernel raises."""
+    guided = logits.shape[0] != rows
+    tokens, flag = sample(logits[:rows], seeds=seeds, step=step, temperature=opts.temperature, top_k=opts.top_k,
+                          top_p=opts.top_p, uncond_logits=logits[rows:] if guided else None,
+                          cfg_scale=opts.cfg_scale, return_error_flag=True)
+    if errors is not None:
+        errors.bitwise_or_(flag)
+    return tokens
+
+
+class Engine:
+    """Static caches, step state and the decode loop for ``P`` prompts x ``num_images`` candidates.
+
+    ``prompts``: what ``model.prefill`` takes, the ``P`` prompts and, with ``guided``, one null
+    (unconditional) prompt after them. Rows are prompt-major (``r = p * num_images + c``); with
+    guidance the unconditional rows follow. ``seeds`` ``(rows,)``: code ``j`` of row ``r`` is drawn
+    with ``sample(seeds[r], step=j)``. ``text_len``: the position of the first image token.
+    ``sample``: the sampler (:func:`dalle_fast.sample`'s signature).
+    """
+
+    def __init__(self, model: StepModel, prompts: torch.Tensor, num_images: int, *, text_len: int,
+                 seeds: torch.Tensor, opts: SampleOptions, guided: bool, dense: bool = False,
+                 sample: Callable = _sample) -> None:
+        self.model, self.opts, self.seeds, self.guided, self.sample = model, opts, seeds, guided, sample
+        dev = prompts.device
+        n_prompts = prompts.shape[0] - int(guided)
+        self.rows = n_prompts * num_images
+        prompt_index = torch.arange(n_prompts, device=dev).repeat_interleave(num_images)
+        if guided:  # every unconditional row reads the one null prompt
+            prompt_index = torch.cat([prompt_index, torch.full_like(prompt_index, n_prompts)])
+        self.prompt_index = prompt_index
+        model.setup_caches(prompt_index, dense=dense)
+        self.first_logits = model.prefill(prompts)[prompt_index]  # (rows [x2], V)
+        self.logits = self.first_logits  # logits of the last step (teacher_forced_logits reads them)
+        # static step state (device tensors, so a captured graph replays)
+        self.tokens = torch.zeros(self.rows, dtype=torch.int64, device=dev)
+        self.pos = torch.tensor(text_len, dtype=torch.int64, device=dev)  # position of the token being fed
+        self.step = torch.ones(1, dtype=torch.int64, device=dev)          # draw counter of the token being drawn
+        self.errors = torch.zeros(self.rows, dtype=torch.int32, device=dev)  # sampler flags, OR-ed (draw)
+        self.host_pos = text_len
+
+    def first(self) -> torch.Tensor:
+        """Code 0 of every row, from the prefill's last text position."""
+        return draw(self.first_logits, self.rows, self.seeds, 0, self.opts, self.errors, self.sample)
+
+    def run_step(self, draw_next: bool = True) -> None:
+        """Feed ``tokens`` at ``pos``, draw the next code into ``tokens`` (unless ``draw_next`` is False),
+        advance ``pos`` and ``step``."""
+        tok = self.tokens.repeat(2) if self.guided else self.tokens
+        self.logits = self.model.decode_step(tok, self.pos, self.host_pos)  # (rows [x2], V)
+        if draw_next:
+            self.tokens.copy_(draw(self.logits, self.rows, self.seeds, self.step, self.opts, self.errors,
+                                   self.sample))
+        self.pos += 1
+        self.step += 1
+        self.host_pos += 1
+
+    def decode(self, image_tokens: int, primed: Optional[torch.Tensor] = None, *, cuda_graph: bool = False,
+               skip_primed_draws: bool = False, progress=None) -> torch.Tensor:
+        """Generate ``image_tokens`` codes per row -> ``(rows, image_tokens)`` int64.
+
+        ``primed`` ``(rows, n)``: the first ``n`` codes are copied, not drawn (with ``skip_primed_draws``
+        their draws are not even made; otherwise a step always draws, so one captured graph serves every
+        position). ``cuda_graph``: capture the step once and replay it. ``progress``: a tqdm bar or None.
+        """
+        n_prime = 0 if primed is None else primed.shape[1]
+        codes = torch.empty(self.rows, image_tokens, dtype=torch.int64, device=self.tokens.device)
+        step = _GraphedStep(self) if cuda_graph else None
+        self.tokens.copy_(primed[:, 0] if n_prime else self.first())
+        codes[:, 0] = self.tokens
+        if progress is not None:
+            progress.update(1)
+        for j in range(1, image_tokens):
+            if step is not None:
+                step()
+            else:
+                self.run_step(draw_next=not (skip_primed_draws and j < n_prime))
+            if j < n_prime:
+                self.tokens.copy_(primed[:, j])
+            codes[:, j] = self.tokens
+            if progress is not None:
+                progress.update(1)
+        return codes
+
+    def close(self) -> None:
+        """Release the model's caches."""
+        self.model.clear_caches()
+
+
+class _GraphedStep:
+    """Capture ``engine.run_step`` once in a CUDA graph (after one eager warm-up step) and replay it."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self.graph, self.eager_done = engine, None, False
+
+    def __call__(self) -> None:
+        if self.graph is None and not self.eager_done:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self.engine.run_step()  # warm-up: a real step (allocations, lazy inits)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.eager_done = True
+            return
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.engine.run_step()  # recorded, not executed
+        self.graph.replay()
