@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..decode import decode_attention
+from ..engine import Engine, KVCache, SampleOptions
 from ..masks import Layout
 from ..nn.functional import vocab_slice_cross_entropy
 from ..ops import sparse_attention
@@ -413,11 +413,13 @@ def _split_sizes(dim: int, chunks: int) -> List[int]:
     return [t.shape[-1] for t in torch.empty(0, dim).chunk(chunks, dim=-1)]
 
 
-class _Decoder:
-    """Prefill of the prompts and one cached step per image token, for ``rows`` sequences."""
+class _StepModel:
+    """The step API of :mod:`dalle_fast.engine` for a ``dalle_pytorch.DALLE``: what differs from the
+    native model is here (its embeddings, rotary embeddings on q/k/v, token shift, LayerScale and
+    norms, the head's image columns in float32); the caches and the loop are the engine's."""
 
-    def __init__(self, model, spec: _Spec, prompt_index: torch.Tensor):
-        self.model, self.spec, self.prompt_index = model, spec, prompt_index
+    def __init__(self, model, spec: _Spec):
+        self.model, self.spec = model, spec
         self.freqs = model.transformer.pos_emb  # (1, T + S*S, rot) or None
         p = next(model.parameters())
         dim = model.to_logits[0].normalized_shape[0]
@@ -425,18 +427,25 @@ class _Decoder:
         self.half = _split_sizes(dim, 2)[0]
         self.top, self.left = _split_sizes(dim, 4)[:2]
         S2 = spec.image_size ** 2
-        rows = prompt_index.numel()
-        # per layer and branch: the (top, left) features of every image token seen, for the token shift
-        self.history = [[torch.zeros(rows, S2, self.top + self.left, device=self.device, dtype=self.dtype)
-                         if branch.shift else None for branch in (layer.attn, layer.ff)]
-                        for layer in spec.layers]
-        self.text_kv: list = []
-        self.caches: list = []
+        self.history = self.caches = None
         head = model.to_logits[1]
         n_text = model.num_text_tokens
         self.head_w, self.head_b = head.weight[n_text:], None if head.bias is None else head.bias[n_text:]
         pos = model.image_pos_emb(torch.zeros(1, S2, dim, device=self.device, dtype=self.dtype))
         self.image_pos = pos if isinstance(pos, torch.Tensor) else None  # (1, S*S, dim) without rotary
+
+    def setup_caches(self, prompt_index: torch.Tensor, *, dense: bool = False) -> None:
+        if dense:
+            raise ValueError("dense: the DALLE-pytorch adapter decodes with the sparse caches only")
+        rows, S2 = prompt_index.numel(), self.spec.image_size ** 2
+        self.caches = [KVCache(prompt_index, self.spec.text_len, S2) for _ in self.spec.layers]
+        # per layer and branch: the (top, left) features of every image token seen, for the token shift
+        self.history = [[torch.zeros(rows, S2, self.top + self.left, device=self.device, dtype=self.dtype)
+                         if branch.shift else None for branch in (layer.attn, layer.ff)]
+                        for layer in self.spec.layers]
+
+    def clear_caches(self) -> None:
+        self.history = self.caches = None
 
     def image_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Last hidden state ``(rows, dim)`` -> image-token logits ``(rows, num_image_tokens)`` float32."""
@@ -464,23 +473,20 @@ class _Decoder:
         def attend(i, h):
             core = self.spec.layers[i].attn.core
             q, k, v = _project(core, h, freqs)
-            self.text_kv.append((k.contiguous(), v.contiguous()))
-            rows, S2 = self.prompt_index.numel(), self.spec.image_size ** 2
-            self.caches.append(tuple(k.new_zeros(rows, k.shape[1], S2, k.shape[3]) for _ in range(2)))
-            return _merge(core, sparse_attention(q, k, v, self.spec.layers[i].layout, scale=core.scale))
+            return _merge(core, self.caches[i].prefill(q, k, v, self.spec.layers[i].layout, scale=core.scale))
 
         return self.image_logits(self._run(x, shift, attend)[:, -1])
 
     # -- one image token per row
-    def step(self, tokens: torch.Tensor, m: int) -> torch.Tensor:
-        """Feed image token ``m`` of every row (``tokens (rows,)``) -> image logits ``(rows, V)`` of code ``m + 1``."""
+    def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, index: int) -> torch.Tensor:
+        """Feed image token ``m = index - T`` of every row (``tokens (rows,)``) -> image logits ``(rows, V)``
+        of code ``m + 1``. The token shift and rotary embeddings read the host position ``index``."""
         model, T, S = self.model, self.spec.text_len, self.spec.image_size
+        m = index - T
         x = model.image_emb(tokens)[:, None]
         if self.image_pos is not None:
             x = x + self.image_pos[:, m:m + 1]
-        p = T + m
-        freqs = None if self.freqs is None else self.freqs[:, p:p + 1]
-        pos = torch.tensor(p, dtype=torch.int64, device=self.device)
+        freqs = None if self.freqs is None else self.freqs[:, index:index + 1]
         top, left = self.top, self.left
 
         def shift(i, j, h):  # image: a quarter from the token above, a quarter from the token to the left
@@ -493,10 +499,7 @@ class _Decoder:
         def attend(i, h):
             core, layout = self.spec.layers[i].attn.core, self.spec.layers[i].layout
             q, k, v = _project(core, h, freqs)
-            (kc, vc), (tk, tv) = self.caches[i], self.text_kv[i]
-            out = decode_attention(q, k, v, kc, vc, pos, layout, scale=core.scale, text_k_cache=tk, text_v_cache=tv,
-                                   prompt_index=self.prompt_index)
-            return _merge(core, out)
+            return _merge(core, self.caches[i].decode(q, k, v, pos, index, layout, scale=core.scale))
 
         return self.image_logits(self._run(x, shift, attend)[:, 0])
 
@@ -567,7 +570,6 @@ def generate(model, text: torch.Tensor, *, filter_thres: float = 0.5, temperatur
         primed = model.vae.get_codebook_indices(img.to(device))[:, :n]
     elif num_init_img_tokens is not None:
         raise ValueError("num_init_img_tokens needs img")
-    n_prime = 0 if primed is None else primed.shape[1]
     k = max(int((1 - filter_thres) * model.total_tokens), 1)
     top_k = k if k < model.num_image_tokens else 0  # DALLE-pytorch's top-k runs over text + image logits,
     guided = float(cond_scale) != 1.0                # whose text part is masked: at most the image vocabulary
@@ -577,26 +579,16 @@ def generate(model, text: torch.Tensor, *, filter_thres: float = 0.5, temperatur
     model.eval()
     try:
         ids = _text_ids(model, text)
-        prompt_index = torch.arange(B, device=device)
         if guided:  # one null prompt shared by all unconditional rows
             ids = torch.cat((ids, _text_ids(model, torch.zeros_like(text[:1]))))
-            prompt_index = torch.cat((prompt_index, torch.full_like(prompt_index, B)))
-        decoder = _Decoder(model, spec, prompt_index)
-        logits = decoder.prefill(ids)[prompt_index]
-        codes = torch.empty(B, S2, dtype=torch.int64, device=device)
-        errors = torch.zeros(B, dtype=torch.int32, device=device)  # the sampler's flags, OR-ed on the device
-        for m in range(S2):
-            if m < n_prime:
-                tokens = primed[:, m]
-            else:
-                tokens, flag = sample(logits[:B], seeds=seeds, step=m, temperature=float(temperature), top_k=top_k,
-                                      uncond_logits=logits[B:] if guided else None, cfg_scale=float(cond_scale),
-                                      return_error_flag=True)
-                errors.bitwise_or_(flag)
-            codes[:, m] = tokens
-            if m + 1 < S2:
-                logits = decoder.step(tokens.repeat(2) if guided else tokens, m)
+        opts = SampleOptions(float(cond_scale), float(temperature), top_k, 1.0)
+        engine = Engine(_StepModel(model, spec), ids, 1, text_len=spec.text_len, seeds=seeds, opts=opts,
+                        guided=guided, sample=sample)
+        try:  # primed tokens are copied, not drawn
+            codes = engine.decode(S2, primed, skip_primed_draws=True)
+        finally:
+            engine.close()
     finally:
         model.train(was_training)
-    check_error_flags(errors, "dalle_pytorch.generate")
+    check_error_flags(engine.errors, "dalle_pytorch.generate")
     return codes
