@@ -163,6 +163,18 @@ DALLE_PRESETS: dict[str, DALLEConfig] = {
 }
 
 
+def _check_range(ids: torch.Tensor, high: int, message: str, sync: bool) -> None:
+    """ValueError(message) unless ``ids`` lie in ``[0, high)``. CPU tensors (or ``sync``) are read on the
+    host; otherwise a device-side assertion checks them without waiting for the device."""
+    if not ids.numel():
+        return
+    if sync or ids.device.type == "cpu":
+        if int(ids.min()) < 0 or int(ids.max()) >= high:
+            raise ValueError(message)
+    else:
+        torch._assert_async(((ids >= 0) & (ids < high)).all(), message)
+
+
 class Block(nn.Module):
     """Pre-norm block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``. x ``(B, n, dim)``."""
 
@@ -208,18 +220,20 @@ class DALLE(nn.Module):
         self.caches: list[KVCache] | None = None  # generation caches (setup_caches), one per layer
 
     # -- input checks ----------------------------------------------------------------------------
-    def check_text(self, text: torch.Tensor, name: str = "text") -> None:
+    def check_text(self, text: torch.Tensor, name: str = "text", *, sync: bool = True) -> None:
+        """ValueError unless ``text`` is ``(B, text_len - 1)`` ids in ``[0, text_vocab)``; with ``sync=False``
+        the values of a non-CPU tensor are checked by a device-side assertion (no host sync)."""
         cfg = self.config
         if not isinstance(text, torch.Tensor) or text.dim() != 2 or text.shape[1] != cfg.text_len - 1:
             raise ValueError(f"{name} must be a (B, text_len - 1 = {cfg.text_len - 1}) tensor of caption ids, got "
                              f"{tuple(text.shape) if isinstance(text, torch.Tensor) else type(text).__name__}")
         if text.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"{name} must be int64 or int32, got {text.dtype}")
-        if text.numel() and (int(text.min()) < 0 or int(text.max()) >= cfg.text_vocab):
-            raise ValueError(f"{name} ids must lie in [0, text_vocab={cfg.text_vocab})")
+        _check_range(text, cfg.text_vocab, f"{name} ids must lie in [0, text_vocab={cfg.text_vocab})", sync)
 
-    def flat_codes(self, codes: torch.Tensor, name: str = "codes") -> torch.Tensor:
-        """Check ``codes`` ``(B, n)`` or ``(B, S, S)`` and return them as ``(B, n)`` int64."""
+    def flat_codes(self, codes: torch.Tensor, name: str = "codes", *, sync: bool = True) -> torch.Tensor:
+        """Check ``codes`` ``(B, n)`` or ``(B, S, S)`` and return them as ``(B, n)`` int64 (``sync``: as
+        :meth:`check_text`)."""
         cfg = self.config
         if not isinstance(codes, torch.Tensor) or codes.dim() not in (2, 3):
             raise ValueError(f"{name} must be (B, n) or (B, {cfg.image_size}, {cfg.image_size}), got "
@@ -231,8 +245,7 @@ class DALLE(nn.Module):
         flat = codes.flatten(1).long()  # (not reshape(B, -1): ambiguous for B = 0)
         if flat.shape[1] > cfg.image_tokens:
             raise ValueError(f"{name} has {flat.shape[1]} tokens, more than image_size**2 = {cfg.image_tokens}")
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= cfg.image_vocab):
-            raise ValueError(f"{name} must lie in [0, image_vocab={cfg.image_vocab})")
+        _check_range(flat, cfg.image_vocab, f"{name} must lie in [0, image_vocab={cfg.image_vocab})", sync)
         return flat
 
     # -- pieces ----------------------------------------------------------------------------------
@@ -334,8 +347,8 @@ class DALLE(nn.Module):
         ``image_loss`` (nats per token). Captions are dropped (guidance) in training mode.
         """
         cfg = self.config
-        self.check_text(text)
-        codes = self.flat_codes(codes)
+        self.check_text(text, sync=False)  # (no host sync per training step on a GPU)
+        codes = self.flat_codes(codes, sync=False)
         if codes.shape[1] != cfg.image_tokens:
             raise ValueError(f"codes must hold all {cfg.image_tokens} image tokens, got {codes.shape[1]}")
         if codes.shape[0] != text.shape[0]:
