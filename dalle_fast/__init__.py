@@ -28,7 +28,7 @@ _LAZY = {
     "Generation": ".generate", "Pipeline": ".generate", "generate_codes": ".generate",
     "generate_images": ".generate", "load_pipeline": ".generate",
     "Tokenizer": ".tokenizer",
-    "models": None, "generate": None, "integrations": None,
+    "models": None, "generate": None, "engine": None, "integrations": None,
 }
 
 __all__ = [
