@@ -13,6 +13,15 @@ torch.set_num_threads(1)
 KINDS7 = ("full", "row", "col", "conv", "axial_row", "axial_col", "conv_like")
 
 
+def _dalle_pytorch():
+    """(the adapter module, the dalle_pytorch package), or skip."""
+    import dalle_fast.integrations.dalle_pytorch as dp
+    try:
+        return dp, dp.import_dalle_pytorch(stand_ins=True)
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        pytest.skip(f"dalle-pytorch cannot be imported ({e})")
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
@@ -72,11 +81,7 @@ def test_engine_rows_and_guidance(model):
 
 
 def test_native_and_adapter_generate_through_the_engine(model, monkeypatch):
-    dp = pytest.importorskip("dalle_fast.integrations.dalle_pytorch")
-    try:
-        dalle_pytorch = dp.import_dalle_pytorch(stand_ins=True)
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        pytest.skip(f"dalle-pytorch cannot be imported ({e})")
+    dp, dalle_pytorch = _dalle_pytorch()
     stepped = []
     real = Engine.run_step
 
@@ -99,11 +104,7 @@ def test_native_and_adapter_generate_through_the_engine(model, monkeypatch):
 def test_adapter_step_model_equals_the_peer_forward():
     """The adapter's step-API object (shift tokens, rotary): prefill + decode steps equal
     DALLE-pytorch's own forward logits over the image vocabulary."""
-    dp = pytest.importorskip("dalle_fast.integrations.dalle_pytorch")
-    try:
-        dalle_pytorch = dp.import_dalle_pytorch(stand_ins=True)
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        pytest.skip(f"dalle-pytorch cannot be imported ({e})")
+    dp, dalle_pytorch = _dalle_pytorch()
     torch.manual_seed(0)
     vae = dalle_pytorch.DiscreteVAE(image_size=16, num_layers=2, num_tokens=32, codebook_dim=16, hidden_dim=8)
     peer = dalle_pytorch.DALLE(dim=32, vae=vae, num_text_tokens=50, text_seq_len=6, depth=4, heads=2, dim_head=16,
