@@ -431,3 +431,36 @@ def test_generate_refuses_a_seed_outside_int64():
     for seed in (2**63, 2**64, -2**63 - 1):
         with pytest.raises(ValueError, match="seed"):
             dfp.generate(model, text, filter_thres=1.0, seed=seed)
+
+
+def test_generate_without_a_seed_draws_fresh_samples_that_manual_seed_reproduces():
+    """seed=None (the default): each call samples anew, as DALLE-pytorch's generate_images does,
+    and torch.manual_seed makes the calls reproducible."""
+    model = make_model(depth=2)
+    text, _ = batch()
+    kw = dict(filter_thres=0.5, temperature=1.0)
+    first, second = dfp.generate(model, text, **kw), dfp.generate(model, text, **kw)
+    assert not torch.equal(first, second)
+    torch.manual_seed(5)
+    again = dfp.generate(model, text, **kw)
+    torch.manual_seed(5)
+    assert torch.equal(again, dfp.generate(model, text, **kw))
+
+
+def test_generate_images_decodes_and_ranks_with_clip():
+    """dfp.generate_images: the images of the codes generate draws, and with clip=, DALLE-pytorch's
+    (images, scores) with the scores CLIP gives the captions and those images."""
+    model = make_model(depth=2)
+    text, _ = batch()
+    torch.manual_seed(0)
+    clip = dalle_pytorch.CLIP(dim_text=16, dim_image=16, dim_latent=8, num_text_tokens=50, text_enc_depth=1,
+                              text_seq_len=TEXT_LEN, text_heads=2, num_visual_tokens=32, visual_enc_depth=1,
+                              visual_heads=2, visual_image_size=16, visual_patch_size=8).eval()
+    codes = dfp.generate(model, text, filter_thres=0.9, seed=3)
+    images = dfp.generate_images(model, text, filter_thres=0.9, seed=3)
+    with torch.no_grad():
+        expect = model.vae.decode(codes)
+        assert torch.equal(images, expect)
+        ranked, scores = dfp.generate_images(model, text, clip=clip, filter_thres=0.9, seed=3)
+        assert torch.equal(ranked, expect) and scores.shape == (2,)
+        assert torch.allclose(scores, clip(text, expect, return_loss=False))

@@ -74,7 +74,7 @@ from ..nn.functional import vocab_slice_cross_entropy
 from ..ops import sparse_attention
 from ..sampling import check_error_flags, sample
 
-__all__ = ["DallePytorchAttention", "generate", "import_dalle_pytorch", "is_patched", "layouts", "patch", "unpatch"]
+__all__ = ["DallePytorchAttention", "generate", "generate_images", "import_dalle_pytorch", "is_patched", "layouts", "patch", "unpatch"]
 
 
 def import_dalle_pytorch(stand_ins: bool = False):
@@ -514,7 +514,7 @@ def _text_ids(model, text: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def generate(model, text: torch.Tensor, *, filter_thres: float = 0.5, temperature: float = 1.0,
              cond_scale: float = 1.0, img: Optional[torch.Tensor] = None, num_init_img_tokens: Optional[int] = None,
-             seed: int = 0) -> torch.Tensor:
+             seed: Optional[int] = None) -> torch.Tensor:
     """Sample image tokens of a ``dalle_pytorch.DALLE`` (patched or not) with dalle_fast's KV cache.
 
     Args:
@@ -528,7 +528,9 @@ def generate(model, text: torch.Tensor, *, filter_thres: float = 0.5, temperatur
             the all-padding caption (``!= 1`` doubles the rows).
         img: optional ``(B, 3, H, W)`` images whose first ``num_init_img_tokens`` codes
             (``model.vae.get_codebook_indices``; default ``int(0.4375 * image_seq_len)``) prime the generation.
-        seed: image ``b`` draws with seed ``seed + b`` (reproducible, independent of the batch).
+        seed: image ``b`` draws with seed ``seed + b`` (reproducible, independent of the batch); ``None``
+            (default) takes a fresh seed from torch's global generator on each call, so repeated calls give
+            new samples and ``torch.manual_seed`` makes them reproducible.
 
     Returns:
         int64 ``(B, image_seq_len)`` image tokens on the model's device; ``model.vae.decode(codes)`` gives
@@ -550,8 +552,10 @@ def generate(model, text: torch.Tensor, *, filter_thres: float = 0.5, temperatur
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if not 0.0 <= filter_thres <= 1.0:
         raise ValueError(f"filter_thres must be in [0, 1], got {filter_thres}")
+    if seed is None:  # below 2**62: seed + b stays clear of int64's wrap-around
+        seed = int(torch.randint(-2**62, 2**62, ()))
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {type(seed).__name__}")
+        raise ValueError(f"seed must be an int or None, got {type(seed).__name__}")
     if not -2**63 <= seed < 2**63:  # (seed + b wraps around in int64)
         raise ValueError(f"seed must be an int64, in [-2**63, 2**63), got {seed}")
     B = text.shape[0]
@@ -592,3 +596,17 @@ def generate(model, text: torch.Tensor, *, filter_thres: float = 0.5, temperatur
         model.train(was_training)
     check_error_flags(engine.errors, "dalle_pytorch.generate")
     return codes
+
+
+def generate_images(model, text: torch.Tensor, *, clip=None, **kwargs):
+    """``model.generate_images`` of DALLE-pytorch through :func:`generate`: the images
+    ``model.vae.decode(codes)``, and with ``clip`` (a ``dalle_pytorch.CLIP``, or any callable
+    ``clip(text, images, return_loss=False)``) also its scores of each caption and image,
+    ``(images, scores)``, as DALLE-pytorch returns them. ``kwargs``: those of :func:`generate`."""
+    codes = generate(model, text, **kwargs)
+    with torch.no_grad():
+        images = model.vae.decode(codes)
+        if clip is None:
+            return images
+        caption = text[:, :model.text_seq_len].to(device=images.device, dtype=torch.int64)
+        return images, clip(caption, images, return_loss=False)
