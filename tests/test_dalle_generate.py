@@ -268,7 +268,7 @@ def test_generate_raises_on_a_flagged_draw(model, monkeypatch, attention, flag, 
     assert generate_codes(model, text, 2, attention=attention, cfg_scale=2.0).shape == (2, 2, 4, 4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_generate_on_cuda_raises_on_nan_logits(model):
     """The real CUDA path: a model whose logits are NaN flags every row on the device."""
     import copy
@@ -296,7 +296,7 @@ def test_cuda_graph_off_when_the_reference_backend_is_forced(monkeypatch):
     assert gen._uncapturable_ops(cuda) == []
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_cuda_generation_with_the_reference_backend_forced(model, monkeypatch):
     import copy
     m = copy.deepcopy(model).cuda()
