@@ -238,7 +238,8 @@ def _run_train(args: argparse.Namespace) -> int:
     dataset = dataset_from_args(args, dvae.config.image_size)
     tokenizer = tokenizer_from_args(args, dataset)
     # what the dataset is made from: a change in any of these re-encodes the cached codes
-    data_describe = {"data": str(args.data), "data_files": data_fingerprint(args.data) if args.data is not None else None,
+    data_describe = {"data": str(args.data),
+                     "data_files": data_fingerprint(args.data) if args.data is not None else None,
                      "seed": args.seed, "shapes_length": args.shapes_length, "max_shapes": args.max_shapes,
                      "holdout": list(args.holdout)}
     cfg, codes, extra_meta = prepare_dalle_training(
