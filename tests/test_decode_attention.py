@@ -436,7 +436,7 @@ def test_cuda_graph_decode_and_sample():
 
 def test_bad_inputs_raise_strided_pos_shared_memory_and_scale():
     """pos is checked and read as the same (contiguous) values, whatever its strides: a strided pos
-    used to be range-checked on other memory than the kernel read (an out-of-range slot written
+    is range-checked on the memory the kernel reads (else an out-of-range slot could be written
     under torch.compile, where only the C++ check runs). Caches that share memory, which the
     in-place write would corrupt, and a bad scale are refused."""
     layout = LAYOUTS[1]

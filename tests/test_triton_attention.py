@@ -628,8 +628,8 @@ for cfg in (K.TileConfig(32, 64, 4, 3), K.TileConfig(64, 64, 4, 3)):
         bad.append(f"dkdv col {tuple(cfg)}: {r}")
 # register caps the tuner derives (occupancy_cap, an H100's SM): ptxas keeps them, and the 8-warp
 # 128 x 64 forward (row, conv; flat: row) and dQ (row) fit them without spilling (bfloat16, head_dim
-# 64; dQ conv spills 8 B with Triton 3.8, none with 3.6: the tuner skips it where it spills). Which
-# of them are register-limited depends on the Triton release; at least one is with 3.6 and 3.8.
+# 64; dQ conv may spill under a cap, and the tuner skips it where it does). Which of them are
+# register-limited depends on the Triton release (docs/design-notes.md, "Register caps"); at least one is.
 derived = 0
 for name, cfg, kinds in (("fwd", K.TileConfig(128, 64, 8, 3), ("row", "conv")),
                          ("fwd", K.TileConfig(128, 64, 8, 4), ("row", "conv")),
@@ -761,8 +761,8 @@ def test_tuner_skips_spilling_configs(monkeypatch):
 
 
 def test_occupancy_cap():
-    """Register caps that fit one more program per Hopper SM (register counts of Triton 3.6's
-    sm_90a kernels, bench/RESULTS.md), and none where registers are not what limits it."""
+    """Register caps that fit one more program per Hopper SM (register counts of sm_90a kernels as
+    bench/RESULTS.md lists them), and none where registers are not what limits it."""
     H = K.HOPPER
     assert K.programs_per_sm(147, 8, 65536, H) == 1 and K.occupancy_cap(147, 8, 65536, H) == 128
     assert K.occupancy_cap(186, 8, 65536, H) == 128  # conv forward 128 x 64, 8 warps
