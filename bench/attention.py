@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import check_at_least, check_cuda, comma_list, cpu_isas  # noqa: E402
 
 MODES = ("fwd", "bwd", "fwdbwd")
-#: modes run without --modes: on CUDA every mode issue 3's targets are stated for (backward alone
+#: modes run without --modes: on CUDA every mode the GPU speed targets are stated for (backward alone
 #: included); on CPU, where FlexAttention has no backward, forward and forward + backward
 DEFAULT_MODES = {"cpu": "fwd,fwdbwd", "cuda": "fwd,bwd,fwdbwd"}
 #: every provider the benchmark knows (``make_provider``); the CUDA-only ones are skipped with a note on CPU

@@ -43,7 +43,8 @@ try:  # the installed package, else a checkout with an in-place build
 except ImportError:
     sys.path.insert(0, str(ROOT))
 
-from dalle_fast.generate import ATTENTION_MODES, _draw, _Options, generate_codes  # noqa: E402
+from dalle_fast import sample  # noqa: E402
+from dalle_fast.generate import ATTENTION_MODES, generate_codes  # noqa: E402
 from dalle_fast.models.dalle import DALLE, DALLEConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,7 +57,7 @@ def _sync(device):
 
 
 @torch.no_grad()
-def time_uncached_sampled(model, text, n, opts, device, steps, repeat):
+def time_uncached_sampled(model, text, n, cfg_scale, device, steps, repeat):
     """Estimate one complete no-cache generation from ``steps`` steps at evenly spread positions
     (the step feeding position ``p`` recomputes positions ``0..p``; its cost depends only on ``p``).
     Returns (estimated seconds, first-step seconds, mean step seconds)."""
@@ -65,7 +66,7 @@ def time_uncached_sampled(model, text, n, opts, device, steps, repeat):
     rows = text.shape[0] * n
     seeds = torch.arange(rows, device=device)
     text_rows = text.repeat_interleave(n, 0)
-    if opts.cfg_scale != 1.0:
+    if cfg_scale != 1.0:
         text_rows = torch.cat([text_rows, model.null_text(rows)])
     codes = torch.zeros(text_rows.shape[0], S2, dtype=torch.long, device=device)
 
@@ -75,7 +76,9 @@ def time_uncached_sampled(model, text, n, opts, device, steps, repeat):
             _sync(device)
             t = time.perf_counter()
             h = model.hidden(model.embed(text_rows, codes[:, :p - T + 1]))
-            _draw(model.image_logits(h[:, -1]), rows, seeds, 0, opts)
+            logits = model.image_logits(h[:, -1])  # then one draw per row, as generation makes it
+            sample(logits[:rows], seeds=seeds, step=0, uncond_logits=logits[rows:] if cfg_scale != 1.0 else None,
+                   cfg_scale=cfg_scale, return_error_flag=True)
             _sync(device)
             best = min(best, time.perf_counter() - t)
         return best
@@ -233,7 +236,6 @@ def main(argv=None) -> int:
     cfg = DALLEConfig.preset(args.preset)
     model = DALLE(cfg).to(device=device, dtype=dtype).eval()
     text = torch.randint(0, cfg.pad_base - 1, (args.batch, cfg.text_len - 1), device=device)
-    opts = _Options(args.cfg_scale, 1.0, 0, 1.0)
     images = args.batch * args.n
     tokens = images * cfg.image_tokens
     rows = []
@@ -244,7 +246,7 @@ def main(argv=None) -> int:
     measured = [m for m in modes if args.full or m != "none"]
 
     def full_run(mode):
-        return lambda: generate_codes(model, text, args.n, attention=mode, seed=0, cfg_scale=opts.cfg_scale)
+        return lambda: generate_codes(model, text, args.n, attention=mode, seed=0, cfg_scale=args.cfg_scale)
 
     full_secs = dict(zip(measured, _best_interleaved([full_run(m) for m in measured], args.repeat, device)))
     for mode in modes:
@@ -252,8 +254,8 @@ def main(argv=None) -> int:
             secs, first, step = full_secs[mode], None, None
             how = f"measured, best of {args.repeat} (modes interleaved)"
         else:
-            secs, first, step = time_uncached_sampled(model, text, args.n, opts, device, args.sample_steps,
-                                                      args.repeat)
+            secs, first, step = time_uncached_sampled(model, text, args.n, args.cfg_scale, device,
+                                                      args.sample_steps, args.repeat)
             how = f"estimated from {args.sample_steps} evenly spread steps, best of {args.repeat} each"
         rows.append({"mode": mode, "seconds": secs, "images_per_s": images / secs, "tokens_per_s": tokens / secs,
                      "first_step_s": first, "mean_step_s": step, "how": how})

@@ -160,7 +160,7 @@ done
 # GPU tests, one run per file (slow tests excluded): the files with GPU tests; the rest of the
 # suite is CPU-only and runs in CI
 GPU_TESTS="${GPU_TESTS:-tests/test_triton_attention.py tests/test_decode_attention.py tests/test_sample.py}"
-# On the lent H200 image (torch 2.11, g++ 13.3) any C++ extension op that raises a c10::Error
+# On some CUDA images (torch 2.11 with g++ 13.3 among them) any C++ extension op that raises a c10::Error
 # (even a five-line TORCH_CHECK op built with load_inline) kills the process with SIGSEGV. Probe
 # for that and, where it happens, deselect the tests of C++ error paths (they pass on CPU in CI).
 DESELECT="not slow"

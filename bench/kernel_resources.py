@@ -17,7 +17,7 @@ threads); ``cap``: the register cap the tuner would also try (``occupancy_cap``;
 What it cannot tell: time. It is the check that needs no GPU: a configuration that spills or
 loses its asynchronous copies is slow on any Hopper card, and the default configurations (used
 under CUDA-graph capture before tuning, and with tuning off) must do neither. Register allocation
-is ptxas's, so a different Triton release (the lent GPU machines run 3.6) can differ.
+is ptxas's, so a different Triton release can differ.
 
     python bench/kernel_resources.py                       # defaults + candidates, bf16, D=64, row/col
     python bench/kernel_resources.py --kinds conv --head-dims 128 --defaults-only

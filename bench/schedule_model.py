@@ -47,9 +47,8 @@ from _util import check_at_least, check_finite, comma_list  # noqa: E402
 from attention import l2_reads_writes  # noqa: E402
 
 #: (kernel, BLOCK_M, BLOCK_N, programs per SM) of the bfloat16 head_dim-64 defaults on sm_90a, from
-#: their resources (bench/kernel_resources.py; 64K registers and 227 KiB of shared memory per SM):
-#: forward 4 warps x 126-163 registers, 72 KiB: 3; dQ 4 warps x 191-221 registers, 56 KiB: 2;
-#: dK/dV 8 warps x 148-175 registers: 1
+#: their registers and shared memory against an SM's 64K registers and 227 KiB (bench/kernel_resources.py;
+#: the counts are in bench/RESULTS.md)
 KERNELS = (("fwd", 64, 64, 3), ("dq", 128, 32, 2), ("dkdv", 32, 128, 1))
 
 

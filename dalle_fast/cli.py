@@ -16,7 +16,6 @@ Ctrl-C or SIGTERM in training saves the step and prints the command that resumes
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -231,52 +230,25 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
-
-    from .checkpoint import load_checkpoint, load_model
-    from .data.codes import CodesDataset, data_fingerprint, encode_dataset
-    from .models.dalle import DALLEConfig
-    from .models.dvae import DVAE
-    from .train import init_distributed, inputs_mismatch, resolve_device, train_dalle
-    rank, world, _ = init_distributed()
-    dvae_ck = load_checkpoint(args.dvae)  # ValueError for a path without a checkpoint
+    from .data.codes import data_fingerprint
+    from .train import init_distributed, load_dvae, prepare_dalle_training, resolve_device, train_dalle
+    init_distributed()
     device = resolve_device(args.device, "--device")
-    dvae = load_model(dvae_ck.path, device)  # the checkpoint just read, not whatever is newest by now
-    if not isinstance(dvae, DVAE):
-        raise ValueError(f"dvae: {str(args.dvae)!r} holds a {type(dvae).__name__}, not a DVAE")
+    dvae_ck, dvae = load_dvae(args.dvae, device)
     dataset = dataset_from_args(args, dvae.config.image_size)
     tokenizer = tokenizer_from_args(args, dataset)
-    cfg = DALLEConfig.for_tokenizer(tokenizer, args.preset, image_size=dvae.config.latent_size,
-                                    image_vocab=dvae.config.vocab_size, caption_dropout=args.caption_dropout)
-    # the dVAE checkpoint file these codes come from (not its directory, whose newest checkpoint moves
-    # on if the dVAE trains further) and the hashes of the run's inputs, which a resume and
-    # load_pipeline check
-    extra_meta = {"dvae_checkpoint": str(dvae_ck.path.resolve()), "dvae_sha256": dvae_ck.meta["weights_sha256"],
-                  "tokenizer_sha256": tokenizer.fingerprint()}
-    if args.resume is not None:  # (every rank) before re-encoding the cache for a resume that would be refused
-        from .checkpoint import latest_checkpoint, resolve_checkpoint
-        ref = latest_checkpoint(args.out) if args.resume == "auto" else resolve_checkpoint(args.resume)
-        try:
-            saved = (json.loads(ref.read_text()).get("extra") or {}) if ref is not None else {}
-        except (OSError, ValueError, AttributeError):  # unreadable: the trainer's resume names the problem
-            saved = {}
-        why = inputs_mismatch(saved, extra_meta)
-        if why:
-            raise ValueError(f"--resume: checkpoint {ref.name} {why}")
-    cache = args.out / "codes"
-    # what the cached codes were made from: a change in any of these re-encodes
-    describe = {"dvae_sha256": extra_meta["dvae_sha256"], "data": str(args.data),
-                "data_files": data_fingerprint(args.data) if args.data is not None else None, "seed": args.seed,
-                "shapes_length": args.shapes_length, "max_shapes": args.max_shapes, "holdout": list(args.holdout),
-                "tokenizer": extra_meta["tokenizer_sha256"]}
-    if rank == 0:
-        encode_dataset(dvae, tokenizer, dataset, cfg.text_len - 1, cache, describe,
-                       batch_size=args.encode_batch_size, progress=not args.no_progress)
-    if world > 1:
-        dist.barrier()
+    # what the dataset is made from: a change in any of these re-encodes the cached codes
+    data_describe = {"data": str(args.data),
+                     "data_files": data_fingerprint(args.data) if args.data is not None else None,
+                     "seed": args.seed, "shapes_length": args.shapes_length, "max_shapes": args.max_shapes,
+                     "holdout": list(args.holdout)}
+    cfg, codes, extra_meta = prepare_dalle_training(
+        dvae_ck, dvae, tokenizer, dataset, args.out, preset=args.preset, caption_dropout=args.caption_dropout,
+        resume=args.resume, data_describe=data_describe, encode_batch_size=args.encode_batch_size,
+        progress=not args.no_progress, resume_flag="--resume")
     del dvae
-    trainer = train_dalle(cfg, train_config_from_args(args), CodesDataset.load(cache), args.out, resume=args.resume,
-                          device=device, extra_meta=extra_meta)
+    trainer = train_dalle(cfg, train_config_from_args(args), codes, args.out, resume=args.resume, device=device,
+                          extra_meta=extra_meta)
     return _report(trainer, args.out)
 
 
@@ -303,38 +275,11 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
 
 
-VIEW_SIZE = 128  # grids are also written with each image upscaled to at least this many pixels
-
-
-def save_grid(images, path: Path, columns: int | None = None) -> Path:
-    """Write ``images`` ``(N, C, H, W)`` in [0, 1] as one PNG grid (2 px gaps) at ``path``, with each
-    image scaled up by a whole factor (nearest neighbour) to at least :data:`VIEW_SIZE` pixels, and
-    at the original size as ``<stem>-1x.png`` beside it; returns the path of the original-size grid."""
-    import math
-
-    import numpy as np
-    from PIL import Image
-    n, _, h, w = images.shape
-    cols = columns or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, dtype=np.uint8)
-    pixels = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    for i in range(n):
-        r, c = divmod(i, cols)
-        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = pixels[i]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    original = path.with_name(f"{path.stem}-1x{path.suffix}")
-    image = Image.fromarray(grid)
-    image.save(original)
-    factor = max(1, math.ceil(VIEW_SIZE / min(h, w)))
-    image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST).save(path)
-    return original
-
-
 def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .generate import load_pipeline
+    from .images import save_grid
     from .train import resolve_device
     if args.rerank and args.clip is None:
         raise ValueError("--rerank needs --clip CHECKPOINT")

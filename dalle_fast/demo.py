@@ -198,7 +198,7 @@ def _score_all(images, captions: list[str], progress: bool, desc: str):
 
 def _row_grid(images, path: Path, rows: int) -> None:
     """First ``rows`` captions, one row of candidates each (``images`` ``(P, C, 3, H, W)``)."""
-    from .cli import save_grid
+    from .images import save_grid
     sel = images[:rows]
     save_grid(sel.flatten(0, 1), path, columns=sel.shape[1])
 

@@ -624,3 +624,77 @@ def train_dalle(config, train_config: TrainConfig, dataset: Dataset, out_dir: st
                       model_config=config, extra_meta=extra_meta, device=device)
     trainer.fit(resume)
     return trainer
+
+
+def load_dvae(path: str | Path, device: str | torch.device | None = None):
+    """The dVAE checkpoint at ``path`` (file or directory) and its model on ``device``:
+    ``(Checkpoint, DVAE)``. The model is the checkpoint just read, not whatever is newest in the
+    directory by the time it loads; a checkpoint of another model type is a ValueError."""
+    from .models.dvae import DVAE
+    ck = ckpt_lib.load_checkpoint(path)  # ValueError for a path without a checkpoint
+    dvae = ckpt_lib.load_model(ck.path, device if device is not None else "cpu")
+    if not isinstance(dvae, DVAE):
+        raise ValueError(f"dvae: {str(path)!r} holds a {type(dvae).__name__}, not a DVAE")
+    return ck, dvae
+
+
+def check_resume_inputs(resume: str | Path | None, out_dir: str | Path, extra_meta: Mapping,
+                        flag: str = "resume") -> None:
+    """Refuse (ValueError) a ``resume`` ("auto": the newest checkpoint in ``out_dir``, or a checkpoint
+    path) whose checkpoint was trained from other inputs than ``extra_meta``'s ``*_sha256`` entries
+    name, before any expensive preparation. An unreadable checkpoint passes: the trainer's resume
+    reports it."""
+    if resume is None:
+        return
+    ref = ckpt_lib.latest_checkpoint(out_dir) if resume == "auto" else ckpt_lib.resolve_checkpoint(resume)
+    try:
+        saved = (json.loads(ref.read_text()).get("extra") or {}) if ref is not None else {}
+    except (OSError, ValueError, AttributeError):
+        saved = {}
+    why = inputs_mismatch(saved, extra_meta)
+    if why:
+        raise ValueError(f"{flag}: checkpoint {ref.name} {why}")
+
+
+def cached_codes(dvae, tokenizer, dataset: Dataset, text_len: int, cache_dir: str | Path, describe: Mapping,
+                 *, batch_size: int = 64, progress: bool = True):
+    """``dataset``'s images as ``dvae`` codes with their captions tokenized to ``text_len`` ids, cached
+    in ``cache_dir``: rank 0 encodes them unless the cache was made from the same ``describe`` (what
+    the codes depend on; any change re-encodes), every rank waits for it and loads the
+    :class:`~dalle_fast.data.codes.CodesDataset`."""
+    from .data.codes import CodesDataset, encode_dataset
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        encode_dataset(dvae, tokenizer, dataset, text_len, cache_dir, dict(describe), batch_size=batch_size,
+                       progress=progress)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    return CodesDataset.load(cache_dir)
+
+
+def prepare_dalle_training(dvae_checkpoint, dvae, tokenizer, dataset: Dataset, out_dir: str | Path, *,
+                           preset: str = "tiny", caption_dropout: float = 0.1, resume: str | Path | None = None,
+                           data_describe: Mapping | None = None, encode_batch_size: int = 64,
+                           progress: bool = True, resume_flag: str = "resume"):
+    """What :func:`train_dalle` needs to train on captioned images, as ``dalle-fast train`` runs it:
+    ``(config, codes, extra_meta)``.
+
+    ``config``: the DALLEConfig preset ``preset`` sized for ``tokenizer`` and ``dvae``;
+    ``dvae_checkpoint`` and ``dvae`` come from :func:`load_dvae`. ``extra_meta`` records the dVAE
+    checkpoint file and the hashes of the dVAE and tokenizer (which a resume and
+    :func:`dalle_fast.generate.load_pipeline` check); a ``resume`` from other inputs is refused here,
+    before the images are encoded. ``codes``: the dataset's codes, cached in ``out_dir/codes``
+    (:func:`cached_codes`) keyed by the dVAE, the tokenizer and ``data_describe`` (what the dataset
+    was made from). The dVAE is no longer needed afterwards."""
+    from .models.dalle import DALLEConfig
+    cfg = DALLEConfig.for_tokenizer(tokenizer, preset, image_size=dvae.config.latent_size,
+                                    image_vocab=dvae.config.vocab_size, caption_dropout=caption_dropout)
+    # the checkpoint file, not its directory (whose newest checkpoint moves on if the dVAE trains further)
+    extra_meta = {"dvae_checkpoint": str(Path(dvae_checkpoint.path).resolve()),
+                  "dvae_sha256": dvae_checkpoint.meta["weights_sha256"], "tokenizer_sha256": tokenizer.fingerprint()}
+    check_resume_inputs(resume, out_dir, extra_meta, resume_flag)  # (every rank: all stop, or none)
+    describe = {"dvae_sha256": extra_meta["dvae_sha256"], **(data_describe or {}),
+                "tokenizer": extra_meta["tokenizer_sha256"]}
+    codes = cached_codes(dvae, tokenizer, dataset, cfg.text_len - 1, Path(out_dir) / "codes", describe,
+                         batch_size=encode_batch_size, progress=progress)
+    return cfg, codes, extra_meta

@@ -18,11 +18,14 @@ def _private_tuning_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("DALLE_FAST_CACHE_DIR", str(tmp_path_factory.mktemp("dalle_fast_cache")))
 
 
-def has_cuda() -> bool:
-    return torch.cuda.is_available()
-
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip without a CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -31,12 +34,17 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def assert_close_to_reference(ours, ref64, ref_pt, what: str, factor: float = 2.0, floor: float = 0.0):
     """flash-attention's rule: our error against the float64 reference may be at most ``factor``
-    times the error PyTorch itself reaches at the same precision (``ref_pt``), plus ``floor``."""
+    times the error PyTorch itself reaches at the same precision, plus ``floor``. ``ref_pt``:
+    PyTorch's result at that precision, a tuple of them (the largest error counts), or its error
+    already measured (a float)."""
     e_ours = max_err(ours, ref64)
-    e_pt = max_err(ref_pt, ref64)
+    if isinstance(ref_pt, float):
+        e_pt = ref_pt
+    else:
+        e_pt = max(max_err(r, ref64) for r in (ref_pt if isinstance(ref_pt, tuple) else (ref_pt,)))
     assert e_ours <= factor * e_pt + floor, (
         f"{what}: error {e_ours:.3e} vs PyTorch's {e_pt:.3e} at the same precision "
-        f"(allowed {factor} x + {floor:g})"
+        f"(allowed {factor} x + {floor:.3e})"
     )
 
 

@@ -76,7 +76,7 @@ def test_l2_read_kernel_interpreted():
     per-program sums add up to reps times the buffer's), under the Triton interpreter on CPU
     tensors; and one launch reads an L2-sized buffer often enough (>= 512 MB) that its GPU time,
     not the ~5-12 us per call of Triton's launcher, is what gets timed (one read of 8 MB at an
-    H100's ~6 TB/s L2 takes ~1.3 us: timed one read per launch, L2 came out at the launch rate)."""
+    H100's ~6 TB/s L2 takes ~1.3 us, less than a launch)."""
     code = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
@@ -695,8 +695,8 @@ def test_cuda_peak_memory_is_the_timed_calls_own(monkeypatch):
 
 
 def test_attention_bench_cuda_defaults_run_every_target_mode():
-    """``python bench/attention.py --device cuda`` without --modes runs the modes issue 3's targets
-    are stated for (backward alone: "backward at least 1.3x faster than FlexAttention"), so the
+    """``python bench/attention.py --device cuda`` without --modes runs the modes the GPU speed
+    targets are stated for (backward alone: "backward at least 1.3x faster than FlexAttention"), so the
     documented invocation checks every target; the CPU default stays forward and forward+backward."""
     bench = _bench_attention()
     target_modes = {mode for _, mode, _, _, _ in bench._SPEEDUPS} | {"fwd"}
@@ -707,8 +707,8 @@ def test_attention_bench_cuda_defaults_run_every_target_mode():
 def test_flex_counts_the_in_range_part_of_its_blocks():
     """FlexAttention's FLOPs are counted on the in-range part of each non-empty block of its
     BlockMask, as dalle_fast's are on its tiles: at N = 320 (T=64, S=16) the last 128-block holds 64
-    positions; counting it whole made Flex-128 compute 98304 entries per head instead of 69632
-    (+41% TFLOP/s). Brute force over the dense mask."""
+    positions; counting it whole would give Flex-128 98304 entries per head instead of 69632.
+    Brute force over the dense mask."""
     from dalle_fast import Layout
 
     bench = _bench_attention()

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from dalle_fast import checkpoint as ck
-from dalle_fast.cli import HelpFormatter, build_parser, main, save_grid
+from dalle_fast.cli import HelpFormatter, build_parser, main
+from dalle_fast.images import save_grid
 from dalle_fast.train import TrainConfig, Trainer, TrainingInterrupted, _StopOnSignal, dvae_loss, image_collate
 
 torch.set_num_threads(1)

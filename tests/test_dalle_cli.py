@@ -45,17 +45,33 @@ def test_cli_train_and_generate(tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
-def test_bench_generate_quick(tmp_path):
+def _bench_generate():
+    """bench/generate.py as a module."""
     import importlib.util
-    import json
     from pathlib import Path
     spec = importlib.util.spec_from_file_location("bench_generate", Path(__file__).parents[1] / "bench" / "generate.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_generate_quick(tmp_path):
+    import json
+    bench = _bench_generate()
     assert bench.main(["--quick", "--repeat", "1", "-n", "2", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "generate.json").read_text())
     assert [r["mode"] for r in result["results"]] == ["sparse", "dense", "none"]
     assert all(r["images_per_s"] > 0 for r in result["results"]) and "torch" in result["machine"]
+
+
+def test_bench_generate_estimates_the_uncached_mode(tmp_path):
+    """Without --full the no-cache mode is estimated from a few sampled steps (with guidance here)."""
+    import json
+    bench = _bench_generate()
+    assert bench.main(["--preset", "tiny", "--modes", "none", "--batch", "1", "-n", "1", "--repeat", "1",
+                       "--sample-steps", "1", "--cfg-scale", "3", "--out", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "generate.json").read_text())["results"]
+    assert row["mode"] == "none" and row["how"].startswith("estimated") and row["mean_step_s"] > 0
 
 
 def test_cli_train_caches_by_content_and_records_the_dvae_file(tmp_path, capsys):

@@ -189,7 +189,7 @@ def test_tiny_model_overfits_captions_and_generates_them():
 
 def test_cuda_graph_refused_without_the_sparse_cuda_path(model):
     text = torch.randint(0, 35, (1, 4))
-    for attention in ("none", "dense", "sparse"):  # attention="none" used to ignore cuda_graph=True silently
+    for attention in ("none", "dense", "sparse"):  # attention="none" too: cuda_graph=True is never ignored silently
         with pytest.raises(ValueError, match="cuda_graph"):
             generate_codes(model, text, 1, cuda_graph=True, attention=attention)
 
@@ -257,7 +257,7 @@ def _flagging_sample(real, flag_step, flag_row, flag):
 def test_generate_raises_on_a_flagged_draw(model, monkeypatch, attention, flag, what):
     """A draw the sampler flags (NaN/+inf or all -inf logits: on CUDA it returns a token and sets the
     flag, without a host sync) makes generate_codes raise once the codes are done, instead of
-    returning codes that are not samples (they used to be returned silently on CUDA)."""
+    returning codes that are not samples."""
     import dalle_fast.generate as gen
 
     text, real = torch.randint(0, 30, (2, 4)), gen.sample
@@ -268,7 +268,7 @@ def test_generate_raises_on_a_flagged_draw(model, monkeypatch, attention, flag, 
     assert generate_codes(model, text, 2, attention=attention, cfg_scale=2.0).shape == (2, 2, 4, 4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_generate_on_cuda_raises_on_nan_logits(model):
     """The real CUDA path: a model whose logits are NaN flags every row on the device."""
     import copy
@@ -282,7 +282,7 @@ def test_generate_on_cuda_raises_on_nan_logits(model):
 def test_cuda_graph_off_when_the_reference_backend_is_forced(monkeypatch):
     """$DALLE_FAST_BACKEND=reference makes the decode ops sync with the host (pos.tolist(), int(step)),
     which a CUDA graph cannot capture: the default then decodes without a graph and an explicit
-    cuda_graph=True is refused by name (capture used to fail inside CUDA). Decided per device, so
+    cuda_graph=True is refused by name (rather than failing inside CUDA's capture). Decided per device, so
     it is checked here on a CUDA device object without a GPU."""
     import dalle_fast.generate as gen
 
@@ -296,7 +296,7 @@ def test_cuda_graph_off_when_the_reference_backend_is_forced(monkeypatch):
     assert gen._uncapturable_ops(cuda) == []
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_cuda_generation_with_the_reference_backend_forced(model, monkeypatch):
     import copy
     m = copy.deepcopy(model).cuda()

@@ -176,7 +176,7 @@ def test_config_refuses_ids_and_weights_of_the_wrong_type():
 
 def test_empty_batch_with_codes():
     m = DALLE(micro()).eval()
-    text = torch.zeros(0, 4, dtype=torch.long)  # reshape(0, -1) of the codes used to raise a RuntimeError
+    text = torch.zeros(0, 4, dtype=torch.long)  # no reshape(0, -1) of the codes (which cannot infer -1)
     assert m.logits(text, torch.zeros(0, 3, dtype=torch.long)).shape == (0, 8, 64)
     assert m.logits(text, torch.zeros(0, 4, 4, dtype=torch.long)).shape == (0, 21, 64)
     assert m.flat_codes(torch.zeros(0, 4, 4, dtype=torch.long)).shape == (0, 16)

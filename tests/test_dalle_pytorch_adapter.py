@@ -356,7 +356,7 @@ def test_sampling_respects_filter_thres_and_seed():
 
 def test_generate_raises_on_a_flagged_draw(monkeypatch):
     """A draw the sampler flags (on CUDA: NaN/+inf or all -inf logits give a token and a flag on the
-    device, no host sync) makes generate raise once the codes are done; it used to return them."""
+    device, no host sync) makes generate raise once the codes are done instead of returning them."""
     model = make_model()
     text, _ = batch(2)
     real = dfp.sample

@@ -9,6 +9,8 @@ from hypothesis import given, settings, strategies as st
 import dalle_fast
 from dalle_fast import Layout, reference
 
+from conftest import assert_close_to_reference
+
 # every test of this module runs once per instruction set of the CPU kernels (conftest.py)
 pytestmark = pytest.mark.usefixtures("every_cpu_isa")
 
@@ -63,10 +65,9 @@ def torch_error(q, k, v, layout, rows, dtype):
     return sel(ref64), (sel(low).double() - sel(ref64)).abs().max().item()
 
 
-def check_rows(out, ref_rows, tol):
-    got = out[:, :, 0].double()
-    err = (got - ref_rows).abs().max().item()
-    assert err <= tol, f"max error {err} > tolerance {tol}"
+def check_rows(out, ref_rows, torch_err):
+    """The decoded rows ``out[:, :, 0]`` against the float64 ones: at most twice PyTorch's error ``torch_err``."""
+    assert_close_to_reference(out[:, :, 0], ref_rows, torch_err, "decoded rows", floor=1e-6)
 
 
 # --------------------------------------------------------------------------------- index math
@@ -92,7 +93,7 @@ def test_cpu_matches_reference_every_position(layout):
         assert out.shape == (B, H, 1, D) and out.dtype == torch.float32
         rows = list(enumerate(pos.tolist()))
         ref_rows, terr = torch_error(q, k, v, layout, rows, torch.float32)
-        check_rows(out, ref_rows, 2 * terr + 1e-6)
+        check_rows(out, ref_rows, terr)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -107,7 +108,7 @@ def test_cpu_low_precision(layout, dtype):
     out = dalle_fast.decode_attention(qs, ks, vs, kc, vc, pos, layout)
     assert out.dtype == dtype
     ref_rows, terr = torch_error(q, k, v, layout, list(enumerate(pos.tolist())), dtype)
-    check_rows(out, ref_rows, 2 * terr + 1e-6)
+    check_rows(out, ref_rows, terr)
 
 
 @pytest.mark.parametrize("D", [64, 128])
@@ -124,7 +125,7 @@ def test_cpu_head_dims_mixed_positions(D):
     rows = list(enumerate(pos.tolist()))
     sel = lambda t: torch.stack([t[b, :, p] for b, p in rows]).double()  # noqa: E731
     terr = (sel(low) - sel(ref)).abs().max().item()
-    check_rows(out, sel(ref), 2 * terr + 1e-6)
+    check_rows(out, sel(ref), terr)
 
 
 def test_cache_written_in_place_and_nothing_else():
@@ -157,7 +158,7 @@ def test_scalar_pos_broadcasts_and_strided_cache():
     out = dalle_fast.decode_attention(qs, ks, vs, kc, vc, pos, layout)
     assert torch.equal(big_k[:, :, p], ks[:, :, 0])
     ref_rows, terr = torch_error(q, k, v, layout, [(0, p), (1, p)], torch.float32)
-    check_rows(out, ref_rows, 2 * terr + 1e-6)
+    check_rows(out, ref_rows, terr)
 
 
 def test_reference_backend_matches_cpu():
@@ -205,8 +206,8 @@ def test_shared_text_equals_unshared(layout):
     # the shared path computes the text part of a prompt's rows as GEMMs (another summation order):
     # both paths against float64 with the rule of the other decode tests
     ref_rows, terr = torch_error(q, k, v, layout, list(enumerate(pos.tolist())), torch.float32)
-    check_rows(plain, ref_rows, 2 * terr + 1e-6)
-    check_rows(shared, ref_rows, 2 * terr + 1e-6)
+    check_rows(plain, ref_rows, terr)
+    check_rows(shared, ref_rows, terr)
     for b, p in enumerate(pos.tolist()):
         assert torch.equal(ik[b, :, p - T], ks[b, :, 0])
     refd = dalle_fast.decode_attention(qs, ks, vs, ik.clone(), iv.clone(), pos, layout, text_k_cache=tk,
@@ -245,7 +246,7 @@ def test_property_decode_equals_last_row(kind, T, S, K, d, data):
     kc, vc = caches_for(k, v, pos)
     out = dalle_fast.decode_attention(qs, ks, vs, kc, vc, pos, layout)
     ref_rows, terr = torch_error(q, k, v, layout, [(0, p)], torch.float32)
-    check_rows(out, ref_rows, 2 * terr + 1e-6)
+    check_rows(out, ref_rows, terr)
 
 
 # --------------------------------------------------------------------------------- errors, opcheck
@@ -326,10 +327,9 @@ def test_torch_compile_mutates_cache():
 
 
 # --------------------------------------------------------------------------------- CUDA
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [32, 64, 128])
 @pytest.mark.parametrize("layout", LAYOUTS + [Layout("row", 256, 32), Layout("conv", 256, 32, kernel_size=11)],
@@ -345,13 +345,13 @@ def test_cuda_matches_cpu(layout, D, dtype):
     kg, vg = kc.cuda(), vc.cuda()
     out = dalle_fast.decode_attention(qs.cuda(), ks.cuda(), vs.cuda(), kg, vg, pos.cuda(), layout)
     ref_rows, terr = torch_error(q, k, v, layout, list(enumerate(pos.tolist())), dtype)
-    check_rows(out.cpu(), ref_rows, 2 * terr + 1e-6)
+    check_rows(out.cpu(), ref_rows, terr)
     torch.testing.assert_close(out.cpu().float(), out_cpu.float(), rtol=2 * terr + 1e-5, atol=2 * terr + 1e-5)
     for b, p in enumerate(pos.tolist()):
         assert torch.equal(kg[b, :, p].cpu(), ks[b, :, 0]) and torch.equal(vg[b, :, p].cpu(), vs[b, :, 0])
 
 
-@cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("B", [1, 8, 64])
 def test_cuda_split_k_many_rows_and_shared_text(B):
     layout = Layout("full", 64, 16)
@@ -368,10 +368,10 @@ def test_cuda_split_k_many_rows_and_shared_text(B):
                                          text_v_cache=c(tv), prompt_index=c(prompt_index))
     assert torch.equal(plain, shared)
     ref_rows, terr = torch_error(q, k, v, layout, list(enumerate(pos.tolist())), torch.bfloat16)
-    check_rows(plain.cpu(), ref_rows, 2 * terr + 1e-6)
+    check_rows(plain.cpu(), ref_rows, terr)
 
 
-@cuda
+@pytest.mark.gpu
 def test_cuda_bad_pos_gives_nan_without_sync():
     layout = Layout("row", 8, 4)
     q = torch.randn(2, 2, 1, 32, device="cuda")
@@ -381,7 +381,7 @@ def test_cuda_bad_pos_gives_nan_without_sync():
     assert (kc[1] == 0).all()
 
 
-@cuda
+@pytest.mark.gpu
 def test_cuda_graph_decode_and_sample():
     layout = Layout("row", 8, 6)
     B, H, D, V = 4, 2, 32, 64
@@ -436,7 +436,7 @@ def test_cuda_graph_decode_and_sample():
 
 def test_bad_inputs_raise_strided_pos_shared_memory_and_scale():
     """pos is checked and read as the same (contiguous) values, whatever its strides: a strided pos
-    used to be range-checked on other memory than the kernel read (an out-of-range slot written
+    is range-checked on the memory the kernel reads (else an out-of-range slot could be written
     under torch.compile, where only the C++ check runs). Caches that share memory, which the
     in-place write would corrupt, and a bad scale are refused."""
     layout = LAYOUTS[1]
@@ -518,7 +518,7 @@ def test_nan_key_propagates_like_the_reference():
     assert torch.equal(ours.isnan(), ref.isnan()) and ours[0, 1].isnan().all() and not ours[1].isnan().any()
 
 
-@cuda
+@pytest.mark.gpu
 def test_cuda_misaligned_and_strided_step_inputs():
     """q, k_new, v_new at an odd storage offset (read with 16-byte vector loads) are copied, not a
     misaligned-address fault; a strided pos is read as its values."""
@@ -540,7 +540,7 @@ def test_cuda_misaligned_and_strided_step_inputs():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-@cuda
+@pytest.mark.gpu
 def test_cuda_more_than_65535_heads_is_a_clear_error():
     # the heads are gridDim.z of the launch (at most 65535): 65536 heads failed inside CUDA with an
     # invalid launch configuration; now a clear error naming the heads (the cpu backend serves them)

@@ -275,10 +275,9 @@ def test_vocab_range_too_wide_for_exact_weights_raises():
 
 
 # --------------------------------------------------------------------------------- CUDA
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("V", [100, 8192, 24576, 70000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_identical_to_cpu(V, dtype):
@@ -298,7 +297,7 @@ def test_cuda_identical_to_cpu(V, dtype):
         assert torch.equal(cpu, gpu.cpu()), kw
 
 
-@cuda
+@pytest.mark.gpu
 def test_cuda_nan_flag_without_raising():
     x = torch.randn(4, 1000, device="cuda")
     x[1, 10] = float("nan")
@@ -309,7 +308,7 @@ def test_cuda_nan_flag_without_raising():
     assert ((tok >= 0) & (tok < 1000)).all()
 
 
-@cuda
+@pytest.mark.gpu
 def test_cuda_chi_square():
     if chi2 is None:
         pytest.skip("needs scipy")
@@ -326,7 +325,7 @@ def test_cuda_chi_square():
     assert ((counts[keep] - e) ** 2 / e).sum().item() < chi2.ppf(0.999, int(keep.sum()) - 1)
 
 
-@cuda
+@pytest.mark.gpu
 def test_cuda_signed_zeros_tiny_temperature_and_wide_range():
     x = torch.tensor([[-0.0, 0.0]], device="cuda").expand(16, 2).contiguous()
     s = torch.arange(16, device="cuda")

@@ -24,13 +24,13 @@ if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import dalle_fast  # noqa: E402
+from conftest import assert_close_to_reference, max_err  # noqa: E402
 from dalle_fast import Layout, reference  # noqa: E402
 
 triton = pytest.importorskip("triton")
 from dalle_fast.kernels import sparse_attention as K  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 ALL_KINDS = dalle_fast.KINDS
 
 
@@ -86,21 +86,13 @@ def _triton(q, k, v, do, layout):
     return out.detach(), grads
 
 
-def _max_err(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
 def _assert_close(name, got, ref64, base, dtype):
     """|got - ref64| <= factor * |base - ref64| (+ rounding of ref64 to dtype for 16-bit dtypes); ``base``:
     PyTorch's result at dtype, or a tuple of them (the largest error counts)."""
-    err = _max_err(got, ref64)
-    base_err = max(_max_err(b, ref64) for b in (base if isinstance(base, tuple) else (base,)))
     if dtype == torch.float32:
-        bound = 3 * base_err
+        assert_close_to_reference(got, ref64, base, name, factor=3)
     else:
-        rounding = _max_err(ref64.to(dtype), ref64)
-        bound = 2 * base_err + 2 * rounding
-    assert err <= bound, f"{name}: max error {err:.3e} > {bound:.3e} (PyTorch at {dtype}: {base_err:.3e})"
+        assert_close_to_reference(got, ref64, base, name, factor=2, floor=2 * max_err(ref64.to(dtype), ref64))
 
 
 def _check_against_reference(layout, b, h, n, d, dtype, seed=0):
@@ -410,13 +402,13 @@ def test_compile_fullgraph_aot_eager():
     _compile_case("aot_eager")
 
 
-@needs_gpu
+@pytest.mark.gpu
 def test_compile_fullgraph_inductor():
     torch._dynamo.reset()
     _compile_case("inductor")
 
 
-@needs_gpu
+@pytest.mark.gpu
 def test_cuda_graph_capture_replay():
     layout = Layout("col", 20, 6)
     q, k, v, do = _inputs(2, 3, 56, 64, torch.bfloat16, seed=6)
@@ -446,7 +438,7 @@ def test_cuda_graph_capture_replay():
         assert torch.equal(got, want)
 
 
-@needs_gpu
+@pytest.mark.gpu
 def test_every_tile_config():
     """Each autotuning candidate is correct (autotuning may pick any of them); col: gathered rows
     through the permutation, partial tiles at both ends of the runs."""
@@ -595,7 +587,7 @@ def test_flat_candidates_are_opt_in(monkeypatch):
     assert not any(c.flat for c in K._candidates("dq") + K._candidates("dkdv"))
 
 
-@needs_gpu
+@pytest.mark.gpu
 def test_autotuned_at_paper_size(monkeypatch):
     """The autotuned path at the paper's sequence (text 256 + 32 x 32), bfloat16, col layer."""
     monkeypatch.setenv("DALLE_FAST_TRITON_AUTOTUNE", "1")
@@ -636,8 +628,8 @@ for cfg in (K.TileConfig(32, 64, 4, 3), K.TileConfig(64, 64, 4, 3)):
         bad.append(f"dkdv col {tuple(cfg)}: {r}")
 # register caps the tuner derives (occupancy_cap, an H100's SM): ptxas keeps them, and the 8-warp
 # 128 x 64 forward (row, conv; flat: row) and dQ (row) fit them without spilling (bfloat16, head_dim
-# 64; dQ conv spills 8 B with Triton 3.8, none with 3.6: the tuner skips it where it spills). Which
-# of them are register-limited depends on the Triton release; at least one is with 3.6 and 3.8.
+# 64; dQ conv may spill under a cap, and the tuner skips it where it does). Which of them are
+# register-limited depends on the Triton release (docs/design-notes.md, "Register caps"); at least one is.
 derived = 0
 for name, cfg, kinds in (("fwd", K.TileConfig(128, 64, 8, 3), ("row", "conv")),
                          ("fwd", K.TileConfig(128, 64, 8, 4), ("row", "conv")),
@@ -723,7 +715,7 @@ def test_tuner_picks_fastest_and_caches(monkeypatch):
     assert len(timed) == 2 and list(K._BEST.values()) == [wide]
     assert K.last_forward_tiles(torch.float32, 32) == (64, 32)
     ref = reference.sparse_attention(q.double(), k.double(), v.double(), layout, 0.25)
-    assert _max_err(out, ref) < 1e-5
+    assert max_err(out, ref) < 1e-5
     K.attention_forward(q, k, v, layout, 0.25)
     assert len(timed) == 2  # cached: no second tuning
 
@@ -769,8 +761,8 @@ def test_tuner_skips_spilling_configs(monkeypatch):
 
 
 def test_occupancy_cap():
-    """Register caps that fit one more program per Hopper SM (register counts of Triton 3.6's
-    sm_90a kernels, bench/RESULTS.md), and none where registers are not what limits it."""
+    """Register caps that fit one more program per Hopper SM (register counts of sm_90a kernels as
+    bench/RESULTS.md lists them), and none where registers are not what limits it."""
     H = K.HOPPER
     assert K.programs_per_sm(147, 8, 65536, H) == 1 and K.occupancy_cap(147, 8, 65536, H) == 128
     assert K.occupancy_cap(186, 8, 65536, H) == 128  # conv forward 128 x 64, 8 warps
@@ -835,7 +827,7 @@ def test_tuner_derives_register_capped_candidates(monkeypatch):
     assert log[capped_light]["ms"] is None and log[capped_light]["note"].startswith("spills")
     assert log[capped_heavy]["ms"] == 1.0 and log[capped_heavy]["n_regs"] == 128
     ref = reference.sparse_attention(q.double(), k.double(), v.double(), layout, 0.25)
-    assert _max_err(out, ref) < 1e-5
+    assert max_err(out, ref) < 1e-5
     K.clear_caches()  # as a new process: the capped choice comes from the on-disk cache, untimed
     timed.clear()
     K.attention_forward(q, k, v, layout, 0.25)
@@ -858,7 +850,7 @@ def test_tuning_choice_persists_across_processes(monkeypatch):
     out, _ = K.attention_forward(q, k, v, layout, 0.25)
     assert len(timed) == 2 and list(K._BEST.values()) == [wide] and K.last_forward_tiles(q.dtype, 32) == (64, 32)
     ref = reference.sparse_attention(q.double(), k.double(), v.double(), layout, 0.25)
-    assert _max_err(out, ref) < 1e-5
+    assert max_err(out, ref) < 1e-5
     monkeypatch.setenv("DALLE_FAST_TUNING_CACHE", "0")
     K.clear_caches()
     K.attention_forward(q, k, v, layout, 0.25)  # times again; this time small wins
@@ -953,7 +945,7 @@ def test_precompile_compiles_candidates_concurrently(monkeypatch):
             K._precompile([(launch, ("q", "k")) for launch in launches])
 
 
-@needs_gpu
+@pytest.mark.gpu
 def test_tuning_compiles_each_candidate_once_ahead(monkeypatch):
     """On a GPU the tuner's concurrent warmups (forward; dQ and dK/dV together) compile exactly the
     kernels its launches then run: Triton's compile hook sees every candidate once, as a warmup,
@@ -1082,7 +1074,7 @@ def test_tuner_skips_candidates_ptxas_refuses(monkeypatch):
     assert list(K._BEST.values()) == [small] and len(timed) == 1
     log = {e["config"]: e for e in K.TUNING_LOG}
     assert log[wide]["ms"] is None and log[wide]["note"].startswith("ptxas failed")
-    assert _max_err(out, reference.sparse_attention(q.double(), k.double(), v.double(), layout, 0.25)) < 1e-5
+    assert max_err(out, reference.sparse_attention(q.double(), k.double(), v.double(), layout, 0.25)) < 1e-5
 
 
 def test_tuning_key_holds_mask_parameters_and_gpu_model():

@@ -18,11 +18,9 @@
 namespace dalle_fast {
 namespace cpu {
 
-// Tile sizes of the CPU kernels: 32 queries x 32 keys. At S = 32 a row-mask query tile is one
-// image row, so it computes 256 text + 64 image keys per query (64 x 32 tiles: 256 + 96, 10% more
-// work); measured on the 2-core Xeon, interleaved A/B runs: row forward 4.15-4.20x SDPA + mask at
-// 32 x 32 against 3.84-3.99x at 64 x 32, the backward within noise. Exported to Python as
-// dalle_fast._C.CPU_TILE_M / CPU_TILE_N (the benchmark's computed-tile counts).
+// Tile sizes of the CPU kernels: 32 queries x 32 keys, so that at S = 32 a row-mask query tile is
+// one image row and computes no keys outside it (docs/design-notes.md, "CPU kernels: 32 x 32 tiles").
+// Exported to Python as dalle_fast._C.CPU_TILE_M / CPU_TILE_N (the benchmark's computed-tile counts).
 constexpr int64_t TILE_M = 32;
 constexpr int64_t TILE_N = 32;
 

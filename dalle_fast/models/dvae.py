@@ -154,17 +154,10 @@ DVAE_PRESETS: dict[str, DVAEConfig] = {
                         tau_anneal_steps=5_000, kl_warmup_steps=500),
     "tiny": DVAEConfig(image_size=32, vocab_size=512, n_hid=32, n_init=32, n_blk_per_group=1, group_count=3,
                        tau_anneal_steps=2_000, kl_warmup_steps=200),
-    # `dalle-fast demo`: ~2000 steps at lr 3e-3 (see dalle_fast.demo.demo_dvae_config). The paper's
-    # logit-Laplace decodes the shapes in grey after such a short run (0% of round trips pass the
-    # shapes scorer); the Gaussian keeps their colour. KL weight 6.6 stays: lower weights let the
-    # encoder's softmax saturate on one code early in training (measured: 3-4 codes in use).
-    # sigma 0.05 instead of 0.1 (4x the reconstruction weight against the KL) sharpens corners:
-    # round trips of 400 held-out scenes passing the scorer after 1200 steps, 46% -> 64% (seen 74% ->
-    # 81%); a fixed-scale Laplace (L1) collapsed to one code at b = 0.1 and 0.03.
-    # diversity_weight 1: without it the encoder's logits of some seeds (seed 1 of the demo) blow up
-    # within the first 25-50 steps onto one code for every cell (logit gap > 100, KL = log K, zero
-    # gradient) and never recover; seed 0 escaped only after ~200 steps. Lower lr (1e-3), longer
-    # warmup, the full KL weight from step 0 or sigma annealed from 0.2 did not prevent it.
+    # `dalle-fast demo`: ~2000 steps at lr 3e-3 (see dalle_fast.demo.demo_dvae_config). A Gaussian
+    # likelihood keeps the shapes' colour after so short a run, sigma 0.05 sharpens their corners,
+    # and the diversity term keeps the encoder from collapsing onto one code early on; the KL
+    # weight stays the paper's (docs/design-notes.md, "The demo dVAE preset").
     "demo": DVAEConfig(image_size=32, vocab_size=128, n_hid=32, n_init=32, n_blk_per_group=1, group_count=3,
                        tau_anneal_steps=1_800, kl_warmup_steps=180, likelihood="gaussian", gaussian_sigma=0.05,
                        diversity_weight=1.0),
