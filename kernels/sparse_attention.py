@@ -36,8 +36,10 @@ from triton.runtime.errors import OutOfResources, PTXASError
 # under a register cap): skipped by the tuner like Triton's own autotuner does
 _UNFIT = (OutOfResources, PTXASError)
 
+from .._checks import TRITON_DTYPES as DTYPES
+from .._checks import TRITON_HEAD_DIMS as HEAD_DIMS
+from .._checks import check_scale
 from ..masks import Layout
-from ..ops import check_scale
 from . import hopper_plan, tuning_cache
 
 __all__ = [
@@ -57,8 +59,6 @@ __all__ = [
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-HEAD_DIMS = (32, 64, 128)
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
 
 
