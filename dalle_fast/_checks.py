@@ -2,7 +2,7 @@
 
 Each capability fact is stated here once: the op layer (:mod:`dalle_fast.ops`) declares its
 backends with them and :mod:`dalle_fast.kernels` / :mod:`dalle_fast.triton_path` check with them.
-This module sits below both: it imports only torch (no extension, no triton).
+This module sits below both: it imports only torch and masks (no extension, no triton).
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ from typing import Sequence
 
 import torch
 
+from .masks import Layout
+
 __all__ = ["KERNEL_DTYPES", "TRITON_DTYPES", "TRITON_HEAD_DIMS", "CUDA_HEAD_DIMS", "CPU_MAX_HEAD_DIM",
-           "MAX_SCALE", "check_scale", "dtype_names"]
+           "MAX_SCALE", "check_scale", "check_qkv", "dtype_names"]
 
 #: dtypes of the C++ kernels (cpu and cuda backends: sparse attention, decode, sampling); they
 #: compute in float32
@@ -49,3 +51,32 @@ def check_scale(scale: float) -> float:
         raise ValueError(f"scale must be positive and finite in float32 (the kernels' precision), i.e. in "
                          f"(1.5e-45, {MAX_SCALE:g}], got {scale}")
     return scale
+
+
+def check_qkv(q, k, v, layout) -> None:
+    """ValueError naming the argument unless q, k, v ``(B, H, N, D)`` and ``layout`` make a
+    sparse-attention call (any backend; each checks its own dtypes and head dims). Shared by
+    :func:`dalle_fast.sparse_attention` and the Triton host code."""
+    if not isinstance(layout, Layout):
+        raise ValueError(f"layout must be a dalle_fast.Layout, got {type(layout).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    n = q.shape[2]
+    if n < 1 or n > layout.seq_len:
+        raise ValueError(
+            f"q has seq={n}, but the layout holds text_len + image_size**2 = {layout.seq_len} positions"
+        )
+    if q.shape[3] < 1:
+        raise ValueError("q must have head_dim >= 1")

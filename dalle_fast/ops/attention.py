@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from .._checks import check_scale
+from .._checks import check_qkv, check_scale
 from ..masks import Layout
 from . import _triton
 from ._backend import TILE_SIZES, register_attention_autograd, select
@@ -58,33 +58,6 @@ def _reference(q, k, v, layout, scale):
 _IMPLS = {"reference": _reference, "cpu": _cpu, "triton": _triton.triton_sparse_attention}
 
 
-def _check_args(q, k, v, layout):
-    """ValueError naming the argument unless q, k, v, layout make a sparse_attention call."""
-    if not isinstance(layout, Layout):
-        raise ValueError(f"layout must be a dalle_fast.Layout, got {type(layout).__name__}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
-    n = q.shape[2]
-    if n < 1 or n > layout.seq_len:
-        raise ValueError(
-            f"q has seq={n}, but the layout holds text_len + image_size**2 = {layout.seq_len} positions"
-        )
-    if q.shape[3] < 1:
-        raise ValueError("q must have head_dim >= 1")
-
-
 def computed_pairs(layout: Layout, seq_len: int, backend: str) -> int:
     """Score entries per (batch, head) that ``backend`` computes for ``layout`` over ``seq_len``
     positions (the in-range part of every non-empty tile; ``seq_len**2`` for dense backends)."""
@@ -111,7 +84,7 @@ def sparse_attention(q, k, v, layout: Layout, *, scale: Optional[float] = None,
     Returns:
         ``(batch, heads, seq, head_dim)`` in q's dtype.
     """
-    _check_args(q, k, v, layout)
+    check_qkv(q, k, v, layout)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else check_scale(scale)
     name = select("sparse_attention", backend, q.device, q.dtype, q.shape[-1])
     return _IMPLS[name](q, k, v, layout, scale)
