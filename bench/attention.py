@@ -522,11 +522,11 @@ def main(argv=None):
     if args.warmup is None:
         args.warmup = 3 if cpu else 10
     if "dalle_fast" in providers:  # the backend the benchmark measures must serve this head_dim
-        from dalle_fast.ops import CPU_MAX_HEAD_DIM
-        ok = args.head_dim <= CPU_MAX_HEAD_DIM if cpu else args.head_dim in (32, 64, 128)
+        from dalle_fast._checks import CPU_MAX_HEAD_DIM, TRITON_HEAD_DIMS
+        ok = args.head_dim <= CPU_MAX_HEAD_DIM if cpu else args.head_dim in TRITON_HEAD_DIMS
         if not ok:
             p.error(f"--head-dim {args.head_dim}: dalle_fast's {'cpu' if cpu else 'triton'} backend supports "
-                    + (f"head_dim <= {CPU_MAX_HEAD_DIM}" if cpu else "32, 64 and 128")
+                    + (f"head_dim <= {CPU_MAX_HEAD_DIM}" if cpu else ", ".join(map(str, TRITON_HEAD_DIMS)))
                     + " (leave dalle_fast out of --providers to time the others)")
     if args.providers is None and not cpu and args.quick_flex:
         providers.remove("flex32")  # its compile time; 64 is the best smaller size on Hopper

@@ -24,6 +24,7 @@ try:
 except ImportError:
     sys.path.insert(0, str(ROOT))
     import dalle_fast  # noqa: E402
+from dalle_fast._checks import TRITON_HEAD_DIMS  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import check_at_least, check_cuda, comma_list  # noqa: E402
@@ -38,7 +39,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--head-dim", type=int, default=64, choices=[32, 64, 128])
+    p.add_argument("--head-dim", type=int, default=64, choices=TRITON_HEAD_DIMS)
     p.add_argument("--text-len", type=int, default=256)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--out", default=None, help="JSON file: the (path, kind) of each profiled launch, in order")

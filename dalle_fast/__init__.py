@@ -16,6 +16,7 @@ import importlib
 from .version import __version__
 from .masks import KINDS, Layout, paper_schedule
 from .ops import decode_attention, sample, sparse_attention
+from . import decode, sampling  # noqa: F401  (dalle_fast.decode / .sampling after a plain import)
 from .cpu_isa import available_cpu_isas, cpu_isa, set_cpu_isa, use_cpu_isa
 from .triton_path import set_triton_path, triton_path, use_triton_path
 from . import nn, reference

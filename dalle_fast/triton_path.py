@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from ._checks import TRITON_DTYPES, TRITON_HEAD_DIMS, dtype_names
 from .masks import Layout
 
 __all__ = ["PATHS", "triton_path", "set_triton_path", "use_triton_path", "hopper_unavailable"]
@@ -77,10 +78,11 @@ def hopper_unavailable(device, dtype: torch.dtype, layout: Optional[Layout] = No
                        seq_len: Optional[int] = None, head_dim: int = 64) -> Optional[str]:
     """Why the ``hopper`` kernels cannot serve a call with these properties, or None if they can."""
     device = torch.device(device)
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"the hopper kernels serve float16, bfloat16 and float32, got {dtype}"
-    if head_dim not in (32, 64, 128):
-        return f"the hopper kernels serve head_dim 32, 64 and 128, got {head_dim}"
+    if dtype not in TRITON_DTYPES:
+        return f"the hopper kernels serve {dtype_names(TRITON_DTYPES)}, got {dtype}"
+    if head_dim not in TRITON_HEAD_DIMS:
+        return f"the hopper kernels serve head_dim {', '.join(map(str, TRITON_HEAD_DIMS[:-1]))} and " \
+               f"{TRITON_HEAD_DIMS[-1]}, got {head_dim}"
     if not _has_tma():
         return "this Triton has no TMA tensor descriptors (triton.tools.tensor_descriptor)"
     if device.type == "cuda":

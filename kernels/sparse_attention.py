@@ -36,8 +36,10 @@ from triton.runtime.errors import OutOfResources, PTXASError
 # under a register cap): skipped by the tuner like Triton's own autotuner does
 _UNFIT = (OutOfResources, PTXASError)
 
+from .._checks import TRITON_DTYPES as DTYPES
+from .._checks import TRITON_HEAD_DIMS as HEAD_DIMS
+from .._checks import check_qkv, check_scale, dtype_names
 from ..masks import Layout
-from ..ops import check_scale
 from . import hopper_plan, tuning_cache
 
 __all__ = [
@@ -57,8 +59,6 @@ __all__ = [
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-HEAD_DIMS = (32, 64, 128)
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
 
 
@@ -823,28 +823,18 @@ def _tune(name, launch, key, limits: Optional[SMLimits] = None, precompile=None)
 # ---------------------------------------------------------------------------------------------
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout) -> None:
     """ValueError unless q, k, v ``(B, H, N, D)`` can be served by these kernels."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"k and v must have q's shape {tuple(q.shape)}, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(
-            f"backend 'triton' supports dtype float16, bfloat16 and float32 (q, k, v alike), got "
-            f"{q.dtype}, {k.dtype}, {v.dtype}"
-        )
+    check_qkv(q, k, v, layout)  # shapes, dtypes and devices alike, seq within the layout
+    if q.dtype not in DTYPES:
+        raise ValueError(f"backend 'triton' supports dtype {dtype_names(DTYPES)}, got {q.dtype}")
     if q.shape[3] not in HEAD_DIMS:
         raise ValueError(f"backend 'triton' supports head_dim in {HEAD_DIMS}, got head_dim={q.shape[3]}")
     dev = q.device
-    if k.device != dev or v.device != dev:
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if dev.type != "cuda" and not (INTERPRET and dev.type == "cpu"):
         raise ValueError(
             f"backend 'triton' needs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {dev}"
         )
     if dev.type == "cpu":
         _check_interpreter(triton.__version__, np.__version__)
-    layout.check_seq_len(q.shape[2], "seq")
     if q.shape[0] * q.shape[1] > 65535:
         raise ValueError(f"batch * heads must be <= 65535 for backend 'triton', got {q.shape[0] * q.shape[1]}")
 

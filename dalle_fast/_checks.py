@@ -1,0 +1,82 @@
+"""What the kernels serve, and the argument checks the op layer and the Triton host code share.
+
+Each capability fact is stated here once: the op layer (:mod:`dalle_fast.ops`) declares its
+backends with them and :mod:`dalle_fast.kernels` / :mod:`dalle_fast.triton_path` check with them.
+This module sits below both: it imports only torch and masks (no extension, no triton).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .masks import Layout
+
+__all__ = ["KERNEL_DTYPES", "TRITON_DTYPES", "TRITON_HEAD_DIMS", "CUDA_HEAD_DIMS", "CPU_MAX_HEAD_DIM",
+           "MAX_SCALE", "check_scale", "check_qkv", "dtype_names"]
+
+#: dtypes of the C++ kernels (cpu and cuda backends: sparse attention, decode, sampling); they
+#: compute in float32
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: dtypes of the Triton kernels: float16/bfloat16 with float32 accumulation, float32 with IEEE dots
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: head dims the Triton kernels are specialised for
+TRITON_HEAD_DIMS = (32, 64, 128)
+#: head dims the CUDA decode kernel is compiled for (csrc/cuda)
+CUDA_HEAD_DIMS = (32, 64, 128)
+#: largest head_dim of the CPU sparse-attention kernels (CPU_MAX_HEAD_DIM in csrc/cpu_impl.cpp)
+CPU_MAX_HEAD_DIM = 256
+
+#: Largest softmax scale: the kernels compute in float32 and fold log2(e) into the scale, which
+#: must stay finite there (a float64 scale past it, e.g. 1e39, made every output NaN).
+MAX_SCALE = 2.0e38
+
+
+def dtype_names(dtypes: Sequence[torch.dtype]) -> str:
+    """``"float16, bfloat16 and float32"`` for error messages."""
+    names = [str(d).replace("torch.", "") for d in dtypes]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def check_scale(scale: float) -> float:
+    """``scale`` as a float; ValueError unless positive and finite in float32, the precision the
+    kernels use (their running max relies on scale > 0; a non-finite scale gives NaN rows): in
+    ``(0, MAX_SCALE]`` and not 0 once rounded to float32. Shared by every attention op."""
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"scale must be a number, got {type(scale).__name__}") from None
+    if not 0 < scale <= MAX_SCALE or float(torch.tensor(scale, dtype=torch.float32)) == 0:
+        raise ValueError(f"scale must be positive and finite in float32 (the kernels' precision), i.e. in "
+                         f"(1.5e-45, {MAX_SCALE:g}], got {scale}")
+    return scale
+
+
+def check_qkv(q, k, v, layout) -> None:
+    """ValueError naming the argument unless q, k, v ``(B, H, N, D)`` and ``layout`` make a
+    sparse-attention call (any backend; each checks its own dtypes and head dims). Shared by
+    :func:`dalle_fast.sparse_attention` and the Triton host code."""
+    if not isinstance(layout, Layout):
+        raise ValueError(f"layout must be a dalle_fast.Layout, got {type(layout).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    n = q.shape[2]
+    if n < 1 or n > layout.seq_len:
+        raise ValueError(
+            f"q has seq={n}, but the layout holds text_len + image_size**2 = {layout.seq_len} positions"
+        )
+    if q.shape[3] < 1:
+        raise ValueError("q must have head_dim >= 1")

@@ -1,0 +1,15 @@
+"""Public functional API of dalle_fast: the ops, their backends and dispatch.
+
+Modules, each importing only those before it (and masks, reference, _checks below the op layer):
+``_backend`` (the C++ extension, the backends and what each serves, dispatch, the autograd helper),
+``_triton`` (the triton backend's custom ops), ``attention`` (sparse_attention), ``decode``
+(decode_attention), ``sampling`` (sample). This module only re-exports.
+"""
+
+from .._checks import CPU_MAX_HEAD_DIM, MAX_SCALE, check_scale  # noqa: F401
+from ._backend import BACKENDS, OPS, TILE_SIZES, register_attention_autograd, resolve_backend  # noqa: F401
+from .attention import computed_pairs, sparse_attention
+from .decode import decode_attention
+from .sampling import check_error_flags, sample  # noqa: F401
+
+__all__ = ["sparse_attention", "decode_attention", "sample", "BACKENDS", "resolve_backend", "computed_pairs"]
