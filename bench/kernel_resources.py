@@ -41,7 +41,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from dalle_fast import KINDS  # noqa: E402
-from dalle_fast._triton_ops import kernels  # noqa: E402
+from dalle_fast.ops._triton import kernels  # noqa: E402
 
 K = kernels()  # imports triton (not interpreted: TRITON_INTERPRET is unset above)
 from dalle_fast.kernels import hopper_plan  # noqa: E402

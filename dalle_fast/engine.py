@@ -27,10 +27,9 @@ from typing import Callable, Optional, Protocol
 import torch
 import torch.nn.functional as F
 
-from .decode import decode_attention
 from .masks import Layout
-from .ops import sparse_attention
-from .sampling import sample as _sample
+from .ops import decode_attention, sparse_attention
+from .ops import sample as _sample
 
 __all__ = ["Engine", "KVCache", "SampleOptions", "StepModel", "draw"]
 
@@ -99,7 +98,7 @@ def draw(logits: torch.Tensor, rows: int, seeds: torch.Tensor, step, opts: Sampl
          errors: Optional[torch.Tensor] = None, sample: Callable = _sample) -> torch.Tensor:
     """Image logits of ``rows`` conditional rows (then ``rows`` unconditional ones with guidance) -> codes.
     The sampler's error flag of each row is OR-ed into ``errors`` (int32 ``(rows,)``, on the device,
-    no host sync; :func:`dalle_fast.sampling.check_error_flags` reads it once the codes are done): the
+    no host sync; :func:`dalle_fast.ops.check_error_flags` reads it once the codes are done): the
     CUDA kernel draws the lowest token for a row with NaN/+inf logits and flags it, the CPU kernel raises."""
     guided = logits.shape[0] != rows
     tokens, flag = sample(logits[:rows], seeds=seeds, step=step, temperature=opts.temperature, top_k=opts.top_k,

@@ -34,20 +34,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .decode import _resolve as _decode_backend
 from .engine import Engine, SampleOptions, draw
 from .masks import _positive_int
 from .models.dalle import DALLE
-from .sampling import _resolve as _sample_backend
-from .sampling import check_error_flags, sample
+from .ops.decode import _resolve as _decode_backend
+from .ops.sampling import _resolve as _sample_backend
+from .ops.sampling import check_error_flags, sample
 
 __all__ = ["ATTENTION_MODES", "Generation", "Pipeline", "generate_codes", "generate_images", "load_pipeline",
            "teacher_forced_logits"]
 
 ATTENTION_MODES = ("sparse", "dense", "none")
-
-
-_Options = SampleOptions  # (the old private name; bench/generate.py uses it)
 
 
 def _seeds(seed: int, seeds: torch.Tensor | None, rows: int, device: torch.device) -> torch.Tensor:

@@ -72,7 +72,7 @@ from ..engine import Engine, KVCache, SampleOptions
 from ..masks import Layout
 from ..nn.functional import vocab_slice_cross_entropy
 from ..ops import sparse_attention
-from ..sampling import check_error_flags, sample
+from ..ops import check_error_flags, sample
 
 __all__ = ["DallePytorchAttention", "generate", "generate_images", "import_dalle_pytorch", "is_patched", "layouts", "patch", "unpatch"]
 
