@@ -522,7 +522,7 @@ def main(argv=None):
     if args.warmup is None:
         args.warmup = 3 if cpu else 10
     if "dalle_fast" in providers:  # the backend the benchmark measures must serve this head_dim
-        from dalle_fast._checks import CPU_MAX_HEAD_DIM, TRITON_HEAD_DIMS
+        from dalle_fast.ops import CPU_MAX_HEAD_DIM, TRITON_HEAD_DIMS
         ok = args.head_dim <= CPU_MAX_HEAD_DIM if cpu else args.head_dim in TRITON_HEAD_DIMS
         if not ok:
             p.error(f"--head-dim {args.head_dim}: dalle_fast's {'cpu' if cpu else 'triton'} backend supports "

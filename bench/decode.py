@@ -26,7 +26,7 @@ except ImportError:
     sys.path.insert(0, ROOT)
     import dalle_fast  # noqa: E402
 from _util import check_at_least, check_cuda, machine, print_table, timeit, write_results  # noqa: E402
-from dalle_fast._checks import CUDA_HEAD_DIMS  # noqa: E402
+from dalle_fast.ops import CUDA_HEAD_DIMS  # noqa: E402
 
 
 def must_read_bytes(layout, pos, B, H, D, elem, prompts=None):

@@ -36,7 +36,7 @@ except ImportError:
     sys.path.insert(0, str(ROOT))
     import dalle_fast  # noqa: E402
 from dalle_fast import Layout  # noqa: E402
-from dalle_fast import _triton_ops  # noqa: E402
+from dalle_fast import ops  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import check_at_least, check_cuda, machine  # noqa: E402
@@ -58,8 +58,8 @@ class _Stub:
 def stub_kernels(K, counts):
     """Replaces the kernel launches of module ``K`` by counting stubs and lets it plan CPU tensors."""
     K.INTERPRET = True  # check_inputs accepts CPU tensors; fixed (untuned) configurations
-    for name in list(K._KERNELS):
-        K._KERNELS[name] = _Stub(name, counts)
+    for name in list(K.KERNELS):
+        K.KERNELS[name] = _Stub(name, counts)
     # the hopper module's kernels too: the portable forward's repair launch (a pass over the row
     # flags) goes through them
     from dalle_fast.kernels import hopper as Kh
@@ -104,7 +104,7 @@ def main(argv=None):
     p.add_argument("--kind", default="row", choices=dalle_fast.KINDS)
     p.add_argument("--batch", type=int, default=None, help="default 8 (cpu, stubbed) / 1 (cuda)")
     p.add_argument("--heads", type=int, default=None, help="default 16 (cpu, stubbed) / 1 (cuda)")
-    p.add_argument("--head-dim", type=int, default=64, choices=_triton_ops.HEAD_DIMS)
+    p.add_argument("--head-dim", type=int, default=64, choices=ops.TRITON_HEAD_DIMS)
     p.add_argument("--calls", type=int, default=500)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--out", default=None, help="JSON file for the results")
@@ -112,9 +112,9 @@ def main(argv=None):
 
     check_cuda(p, args.device)
     check_at_least(p, args, 1, "--batch", "--heads", "--calls", "--rounds")
-    if not _triton_ops.triton_available():
+    if not ops.triton_available():
         p.error("triton is not installed")
-    K = _triton_ops.kernels()
+    K = ops.triton_kernels()
     counts: dict = {}
     cuda = args.device == "cuda"
     if not cuda:

@@ -41,7 +41,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from dalle_fast import KINDS  # noqa: E402
-from dalle_fast.ops._triton import kernels  # noqa: E402
+from dalle_fast.ops import triton_kernels as kernels  # noqa: E402
 
 K = kernels()  # imports triton (not interpreted: TRITON_INTERPRET is unset above)
 from dalle_fast.kernels import hopper_plan  # noqa: E402
@@ -78,7 +78,7 @@ def main(argv=None):
     for dname in dtypes:
         dtype = getattr(torch, dname)
         for head_dim in head_dims:
-            defaults = dict(zip(("fwd", "dkdv", "dq"), K._default_configs(head_dim, dtype)))
+            defaults = dict(zip(("fwd", "dkdv", "dq"), K.default_configs(head_dim, dtype)))
             for kname in kinds:
                 kind = KINDS.index(kname)
                 for name, fn in KERNELS.items():
@@ -87,7 +87,7 @@ def main(argv=None):
                     else:
                         cands = [defaults[name]]
                         if not args.defaults_only and dtype != torch.float32:
-                            cands += [c for c in K._CANDIDATES[name] if c != defaults[name] and not c.flat]
+                            cands += [c for c in K.CANDIDATES[name] if c != defaults[name] and not c.flat]
                     for cfg in cands:
                         try:
                             r = resources(compile_for_hopper(fn, dtype, kind, head_dim, cfg))

@@ -24,7 +24,7 @@ try:
 except ImportError:
     sys.path.insert(0, str(ROOT))
     import dalle_fast  # noqa: E402
-from dalle_fast._checks import TRITON_HEAD_DIMS  # noqa: E402
+from dalle_fast.ops import TRITON_HEAD_DIMS  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import check_at_least, check_cuda, comma_list  # noqa: E402

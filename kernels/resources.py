@@ -38,7 +38,7 @@ TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"
 FLOAT_PTRS = ("LSE", "DELTA", "DLSE")
 INT_PTRS = ("PERM", "TAB", "WORK")
 FLOATS = ("qk_scale", "sm_scale")
-KERNELS = {"fwd": K._attn_fwd, "dkdv": K._attn_bwd_dkdv, "dq": K._attn_bwd_dq, "fwd_flat": K._attn_fwd_flat}
+KERNELS = {name: K.KERNELS[name] for name in ("fwd", "dkdv", "dq", "fwd_flat")}  # the portable kernels, listing order
 
 
 def tool(name: str) -> str:

@@ -139,7 +139,7 @@ DQ_CONFIGS = (
 INTERPRET_CONFIG = TileConfig(16, 16, 4, 1)
 
 
-def _default_configs(head_dim: int, dtype: torch.dtype):
+def default_configs(head_dim: int, dtype: torch.dtype):
     """(fwd, dkdv, dq) configs used without autotuning (interpreter, float32, autotune off)."""
     if INTERPRET:
         return INTERPRET_CONFIG, INTERPRET_CONFIG, INTERPRET_CONFIG
@@ -169,7 +169,7 @@ def _all_tiles():
         tiles.add(c[:2])
     for hd in HEAD_DIMS:
         for dt in DTYPES:
-            for c in _default_configs(hd, dt):
+            for c in default_configs(hd, dt):
                 tiles.add(c[:2])
     return tuple(sorted(tiles))
 
@@ -688,14 +688,14 @@ def _attn_bwd_dq(
 # Tuned per problem key once, then launched directly: a dict lookup per call instead of
 # triton.autotune's per-call argument processing (the op is launch-bound at DALL-E sizes, where one
 # forward takes ~0.1 ms on a Hopper GPU).
-_CANDIDATES = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}
+CANDIDATES = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}
 
 
 def _candidates(name: str) -> tuple:
-    """Tuning candidates of kernel ``name``: each of ``_CANDIDATES[name]`` in both program orders
+    """Tuning candidates of kernel ``name``: each of ``CANDIDATES[name]`` in both program orders
     (the order is a launch argument: one compile, two timings); with ``DALLE_FAST_TRITON_FLAT=1``
     the forward's also include the flat work-list forward (``FLAT_FWD_CONFIGS``)."""
-    base = _CANDIDATES[name]
+    base = CANDIDATES[name]
     cands = base + tuple(c._replace(order=ORDER_HEAVY) for c in base)
     if name == "fwd" and os.environ.get("DALLE_FAST_TRITON_FLAT", "0") == "1":
         return cands + FLAT_FWD_CONFIGS
@@ -917,7 +917,7 @@ def _layout_args(layout: Layout):
     return dict(T=T, S=S, KS=KS, DIL=DIL, KIND=kind)
 
 
-_KERNELS = {"fwd": _attn_fwd, "fwd_flat": _attn_fwd_flat, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
+KERNELS = {"fwd": _attn_fwd, "fwd_flat": _attn_fwd_flat, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
 
 _WORK: dict = {}  # (layout, seq_len, block_m, block_n, pairs per program, device) -> (work, groups)
 
@@ -978,7 +978,7 @@ def _known(name, config, grid_rows, B, H, consts, dtype, device):
                              f"packed tile shapes {TILES}")
         return config, True
     if B * H == 0:  # nothing to launch (an empty grid): nothing to time, nothing to remember
-        return _default_configs(consts["HEAD_DIM"], dtype)[("fwd", "dkdv", "dq").index(name)], False
+        return default_configs(consts["HEAD_DIM"], dtype)[("fwd", "dkdv", "dq").index(name)], False
     key = _tuning_key(name, grid_rows, B, H, consts, dtype, device)
     best = _BEST.get(key)
     if best is not None:
@@ -988,7 +988,7 @@ def _known(name, config, grid_rows, B, H, consts, dtype, device):
         best = _BEST[key] = TileConfig(*stored)
         return best, True
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return _default_configs(consts["HEAD_DIM"], dtype)[("fwd", "dkdv", "dq").index(name)], False
+        return default_configs(consts["HEAD_DIM"], dtype)[("fwd", "dkdv", "dq").index(name)], False
     return None
 
 
@@ -1079,7 +1079,7 @@ def _precompile(jobs) -> None:
         with _async_compile.AsyncCompileMode(pool, ignore_errors=True):
             for launch, args in jobs:
                 try:
-                    _KERNELS[launch.kernel].warmup(*args, grid=launch.grid, **launch.meta)
+                    KERNELS[launch.kernel].warmup(*args, grid=launch.grid, **launch.meta)
                 except Exception:  # noqa: BLE001 - the tuner's own launch reports it
                     pass
 
@@ -1115,7 +1115,7 @@ def compile_options(cfg: TileConfig) -> dict:
 
 def _run(launch: _Launch, args):
     """Launches; returns what Triton's launch returns (the compiled kernel on a GPU)."""
-    return _KERNELS[launch.kernel][launch.grid](*args, **launch.meta)
+    return KERNELS[launch.kernel][launch.grid](*args, **launch.meta)
 
 
 # Launch plans per problem: (kind of call, layout, scale, configs asked for, shapes, dtypes, devices,
@@ -1157,7 +1157,7 @@ def _fwd_plan(q, k, v, layout, scale, config):
     B, H, N, D = q.shape
     perm, tables, permuted = prepare_tables(layout, N, q.device)
     if config is None and not _autotune_enabled(q.dtype):
-        config = _default_configs(D, q.dtype)[0]
+        config = default_configs(D, q.dtype)[0]
     consts = dict(H=H, N=N, qk_scale=scale * LOG2E, PERMUTED=permuted, HEAD_DIM=D,
                   IEEE=q.dtype == torch.float32, **_layout_args(layout))
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
@@ -1217,7 +1217,7 @@ def _bwd_plan(grad_out, q, k, v, out, lse, layout, scale, configs, grad_lse):
     perm, tables, permuted = prepare_tables(layout, q.shape[2], q.device)
     B, H, N, D = q.shape
     if configs is None and not _autotune_enabled(q.dtype):
-        configs = _default_configs(D, q.dtype)[1:]
+        configs = default_configs(D, q.dtype)[1:]
     cfg_dkdv, cfg_dq = configs if configs is not None else (None, None)
     base = dict(H=H, N=N, qk_scale=scale * LOG2E, sm_scale=scale, PERMUTED=permuted, HEAD_DIM=D,
                 IEEE=q.dtype == torch.float32, **_layout_args(layout))
@@ -1298,5 +1298,5 @@ _LAST_FWD: list = []  # the configuration of the latest forward launch
 def last_forward_tiles(dtype: torch.dtype, head_dim: int) -> tuple:
     """(BLOCK_M, BLOCK_N) of the latest forward launch (or of the fixed configuration for
     ``dtype``/``head_dim`` before any): what benchmarks count as the computed tiles."""
-    cfg = _LAST_FWD[0] if _LAST_FWD else _default_configs(head_dim, dtype)[0]
+    cfg = _LAST_FWD[0] if _LAST_FWD else default_configs(head_dim, dtype)[0]
     return cfg.block_m, cfg.block_n

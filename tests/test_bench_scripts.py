@@ -118,8 +118,8 @@ spec = importlib.util.spec_from_file_location("kr", {str(BENCH / "kernel_resourc
 kr = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(kr)  # unsets TRITON_INTERPRET before the kernels are defined
 K = kr.K
-defaults = K._default_configs(32, kr.torch.bfloat16)
-K._CANDIDATES.update(fwd=(defaults[0], K.TileConfig(64, 32, 4, 3)), dkdv=(defaults[1],), dq=(defaults[2],))
+defaults = K.default_configs(32, kr.torch.bfloat16)
+K.CANDIDATES.update(fwd=(defaults[0], K.TileConfig(64, 32, 4, 3)), dkdv=(defaults[1],), dq=(defaults[2],))
 K.FLAT_FWD_CONFIGS = K.FLAT_FWD_CONFIGS[1:2]
 kr.main(["--kinds", "row", "--head-dims", "32"])
 """

@@ -492,7 +492,7 @@ def test_program_order_changes_nothing_but_the_order(kind):
     ref, _, ref_grads = _dense(q, k, v, do, layout, torch.float64)
     base, _, base_grads = _base(q, k, v, do, layout, dtype)
     results = []
-    fwd, dkdv, dq = K._default_configs(32, dtype)  # on a GPU: kernels test_matches_reference compiled
+    fwd, dkdv, dq = K.default_configs(32, dtype)  # on a GPU: kernels test_matches_reference compiled
     for order in (K.ORDER_BH, K.ORDER_HEAVY):
         out, lse = K.attention_forward(q, k, v, layout, scale, config=fwd._replace(order=order))
         grads = K.attention_backward(do, q, k, v, out, lse, layout, scale,
@@ -507,7 +507,7 @@ def test_program_order_changes_nothing_but_the_order(kind):
 
 def test_candidates_include_both_program_orders(monkeypatch):
     monkeypatch.delenv("DALLE_FAST_TRITON_FLAT", raising=False)
-    for name, base in K._CANDIDATES.items():
+    for name, base in K.CANDIDATES.items():
         cands = K._candidates(name)
         assert cands[:len(base)] == base and len(set(cands)) == len(cands) == 2 * len(base)
         assert {c._replace(order=K.ORDER_BH) for c in cands} == set(base)
@@ -606,7 +606,7 @@ CASES = [(torch.bfloat16, d, kind, 3) for d in K.HEAD_DIMS for kind in ("row", "
 CASES += [(torch.float32, d, "col", 3) for d in (64, 128)]
 bad = []
 for dtype, d, kind, nk in CASES:
-    for (name, fn), cfg in list(zip(KERNELS.items(), K._default_configs(d, dtype)))[:nk]:
+    for (name, fn), cfg in list(zip(KERNELS.items(), K.default_configs(d, dtype)))[:nk]:
         r = resources(compile_for_hopper(fn, dtype, KINDS.index(kind), d, cfg))
         print(name, kind, dtype, d, tuple(cfg), r)
         if r["stack"] or r["local"]:
@@ -681,9 +681,9 @@ def test_kernels_compile_for_hopper():
 def _tuning_on(monkeypatch, candidates):
     """Tuning on CPU: autotuning forced on for these forward candidates, fresh in-memory caches."""
     monkeypatch.setattr(K, "_autotune_enabled", lambda dtype: True)
-    monkeypatch.setitem(K._CANDIDATES, "fwd", candidates)
+    monkeypatch.setitem(K.CANDIDATES, "fwd", candidates)
     # exactly these (not also in the tile-major order, test_candidates_include_both_program_orders)
-    monkeypatch.setattr(K, "_candidates", lambda name: K._CANDIDATES[name])
+    monkeypatch.setattr(K, "_candidates", lambda name: K.CANDIDATES[name])
     monkeypatch.setattr(K, "_BEST", {})
     monkeypatch.setattr(K, "_PLANS", {})
     monkeypatch.setattr(K, "TUNING_LOG", [])
@@ -753,7 +753,7 @@ def test_tuner_skips_spilling_configs(monkeypatch):
     assert log[small]["ms"] == 2.0 and log[spiller]["ms"] is None and log[spiller]["n_spills"] == 16
     assert log[spiller]["note"].startswith("spills")
     # when every candidate spills, the fastest of them is taken
-    monkeypatch.setitem(K._CANDIDATES, "fwd", (spiller,))
+    monkeypatch.setitem(K.CANDIDATES, "fwd", (spiller,))
     K.clear_caches()
     timed.clear()
     K.attention_forward(q, k, v, layout, 0.25)
@@ -914,7 +914,7 @@ def test_precompile_compiles_candidates_concurrently(monkeypatch):
 
             return mode.submit(("key", meta["BLOCK_M"]), compile_fn, lambda kernel: None)
 
-    monkeypatch.setitem(K._KERNELS, "fake", FakeJIT())
+    monkeypatch.setitem(K.KERNELS, "fake", FakeJIT())
     launches = [K._Launch("fake", (m, 2), dict(BLOCK_M=m), None) for m in range(1, 7)]
     monkeypatch.setenv("DALLE_FAST_COMPILE_THREADS", "4")
     K._precompile([(launch, ("q", "k")) for launch in launches])
@@ -1018,7 +1018,7 @@ def test_backward_precompiles_dq_and_dkdv_at_once(monkeypatch):
     either (the forward its own): on CPU the interpreter has nothing to compile, so the jobs are
     launched here instead, which checks that each carries the arguments its kernel takes; the
     tuned backward matches the reference."""
-    defaults = dict(zip(("fwd", "dkdv", "dq"), K._default_configs(32, torch.float32)))
+    defaults = dict(zip(("fwd", "dkdv", "dq"), K.default_configs(32, torch.float32)))
     cands = {name: (c, c._replace(order=K.ORDER_HEAVY)) for name, c in defaults.items()}
     monkeypatch.setattr(K, "_autotune_enabled", lambda dtype: True)
     monkeypatch.setattr(K, "_candidates", lambda name: cands[name])
@@ -1087,7 +1087,7 @@ def test_tuning_key_holds_mask_parameters_and_gpu_model():
     assert len(keys) == 3 and all(key[-1] == K.tuning_cache.device_model(cpu) == "cpu" for key in keys)
     before = dict(K._BEST)
     cfg, final = K._known("fwd", None, 1280, 0, 16, base, torch.bfloat16, cpu)
-    assert cfg == K._default_configs(64, torch.bfloat16)[0] and final is False and K._BEST == before
+    assert cfg == K.default_configs(64, torch.bfloat16)[0] and final is False and K._BEST == before
 
 
 def test_offsets_beyond_int32_are_read_from_a_copy():

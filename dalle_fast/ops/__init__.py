@@ -6,10 +6,13 @@ Modules, each importing only those before it (and masks, reference, _checks belo
 (decode_attention), ``sampling`` (sample). This module only re-exports.
 """
 
-from .._checks import CPU_MAX_HEAD_DIM, MAX_SCALE, check_scale  # noqa: F401
+from .._checks import CPU_MAX_HEAD_DIM, CUDA_HEAD_DIMS, MAX_SCALE, TRITON_HEAD_DIMS, check_scale  # noqa: F401
 from ._backend import BACKENDS, OPS, TILE_SIZES, register_attention_autograd, resolve_backend  # noqa: F401
+from ._triton import kernels as triton_kernels
+from ._triton import triton_available
 from .attention import computed_pairs, sparse_attention
 from .decode import decode_attention
 from .sampling import check_error_flags, sample  # noqa: F401
 
-__all__ = ["sparse_attention", "decode_attention", "sample", "BACKENDS", "resolve_backend", "computed_pairs"]
+__all__ = ["sparse_attention", "decode_attention", "sample", "BACKENDS", "resolve_backend", "computed_pairs",
+           "CPU_MAX_HEAD_DIM", "CUDA_HEAD_DIMS", "TRITON_HEAD_DIMS", "triton_available", "triton_kernels"]
