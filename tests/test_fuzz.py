@@ -79,7 +79,7 @@ def test_sparse_attention_with_nonfinite_and_extreme_values(data, layout, D, bac
     N = data.draw(st.integers(1, layout.seq_len))
     B, H = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2))
     q, k, v = (data.draw(tensors((B, H, N, D))) for _ in range(3))
-    g = torch.randn(B, H, N, D)
+    g = torch.randn(B, H, N, D, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1))))
     mask = layout.dense_mask(N)
     dead = nan_rows(q, k, v, mask)
 
@@ -103,6 +103,11 @@ def test_sparse_attention_with_nonfinite_and_extreme_values(data, layout, D, bac
             ours, ref = ours[~dead], ref[~dead]
         elif backend == "reference" and not no_overflow:
             continue
+        elif not no_overflow:
+            # the zeroed run overflows too (values near 3e38 sum to inf in the output, and a NaN row's
+            # zero gradient times it is NaN): compare where its gradients are finite
+            keep = torch.isfinite(ref)
+            ours, ref = ours[keep], ref[keep]
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-30, equal_nan=True, msg=f"{layout} {name}")
     # the two backends agree on which rows are NaN where no float32 overflow is possible
     if no_overflow:
