@@ -208,7 +208,7 @@ def teacher_forced_logits(model: DALLE, text: torch.Tensor, codes: torch.Tensor,
         out = [engine.first_logits]
         for j in range(1, codes.shape[1]):
             engine.tokens.copy_(codes[:, j - 1])
-            engine.run_step()
+            engine.run_step(draw_next=False)  # the next token is given, not drawn
             out.append(engine.logits)
     finally:
         engine.close()

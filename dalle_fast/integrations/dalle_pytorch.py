@@ -74,7 +74,8 @@ from ..nn.functional import vocab_slice_cross_entropy
 from ..ops import sparse_attention
 from ..ops import check_error_flags, sample
 
-__all__ = ["DallePytorchAttention", "generate", "generate_images", "import_dalle_pytorch", "is_patched", "layouts", "patch", "unpatch"]
+__all__ = ["DallePytorchAttention", "generate", "generate_images", "import_dalle_pytorch", "is_patched", "layouts",
+           "patch", "unpatch"]
 
 
 def import_dalle_pytorch(stand_ins: bool = False):
