@@ -5,6 +5,7 @@
 
 #include <cstring>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "common/mask.h"
@@ -19,27 +20,26 @@ namespace {
 constexpr int64_t CPU_MAX_HEAD_DIM = 256;
 
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const LayoutParams& L) {
-  TORCH_CHECK(q.dim() == 4, "dalle_fast.sparse_attention: q must be (batch, heads, seq, head_dim), got ",
-              q.dim(), " dims");
-  TORCH_CHECK(k.sizes() == q.sizes(), "dalle_fast.sparse_attention: k must have q's shape ", q.sizes(),
-              ", got ", k.sizes());
-  TORCH_CHECK(v.sizes() == q.sizes(), "dalle_fast.sparse_attention: v must have q's shape ", q.sizes(),
-              ", got ", v.sizes());
-  for (const auto* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->device().is_cpu(), "dalle_fast.sparse_attention (cpu): tensors must be on the CPU, got ",
-                t->device());
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(),
-                "dalle_fast.sparse_attention: q, k, v must share a dtype, got ", q.scalar_type(), " and ",
-                t->scalar_type());
+  TORCH_CHECK_VALUE(q.dim() == 4, "dalle_fast.sparse_attention: q must be (batch, heads, seq, head_dim), got ",
+                    q.dim(), " dims");
+  TORCH_CHECK_VALUE(k.sizes() == q.sizes(), "dalle_fast.sparse_attention: k must have q's shape ", q.sizes(),
+                    ", got ", k.sizes());
+  TORCH_CHECK_VALUE(v.sizes() == q.sizes(), "dalle_fast.sparse_attention: v must have q's shape ", q.sizes(),
+                    ", got ", v.sizes());
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&q, "q"}, {&k, "k"}, {&v, "v"}}) {
+    TORCH_CHECK_VALUE(t->device().is_cpu(), "dalle_fast.sparse_attention (cpu): ", name,
+                      " must be on the CPU, got ", t->device());
+    TORCH_CHECK_VALUE(t->scalar_type() == q.scalar_type(), "dalle_fast.sparse_attention: ", name,
+                      " must have q's dtype ", q.scalar_type(), ", got ", t->scalar_type());
   }
   const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-              "dalle_fast.sparse_attention (cpu): dtype must be float32, bfloat16 or float16, got ", dt);
-  TORCH_CHECK(q.size(2) >= 1 && q.size(2) <= L.seq_len(), "dalle_fast.sparse_attention: seq (",
-              q.size(2), ") must be in [1, text_len + image_size**2 = ", L.seq_len(), "]");
-  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= CPU_MAX_HEAD_DIM,
-              "dalle_fast.sparse_attention (cpu): head_dim must be in [1, ", CPU_MAX_HEAD_DIM, "], got ",
-              q.size(3));
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+                    "dalle_fast.sparse_attention (cpu): dtype must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK_VALUE(q.size(2) >= 1 && q.size(2) <= L.seq_len(), "dalle_fast.sparse_attention: seq (",
+                    q.size(2), ") must be in [1, text_len + image_size**2 = ", L.seq_len(), "]");
+  TORCH_CHECK_VALUE(q.size(3) >= 1 && q.size(3) <= CPU_MAX_HEAD_DIM,
+                    "dalle_fast.sparse_attention (cpu): head_dim must be in [1, ", CPU_MAX_HEAD_DIM, "], got ",
+                    q.size(3));
 }
 
 // float32 and contiguous (no copy when it already is).
@@ -75,17 +75,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
   const LayoutParams L = checked_layout("dalle_fast.sparse_attention", kind, text_len, image_size, kernel_size, dilation);
   check_qkv(q, k, v, L);
   check_scale("dalle_fast.sparse_attention backward", scale);
-  TORCH_CHECK(grad_out.sizes() == q.sizes(), "dalle_fast.sparse_attention backward: grad_out must have shape ",
-              q.sizes(), ", got ", grad_out.sizes());
-  TORCH_CHECK(out.sizes() == q.sizes(), "dalle_fast.sparse_attention backward: out must have shape ",
-              q.sizes(), ", got ", out.sizes());
+  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes(), "dalle_fast.sparse_attention backward: grad_out must have shape ",
+                    q.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK_VALUE(out.sizes() == q.sizes(), "dalle_fast.sparse_attention backward: out must have shape ",
+                    q.sizes(), ", got ", out.sizes());
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == N,
-              "dalle_fast.sparse_attention backward: lse must be (batch, heads, seq), got ", lse.sizes());
+  TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == N,
+                    "dalle_fast.sparse_attention backward: lse must be (batch, heads, seq), got ", lse.sizes());
   c10::optional<at::Tensor> glse;
   if (grad_lse.has_value() && grad_lse->defined()) {
-    TORCH_CHECK(grad_lse->sizes() == lse.sizes(), "dalle_fast.sparse_attention backward: grad_lse must be ",
-                "(batch, heads, seq), got ", grad_lse->sizes());
+    TORCH_CHECK_VALUE(grad_lse->sizes() == lse.sizes(), "dalle_fast.sparse_attention backward: grad_lse must be ",
+                      "(batch, heads, seq), got ", grad_lse->sizes());
     glse = f32(*grad_lse);
   }
   auto sched = cpu::get_schedule(L, N, cpu::TILE_M, cpu::TILE_N);

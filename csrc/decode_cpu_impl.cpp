@@ -28,7 +28,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_new, co
                                 int64_t image_size, int64_t kernel_size, int64_t dilation, double scale) {
   const LayoutParams L = decode_layout(kind, text_len, image_size, kernel_size, dilation);
   const DecodeInfo info = check_decode(q, k_new, v_new, k_cache, v_cache, pos, text_k, text_v, prompt_index, L);
-  TORCH_CHECK(q.device().is_cpu(), "dalle_fast.decode_attention (cpu): tensors must be on the CPU, got ", q.device());
+  TORCH_CHECK_VALUE(q.device().is_cpu(), "dalle_fast.decode_attention (cpu): tensors must be on the CPU, got ", q.device());
   check_scale("dalle_fast.decode_attention", scale);
   const at::Tensor pc = pos.contiguous();  // checked and read by the kernel: the same memory
   check_decode_values(pc, prompt_index, info, L);
@@ -66,8 +66,8 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits, const at
                                               int64_t vocab_lo, int64_t vocab_hi) {
   const SampleParams p =
       check_sample(logits, seeds, step, uncond, cfg_scale, temperature, top_k, top_p, vocab_lo, vocab_hi);
-  TORCH_CHECK(logits.device().is_cpu(), "dalle_fast.sample (cpu): tensors must be on the CPU, got ",
-              logits.device());
+  TORCH_CHECK_VALUE(logits.device().is_cpu(), "dalle_fast.sample (cpu): tensors must be on the CPU, got ",
+                    logits.device());
   const at::Tensor c = logits.to(at::kFloat).contiguous();
   const at::Tensor u = p.guided ? uncond->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor s = seeds.contiguous();
@@ -91,8 +91,8 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits, const at
 at::Tensor decode_key_positions(int64_t pos, int64_t kind, int64_t text_len, int64_t image_size,
                                 int64_t kernel_size, int64_t dilation) {
   const LayoutParams L = decode_layout(kind, text_len, image_size, kernel_size, dilation);
-  TORCH_CHECK(pos >= 0 && pos < L.seq_len(), "dalle_fast._decode_key_positions: pos must be in [0, ", L.seq_len(),
-              "), got ", pos);
+  TORCH_CHECK_VALUE(pos >= 0 && pos < L.seq_len(), "dalle_fast._decode_key_positions: pos must be in [0, ", L.seq_len(),
+                    "), got ", pos);
   const DecodeKeys d = decode_keys(L, pos);
   at::Tensor out = at::empty({d.total()}, at::kLong);
   int64_t* o = out.data_ptr<int64_t>();

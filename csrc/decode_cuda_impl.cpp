@@ -33,8 +33,8 @@ void check_aligned(const at::Tensor& t, const char* name) {
   const int64_t es = t.element_size();
   const bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && (t.stride(0) * es) % 16 == 0 &&
                   (t.stride(1) * es) % 16 == 0 && (t.stride(2) * es) % 16 == 0;
-  TORCH_CHECK(ok, "dalle_fast.decode_attention (cuda): ", name,
-              " rows must be 16-byte aligned (data pointer and strides), got strides ", t.strides());
+  TORCH_CHECK_VALUE(ok, "dalle_fast.decode_attention (cuda): ", name,
+                    " rows must be 16-byte aligned (data pointer and strides), got strides ", t.strides());
 }
 
 at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
@@ -44,10 +44,10 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_new, c
                                  int64_t image_size, int64_t kernel_size, int64_t dilation, double scale) {
   const LayoutParams L = decode_layout(kind, text_len, image_size, kernel_size, dilation);
   const DecodeInfo info = check_decode(q, k_new, v_new, k_cache, v_cache, pos, text_k, text_v, prompt_index, L);
-  TORCH_CHECK(q.is_cuda(), "dalle_fast.decode_attention (cuda): tensors must be CUDA tensors, got ", q.device());
+  TORCH_CHECK_VALUE(q.is_cuda(), "dalle_fast.decode_attention (cuda): tensors must be CUDA tensors, got ", q.device());
   check_scale("dalle_fast.decode_attention", scale);
-  TORCH_CHECK(info.D == 32 || info.D == 64 || info.D == 128,
-              "dalle_fast.decode_attention (cuda): head_dim must be 32, 64 or 128, got ", info.D);
+  TORCH_CHECK_VALUE(info.D == 32 || info.D == 64 || info.D == 128,
+                    "dalle_fast.decode_attention (cuda): head_dim must be 32, 64 or 128, got ", info.D);
   check_aligned(k_cache, "k_cache");
   check_aligned(v_cache, "v_cache");
   if (info.shared) {
@@ -65,13 +65,13 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_new, c
   const int splits = cuda::decode_num_splits(info.B * info.H, max_keys, sms);
   // launch limits of the grid (rows, key splits, heads) (decode_attention.cu): gridDim.x <= 2^31 - 1,
   // y and z <= 65535; the combine kernel's grid is batch * heads blocks
-  TORCH_CHECK(info.H <= 65535, "dalle_fast.decode_attention (cuda): q must have at most 65535 heads, got ", info.H,
-              " (use the cpu backend)");
-  TORCH_CHECK(info.B * info.H <= std::numeric_limits<int32_t>::max(),
-              "dalle_fast.decode_attention (cuda): batch * heads must be at most 2^31 - 1, got ", info.B, " * ",
-              info.H);
-  TORCH_CHECK(splits <= 65535, "dalle_fast.decode_attention (cuda): the layout's longest key list (", max_keys,
-              " keys) needs ", splits, " key splits, more than the 65535 a launch can hold");
+  TORCH_CHECK_VALUE(info.H <= 65535, "dalle_fast.decode_attention (cuda): q must have at most 65535 heads, got ", info.H,
+                    " (use the cpu backend)");
+  TORCH_CHECK_VALUE(info.B * info.H <= std::numeric_limits<int32_t>::max(),
+                    "dalle_fast.decode_attention (cuda): batch * heads must be at most 2^31 - 1, got ", info.B, " * ",
+                    info.H);
+  TORCH_CHECK_VALUE(splits <= 65535, "dalle_fast.decode_attention (cuda): the layout's longest key list (", max_keys,
+                    " keys) needs ", splits, " key splits, more than the 65535 a launch can hold");
   at::Tensor part_o, part_lse;
   if (splits > 1) {
     part_o = at::empty({info.B, info.H, splits, info.D}, q.options().dtype(at::kFloat));
@@ -127,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor> sample_cuda(const at::Tensor& logits, const a
                                                int64_t vocab_lo, int64_t vocab_hi) {
   const SampleParams p =
       check_sample(logits, seeds, step, uncond, cfg_scale, temperature, top_k, top_p, vocab_lo, vocab_hi);
-  TORCH_CHECK(logits.is_cuda(), "dalle_fast.sample (cuda): tensors must be CUDA tensors, got ", logits.device());
+  TORCH_CHECK_VALUE(logits.is_cuda(), "dalle_fast.sample (cuda): tensors must be CUDA tensors, got ", logits.device());
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor c = logits.stride(1) == 1 ? logits : logits.contiguous();
   const at::Tensor u = p.guided ? (uncond->stride(1) == 1 ? *uncond : uncond->contiguous()) : at::Tensor();

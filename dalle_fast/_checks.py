@@ -14,7 +14,7 @@ import torch
 from .masks import Layout
 
 __all__ = ["KERNEL_DTYPES", "TRITON_DTYPES", "TRITON_HEAD_DIMS", "CUDA_HEAD_DIMS", "CPU_MAX_HEAD_DIM",
-           "MAX_SCALE", "check_scale", "check_qkv", "dtype_names"]
+           "MAX_SCALE", "number", "tensor", "same_device", "check_scale", "check_qkv", "dtype_names"]
 
 #: dtypes of the C++ kernels (cpu and cuda backends: sparse attention, decode, sampling); they
 #: compute in float32
@@ -39,14 +39,41 @@ def dtype_names(dtypes: Sequence[torch.dtype]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
+def number(name: str, value) -> float:
+    """``value`` as a float; ValueError naming ``name`` for a bool or anything that is not a real
+    number (the ops' wrappers coerce their float arguments with it)."""
+    if isinstance(value, (bool, str, bytes)):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several elements
+        raise ValueError(f"{name} must be a number, got {type(value).__name__}") from None
+
+
+def tensor(name: str, value, optional: bool = False):
+    """``value`` unchanged if it is a tensor (or None when ``optional``); else ValueError naming
+    ``name``. The ops' wrappers use it before handing arguments to a backend."""
+    if isinstance(value, torch.Tensor) or (optional and value is None):
+        return value
+    raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def same_device(first: str, tensors) -> None:
+    """ValueError naming the argument unless every tensor of ``tensors`` (pairs ``(name, tensor or
+    None)``) is on the device of the first, named ``first``: the device picks the backend, and the
+    dispatcher would route a call with one meta or CUDA tensor among CPU ones to another kernel."""
+    ref = tensors[0][1]
+    for name, t in tensors[1:]:
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name} must be on {first}'s device {ref.device}, got {t.device}")
+
+
 def check_scale(scale: float) -> float:
     """``scale`` as a float; ValueError unless positive and finite in float32, the precision the
     kernels use (their running max relies on scale > 0; a non-finite scale gives NaN rows): in
-    ``(0, MAX_SCALE]`` and not 0 once rounded to float32. Shared by every attention op."""
-    try:
-        scale = float(scale)
-    except (TypeError, ValueError):
-        raise ValueError(f"scale must be a number, got {type(scale).__name__}") from None
+    ``(0, MAX_SCALE]`` and not 0 once rounded to float32. The reference and Triton backends check
+    with it; the C++ ops check the same (csrc/layout_checks.h)."""
+    scale = number("scale", scale)
     if not 0 < scale <= MAX_SCALE or float(torch.tensor(scale, dtype=torch.float32)) == 0:
         raise ValueError(f"scale must be positive and finite in float32 (the kernels' precision), i.e. in "
                          f"(1.5e-45, {MAX_SCALE:g}], got {scale}")

@@ -23,7 +23,7 @@ def test_scale_is_checked_in_float32():
             dalle_fast.decode_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], kc, kc.clone(), torch.tensor(0),
                                         layout, scale=scale)
     # the op called directly checks it too
-    with pytest.raises(RuntimeError, match="scale"):
+    with pytest.raises(ValueError, match="scale"):
         torch.ops.dalle_fast.sparse_attention_fwd(q, k, v, *layout.params(), 1e39)
     # the largest accepted scale still gives finite outputs for small scores
     big = 1e38
@@ -45,7 +45,7 @@ def test_layout_sizes_are_bounded_where_they_are_made():
     big = Layout("full", 1, 46340)  # the largest square image below 2**31 positions
     assert big.seq_len == 1 + 46340**2 < 2**31
     # the C++ ops check the same bound, with the true (positive) numbers in the message
-    with pytest.raises(RuntimeError, match=r"4 \+ 3037000500\*\*2") as err:
+    with pytest.raises(ValueError, match=r"4 \+ 3037000500\*\*2") as err:
         torch.ops.dalle_fast._max_decode_keys(1, 4, 3037000500, 11, 1)
     assert not re.search(r"-\d", str(err.value).splitlines()[0])
 

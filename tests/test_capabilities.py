@@ -23,7 +23,7 @@ def test_cpu_head_dim_limit_is_the_extensions():
     q = torch.randn(1, 1, layout.seq_len, _checks.CPU_MAX_HEAD_DIM)
     torch.ops.dalle_fast.sparse_attention_fwd(q, q, q, *layout.params(), 0.1)
     q = torch.randn(1, 1, layout.seq_len, _checks.CPU_MAX_HEAD_DIM + 1)
-    with pytest.raises(RuntimeError, match=f"head_dim must be in \\[1, {_checks.CPU_MAX_HEAD_DIM}\\]"):
+    with pytest.raises(ValueError, match=f"head_dim must be in \\[1, {_checks.CPU_MAX_HEAD_DIM}\\]"):
         torch.ops.dalle_fast.sparse_attention_fwd(q, q, q, *layout.params(), 0.1)
 
 
@@ -46,7 +46,7 @@ def test_cpu_dtypes_are_the_extensions(dtype):
         if dtype in declared:
             call()
         else:
-            with pytest.raises(RuntimeError, match="dtype|float32"):
+            with pytest.raises(ValueError, match="dtype|float32"):
                 call()
 
 
@@ -70,7 +70,7 @@ def test_cuda_decode_head_dims_are_the_extensions(head_dim):
     if head_dim in _checks.CUDA_HEAD_DIMS:
         call()
     else:
-        with pytest.raises(RuntimeError):
+        with pytest.raises(ValueError):
             call()
 
 

@@ -265,7 +265,7 @@ def test_bad_inputs_raise():
         call(pos=torch.tensor([0, N]))
     with pytest.raises(ValueError, match="pos"):
         call(pos=torch.tensor([-1, 0]))
-    with pytest.raises(ValueError, match="pos must be an int64"):
+    with pytest.raises(ValueError, match="pos must be int64"):
         call(pos=torch.tensor([0, 1], dtype=torch.int32))
     with pytest.raises(ValueError, match="pos must be 0-dim"):
         call(pos=torch.tensor([0, 1, 2]))
@@ -288,7 +288,7 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="float64"):
         call(q=q.double(), k_new=q.double(), v_new=q.double(), k_cache=kc.double(), v_cache=kc.double())
     # the C++ op checks on its own too
-    with pytest.raises(RuntimeError, match="pos"):
+    with pytest.raises(ValueError, match="pos"):
         torch.ops.dalle_fast.decode_attention(q, q, q, kc, kc.clone(), torch.tensor([0, N]), None, None, None,
                                               *layout.params(), 0.25)
 
@@ -460,7 +460,7 @@ def test_bad_inputs_raise_strided_pos_shared_memory_and_scale():
     got = dalle_fast.decode_attention(q9, k9, v9, kc9.clone(), vc9.clone(), expanded, layout)
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
     cache = kc.clone()
-    with pytest.raises(RuntimeError, match=r"pos\[1\] = 5000"):  # the value at the strided slot, not its neighbour
+    with pytest.raises(ValueError, match=r"pos\[1\] = 5000"):  # the value at the strided slot, not its neighbour
         torch.ops.dalle_fast.decode_attention(qs, ks, vs, cache, vc.clone(), torch.tensor([3, 0, 5000, 0])[::2],
                                               None, None, None, *layout.params(), 0.25)
     torch.testing.assert_close(cache, kc, rtol=0, atol=0, equal_nan=True)  # refused before any write
@@ -469,17 +469,17 @@ def test_bad_inputs_raise_strided_pos_shared_memory_and_scale():
         dalle_fast.decode_attention(qs, ks, vs, one, vc.clone(), pos, layout)
     with pytest.raises(ValueError, match="k_cache is written in place"):
         dalle_fast.decode_attention(qs, ks, vs, one, vc.clone(), pos, layout, backend="reference")
-    with pytest.raises(RuntimeError, match="k_cache is written in place"):
+    with pytest.raises(ValueError, match="k_cache is written in place"):
         torch.ops.dalle_fast.decode_attention(qs, ks, vs, one, vc.clone(), pos, None, None, None,
                                               *layout.params(), 0.25)
     shared = kc.clone()
-    with pytest.raises(RuntimeError, match="must not share memory"):
+    with pytest.raises(ValueError, match="must not share memory"):
         torch.ops.dalle_fast.decode_attention(qs, ks, vs, shared, shared, pos, None, None, None,
                                               *layout.params(), 0.25)
     for scale in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="scale"):
             dalle_fast.decode_attention(qs, ks, vs, kc.clone(), vc.clone(), pos, layout, scale=scale)
-        with pytest.raises(RuntimeError, match="scale"):
+        with pytest.raises(ValueError, match="scale"):
             torch.ops.dalle_fast.decode_attention(qs, ks, vs, kc.clone(), vc.clone(), pos, None, None, None,
                                                   *layout.params(), scale)
 
@@ -555,5 +555,5 @@ def test_cuda_more_than_65535_heads_is_a_clear_error():
             out = dalle_fast.decode_attention(qs, ks, vs, kc, vc, pos, layout)
             assert out.shape == (1, H, 1, D) and torch.isfinite(out).all()
         else:
-            with pytest.raises(RuntimeError, match="at most 65535 heads"):
+            with pytest.raises(ValueError, match="at most 65535 heads"):
                 dalle_fast.decode_attention(qs, ks, vs, kc, vc, pos, layout)

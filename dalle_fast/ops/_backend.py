@@ -162,9 +162,9 @@ def resolve_backend(backend: Optional[str], device: torch.device, *, op: str = "
 
 
 def require(op: str, names: Sequence[str], device: torch.device, dtype: torch.dtype,
-            head_dim: Optional[int] = None) -> str:
+            head_dim: Optional[int] = None, arg: str = "q") -> str:
     """The first of backends ``names`` whose kernel of ``op`` serves the call; else ValueError with
-    every one's reason."""
+    every one's reason, naming ``arg``, the tensor whose device, dtype and head dim were judged."""
     kernels = OPS[op].kernels
     reasons = []
     for name in names:
@@ -172,13 +172,13 @@ def require(op: str, names: Sequence[str], device: torch.device, dtype: torch.dt
         if why is None:
             return name
         reasons.append(f"backend {name!r} {why}")
-    raise ValueError("; ".join(reasons))
+    raise ValueError(f"{arg}: " + "; ".join(reasons))
 
 
 def select(op: str, backend: Optional[str], device: torch.device, dtype: torch.dtype,
-           head_dim: Optional[int] = None) -> str:
+           head_dim: Optional[int] = None, arg: str = "q") -> str:
     """The backend serving this call of ``op`` (:func:`resolve_backend`, then :func:`require`)."""
-    return require(op, (resolve_backend(backend, device, op=op),), device, dtype, head_dim)
+    return require(op, (resolve_backend(backend, device, op=op),), device, dtype, head_dim, arg)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Block-sparse attention: argument checks, backend choice, the C++ op's fake kernel and autograd.
+"""Block-sparse attention: argument coercion, backend choice, the C++ op's fake kernel and autograd.
 
 Backends (:mod:`dalle_fast.ops._backend` declares what each serves):
     ``reference``  pure PyTorch, dense (dalle_fast.reference); any device and float dtype.
@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from .._checks import check_qkv, check_scale
+from .._checks import check_qkv, check_scale, number, same_device, tensor
 from ..masks import Layout
 from . import _triton
 from ._backend import TILE_SIZES, register_attention_autograd, select
@@ -51,6 +51,8 @@ def _cpu(q, k, v, layout, scale):
 
 
 def _reference(q, k, v, layout, scale):
+    check_qkv(q, k, v, layout)  # the C++ op and the Triton host code check their own arguments
+    check_scale(scale)
     return reference.sparse_attention(q, k, v, layout, scale)
 
 
@@ -84,7 +86,13 @@ def sparse_attention(q, k, v, layout: Layout, *, scale: Optional[float] = None,
     Returns:
         ``(batch, heads, seq, head_dim)`` in q's dtype.
     """
-    check_qkv(q, k, v, layout)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else check_scale(scale)
-    name = select("sparse_attention", backend, q.device, q.dtype, q.shape[-1])
+    # coerce and choose a backend; each backend's entry point checks the arguments (C++ op,
+    # Triton host code, _reference)
+    if not isinstance(layout, Layout):
+        raise ValueError(f"layout must be a dalle_fast.Layout, got {type(layout).__name__}")
+    q, k, v = tensor("q", q), tensor("k", k), tensor("v", v)
+    same_device("q", (("q", q), ("k", k), ("v", v)))
+    head_dim = q.shape[-1] if q.dim() else None
+    scale = 1.0 / math.sqrt(max(head_dim or 1, 1)) if scale is None else number("scale", scale)
+    name = select("sparse_attention", backend, q.device, q.dtype, head_dim)
     return _IMPLS[name](q, k, v, layout, scale)

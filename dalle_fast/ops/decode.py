@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from .._checks import check_scale
+from .._checks import check_scale, number, same_device, tensor
 from ..masks import Layout
 from ._backend import OPS, require, resolve_backend
 
@@ -43,15 +43,10 @@ def _resolve(backend: Optional[str], device: torch.device) -> str:
     return resolve_backend(backend, device, op="decode_attention")
 
 
-def _check(q, k_new, v_new, k_cache, v_cache, pos, layout, text_k_cache, text_v_cache, prompt_index):
+def _check_reference(q, k_new, v_new, k_cache, v_cache, pos, layout, text_k_cache, text_v_cache, prompt_index):
     """ValueError naming the argument unless the arguments make a decode_attention call (pos and
-    prompt_index values too, where they are on the CPU and not under torch.compile)."""
-    if not isinstance(layout, Layout):
-        raise ValueError(f"layout must be a dalle_fast.Layout, got {type(layout).__name__}")
-    for name, t in (("q", q), ("k_new", k_new), ("v_new", v_new), ("k_cache", k_cache), ("v_cache", v_cache),
-                    ("pos", pos)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    prompt_index values too, where they are on the CPU and not under torch.compile): the reference
+    backend's checks, those of the C++ op (csrc/decode_checks.h) in Python."""
     if q.dim() != 4 or q.shape[2] != 1:
         raise ValueError(f"q must be (batch, heads, 1, head_dim), got shape {tuple(q.shape)}")
     if not q.is_floating_point():
@@ -143,16 +138,29 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, pos, layout: Layout, *, 
     Returns:
         ``(B, H, 1, D)`` in q's dtype.
     """
-    _check(q, k_new, v_new, k_cache, v_cache, pos, layout, text_k_cache, text_v_cache, prompt_index)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else check_scale(scale)
+    # coerce and choose a backend; the C++ op checks its arguments (csrc/decode_checks.h), the
+    # reference backend with _check_reference
+    if not isinstance(layout, Layout):
+        raise ValueError(f"layout must be a dalle_fast.Layout, got {type(layout).__name__}")
+    q, k_new, v_new, k_cache, v_cache, pos = (tensor(n, t) for n, t in (
+        ("q", q), ("k_new", k_new), ("v_new", v_new), ("k_cache", k_cache), ("v_cache", v_cache), ("pos", pos)))
+    text_k_cache, text_v_cache, prompt_index = (tensor(n, t, optional=True) for n, t in (
+        ("text_k_cache", text_k_cache), ("text_v_cache", text_v_cache), ("prompt_index", prompt_index)))
+    same_device("q", (("q", q), ("k_new", k_new), ("v_new", v_new), ("k_cache", k_cache), ("v_cache", v_cache),
+                      ("pos", pos), ("text_k_cache", text_k_cache), ("text_v_cache", text_v_cache),
+                      ("prompt_index", prompt_index)))
+    head_dim = q.shape[-1] if q.dim() else None
+    scale = 1.0 / math.sqrt(max(head_dim or 1, 1)) if scale is None else number("scale", scale)
     name = _resolve(backend, q.device)
     if name != "reference" and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k_new, v_new, k_cache, v_cache, text_k_cache, text_v_cache)):
         # the fused decode kernels have no backward: gradients would silently be missing
         raise ValueError(f"backend {name!r} of decode_attention is inference-only and an input requires grad; "
                          "call it under torch.no_grad() (or use backend='reference' to differentiate)")
-    require("decode_attention", (name,), q.device, q.dtype, q.shape[-1])
+    require("decode_attention", (name,), q.device, q.dtype, head_dim)
     if name == "reference":
+        _check_reference(q, k_new, v_new, k_cache, v_cache, pos, layout, text_k_cache, text_v_cache, prompt_index)
+        check_scale(scale)
         return reference.decode_attention(q, k_new, v_new, k_cache, v_cache, pos, layout, scale,
                                           text_k_cache, text_v_cache, prompt_index)
     return torch.ops.dalle_fast.decode_attention(q, k_new, v_new, k_cache, v_cache, pos, text_k_cache,

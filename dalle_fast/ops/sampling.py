@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import reference
-from .._checks import KERNEL_DTYPES
+from .._checks import KERNEL_DTYPES, number, same_device, tensor
 from ._backend import OPS, resolve_backend, select
 
 __all__ = ["sample", "check_error_flags"]
@@ -35,62 +35,36 @@ def _resolve(backend: Optional[str], device: torch.device) -> str:
     return resolve_backend(backend, device, op="sample")
 
 
-def _number(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {type(value).__name__}")
-    return value
-
-
-def _check(logits, seeds, step, temperature, top_k, top_p, uncond_logits, cfg_scale, vocab_range):
-    """ValueError naming the argument unless the arguments make a sample call; returns step as a
-    tensor, temperature, top_p and cfg_scale as floats and the vocab range ``(lo, hi)``."""
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise ValueError(f"logits must be a (batch, vocab) tensor, got "
-                         f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
-    if logits.dtype not in KERNEL_DTYPES + (torch.float64,):  # float64: computed in float32
+def _check_reference(logits, seeds, step, temperature, top_k, top_p, uncond_logits, cfg_scale, lo, hi):
+    """ValueError naming the argument unless the (coerced) arguments make a sample call: the
+    reference backend's checks, those of the C++ op (csrc/decode_checks.h) in Python."""
+    if logits.dim() != 2 or logits.shape[1] < 1:
+        raise ValueError(f"logits must be a (batch, vocab) tensor with vocab >= 1, got shape {tuple(logits.shape)}")
+    if logits.dtype not in KERNEL_DTYPES:
         raise ValueError(f"logits must be float32, bfloat16, float16 or float64, got {logits.dtype}")
     B, V = logits.shape
     dev = logits.device
-    if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.shape != (B,):
-        raise ValueError(f"seeds must be an int64 tensor of shape ({B},), got "
-                         f"{(seeds.dtype, tuple(seeds.shape)) if isinstance(seeds, torch.Tensor) else type(seeds).__name__}")
+    if seeds.dtype != torch.int64 or seeds.shape != (B,):
+        raise ValueError(f"seeds must be an int64 tensor of shape ({B},), got {seeds.dtype} {tuple(seeds.shape)}")
     if seeds.device != dev:
         raise ValueError(f"seeds must be on logits' device {dev}, got {seeds.device}")
-    if isinstance(step, bool):
-        raise ValueError("step must be an int64 tensor or an int, got bool")
-    if isinstance(step, int):
-        step = torch.tensor(step, dtype=torch.int64, device=dev)
-    if not isinstance(step, torch.Tensor) or step.dtype != torch.int64 or step.numel() != 1:
-        raise ValueError(f"step must be a one-element int64 tensor, got "
-                         f"{(step.dtype, tuple(step.shape)) if isinstance(step, torch.Tensor) else type(step).__name__}")
+    if step.dtype != torch.int64 or step.numel() != 1:
+        raise ValueError(f"step must be a one-element int64 tensor, got {step.dtype} {tuple(step.shape)}")
     if step.device != dev:
         raise ValueError(f"step must be on logits' device {dev}, got {step.device}")
-    temperature = float(_number("temperature", temperature))
     if not temperature >= 0 or temperature == float("inf"):
         raise ValueError(f"temperature must be >= 0 and finite, got {temperature}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+    if top_k < 0:
         raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
-    top_p = float(_number("top_p", top_p))
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    cfg_scale = float(_number("cfg_scale", cfg_scale))
     if cfg_scale != cfg_scale or abs(cfg_scale) == float("inf"):
         raise ValueError(f"cfg_scale must be finite, got {cfg_scale}")
-    if uncond_logits is not None:
-        if (not isinstance(uncond_logits, torch.Tensor) or uncond_logits.shape != logits.shape
-                or uncond_logits.dtype != logits.dtype or uncond_logits.device != dev):
-            raise ValueError("uncond_logits must be a tensor with logits' shape, dtype and device")
-    if vocab_range is None:
-        lo, hi = 0, V
-    else:
-        try:
-            lo, hi = vocab_range
-        except (TypeError, ValueError):
-            raise ValueError(f"vocab_range must be a pair (lo, hi), got {vocab_range!r}") from None
-        if (isinstance(lo, bool) or isinstance(hi, bool) or not isinstance(lo, int) or not isinstance(hi, int)
-                or not 0 <= lo < hi <= V):
-            raise ValueError(f"vocab_range must be ints with 0 <= lo < hi <= vocab = {V}, got {vocab_range!r}")
-    return step, temperature, top_p, cfg_scale, (lo, hi)
+    if uncond_logits is not None and (uncond_logits.shape != logits.shape or uncond_logits.dtype != logits.dtype
+                                      or uncond_logits.device != dev):
+        raise ValueError("uncond_logits must be a tensor with logits' shape, dtype and device")
+    if not 0 <= lo < hi <= V:
+        raise ValueError(f"vocab_range must be ints with 0 <= lo < hi <= vocab = {V}, got {(lo, hi)!r}")
 
 
 def sample(logits: torch.Tensor, *, seeds: torch.Tensor, step, temperature: float = 1.0, top_k: int = 0,
@@ -118,18 +92,40 @@ def sample(logits: torch.Tensor, *, seeds: torch.Tensor, step, temperature: floa
     Returns:
         int64 ``(B,)`` tokens (and the flag when ``return_error_flag``).
     """
-    step, temperature, top_p, cfg_scale, (lo, hi) = _check(logits, seeds, step, temperature, top_k, top_p,
-                                                           uncond_logits, cfg_scale, vocab_range)
-    B, V = logits.shape
-    top_k = min(top_k, V)  # keeping V tokens keeps all (and a huge int fits the op's int64)
+    # coerce and choose a backend; the C++ op checks its arguments (csrc/decode_checks.h), the
+    # reference backend with _check_reference
+    logits, seeds = tensor("logits", logits), tensor("seeds", seeds)
+    uncond_logits = tensor("uncond_logits", uncond_logits, optional=True)
+    if isinstance(step, bool):
+        raise ValueError("step must be an int64 tensor or an int, got bool")
+    if isinstance(step, int):
+        step = torch.tensor(step, dtype=torch.int64, device=logits.device)
+    step = tensor("step", step)
+    same_device("logits", (("logits", logits), ("seeds", seeds), ("step", step), ("uncond_logits", uncond_logits)))
+    temperature, top_p = number("temperature", temperature), number("top_p", top_p)
+    cfg_scale = number("cfg_scale", cfg_scale)
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
+    V = logits.shape[-1] if logits.dim() else 0
+    if vocab_range is None:
+        vocab_range = (0, V)
+    try:
+        lo, hi = vocab_range
+    except (TypeError, ValueError):
+        raise ValueError(f"vocab_range must be a pair (lo, hi), got {vocab_range!r}") from None
+    if isinstance(lo, bool) or isinstance(hi, bool) or not isinstance(lo, int) or not isinstance(hi, int):
+        raise ValueError(f"vocab_range must be a pair of ints, got {vocab_range!r}")
+    top_k = min(top_k, V) if top_k >= 0 else top_k  # keeping V tokens keeps all (a huge int fits the op's int64)
     if logits.dtype == torch.float64:  # the kernels compute in float32
         logits = logits.float()
-        uncond_logits = uncond_logits.float() if uncond_logits is not None else None
-    name = select("sample", backend, logits.device, logits.dtype)
+        if uncond_logits is not None and uncond_logits.dtype == torch.float64:
+            uncond_logits = uncond_logits.float()
+    name = select("sample", backend, logits.device, logits.dtype, arg="logits")
     if name == "reference":
+        _check_reference(logits, seeds, step, temperature, top_k, top_p, uncond_logits, cfg_scale, lo, hi)
         tokens = reference.sample(logits, seeds, int(step), temperature, top_k, top_p, uncond_logits, cfg_scale,
                                   (lo, hi))
-        flag = torch.zeros(B, dtype=torch.int32, device=logits.device)
+        flag = torch.zeros(logits.shape[0], dtype=torch.int32, device=logits.device)
     else:
         tokens, flag = torch.ops.dalle_fast.sample(logits, seeds, step, uncond_logits, cfg_scale, temperature,
                                                    top_k, top_p, lo, hi)
