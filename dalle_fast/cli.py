@@ -154,49 +154,12 @@ def add_tokenizer_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def tokenizer_from_args(args: argparse.Namespace, dataset):
-    """``--tokenizer`` (which must exist), or OUT/tokenizer.json, trained on the dataset's captions
-    (rank 0) if missing; a copy is kept in OUT beside the checkpoints. ``--vocab-size`` and
-    ``--text-len`` only shape a tokenizer trained here: a warning says when an existing one differs."""
-    import warnings
-
-    import torch.distributed as dist
-
-    from .tokenizer import Tokenizer
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if args.tokenizer is not None and not args.tokenizer.is_file():
-        raise ValueError(f"--tokenizer: {str(args.tokenizer)!r} is not a file (leave --tokenizer out to train one "
-                         "into OUT/tokenizer.json)")
-    path = args.tokenizer or args.out / "tokenizer.json"
-    trained = not path.is_file()
-    if trained and rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        captions = dataset.captions()
-        tok = Tokenizer.train(captions, vocab_size=16384 if args.vocab_size is None else args.vocab_size,
-                              text_len=256 if args.text_len is None else args.text_len)
-        if args.text_len is None:  # as many positions as the longest caption needs: shorter runs, same text
-            tok = tok.with_text_len(min(256, max(len(ids) for ids in tok.tokenize(captions))))
-        tok.save(path)
-    if world > 1:
-        dist.barrier()
-    tokenizer = Tokenizer.load(path)
-    asked = {"--vocab-size": (args.vocab_size, tokenizer.vocab_size), "--text-len": (args.text_len, tokenizer.text_len)}
-    ignored = [f"{flag} {want}" for flag, (want, have) in asked.items() if want is not None and want != have]
-    if not trained and rank == 0 and ignored:
-        warnings.warn(f"using the existing tokenizer {str(path)!r} (vocab_size {tokenizer.vocab_size}, text_len "
-                      f"{tokenizer.text_len}); {', '.join(ignored)} only apply to a tokenizer trained here",
-                      stacklevel=2)
-    copy = args.out / "tokenizer.json"
-    if path.resolve() != copy.resolve():
-        from .checkpoint import list_checkpoints
-        if (copy.is_file() and list_checkpoints(args.out)  # (every rank: all stop, or none)
-                and Tokenizer.load(copy).fingerprint() != tokenizer.fingerprint()):
-            # the run in OUT was trained with OUT/tokenizer.json (generate reads it): keep it
-            raise ValueError(f"--tokenizer: {str(path)!r} differs from {str(copy)!r}, the tokenizer of the run "
-                             "in --out; resume with that one, or start a new run in a new --out")
-        if rank == 0:
-            args.out.mkdir(parents=True, exist_ok=True)
-            tokenizer.save(copy)
-    return tokenizer
+    """The run's tokenizer from ``--tokenizer``, ``--vocab-size``, ``--text-len`` and ``--out``
+    (:func:`dalle_fast.train.prepare_tokenizer`)."""
+    from .train import prepare_tokenizer
+    return prepare_tokenizer(dataset, args.out, args.tokenizer, vocab_size=args.vocab_size, text_len=args.text_len,
+                             names={"path": "--tokenizer", "out_dir": "--out", "vocab_size": "--vocab-size",
+                                    "text_len": "--text-len"})
 
 
 def _run_train_clip(args: argparse.Namespace) -> int:

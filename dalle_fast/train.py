@@ -698,3 +698,53 @@ def prepare_dalle_training(dvae_checkpoint, dvae, tokenizer, dataset: Dataset, o
     codes = cached_codes(dvae, tokenizer, dataset, cfg.text_len - 1, Path(out_dir) / "codes", describe,
                          batch_size=encode_batch_size, progress=progress)
     return cfg, codes, extra_meta
+
+
+def prepare_tokenizer(dataset: Dataset, out_dir: str | Path, path: str | Path | None = None, *,
+                      vocab_size: int | None = None, text_len: int | None = None,
+                      names: Mapping[str, str] | None = None):
+    """The tokenizer a training run in ``out_dir`` uses: the one at ``path`` (which must exist), or
+    ``out_dir/tokenizer.json``, trained on ``dataset``'s captions (rank 0) if missing; a copy is kept
+    in ``out_dir`` beside the checkpoints (generation reads it). ``vocab_size`` (default 16384) and
+    ``text_len`` (default: the longest caption's tokens, at most 256) only shape a tokenizer trained
+    here: a warning says when an existing one differs. A ``path`` that differs from the tokenizer of
+    a run already in ``out_dir`` is refused. ``names``: how messages call the arguments (the CLI
+    passes its flags)."""
+    from .checkpoint import list_checkpoints
+    from .tokenizer import Tokenizer
+    n = {"path": "path", "out_dir": "out_dir", "vocab_size": "vocab_size", "text_len": "text_len", **(names or {})}
+    out_dir = Path(out_dir)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if path is not None and not Path(path).is_file():
+        raise ValueError(f"{n['path']}: {str(path)!r} is not a file (leave {n['path']} out to train one "
+                         f"into {n['out_dir']}/tokenizer.json)")
+    path = Path(path) if path is not None else out_dir / "tokenizer.json"
+    trained = not path.is_file()
+    if trained and rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        captions = dataset.captions()
+        tok = Tokenizer.train(captions, vocab_size=16384 if vocab_size is None else vocab_size,
+                              text_len=256 if text_len is None else text_len)
+        if text_len is None:  # as many positions as the longest caption needs: shorter runs, same text
+            tok = tok.with_text_len(min(256, max(len(ids) for ids in tok.tokenize(captions))))
+        tok.save(path)
+    if world > 1:
+        dist.barrier()
+    tokenizer = Tokenizer.load(path)
+    asked = {n["vocab_size"]: (vocab_size, tokenizer.vocab_size), n["text_len"]: (text_len, tokenizer.text_len)}
+    ignored = [f"{flag} {want}" for flag, (want, have) in asked.items() if want is not None and want != have]
+    if not trained and rank == 0 and ignored:
+        warnings.warn(f"using the existing tokenizer {str(path)!r} (vocab_size {tokenizer.vocab_size}, text_len "
+                      f"{tokenizer.text_len}); {', '.join(ignored)} only apply to a tokenizer trained here",
+                      stacklevel=2)
+    copy = out_dir / "tokenizer.json"
+    if path.resolve() != copy.resolve():
+        if (copy.is_file() and list_checkpoints(out_dir)  # (every rank: all stop, or none)
+                and Tokenizer.load(copy).fingerprint() != tokenizer.fingerprint()):
+            # the run in out_dir was trained with its tokenizer.json (generate reads it): keep it
+            raise ValueError(f"{n['path']}: {str(path)!r} differs from {str(copy)!r}, the tokenizer of the run "
+                             f"in {n['out_dir']}; resume with that one, or start a new run in a new {n['out_dir']}")
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            tokenizer.save(copy)
+    return tokenizer

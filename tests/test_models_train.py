@@ -379,3 +379,36 @@ def test_truncated_captions_warn_with_truncation_warning():
     collate = TokenizingCollate(tok)
     with pytest.warns(TruncationWarning):
         collate([{"caption": "a red circle a red circle", "image": torch.zeros(3, 2, 2)}])
+
+
+def test_prepare_tokenizer_trains_keeps_a_copy_and_refuses_a_foreign_one(tmp_path):
+    """The training runs' tokenizer step as a library call: trained into out_dir when missing, an
+    existing one reused (a warning when vocab_size asks otherwise), a missing path or a tokenizer that
+    differs from the run already in out_dir refused, naming the argument."""
+    import warnings
+
+    from dalle_fast.data.shapes import ShapesDataset
+    from dalle_fast.train import prepare_tokenizer
+
+    data = ShapesDataset(size=16, length=40, seed=3)
+    out = tmp_path / "run"
+    tok = prepare_tokenizer(data, out, vocab_size=800)
+    assert (out / "tokenizer.json").is_file() and tok.vocab_size <= 800
+    longest = max(len(ids) for ids in tok.tokenize(data.captions()))
+    assert tok.text_len == min(256, longest)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = prepare_tokenizer(data, out, vocab_size=tok.vocab_size + 7)
+    assert again.fingerprint() == tok.fingerprint()
+    assert any("vocab_size" in str(w.message) and "existing tokenizer" in str(w.message) for w in caught)
+    with pytest.raises(ValueError, match="path: .*missing.json.* is not a file"):
+        prepare_tokenizer(data, out, tmp_path / "missing.json")
+    # a run with checkpoints in out_dir keeps its tokenizer
+    other = prepare_tokenizer(ShapesDataset(size=16, length=40, seed=4), tmp_path / "other", vocab_size=700,
+                              text_len=12)
+    assert other.fingerprint() != tok.fingerprint()
+    prepare_tokenizer(data, tmp_path / "fresh", tmp_path / "other" / "tokenizer.json")  # no run there: taken
+    (out / "checkpoint-00000001.json").write_text("{}")
+    assert ck.list_checkpoints(out)
+    with pytest.raises(ValueError, match="differs from .*the tokenizer of the run in out_dir"):
+        prepare_tokenizer(data, out, tmp_path / "other" / "tokenizer.json")
