@@ -504,6 +504,7 @@ _SMALL = {
     "l2_bandwidth.py": ["--device", "cpu", "--sizes-mb", "0.1"],
     "ncu_forward.py": ["--kinds", "row", "--batch", "1", "--heads", "1"],
     "gpu_decide.py": ["--dir", "."],
+    "adapter_sweep.py": ["--quick"],
 }
 _BAD_ARGS = [  # (script, flag named in the error, the bad arguments)
     ("attention.py", "--batch", ["--batch", "0"]),
@@ -553,6 +554,8 @@ _BAD_ARGS = [  # (script, flag named in the error, the bad arguments)
     ("ncu_forward.py", "--batch", ["--batch", "0"]),
     pytest.param("ncu_forward.py", "--device cuda", [], marks=_NO_CUDA),
     ("gpu_decide.py", "--dir", ["--dir", "no-such-folder"]),
+    ("adapter_sweep.py", "--only", ["--only", "small-vocab-8x8,foo"]),
+    ("adapter_sweep.py", "--repeat", ["--repeat", "0"]),
 ]
 
 
@@ -795,3 +798,23 @@ def test_gpu_decide_table(tmp_path):
     (tmp_path / "ncu_forward.csv").write_text("==ERROR== ERR_NVGPUCTRPERM - The user does not have permission\n")
     out = _run("gpu_decide.py", "--dir", str(tmp_path))
     assert "# ncu speed-of-light: ncu: no permission to read the GPU's performance counters (ERR_NVGPUCTRPERM)" in out
+
+
+def test_adapter_sweep_times_both_sides_per_configuration(tmp_path):
+    """bench/adapter_sweep.py --quick: one row per configuration with both sides timed and the
+    ratio theirs / ours, in the table it prints and in its JSON."""
+    import dalle_fast.integrations.dalle_pytorch as dfp
+    try:
+        dfp.import_dalle_pytorch(stand_ins=True)
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        pytest.skip(f"dalle-pytorch cannot be imported ({e})")
+    out = _run("adapter_sweep.py", "--quick", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "adapter_sweep.json").read_text())
+    rows = {r["config"]: r for r in result["rows"]}
+    assert set(rows) == {"quick-mix-4x4", "quick-full-cfg3-4x4"} and "DALLE-pytorch 1.6.6" in out
+    for name, r in rows.items():
+        assert r["dalle_pytorch_s"] > 0 and r["adapter_s"] > 0
+        assert r["ratio"] == pytest.approx(r["dalle_pytorch_s"] / r["adapter_s"])
+        assert f"{r['ratio']:.1f}x" in next(line for line in out.splitlines() if line.startswith(name))
+    assert rows["quick-full-cfg3-4x4"]["cond_scale"] == 3.0 and rows["quick-mix-4x4"]["image_tokens"] == "4x4"
+
