@@ -162,6 +162,37 @@ def test_forward_loss_and_gradients_match(name):
     close(grads, grads64, grads_pt, f"{name} gradients")
 
 
+def seeded(seed, fn, *args):
+    torch.manual_seed(seed)
+    return fn(*args)
+
+
+@pytest.mark.parametrize("kind", ["full", "axial_row", "axial_col", "conv_like"])
+def test_attention_dropout_in_training_draws_what_dalle_pytorch_draws(kind):
+    """attn_dropout (DALLE-pytorch 1.6.6: an nn.Dropout after the attention's output projection) in
+    training mode: with the same seed the patched model zeroes the same entries, so logits, loss and
+    gradients match the unpatched model's (and the float64 model's, whose draws are the same). The
+    axial and conv modules project a sequence padded to seq_len + 1 and drop from that; the patched
+    ones drew a mask for the unpadded shape, so every row after the first batch item differed."""
+    model = make_model(depth=2, attn_types=(kind,), attn_dropout=0.5).train()
+    ref64 = copy.deepcopy(model).double()
+    text, image = batch()
+    with torch.no_grad():
+        eval_logits = copy.deepcopy(model).eval()(text.clone(), image)
+        logits_pt, logits64 = seeded(3, model, text.clone(), image), seeded(3, ref64, text.clone(), image)
+    loss_pt, grads_pt = seeded(4, loss_and_grads, model, text, image)
+    loss64, grads64 = seeded(4, loss_and_grads, ref64, text, image)
+    dfp.patch(model)
+    with torch.no_grad():
+        logits = seeded(3, model, text.clone(), image)
+    loss, grads = seeded(4, loss_and_grads, model, text, image)
+    keep = ~model.logits_mask[:, :logits.shape[1]].expand_as(logits)
+    assert (logits - eval_logits)[keep].abs().max() > 0.1  # dropout is active
+    close(logits[keep], logits64[keep], logits_pt[keep], f"{kind} training logits")
+    close(loss, loss64, loss_pt, f"{kind} training loss")
+    close(grads, grads64, grads_pt, f"{kind} training gradients")
+
+
 def test_patched_loss_skips_the_masked_logits():
     """patch installs the loss that computes only the unmasked logits (DALLE.forward of 1.6.6 is
     recognised), unpatch removes it, and a forward it does not recognise is left alone."""

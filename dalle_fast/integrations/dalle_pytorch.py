@@ -25,7 +25,11 @@ with :func:`dalle_fast.sparse_attention`. The layer kinds map to :class:`dalle_f
     ==================================  ==============================================
 
 Everything around attention (token shift, rotary embeddings, LayerScale, pre/sandwich norms,
-feed-forward, ``stable``) is the package's own code and runs unchanged. The training loss
+feed-forward, ``stable``) is the package's own code and runs unchanged. ``attn_dropout`` is, in
+DALLE-pytorch 1.6.6, an ``nn.Dropout`` after the attention's output projection (not on the attention
+probabilities); the patched layers run that same module on a tensor of the shape DALLE-pytorch gives it
+(the axial and conv layers project a sequence padded to ``seq_len + 1``), so in training the same seed
+zeroes the same entries and outputs match the unpatched model's. The training loss
 (``forward(..., return_loss=True)``) is also replaced, when the model's ``DALLE.forward`` is the
 source the adapter was written against (dalle-pytorch 1.6.6, checked by hash): it computes only the
 logits the loss uses (text columns at text positions, image columns at image positions; the others
@@ -166,6 +170,15 @@ class DallePytorchAttention(nn.Module):
         self.to_qkv, self.to_out = original.to_qkv, original.to_out
         self.heads, self.scale, self.layout = original.heads, float(original.scale), layout
         self.__dict__["original"] = original  # not a submodule: parameters and state_dict keys unchanged
+        # DALLE-pytorch's axial and conv modules pad the sequence to seq_len + 1 and run to_out (whose
+        # nn.Dropout is the model's attn_dropout) on all of it before cutting back to n: in training the
+        # dropout mask is drawn for that padded shape, and so is it here (same seed, same zeroed entries)
+        _, _, at, _ = _package()
+        padded = isinstance(original, (at.SparseAxialCausalAttention, at.SparseConvCausalAttention))
+        self.padded_len = original.seq_len + 1 if padded else None
+
+    def _dropout_active(self) -> bool:
+        return self.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.to_out.modules())
 
     def forward(self, x, mask=None, rotary_pos_emb=None, cache=None, cache_key=None):
         if mask is not None:
@@ -179,7 +192,12 @@ class DallePytorchAttention(nn.Module):
             raise ValueError(f"x must be (batch, seq, dim), got shape {tuple(x.shape)}")
         n = x.shape[1]
         q, k, v = _project(self, x, None if rotary_pos_emb is None else rotary_pos_emb[:, :n])
-        return _merge(self, sparse_attention(q, k, v, self.layout, scale=self.scale))
+        out = sparse_attention(q, k, v, self.layout, scale=self.scale)
+        if self.padded_len is None or not self._dropout_active():
+            return _merge(self, out)
+        b, h, _, d = out.shape
+        padded = F.pad(out.transpose(1, 2).reshape(b, n, h * d), (0, 0, 0, self.padded_len - n))
+        return self.to_out(padded)[:, :n]
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, layout={self.layout}"
