@@ -124,6 +124,10 @@ CONFIGS = {
     "mix_no_shift": dict(shift_tokens=False),
     "optimize_for_inference": dict(attn_types=("axial_row", "axial_col", "full"), optimize_for_inference=True),
     "shared_input_output_emb": dict(share_input_output_emb=True),
+    # one module in several layers (each layer keeps its own wrappers, token shift and KV cache)
+    "shared_layers": dict(attn_types=("full", "axial_row"), shared_attn_ids=(0, 1, 0, 1), shared_ff_ids=(0, 0, 1, 1)),
+    "shared_sparse_layers": dict(attn_types=("conv_like", "axial_col"), shared_attn_ids=(0, 1, 0, 1),
+                                 shared_ff_ids=(0, 0, 0, 0)),
 }
 
 
@@ -264,6 +268,24 @@ def test_patch_keeps_parameters_and_unpatch_restores_modules():
     assert len(restored) == len(originals) == 4
 
 
+def test_patch_of_shared_layers_shares_the_stand_in():
+    """shared_attn_ids: the layers that share an attention module share its stand-in (one set of
+    parameters, as before), and unpatch puts the one original back into each of them."""
+    model = make_model(**CONFIGS["shared_layers"])
+    params, keys = [id(p) for p in model.parameters()], list(model.state_dict())
+    # LayerScale > PreNorm > CachedAs > PreShiftToken > CachedAs/NonCached (per layer) > attention
+    attn = [f.fn.fn.fn.fn for f, _ in model.transformer.layers.layers]
+    originals = [a.fn for a in attn]
+    assert originals[0] is originals[2] and originals[1] is originals[3] and originals[0] is not originals[1]
+    dfp.patch(model)
+    patched = [a.fn for a in attn]
+    assert all(isinstance(p, dfp.DallePytorchAttention) for p in patched)
+    assert patched[0] is patched[2] and patched[1] is patched[3] and patched[0] is not patched[1]
+    assert [id(p) for p in model.parameters()] == params and list(model.state_dict()) == keys
+    dfp.unpatch(model)
+    assert all(a.fn is o for a, o in zip(attn, originals))
+
+
 def test_patched_model_survives_torch_save_and_load():
     """torch.save(model) of a patched model loads back patched, with the same loss (the loss forward
     was a bound method, which pickles as getattr(model, '_loss_forward') and failed to load)."""
@@ -319,7 +341,7 @@ def original_codes(model, text, **kw):
 
 
 @pytest.mark.parametrize("name", ["mix", "mix_stable_sandwich", "mix_no_shift", "optimize_for_inference",
-                                  "shared_input_output_emb"])
+                                  "shared_input_output_emb", "shared_layers", "shared_sparse_layers"])
 def test_greedy_generation_equals_generate_images(name):
     model = make_model(**CONFIGS[name])
     text, _ = batch(3)
@@ -411,10 +433,6 @@ def test_generate_raises_on_a_flagged_draw(monkeypatch):
 def test_refuses_unsupported_models(monkeypatch):
     with pytest.raises(ValueError, match="reversible"):
         dfp.patch(make_model(depth=2, reversible=True))
-    with pytest.raises(ValueError, match="shared_attn_ids"):
-        dfp.patch(make_model(depth=2, attn_types=("full",), shared_attn_ids=(0, 0)))
-    with pytest.raises(ValueError, match="shared_ff_ids"):
-        dfp.generate(make_model(depth=2, shared_ff_ids=(0, 0)), batch()[0])
     with pytest.raises(ValueError, match="model must be a dalle_pytorch.DALLE"):
         dfp.patch(torch.nn.Linear(2, 2))
     # the DeepSpeed 'sparse' type: build it against a stand-in deepspeed module

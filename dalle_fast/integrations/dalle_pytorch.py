@@ -286,16 +286,13 @@ def _inspect(model) -> _Spec:
         raise ValueError(f"model.transformer.layers is {type(seq).__name__}, not a SequentialSequence")
     S = model.transformer.image_fmap_size
     T = model.text_seq_len + 1
-    layers, seen = [], {}
+    layers = []
     for i, (f, g) in enumerate(seq.layers):
+        # (shared_attn_ids / shared_ff_ids: a module may be the core of several layers; each layer still
+        # has its own LayerScale, norms and token shift, and generate keeps a KV cache per layer)
         attn, ff = _unwrap(f, tr, i, "attention"), _unwrap(g, tr, i, "feed-forward")
         if not isinstance(ff.core, tr.FeedForward):
             raise ValueError(f"model: layer {i} feed-forward is {type(ff.core).__name__}, not FeedForward")
-        for option, branch in (("shared_attn_ids", attn), ("shared_ff_ids", ff)):
-            other = seen.setdefault(id(branch.core), i)
-            if other != i:
-                raise ValueError(f"{option}: layers {other} and {i} share one module; shared layers are not "
-                                 "supported")
         for branch in (attn, ff):
             for node in (branch.prenorm.fn, getattr(branch.prenorm.fn, "fn", None)):
                 if isinstance(node, tr.PreShiftToken) and (node.image_size != S or node.text_len != T):
@@ -393,10 +390,13 @@ def patch(model):
     """Swap every attention module of a ``dalle_pytorch.DALLE`` for a :class:`DallePytorchAttention`
     (same parameters, masks as dalle_fast layouts) in place; returns ``model``. Patching twice is a
     no-op. Raises ValueError naming the option for models the adapter cannot reproduce."""
+    replaced = {}  # id(original) -> its stand-in: layers that share a module share the stand-in
     for layer in _inspect(model).layers:
         branch = layer.attn
         if not isinstance(branch.core, DallePytorchAttention):
-            branch.parent.fn = DallePytorchAttention(branch.core, layer.layout)
+            if id(branch.core) not in replaced:
+                replaced[id(branch.core)] = DallePytorchAttention(branch.core, layer.layout)
+            branch.parent.fn = replaced[id(branch.core)]
     if _forward_source_hash(type(model)) in _KNOWN_FORWARD_SHA256:
         # a partial of a module-level function, not a bound method: a bound method pickles as
         # getattr(model, '_loss_forward'), so torch.save(model) could not be loaded back
