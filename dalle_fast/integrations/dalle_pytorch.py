@@ -55,11 +55,15 @@ seeded per image (``seed + i``) with dalle_fast's counter-based sampler, so they
 not the same random numbers as ``torch.rand``; with a top-k of 1 (``filter_thres=1``) generation is
 greedy and token-for-token equal to ``generate_images``.
 
-Options the adapter cannot reproduce are refused with a ``ValueError`` naming the option:
-``reversible=True``, the DeepSpeed ``sparse`` attention type, layers that share modules
-(``shared_attn_ids``/``shared_ff_ids``), non-causal attention, a key-padding ``mask`` passed to the
-attention, and DALLE-pytorch's own inference ``cache`` on a patched model (use :func:`generate`, or
-:func:`unpatch` first).
+Layers that share modules (``shared_attn_ids``/``shared_ff_ids``) share one stand-in; :func:`generate`
+keeps a KV cache and token-shift history per layer position. ``reversible=True`` models are patched
+inside their reversible blocks (DALLE-pytorch's own reversible forward and backward run around them)
+and :func:`generate` runs the reversible recurrence ``y1 = x1 + f(x2), y2 = x2 + g(y1)``.
+
+Options the adapter cannot reproduce are refused with a ``ValueError`` naming the option: the DeepSpeed
+``sparse`` attention type, non-causal attention, a key-padding ``mask`` passed to the attention, and
+DALLE-pytorch's own inference ``cache`` on a patched model (use :func:`generate`, or :func:`unpatch`
+first).
 """
 from __future__ import annotations
 
@@ -215,11 +219,15 @@ class _Branch:
     parent: nn.Module  # the module whose ``.fn`` is ``core``
     core: nn.Module
 
-    def run(self, x: torch.Tensor, shift, core) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, shift, core) -> torch.Tensor:
+        """The branch without its residual: ``scale * norm_out(core(shift(norm(x))))``."""
         h = self.prenorm.norm(x)
         if self.shift:
             h = shift(h)
-        return x + self.prenorm.norm_out(core(h)) * self.layer_scale.scale
+        return self.prenorm.norm_out(core(h)) * self.layer_scale.scale
+
+    def run(self, x: torch.Tensor, shift, core) -> torch.Tensor:
+        return x + self.delta(x, shift, core)
 
 
 @dataclass
@@ -234,6 +242,7 @@ class _Spec:
     layers: List[_Layer]
     text_len: int    # T = text_seq_len + 1 (with <bos>)
     image_size: int  # S
+    reversible: bool = False  # ReversibleSequence: y1 = x1 + f(x2), y2 = x2 + g(y1), mean of y1, y2 at the end
 
 
 def _unwrap(layer_scale: nn.Module, tr, index: int, what: str) -> _Branch:
@@ -279,15 +288,18 @@ def _inspect(model) -> _Spec:
     if not isinstance(model, dp.DALLE):
         raise ValueError(f"model must be a dalle_pytorch.DALLE, got {type(model).__name__}")
     seq = model.transformer.layers
-    if isinstance(seq, rev.ReversibleSequence):
-        raise ValueError("reversible: reversible=True models are not supported (the reversible sequence "
-                         "recomputes activations in its own backward)")
-    if not isinstance(seq, rev.SequentialSequence):
-        raise ValueError(f"model.transformer.layers is {type(seq).__name__}, not a SequentialSequence")
+    reversible = isinstance(seq, rev.ReversibleSequence)
+    if reversible:  # its blocks run the same LayerScale(PreNorm(...)) pairs through Deterministic wrappers
+        pairs = [(block.f.net, block.g.net) for block in seq.blocks]
+    elif isinstance(seq, rev.SequentialSequence):
+        pairs = list(seq.layers)
+    else:
+        raise ValueError(f"model.transformer.layers is {type(seq).__name__}, not a SequentialSequence or "
+                         "ReversibleSequence")
     S = model.transformer.image_fmap_size
     T = model.text_seq_len + 1
     layers = []
-    for i, (f, g) in enumerate(seq.layers):
+    for i, (f, g) in enumerate(pairs):
         # (shared_attn_ids / shared_ff_ids: a module may be the core of several layers; each layer still
         # has its own LayerScale, norms and token shift, and generate keeps a KV cache per layer)
         attn, ff = _unwrap(f, tr, i, "attention"), _unwrap(g, tr, i, "feed-forward")
@@ -302,7 +314,7 @@ def _inspect(model) -> _Spec:
     if not (isinstance(model.to_logits, nn.Sequential) and len(model.to_logits) == 2
             and isinstance(model.to_logits[1], nn.Linear)):
         raise ValueError("model.to_logits must be DALLE-pytorch's Sequential(LayerNorm, Linear)")
-    return _Spec(layers, T, S)
+    return _Spec(layers, T, S, reversible)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,6 +485,12 @@ class _StepModel:
         return F.linear(self.model.to_logits[0](h), self.head_w, self.head_b).float()
 
     def _run(self, x, shift, attend):
+        if self.spec.reversible:  # DALLE-pytorch's ReversibleSequence (its forward, as in eval)
+            x1 = x2 = x
+            for i, layer in enumerate(self.spec.layers):
+                x1 = x1 + layer.attn.delta(x2, lambda h: shift(i, 0, h), lambda h: attend(i, h))
+                x2 = x2 + layer.ff.delta(x1, lambda h: shift(i, 1, h), layer.ff.core)
+            return torch.stack((x1, x2)).mean(dim=0)
         for i, layer in enumerate(self.spec.layers):
             x = layer.attn.run(x, lambda h: shift(i, 0, h), lambda h: attend(i, h))
             x = layer.ff.run(x, lambda h: shift(i, 1, h), layer.ff.core)
