@@ -378,6 +378,58 @@ def test_greedy_generation_equals_generate_images(name):
     assert torch.equal(dfp.generate(model, text, filter_thres=1.0), ref)
 
 
+def cached_image_logits(model, text, codes):
+    """Image logits ``(B, S*S, V_img)`` of generate's cached path (prefill, then one decode step per
+    image token) fed with ``codes`` instead of drawing: entry ``j`` predicts code ``j`` (float32: the
+    head's output, at the model's precision, read as float32)."""
+    from dalle_fast.engine import Engine, SampleOptions
+    spec = dfp._inspect(model)
+    with torch.no_grad():
+        engine = Engine(dfp._StepModel(model.eval(), spec), dfp._text_ids(model, text), 1, text_len=spec.text_len,
+                        seeds=torch.zeros(text.shape[0], dtype=torch.int64), opts=SampleOptions(1.0, 1.0, 0, 1.0),
+                        guided=False, sample=dfp.sample)
+        out = [engine.first_logits]
+        for j in range(1, codes.shape[1]):
+            engine.tokens.copy_(codes[:, j - 1])
+            engine.run_step(draw_next=False)
+            out.append(engine.logits)
+    engine.close()
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("name", ["mix", "mix_stable_sandwich", "shared_sparse_layers", "reversible"])
+def test_bfloat16_model_is_as_accurate_as_dalle_pytorch(name):
+    """A bfloat16 model, patched: logits, loss and gradients, and the cached generation path's image
+    logits, each at most 2x as far from the float64 model as the unpatched bfloat16 model is, plus two
+    bfloat16 epsilons of the values' magnitude (a few ulps)."""
+    model = make_model(**CONFIGS[name])
+    ref64, bf = copy.deepcopy(model).double(), copy.deepcopy(model).bfloat16()
+    text, image = batch()
+    T, V = model.text_seq_len, model.num_text_tokens
+    with torch.no_grad():
+        logits64, logits_pt = ref64(text.clone(), image), bf(text.clone(), image)
+    if CONFIGS[name].get("reversible"):  # (see test_forward_loss_and_gradients_match)
+        ref64.train(), bf.train()
+    loss64, grads64 = loss_and_grads(ref64, text, image)
+    loss_pt, grads_pt = loss_and_grads(bf, text, image)
+    cached = cached_image_logits(bf, text, image)  # (generate's path; patch-independent)
+    dfp.patch(bf)
+    with torch.no_grad():
+        logits = bf(text.clone(), image)
+    loss, grads = loss_and_grads(bf, text, image)
+    assert logits.dtype == loss.dtype == grads.dtype == torch.bfloat16
+
+    def close16(ours, ref, pt, what):
+        floor = 2 * torch.finfo(torch.bfloat16).eps * ref.abs().max().item()
+        assert_close_to_reference(ours.double(), ref, pt.double(), what, floor=floor)
+
+    keep = ~model.logits_mask[:, :logits.shape[1]].expand_as(logits)
+    close16(logits[keep], logits64[keep], logits_pt[keep], f"{name} bfloat16 logits")
+    close16(loss, loss64, loss_pt, f"{name} bfloat16 loss")
+    close16(grads, grads64, grads_pt, f"{name} bfloat16 gradients")
+    close16(cached, logits64[:, T:, V:], logits_pt[:, T:, V:], f"{name} bfloat16 cached image logits")
+
+
 def test_greedy_generation_with_image_priming():
     model = make_model(rotary_emb=False)
     text, _ = batch(2)

@@ -390,7 +390,8 @@ def _loss_forward(self, text, image=None, return_loss=False, null_cond_prob=0., 
     h, head = self.to_logits[0](out), self.to_logits[1]
     loss_text = vocab_slice_cross_entropy(h[:, :T], head, 0, V, text[:, 1:])
     loss_img = vocab_slice_cross_entropy(h[:, T:], head, V, head.out_features, image)
-    return (loss_text + self.loss_img_weight * loss_img) / (self.loss_img_weight + 1)
+    loss = (loss_text + self.loss_img_weight * loss_img) / (self.loss_img_weight + 1)
+    return loss.to(h.dtype)  # (float32 inside; the model's dtype out, as F.cross_entropy returns it)
 
 
 def layouts(model) -> List[Layout]:
