@@ -29,13 +29,14 @@ S = 4             # 16x16 images, 2 VAE layers -> 4x4 tokens
 MIX = ("full", "axial_row", "axial_col", "conv_like")
 
 
-def make_model(seed=0, depth=4, **kw):
-    """A small DALLE with random weights whose layers matter (LayerScale ~1 instead of 0.1)."""
+def make_model(seed=0, depth=4, image_size=16, text_seq_len=TEXT_LEN, dim=32, heads=2, dim_head=16, **kw):
+    """A small DALLE with random weights whose layers matter (LayerScale ~1 instead of 0.1); images of
+    ``image_size`` pixels are ``image_size / 4`` tokens a side (S = 4 by default)."""
     torch.manual_seed(seed)
-    vae = dalle_pytorch.DiscreteVAE(image_size=16, num_layers=2, num_tokens=32, codebook_dim=16, hidden_dim=8)
+    vae = dalle_pytorch.DiscreteVAE(image_size=image_size, num_layers=2, num_tokens=32, codebook_dim=16, hidden_dim=8)
     kw.setdefault("attn_types", MIX)
-    model = dalle_pytorch.DALLE(dim=32, vae=vae, num_text_tokens=50, text_seq_len=TEXT_LEN, depth=depth, heads=2,
-                                dim_head=16, **kw)
+    model = dalle_pytorch.DALLE(dim=dim, vae=vae, num_text_tokens=50, text_seq_len=text_seq_len, depth=depth,
+                                heads=heads, dim_head=dim_head, **kw)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, dp_transformer.LayerScale):
@@ -48,11 +49,11 @@ def make_model(seed=0, depth=4, **kw):
     return model.eval()
 
 
-def batch(b=2, seed=1):
+def batch(b=2, seed=1, text_len=TEXT_LEN, image_tokens=S * S):
     g = torch.Generator().manual_seed(seed)
-    text = torch.randint(1, 44, (b, TEXT_LEN), generator=g)
+    text = torch.randint(1, 44, (b, text_len), generator=g)
     text[0, 4:] = 0  # padding
-    image = torch.randint(0, 32, (b, S * S), generator=g)
+    image = torch.randint(0, 32, (b, image_tokens), generator=g)
     return text, image
 
 
@@ -503,18 +504,92 @@ def test_generate_raises_on_a_flagged_draw(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# refusals
+# the options of DALLE(...) (dalle-pytorch 1.6.6), one at a time and combined
 # ---------------------------------------------------------------------------------------------
-def test_refuses_unsupported_models(monkeypatch):
-    with pytest.raises(ValueError, match="model must be a dalle_pytorch.DALLE"):
-        dfp.patch(torch.nn.Linear(2, 2))
-    # the DeepSpeed 'sparse' type: build it against a stand-in deepspeed module
+SWEEP = {
+    "dalle_defaults": dict(attn_types=None, depth=2),  # full attention, token shift, rotary embeddings
+    "axial_row_col": dict(attn_types=("axial_row", "axial_col"), depth=2),
+    "conv_full": dict(attn_types=("conv_like", "full"), depth=2),
+    "all_kinds": dict(),
+    "image_8x8": dict(image_size=32),
+    "text_seq_len_1": dict(text_seq_len=1),
+    "depth_1": dict(depth=1, attn_types=("conv_like",)),
+    "heads_1_dim_head_12": dict(heads=1, dim_head=12),
+    "dim_64_heads_4": dict(dim=64, heads=4, dim_head=16),
+    "rotary_emb_false": dict(rotary_emb=False),
+    "shift_tokens_false": dict(shift_tokens=False),
+    "stable": dict(stable=True),
+    "sandwich_norm": dict(sandwich_norm=True),
+    "dropouts_in_eval": dict(attn_dropout=0.3, ff_dropout=0.3),
+    "loss_img_weight_1": dict(loss_img_weight=1),
+    "share_input_output_emb": dict(share_input_output_emb=True),
+    "shared_attn_ids": dict(attn_types=("axial_col", "full"), shared_attn_ids=(0, 1, 0, 1)),
+    "shared_ff_ids": dict(shared_ff_ids=(0, 0, 1, 1)),
+    "reversible": dict(reversible=True),
+    "reversible_shared_stable": dict(reversible=True, stable=True, attn_types=("conv_like",), shared_attn_ids=(0, 0),
+                                     depth=2),
+    "optimize_for_inference": dict(attn_types=("axial_row", "axial_col", "full"), depth=3,
+                                   optimize_for_inference=True),
+    "sparse_attn_flag": dict(sparse_attn=True),  # (read but unused by 1.6.6's Transformer)
+    "everything": dict(attn_types=("axial_row", "conv_like", "axial_col", "full"), depth=4, stable=True,
+                       sandwich_norm=True, attn_dropout=0.1, ff_dropout=0.1, loss_img_weight=3, heads=4, dim_head=12,
+                       shared_attn_ids=(0, 1, 2, 3), shared_ff_ids=(0, 1, 0, 1), share_input_output_emb=True,
+                       image_size=32),
+}
+SWEEP_REFUSED = {  # name: (options, the option the ValueError names)
+    "sparse_attention_type": (dict(attn_types=("full", "sparse"), depth=2), "attn_types"),
+}
+
+
+def deepspeed_stand_in(monkeypatch):
+    """A stand-in ``deepspeed.ops.sparse_attention`` so that DALLE-pytorch builds its 'sparse' type."""
     ds = types.ModuleType("deepspeed.ops.sparse_attention")
     ds.SparseSelfAttention = lambda **kw: torch.nn.Identity()
     ds.VariableSparsityConfig = lambda **kw: None
     for name in ("deepspeed", "deepspeed.ops"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, "deepspeed.ops.sparse_attention", ds)
+
+
+@pytest.mark.parametrize("name", sorted(SWEEP))
+def test_constructor_option_sweep(name):
+    """Eval logits and loss of the patched model, and the image logits of generate's cached path,
+    each within 2x the unpatched float32 model's error against the float64 model."""
+    model = make_model(**SWEEP[name])
+    ref64 = copy.deepcopy(model).double()
+    text, image = batch(text_len=model.text_seq_len, image_tokens=model.image_seq_len)
+    T, V = model.text_seq_len, model.num_text_tokens
+    with torch.no_grad():
+        logits_pt, logits64 = model(text.clone(), image), ref64(text.clone(), image)
+        loss_pt, loss64 = model(text.clone(), image, return_loss=True), ref64(text.clone(), image, return_loss=True)
+        dfp.patch(model)
+        logits, loss = model(text.clone(), image), model(text.clone(), image, return_loss=True)
+    cached = cached_image_logits(model, text, image)
+    keep = ~model.logits_mask[:, :logits.shape[1]].expand_as(logits)
+    close(logits[keep], logits64[keep], logits_pt[keep], f"{name} logits")
+    close(loss, loss64, loss_pt, f"{name} loss")
+    close(cached, logits64[:, T:, V:], logits_pt[:, T:, V:], f"{name} cached image logits")
+
+
+@pytest.mark.parametrize("name", sorted(SWEEP_REFUSED))
+def test_constructor_option_sweep_refusals(name, monkeypatch):
+    deepspeed_stand_in(monkeypatch)
+    options, option = SWEEP_REFUSED[name]
+    model = make_model(**options)
+    text, _ = batch()
+    for call in (dfp.patch, dfp.layouts, lambda m: dfp.generate(m, text)):
+        with pytest.raises(ValueError, match=option):
+            call(model)
+    assert not dfp.is_patched(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# refusals
+# ---------------------------------------------------------------------------------------------
+def test_refuses_unsupported_models(monkeypatch):
+    with pytest.raises(ValueError, match="model must be a dalle_pytorch.DALLE"):
+        dfp.patch(torch.nn.Linear(2, 2))
+    deepspeed_stand_in(monkeypatch)  # the DeepSpeed 'sparse' type: build it against a stand-in deepspeed module
     with pytest.raises(ValueError, match="'sparse' attention"):
         dfp.patch(make_model(depth=2, attn_types=("full", "sparse")))
 
