@@ -221,6 +221,28 @@ def test_reversible_training_with_dropout_matches():
     close(grads, grads64, grads_pt, "reversible training gradients")
 
 
+def test_float64_model_forward_and_refused_generation():
+    """A float64 model: the patched forward, loss and gradients run dalle_fast's reference attention
+    (the kernels take float32/bfloat16/float16) and equal the unpatched float64 model's; generate,
+    whose cached decode runs the kernels, refuses it with a ValueError naming the dtype."""
+    model = make_model(depth=4).double()
+    text, image = batch()
+    with torch.no_grad():
+        logits_pt = model(text.clone(), image)
+    loss_pt, grads_pt = loss_and_grads(model, text, image)
+    dfp.patch(model)
+    with torch.no_grad():
+        logits = model(text.clone(), image)
+    loss, grads = loss_and_grads(model, text, image)
+    keep = ~model.logits_mask[:, :logits.shape[1]].expand_as(logits)
+    torch.testing.assert_close(logits[keep], logits_pt[keep], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(loss, loss_pt, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grads, grads_pt, rtol=1e-10, atol=1e-10)
+    for m in (model, dfp.unpatch(model)):
+        with pytest.raises(ValueError, match="float64.*generate"):
+            dfp.generate(m, text, filter_thres=1.0)
+
+
 def test_patched_loss_skips_the_masked_logits():
     """patch installs the loss that computes only the unmasked logits (DALLE.forward of 1.6.6 is
     recognised), unpatch removes it, and a forward it does not recognise is left alone."""

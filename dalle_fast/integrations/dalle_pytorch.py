@@ -165,7 +165,7 @@ class DallePytorchAttention(nn.Module):
 
     Shapes: ``x (batch, n, dim) -> (batch, n, dim)`` with ``n <= layout.seq_len - 1`` (DALLE-pytorch
     never feeds the last image token); float32/bfloat16/float16 on CPU (or CUDA with the triton
-    backend). ``rotary_pos_emb`` is the transformer's ``(1, >= n, rot)`` buffer, passed by
+    backend), float64 through dalle_fast's reference attention. ``rotary_pos_emb`` is the transformer's ``(1, >= n, rot)`` buffer, passed by
     DALLE-pytorch's layer routing.
     """
 
@@ -196,7 +196,9 @@ class DallePytorchAttention(nn.Module):
             raise ValueError(f"x must be (batch, seq, dim), got shape {tuple(x.shape)}")
         n = x.shape[1]
         q, k, v = _project(self, x, None if rotary_pos_emb is None else rotary_pos_emb[:, :n])
-        out = sparse_attention(q, k, v, self.layout, scale=self.scale)
+        # float64 (the kernels take float32/bfloat16/float16): dalle_fast's reference attention, same masks
+        backend = "reference" if q.dtype == torch.float64 else None
+        out = sparse_attention(q, k, v, self.layout, scale=self.scale, backend=backend)
         if self.padded_len is None or not self._dropout_active():
             return _merge(self, out)
         b, h, _, d = out.shape
@@ -575,7 +577,12 @@ def generate(model, text: torch.Tensor, *, filter_thres: float = 0.5, temperatur
         the images.
     """
     spec = _inspect(model)
-    device = next(model.parameters()).device
+    p = next(model.parameters())
+    device = p.device
+    if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"model: a {str(p.dtype).replace('torch.', '')} model cannot generate with dalle_fast's "
+                         "cached decode, whose kernels take float32, bfloat16 and float16; convert the model "
+                         "(model.float()) or use its own generate_images")
     L, S2 = model.text_seq_len, model.image_seq_len
     if not isinstance(text, torch.Tensor) or text.dim() != 2 or text.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"text must be an int64 (batch, text_seq_len) tensor, got "
