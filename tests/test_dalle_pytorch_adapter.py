@@ -616,6 +616,44 @@ def test_refuses_unsupported_models(monkeypatch):
         dfp.patch(make_model(depth=2, attn_types=("full", "sparse")))
 
 
+def test_refuses_modified_modules():
+    """Models edited after construction into something the layouts or the adapter's reading of the
+    structure do not reproduce are refused, each with a ValueError naming what."""
+    text, _ = batch()
+
+    def edited(edit, **kw):
+        model = make_model(depth=3, **kw)
+        edit(model)
+        return model
+
+    def attn(model, i):  # LayerScale > PreNorm > CachedAs > PreShiftToken > CachedAs/NonCached > attention
+        return model.transformer.layers.layers[i][0].fn.fn.fn.fn.fn
+
+    def non_causal(model):
+        attn(model, 0).causal = False
+
+    def other_static_mask(model):
+        attn(model, 1).static_mask[-1, -5] = False  # one allowed key dropped: no longer axial_col
+
+    def other_feed_forward(model):
+        model.transformer.layers.layers[2][1].fn.fn.fn.fn = torch.nn.Identity()
+
+    def other_head(model):
+        model.to_logits = torch.nn.Sequential(model.to_logits[0], torch.nn.Identity(), model.to_logits[1])
+
+    cases = [(non_causal, {}, "causal"),
+             (other_static_mask, dict(attn_types=("axial_row", "axial_col", "full"), optimize_for_inference=True),
+              "optimize_for_inference"),
+             (other_feed_forward, {}, "feed-forward"),
+             (other_head, {}, "to_logits")]
+    for edit, kw, match in cases:
+        model = edited(edit, **kw)
+        for call in (dfp.patch, dfp.layouts, lambda m: dfp.generate(m, text)):
+            with pytest.raises(ValueError, match=match):
+                call(model)
+        assert not dfp.is_patched(model)
+
+
 def test_refuses_unsupported_calls():
     model = make_model(depth=2)
     text, image = batch()
