@@ -61,9 +61,10 @@ inside their reversible blocks (DALLE-pytorch's own reversible forward and backw
 and :func:`generate` runs the reversible recurrence ``y1 = x1 + f(x2), y2 = x2 + g(y1)``.
 
 Options the adapter cannot reproduce are refused with a ``ValueError`` naming the option: the DeepSpeed
-``sparse`` attention type, non-causal attention, a key-padding ``mask`` passed to the attention, and
+``sparse`` attention type, non-causal attention, a key-padding ``mask`` passed to the attention,
 DALLE-pytorch's own inference ``cache`` on a patched model (use :func:`generate`, or :func:`unpatch`
-first).
+first), and :func:`generate` on a float64 model (its decode kernels take float32/bfloat16/float16; the
+patched forward of a float64 model runs dalle_fast's reference attention).
 """
 from __future__ import annotations
 
