@@ -200,10 +200,11 @@ class DallePytorchAttention(nn.Module):
         # float64 (the kernels take float32/bfloat16/float16): dalle_fast's reference attention, same masks
         backend = "reference" if q.dtype == torch.float64 else None
         out = sparse_attention(q, k, v, self.layout, scale=self.scale, backend=backend)
-        if self.padded_len is None or not self._dropout_active():
+        padded_len = getattr(self, "padded_len", None)  # (absent in stand-ins pickled by earlier versions)
+        if padded_len is None or not self._dropout_active():
             return _merge(self, out)
         b, h, _, d = out.shape
-        padded = F.pad(out.transpose(1, 2).reshape(b, n, h * d), (0, 0, 0, self.padded_len - n))
+        padded = F.pad(out.transpose(1, 2).reshape(b, n, h * d), (0, 0, 0, padded_len - n))
         return self.to_out(padded)[:, :n]
 
     def extra_repr(self) -> str:
