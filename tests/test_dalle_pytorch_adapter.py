@@ -29,13 +29,14 @@ S = 4             # 16x16 images, 2 VAE layers -> 4x4 tokens
 MIX = ("full", "axial_row", "axial_col", "conv_like")
 
 
-def make_model(seed=0, depth=4, **kw):
-    """A small DALLE with random weights whose layers matter (LayerScale ~1 instead of 0.1)."""
+def make_model(seed=0, depth=4, image_size=16, text_seq_len=TEXT_LEN, dim=32, heads=2, dim_head=16, **kw):
+    """A small DALLE with random weights whose layers matter (LayerScale ~1 instead of 0.1); images of
+    ``image_size`` pixels are ``image_size / 4`` tokens a side (S = 4 by default)."""
     torch.manual_seed(seed)
-    vae = dalle_pytorch.DiscreteVAE(image_size=16, num_layers=2, num_tokens=32, codebook_dim=16, hidden_dim=8)
+    vae = dalle_pytorch.DiscreteVAE(image_size=image_size, num_layers=2, num_tokens=32, codebook_dim=16, hidden_dim=8)
     kw.setdefault("attn_types", MIX)
-    model = dalle_pytorch.DALLE(dim=32, vae=vae, num_text_tokens=50, text_seq_len=TEXT_LEN, depth=depth, heads=2,
-                                dim_head=16, **kw)
+    model = dalle_pytorch.DALLE(dim=dim, vae=vae, num_text_tokens=50, text_seq_len=text_seq_len, depth=depth,
+                                heads=heads, dim_head=dim_head, **kw)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, dp_transformer.LayerScale):
@@ -48,11 +49,11 @@ def make_model(seed=0, depth=4, **kw):
     return model.eval()
 
 
-def batch(b=2, seed=1):
+def batch(b=2, seed=1, text_len=TEXT_LEN, image_tokens=S * S):
     g = torch.Generator().manual_seed(seed)
-    text = torch.randint(1, 44, (b, TEXT_LEN), generator=g)
+    text = torch.randint(1, 44, (b, text_len), generator=g)
     text[0, 4:] = 0  # padding
-    image = torch.randint(0, 32, (b, S * S), generator=g)
+    image = torch.randint(0, 32, (b, image_tokens), generator=g)
     return text, image
 
 
@@ -124,6 +125,12 @@ CONFIGS = {
     "mix_no_shift": dict(shift_tokens=False),
     "optimize_for_inference": dict(attn_types=("axial_row", "axial_col", "full"), optimize_for_inference=True),
     "shared_input_output_emb": dict(share_input_output_emb=True),
+    # one module in several layers (each layer keeps its own wrappers, token shift and KV cache)
+    "shared_layers": dict(attn_types=("full", "axial_row"), shared_attn_ids=(0, 1, 0, 1), shared_ff_ids=(0, 0, 1, 1)),
+    "shared_sparse_layers": dict(attn_types=("conv_like", "axial_col"), shared_attn_ids=(0, 1, 0, 1),
+                                 shared_ff_ids=(0, 0, 0, 0)),
+    # y1 = x1 + f(x2), y2 = x2 + g(y1) on two copies of the input, their mean at the end
+    "reversible": dict(reversible=True),
 }
 
 
@@ -149,6 +156,10 @@ def test_forward_loss_and_gradients_match(name):
     text, image = batch()
     with torch.no_grad():
         logits_pt, logits64 = model(text.clone(), image), ref64(text.clone(), image)
+    if CONFIGS[name].get("reversible"):
+        # DALLE-pytorch's reversible backward restores the RNG state its forward records in training
+        # mode only (in eval it fails: set_rng_state(None)); without dropout, training is deterministic
+        model.train(), ref64.train()
     loss_pt, grads_pt = loss_and_grads(model, text, image)
     loss64, grads64 = loss_and_grads(ref64, text, image)
     dfp.patch(model)
@@ -160,6 +171,76 @@ def test_forward_loss_and_gradients_match(name):
     close(logits[keep], logits64[keep], logits_pt[keep], f"{name} logits")
     close(loss, loss64, loss_pt, f"{name} loss")
     close(grads, grads64, grads_pt, f"{name} gradients")
+
+
+def seeded(seed, fn, *args):
+    torch.manual_seed(seed)
+    return fn(*args)
+
+
+@pytest.mark.parametrize("kind", ["full", "axial_row", "axial_col", "conv_like"])
+def test_attention_dropout_in_training_draws_what_dalle_pytorch_draws(kind):
+    """attn_dropout (DALLE-pytorch 1.6.6: an nn.Dropout after the attention's output projection) in
+    training mode: with the same seed the patched model zeroes the same entries, so logits, loss and
+    gradients match the unpatched model's (and the float64 model's, whose draws are the same). The
+    axial and conv modules project a sequence padded to seq_len + 1 and drop from that; the patched
+    ones drew a mask for the unpadded shape, so every row after the first batch item differed."""
+    model = make_model(depth=2, attn_types=(kind,), attn_dropout=0.5).train()
+    ref64 = copy.deepcopy(model).double()
+    text, image = batch()
+    with torch.no_grad():
+        eval_logits = copy.deepcopy(model).eval()(text.clone(), image)
+        logits_pt, logits64 = seeded(3, model, text.clone(), image), seeded(3, ref64, text.clone(), image)
+    loss_pt, grads_pt = seeded(4, loss_and_grads, model, text, image)
+    loss64, grads64 = seeded(4, loss_and_grads, ref64, text, image)
+    dfp.patch(model)
+    with torch.no_grad():
+        logits = seeded(3, model, text.clone(), image)
+    loss, grads = seeded(4, loss_and_grads, model, text, image)
+    keep = ~model.logits_mask[:, :logits.shape[1]].expand_as(logits)
+    assert (logits - eval_logits)[keep].abs().max() > 0.1  # dropout is active
+    close(logits[keep], logits64[keep], logits_pt[keep], f"{kind} training logits")
+    close(loss, loss64, loss_pt, f"{kind} training loss")
+    close(grads, grads64, grads_pt, f"{kind} training gradients")
+
+
+def test_reversible_training_with_dropout_matches():
+    """reversible=True in training with attn_dropout and ff_dropout: the reversible backward recomputes
+    every block under the RNG state recorded in the forward, and the patched layers draw as the
+    originals do, so loss and gradients match for the same seed."""
+    model = make_model(depth=2, reversible=True, attn_dropout=0.3, ff_dropout=0.3).train()
+    ref64 = copy.deepcopy(model).double()
+    text, image = batch()
+    loss_pt, grads_pt = seeded(4, loss_and_grads, model, text, image)
+    loss64, grads64 = seeded(4, loss_and_grads, ref64, text, image)
+    with torch.no_grad():
+        assert abs(seeded(5, model, text.clone(), image, True) - loss_pt) > 1e-3  # dropout is active
+    dfp.patch(model)
+    loss, grads = seeded(4, loss_and_grads, model, text, image)
+    close(loss, loss64, loss_pt, "reversible training loss")
+    close(grads, grads64, grads_pt, "reversible training gradients")
+
+
+def test_float64_model_forward_and_refused_generation():
+    """A float64 model: the patched forward, loss and gradients run dalle_fast's reference attention
+    (the kernels take float32/bfloat16/float16) and equal the unpatched float64 model's; generate,
+    whose cached decode runs the kernels, refuses it with a ValueError naming the dtype."""
+    model = make_model(depth=4).double()
+    text, image = batch()
+    with torch.no_grad():
+        logits_pt = model(text.clone(), image)
+    loss_pt, grads_pt = loss_and_grads(model, text, image)
+    dfp.patch(model)
+    with torch.no_grad():
+        logits = model(text.clone(), image)
+    loss, grads = loss_and_grads(model, text, image)
+    keep = ~model.logits_mask[:, :logits.shape[1]].expand_as(logits)
+    torch.testing.assert_close(logits[keep], logits_pt[keep], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(loss, loss_pt, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grads, grads_pt, rtol=1e-10, atol=1e-10)
+    for m in (model, dfp.unpatch(model)):
+        with pytest.raises(ValueError, match="float64.*generate"):
+            dfp.generate(m, text, filter_thres=1.0)
 
 
 def test_patched_loss_skips_the_masked_logits():
@@ -233,6 +314,24 @@ def test_patch_keeps_parameters_and_unpatch_restores_modules():
     assert len(restored) == len(originals) == 4
 
 
+def test_patch_of_shared_layers_shares_the_stand_in():
+    """shared_attn_ids: the layers that share an attention module share its stand-in (one set of
+    parameters, as before), and unpatch puts the one original back into each of them."""
+    model = make_model(**CONFIGS["shared_layers"])
+    params, keys = [id(p) for p in model.parameters()], list(model.state_dict())
+    # LayerScale > PreNorm > CachedAs > PreShiftToken > CachedAs/NonCached (per layer) > attention
+    attn = [f.fn.fn.fn.fn for f, _ in model.transformer.layers.layers]
+    originals = [a.fn for a in attn]
+    assert originals[0] is originals[2] and originals[1] is originals[3] and originals[0] is not originals[1]
+    dfp.patch(model)
+    patched = [a.fn for a in attn]
+    assert all(isinstance(p, dfp.DallePytorchAttention) for p in patched)
+    assert patched[0] is patched[2] and patched[1] is patched[3] and patched[0] is not patched[1]
+    assert [id(p) for p in model.parameters()] == params and list(model.state_dict()) == keys
+    dfp.unpatch(model)
+    assert all(a.fn is o for a, o in zip(attn, originals))
+
+
 def test_patched_model_survives_torch_save_and_load():
     """torch.save(model) of a patched model loads back patched, with the same loss (the loss forward
     was a bound method, which pickles as getattr(model, '_loss_forward') and failed to load)."""
@@ -288,7 +387,7 @@ def original_codes(model, text, **kw):
 
 
 @pytest.mark.parametrize("name", ["mix", "mix_stable_sandwich", "mix_no_shift", "optimize_for_inference",
-                                  "shared_input_output_emb"])
+                                  "shared_input_output_emb", "shared_layers", "shared_sparse_layers", "reversible"])
 def test_greedy_generation_equals_generate_images(name):
     model = make_model(**CONFIGS[name])
     text, _ = batch(3)
@@ -300,6 +399,58 @@ def test_greedy_generation_equals_generate_images(name):
     dfp.patch(model)  # patched forward inside DALLE-pytorch's own (uncached) loop, and generate on it
     assert torch.equal(original_codes(model, text.clone(), filter_thres=1.0), ref)
     assert torch.equal(dfp.generate(model, text, filter_thres=1.0), ref)
+
+
+def cached_image_logits(model, text, codes):
+    """Image logits ``(B, S*S, V_img)`` of generate's cached path (prefill, then one decode step per
+    image token) fed with ``codes`` instead of drawing: entry ``j`` predicts code ``j`` (float32: the
+    head's output, at the model's precision, read as float32)."""
+    from dalle_fast.engine import Engine, SampleOptions
+    spec = dfp._inspect(model)
+    with torch.no_grad():
+        engine = Engine(dfp._StepModel(model.eval(), spec), dfp._text_ids(model, text), 1, text_len=spec.text_len,
+                        seeds=torch.zeros(text.shape[0], dtype=torch.int64), opts=SampleOptions(1.0, 1.0, 0, 1.0),
+                        guided=False, sample=dfp.sample)
+        out = [engine.first_logits]
+        for j in range(1, codes.shape[1]):
+            engine.tokens.copy_(codes[:, j - 1])
+            engine.run_step(draw_next=False)
+            out.append(engine.logits)
+    engine.close()
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("name", ["mix", "mix_stable_sandwich", "shared_sparse_layers", "reversible"])
+def test_bfloat16_model_is_as_accurate_as_dalle_pytorch(name):
+    """A bfloat16 model, patched: logits, loss and gradients, and the cached generation path's image
+    logits, each at most 2x as far from the float64 model as the unpatched bfloat16 model is, plus two
+    bfloat16 epsilons of the values' magnitude (a few ulps)."""
+    model = make_model(**CONFIGS[name])
+    ref64, bf = copy.deepcopy(model).double(), copy.deepcopy(model).bfloat16()
+    text, image = batch()
+    T, V = model.text_seq_len, model.num_text_tokens
+    with torch.no_grad():
+        logits64, logits_pt = ref64(text.clone(), image), bf(text.clone(), image)
+    if CONFIGS[name].get("reversible"):  # (see test_forward_loss_and_gradients_match)
+        ref64.train(), bf.train()
+    loss64, grads64 = loss_and_grads(ref64, text, image)
+    loss_pt, grads_pt = loss_and_grads(bf, text, image)
+    cached = cached_image_logits(bf, text, image)  # (generate's path; patch-independent)
+    dfp.patch(bf)
+    with torch.no_grad():
+        logits = bf(text.clone(), image)
+    loss, grads = loss_and_grads(bf, text, image)
+    assert logits.dtype == loss.dtype == grads.dtype == torch.bfloat16
+
+    def close16(ours, ref, pt, what):
+        floor = 2 * torch.finfo(torch.bfloat16).eps * ref.abs().max().item()
+        assert_close_to_reference(ours.double(), ref, pt.double(), what, floor=floor)
+
+    keep = ~model.logits_mask[:, :logits.shape[1]].expand_as(logits)
+    close16(logits[keep], logits64[keep], logits_pt[keep], f"{name} bfloat16 logits")
+    close16(loss, loss64, loss_pt, f"{name} bfloat16 loss")
+    close16(grads, grads64, grads_pt, f"{name} bfloat16 gradients")
+    close16(cached, logits64[:, T:, V:], logits_pt[:, T:, V:], f"{name} bfloat16 cached image logits")
 
 
 def test_greedy_generation_with_image_priming():
@@ -375,26 +526,132 @@ def test_generate_raises_on_a_flagged_draw(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# refusals
+# the options of DALLE(...) (dalle-pytorch 1.6.6), one at a time and combined
 # ---------------------------------------------------------------------------------------------
-def test_refuses_unsupported_models(monkeypatch):
-    with pytest.raises(ValueError, match="reversible"):
-        dfp.patch(make_model(depth=2, reversible=True))
-    with pytest.raises(ValueError, match="shared_attn_ids"):
-        dfp.patch(make_model(depth=2, attn_types=("full",), shared_attn_ids=(0, 0)))
-    with pytest.raises(ValueError, match="shared_ff_ids"):
-        dfp.generate(make_model(depth=2, shared_ff_ids=(0, 0)), batch()[0])
-    with pytest.raises(ValueError, match="model must be a dalle_pytorch.DALLE"):
-        dfp.patch(torch.nn.Linear(2, 2))
-    # the DeepSpeed 'sparse' type: build it against a stand-in deepspeed module
+SWEEP = {
+    "dalle_defaults": dict(attn_types=None, depth=2),  # full attention, token shift, rotary embeddings
+    "axial_row_col": dict(attn_types=("axial_row", "axial_col"), depth=2),
+    "conv_full": dict(attn_types=("conv_like", "full"), depth=2),
+    "all_kinds": dict(),
+    "image_8x8": dict(image_size=32),
+    "text_seq_len_1": dict(text_seq_len=1),
+    "depth_1": dict(depth=1, attn_types=("conv_like",)),
+    "heads_1_dim_head_12": dict(heads=1, dim_head=12),
+    "dim_64_heads_4": dict(dim=64, heads=4, dim_head=16),
+    "rotary_emb_false": dict(rotary_emb=False),
+    "shift_tokens_false": dict(shift_tokens=False),
+    "stable": dict(stable=True),
+    "sandwich_norm": dict(sandwich_norm=True),
+    "dropouts_in_eval": dict(attn_dropout=0.3, ff_dropout=0.3),
+    "loss_img_weight_1": dict(loss_img_weight=1),
+    "share_input_output_emb": dict(share_input_output_emb=True),
+    "shared_attn_ids": dict(attn_types=("axial_col", "full"), shared_attn_ids=(0, 1, 0, 1)),
+    "shared_ff_ids": dict(shared_ff_ids=(0, 0, 1, 1)),
+    "reversible": dict(reversible=True),
+    "reversible_shared_stable": dict(reversible=True, stable=True, attn_types=("conv_like",), shared_attn_ids=(0, 0),
+                                     depth=2),
+    "optimize_for_inference": dict(attn_types=("axial_row", "axial_col", "full"), depth=3,
+                                   optimize_for_inference=True),
+    "sparse_attn_flag": dict(sparse_attn=True),  # (read but unused by 1.6.6's Transformer)
+    "everything": dict(attn_types=("axial_row", "conv_like", "axial_col", "full"), depth=4, stable=True,
+                       sandwich_norm=True, attn_dropout=0.1, ff_dropout=0.1, loss_img_weight=3, heads=4, dim_head=12,
+                       shared_attn_ids=(0, 1, 2, 3), shared_ff_ids=(0, 1, 0, 1), share_input_output_emb=True,
+                       image_size=32),
+}
+SWEEP_REFUSED = {  # name: (options, the option the ValueError names)
+    "sparse_attention_type": (dict(attn_types=("full", "sparse"), depth=2), "attn_types"),
+}
+
+
+def deepspeed_stand_in(monkeypatch):
+    """A stand-in ``deepspeed.ops.sparse_attention`` so that DALLE-pytorch builds its 'sparse' type."""
     ds = types.ModuleType("deepspeed.ops.sparse_attention")
     ds.SparseSelfAttention = lambda **kw: torch.nn.Identity()
     ds.VariableSparsityConfig = lambda **kw: None
     for name in ("deepspeed", "deepspeed.ops"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, "deepspeed.ops.sparse_attention", ds)
+
+
+@pytest.mark.parametrize("name", sorted(SWEEP))
+def test_constructor_option_sweep(name):
+    """Eval logits and loss of the patched model, and the image logits of generate's cached path,
+    each within 2x the unpatched float32 model's error against the float64 model."""
+    model = make_model(**SWEEP[name])
+    ref64 = copy.deepcopy(model).double()
+    text, image = batch(text_len=model.text_seq_len, image_tokens=model.image_seq_len)
+    T, V = model.text_seq_len, model.num_text_tokens
+    with torch.no_grad():
+        logits_pt, logits64 = model(text.clone(), image), ref64(text.clone(), image)
+        loss_pt, loss64 = model(text.clone(), image, return_loss=True), ref64(text.clone(), image, return_loss=True)
+        dfp.patch(model)
+        logits, loss = model(text.clone(), image), model(text.clone(), image, return_loss=True)
+    cached = cached_image_logits(model, text, image)
+    keep = ~model.logits_mask[:, :logits.shape[1]].expand_as(logits)
+    close(logits[keep], logits64[keep], logits_pt[keep], f"{name} logits")
+    close(loss, loss64, loss_pt, f"{name} loss")
+    close(cached, logits64[:, T:, V:], logits_pt[:, T:, V:], f"{name} cached image logits")
+
+
+@pytest.mark.parametrize("name", sorted(SWEEP_REFUSED))
+def test_constructor_option_sweep_refusals(name, monkeypatch):
+    deepspeed_stand_in(monkeypatch)
+    options, option = SWEEP_REFUSED[name]
+    model = make_model(**options)
+    text, _ = batch()
+    for call in (dfp.patch, dfp.layouts, lambda m: dfp.generate(m, text)):
+        with pytest.raises(ValueError, match=option):
+            call(model)
+    assert not dfp.is_patched(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# refusals
+# ---------------------------------------------------------------------------------------------
+def test_refuses_unsupported_models(monkeypatch):
+    with pytest.raises(ValueError, match="model must be a dalle_pytorch.DALLE"):
+        dfp.patch(torch.nn.Linear(2, 2))
+    deepspeed_stand_in(monkeypatch)  # the DeepSpeed 'sparse' type: build it against a stand-in deepspeed module
     with pytest.raises(ValueError, match="'sparse' attention"):
         dfp.patch(make_model(depth=2, attn_types=("full", "sparse")))
+
+
+def test_refuses_modified_modules():
+    """Models edited after construction into something the layouts or the adapter's reading of the
+    structure do not reproduce are refused, each with a ValueError naming what."""
+    text, _ = batch()
+
+    def edited(edit, **kw):
+        model = make_model(depth=3, **kw)
+        edit(model)
+        return model
+
+    def attn(model, i):  # LayerScale > PreNorm > CachedAs > PreShiftToken > CachedAs/NonCached > attention
+        return model.transformer.layers.layers[i][0].fn.fn.fn.fn.fn
+
+    def non_causal(model):
+        attn(model, 0).causal = False
+
+    def other_static_mask(model):
+        attn(model, 1).static_mask[-1, -5] = False  # one allowed key dropped: no longer axial_col
+
+    def other_feed_forward(model):
+        model.transformer.layers.layers[2][1].fn.fn.fn.fn = torch.nn.Identity()
+
+    def other_head(model):
+        model.to_logits = torch.nn.Sequential(model.to_logits[0], torch.nn.Identity(), model.to_logits[1])
+
+    cases = [(non_causal, {}, "causal"),
+             (other_static_mask, dict(attn_types=("axial_row", "axial_col", "full"), optimize_for_inference=True),
+              "optimize_for_inference"),
+             (other_feed_forward, {}, "feed-forward"),
+             (other_head, {}, "to_logits")]
+    for edit, kw, match in cases:
+        model = edited(edit, **kw)
+        for call in (dfp.patch, dfp.layouts, lambda m: dfp.generate(m, text)):
+            with pytest.raises(ValueError, match=match):
+                call(model)
+        assert not dfp.is_patched(model)
 
 
 def test_refuses_unsupported_calls():

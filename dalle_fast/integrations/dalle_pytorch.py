@@ -25,7 +25,11 @@ with :func:`dalle_fast.sparse_attention`. The layer kinds map to :class:`dalle_f
     ==================================  ==============================================
 
 Everything around attention (token shift, rotary embeddings, LayerScale, pre/sandwich norms,
-feed-forward, ``stable``) is the package's own code and runs unchanged. The training loss
+feed-forward, ``stable``) is the package's own code and runs unchanged. ``attn_dropout`` is, in
+DALLE-pytorch 1.6.6, an ``nn.Dropout`` after the attention's output projection (not on the attention
+probabilities); the patched layers run that same module on a tensor of the shape DALLE-pytorch gives it
+(the axial and conv layers project a sequence padded to ``seq_len + 1``), so in training the same seed
+zeroes the same entries and outputs match the unpatched model's. The training loss
 (``forward(..., return_loss=True)``) is also replaced, when the model's ``DALLE.forward`` is the
 source the adapter was written against (dalle-pytorch 1.6.6, checked by hash): it computes only the
 logits the loss uses (text columns at text positions, image columns at image positions; the others
@@ -51,11 +55,16 @@ seeded per image (``seed + i``) with dalle_fast's counter-based sampler, so they
 not the same random numbers as ``torch.rand``; with a top-k of 1 (``filter_thres=1``) generation is
 greedy and token-for-token equal to ``generate_images``.
 
-Options the adapter cannot reproduce are refused with a ``ValueError`` naming the option:
-``reversible=True``, the DeepSpeed ``sparse`` attention type, layers that share modules
-(``shared_attn_ids``/``shared_ff_ids``), non-causal attention, a key-padding ``mask`` passed to the
-attention, and DALLE-pytorch's own inference ``cache`` on a patched model (use :func:`generate`, or
-:func:`unpatch` first).
+Layers that share modules (``shared_attn_ids``/``shared_ff_ids``) share one stand-in; :func:`generate`
+keeps a KV cache and token-shift history per layer position. ``reversible=True`` models are patched
+inside their reversible blocks (DALLE-pytorch's own reversible forward and backward run around them)
+and :func:`generate` runs the reversible recurrence ``y1 = x1 + f(x2), y2 = x2 + g(y1)``.
+
+Options the adapter cannot reproduce are refused with a ``ValueError`` naming the option: the DeepSpeed
+``sparse`` attention type, non-causal attention, a key-padding ``mask`` passed to the attention,
+DALLE-pytorch's own inference ``cache`` on a patched model (use :func:`generate`, or :func:`unpatch`
+first), and :func:`generate` on a float64 model (its decode kernels take float32/bfloat16/float16; the
+patched forward of a float64 model runs dalle_fast's reference attention).
 """
 from __future__ import annotations
 
@@ -157,7 +166,7 @@ class DallePytorchAttention(nn.Module):
 
     Shapes: ``x (batch, n, dim) -> (batch, n, dim)`` with ``n <= layout.seq_len - 1`` (DALLE-pytorch
     never feeds the last image token); float32/bfloat16/float16 on CPU (or CUDA with the triton
-    backend). ``rotary_pos_emb`` is the transformer's ``(1, >= n, rot)`` buffer, passed by
+    backend), float64 through dalle_fast's reference attention. ``rotary_pos_emb`` is the transformer's ``(1, >= n, rot)`` buffer, passed by
     DALLE-pytorch's layer routing.
     """
 
@@ -166,6 +175,15 @@ class DallePytorchAttention(nn.Module):
         self.to_qkv, self.to_out = original.to_qkv, original.to_out
         self.heads, self.scale, self.layout = original.heads, float(original.scale), layout
         self.__dict__["original"] = original  # not a submodule: parameters and state_dict keys unchanged
+        # DALLE-pytorch's axial and conv modules pad the sequence to seq_len + 1 and run to_out (whose
+        # nn.Dropout is the model's attn_dropout) on all of it before cutting back to n: in training the
+        # dropout mask is drawn for that padded shape, and so is it here (same seed, same zeroed entries)
+        _, _, at, _ = _package()
+        padded = isinstance(original, (at.SparseAxialCausalAttention, at.SparseConvCausalAttention))
+        self.padded_len = original.seq_len + 1 if padded else None
+
+    def _dropout_active(self) -> bool:
+        return self.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.to_out.modules())
 
     def forward(self, x, mask=None, rotary_pos_emb=None, cache=None, cache_key=None):
         if mask is not None:
@@ -179,7 +197,15 @@ class DallePytorchAttention(nn.Module):
             raise ValueError(f"x must be (batch, seq, dim), got shape {tuple(x.shape)}")
         n = x.shape[1]
         q, k, v = _project(self, x, None if rotary_pos_emb is None else rotary_pos_emb[:, :n])
-        return _merge(self, sparse_attention(q, k, v, self.layout, scale=self.scale))
+        # float64 (the kernels take float32/bfloat16/float16): dalle_fast's reference attention, same masks
+        backend = "reference" if q.dtype == torch.float64 else None
+        out = sparse_attention(q, k, v, self.layout, scale=self.scale, backend=backend)
+        padded_len = getattr(self, "padded_len", None)  # (absent in stand-ins pickled by earlier versions)
+        if padded_len is None or not self._dropout_active():
+            return _merge(self, out)
+        b, h, _, d = out.shape
+        padded = F.pad(out.transpose(1, 2).reshape(b, n, h * d), (0, 0, 0, padded_len - n))
+        return self.to_out(padded)[:, :n]
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, layout={self.layout}"
@@ -197,11 +223,15 @@ class _Branch:
     parent: nn.Module  # the module whose ``.fn`` is ``core``
     core: nn.Module
 
-    def run(self, x: torch.Tensor, shift, core) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, shift, core) -> torch.Tensor:
+        """The branch without its residual: ``scale * norm_out(core(shift(norm(x))))``."""
         h = self.prenorm.norm(x)
         if self.shift:
             h = shift(h)
-        return x + self.prenorm.norm_out(core(h)) * self.layer_scale.scale
+        return self.prenorm.norm_out(core(h)) * self.layer_scale.scale
+
+    def run(self, x: torch.Tensor, shift, core) -> torch.Tensor:
+        return x + self.delta(x, shift, core)
 
 
 @dataclass
@@ -216,6 +246,7 @@ class _Spec:
     layers: List[_Layer]
     text_len: int    # T = text_seq_len + 1 (with <bos>)
     image_size: int  # S
+    reversible: bool = False  # ReversibleSequence: y1 = x1 + f(x2), y2 = x2 + g(y1), mean of y1, y2 at the end
 
 
 def _unwrap(layer_scale: nn.Module, tr, index: int, what: str) -> _Branch:
@@ -261,23 +292,23 @@ def _inspect(model) -> _Spec:
     if not isinstance(model, dp.DALLE):
         raise ValueError(f"model must be a dalle_pytorch.DALLE, got {type(model).__name__}")
     seq = model.transformer.layers
-    if isinstance(seq, rev.ReversibleSequence):
-        raise ValueError("reversible: reversible=True models are not supported (the reversible sequence "
-                         "recomputes activations in its own backward)")
-    if not isinstance(seq, rev.SequentialSequence):
-        raise ValueError(f"model.transformer.layers is {type(seq).__name__}, not a SequentialSequence")
+    reversible = isinstance(seq, rev.ReversibleSequence)
+    if reversible:  # its blocks run the same LayerScale(PreNorm(...)) pairs through Deterministic wrappers
+        pairs = [(block.f.net, block.g.net) for block in seq.blocks]
+    elif isinstance(seq, rev.SequentialSequence):
+        pairs = list(seq.layers)
+    else:
+        raise ValueError(f"model.transformer.layers is {type(seq).__name__}, not a SequentialSequence or "
+                         "ReversibleSequence")
     S = model.transformer.image_fmap_size
     T = model.text_seq_len + 1
-    layers, seen = [], {}
-    for i, (f, g) in enumerate(seq.layers):
+    layers = []
+    for i, (f, g) in enumerate(pairs):
+        # (shared_attn_ids / shared_ff_ids: a module may be the core of several layers; each layer still
+        # has its own LayerScale, norms and token shift, and generate keeps a KV cache per layer)
         attn, ff = _unwrap(f, tr, i, "attention"), _unwrap(g, tr, i, "feed-forward")
         if not isinstance(ff.core, tr.FeedForward):
             raise ValueError(f"model: layer {i} feed-forward is {type(ff.core).__name__}, not FeedForward")
-        for option, branch in (("shared_attn_ids", attn), ("shared_ff_ids", ff)):
-            other = seen.setdefault(id(branch.core), i)
-            if other != i:
-                raise ValueError(f"{option}: layers {other} and {i} share one module; shared layers are not "
-                                 "supported")
         for branch in (attn, ff):
             for node in (branch.prenorm.fn, getattr(branch.prenorm.fn, "fn", None)):
                 if isinstance(node, tr.PreShiftToken) and (node.image_size != S or node.text_len != T):
@@ -287,7 +318,7 @@ def _inspect(model) -> _Spec:
     if not (isinstance(model.to_logits, nn.Sequential) and len(model.to_logits) == 2
             and isinstance(model.to_logits[1], nn.Linear)):
         raise ValueError("model.to_logits must be DALLE-pytorch's Sequential(LayerNorm, Linear)")
-    return _Spec(layers, T, S)
+    return _Spec(layers, T, S, reversible)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,7 +394,8 @@ def _loss_forward(self, text, image=None, return_loss=False, null_cond_prob=0., 
     h, head = self.to_logits[0](out), self.to_logits[1]
     loss_text = vocab_slice_cross_entropy(h[:, :T], head, 0, V, text[:, 1:])
     loss_img = vocab_slice_cross_entropy(h[:, T:], head, V, head.out_features, image)
-    return (loss_text + self.loss_img_weight * loss_img) / (self.loss_img_weight + 1)
+    loss = (loss_text + self.loss_img_weight * loss_img) / (self.loss_img_weight + 1)
+    return loss.to(h.dtype)  # (float32 inside; the model's dtype out, as F.cross_entropy returns it)
 
 
 def layouts(model) -> List[Layout]:
@@ -375,10 +407,13 @@ def patch(model):
     """Swap every attention module of a ``dalle_pytorch.DALLE`` for a :class:`DallePytorchAttention`
     (same parameters, masks as dalle_fast layouts) in place; returns ``model``. Patching twice is a
     no-op. Raises ValueError naming the option for models the adapter cannot reproduce."""
+    replaced = {}  # id(original) -> its stand-in: layers that share a module share the stand-in
     for layer in _inspect(model).layers:
         branch = layer.attn
         if not isinstance(branch.core, DallePytorchAttention):
-            branch.parent.fn = DallePytorchAttention(branch.core, layer.layout)
+            if id(branch.core) not in replaced:
+                replaced[id(branch.core)] = DallePytorchAttention(branch.core, layer.layout)
+            branch.parent.fn = replaced[id(branch.core)]
     if _forward_source_hash(type(model)) in _KNOWN_FORWARD_SHA256:
         # a partial of a module-level function, not a bound method: a bound method pickles as
         # getattr(model, '_loss_forward'), so torch.save(model) could not be loaded back
@@ -455,6 +490,12 @@ class _StepModel:
         return F.linear(self.model.to_logits[0](h), self.head_w, self.head_b).float()
 
     def _run(self, x, shift, attend):
+        if self.spec.reversible:  # DALLE-pytorch's ReversibleSequence (its forward, as in eval)
+            x1 = x2 = x
+            for i, layer in enumerate(self.spec.layers):
+                x1 = x1 + layer.attn.delta(x2, lambda h: shift(i, 0, h), lambda h: attend(i, h))
+                x2 = x2 + layer.ff.delta(x1, lambda h: shift(i, 1, h), layer.ff.core)
+            return torch.stack((x1, x2)).mean(dim=0)
         for i, layer in enumerate(self.spec.layers):
             x = layer.attn.run(x, lambda h: shift(i, 0, h), lambda h: attend(i, h))
             x = layer.ff.run(x, lambda h: shift(i, 1, h), layer.ff.core)
@@ -538,7 +579,12 @@ def generate(model, text: torch.Tensor, *, filter_thres: float = 0.5, temperatur
         the images.
     """
     spec = _inspect(model)
-    device = next(model.parameters()).device
+    p = next(model.parameters())
+    device = p.device
+    if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"model: a {str(p.dtype).replace('torch.', '')} model cannot generate with dalle_fast's "
+                         "cached decode, whose kernels take float32, bfloat16 and float16; convert the model "
+                         "(model.float()) or use its own generate_images")
     L, S2 = model.text_seq_len, model.image_seq_len
     if not isinstance(text, torch.Tensor) or text.dim() != 2 or text.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"text must be an int64 (batch, text_seq_len) tensor, got "
