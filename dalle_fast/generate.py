@@ -114,8 +114,10 @@ def generate_codes(model: DALLE, text: torch.Tensor, num_images: int = 1, *, cfg
         cuda_graph: capture the decode step in a CUDA graph (default: on CUDA with ``sparse``, unless
             ``$DALLE_FAST_BACKEND=reference`` puts the decode ops on the host-syncing reference backend).
         compile: run each decode step as one ``torch.compile``-d graph (CPU, ``sparse``; the same codes
-            as the eager step). ``None`` (default): COMPILE_DEFAULT_DOC. A step that cannot be compiled
-            raises RuntimeError with ``True``; with ``None`` it warns and decodes eagerly.
+            as the eager step). ``None`` (default): the eager step, since compiling costs far more
+            than it saves on one generation (once per process and model, shapes and sampling options;
+            bench/RESULTS.md), so ``True`` pays off for repeated generations. A step that cannot be
+            compiled raises RuntimeError.
         progress: show a progress bar.
 
     Returns:

@@ -57,6 +57,14 @@ def test_compiled_with_priming(model):
     assert torch.equal(compiled, generate_codes(model, text, 3, compile=False, **opts))
 
 
+def test_the_default_is_the_eager_step(model):
+    """compile=None (the default) runs the eager step on the CPU: no graph is compiled."""
+    text = torch.randint(0, 35, (1, 4))
+    before = _graphs()
+    generate_codes(model, text, 2, seed=0, temperature=0.5)  # options no compiled graph has had
+    assert _graphs() == before
+
+
 def test_compile_argument_checks(model):
     text = torch.randint(0, 35, (1, 4))
     with pytest.raises(ValueError, match="compile must be"):

@@ -481,25 +481,39 @@ class _StepModel:
     # -- one image token per row
     def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, index: Optional[int] = None) -> torch.Tensor:
         """Feed image token ``m = pos - T`` of every row (``tokens (rows,)``) -> image logits ``(rows, V)``
-        of code ``m + 1``. Reads the position from the device tensor ``pos`` only (``index`` is unused),
-        so the step can be compiled or captured: the token shift, image position and rotary
-        embeddings index with it on the device."""
+        of code ``m + 1``. The token shift, image position and rotary embeddings slice at the host
+        position ``index``; with ``index=None`` (the compiled step) they index with ``pos`` on the
+        device instead, so one graph serves every position."""
         model, T, S = self.model, self.spec.text_len, self.spec.image_size
-        m = (pos - T).reshape(1)  # image index of the fed token, (1,) int64 on the device
-        x = model.image_emb(tokens)[:, None]
-        if self.image_pos is not None:
-            x = x + self.image_pos.index_select(1, m)
-        freqs = None if self.freqs is None else self.freqs.index_select(1, pos.reshape(1))
         top, left = self.top, self.left
-        has_above, has_before = m >= S, m % S != 0  # (1,) bool: the neighbour exists
-        above_at, before_at = (m - S).clamp(min=0), (m - 1).clamp(min=0)
+        x = model.image_emb(tokens)[:, None]
+        if index is not None:
+            m = index - T
+            image_pos = None if self.image_pos is None else self.image_pos[:, m:m + 1]
+            freqs = None if self.freqs is None else self.freqs[:, index:index + 1]
 
-        def shift(i, j, h):  # image: a quarter from the token above, a quarter from the token to the left
-            hist = self.history[i][j]
-            hist.index_copy_(1, m, h[:, :, :top + left])
-            above = torch.where(has_above, hist.index_select(1, above_at)[:, 0, :top], 0)
-            before = torch.where(has_before, hist.index_select(1, before_at)[:, 0, top:top + left], 0)
-            return torch.cat((above, before, h[:, 0, top + left:]), dim=-1)[:, None]
+            def shift(i, j, h):  # image: a quarter from the token above, a quarter from the token to the left
+                hist = self.history[i][j]
+                hist[:, m] = h[:, 0, :top + left]
+                above = hist[:, m - S, :top] if m >= S else h.new_zeros(h.shape[0], top)
+                before = hist[:, m - 1, top:top + left] if m % S else h.new_zeros(h.shape[0], left)
+                return torch.cat((above, before, h[:, 0, top + left:]), dim=-1)[:, None]
+        else:
+            m = (pos - T).reshape(1)  # (1,) int64 on the device
+            image_pos = None if self.image_pos is None else self.image_pos.index_select(1, m)
+            freqs = None if self.freqs is None else self.freqs.index_select(1, pos.reshape(1))
+            has_above, has_before = m >= S, m % S != 0  # (1,) bool: the neighbour exists
+            above_at, before_at = (m - S).clamp(min=0), (m - 1).clamp(min=0)
+
+            def shift(i, j, h):  # the same, the neighbours gathered and zeroed where absent
+                hist = self.history[i][j]
+                hist.index_copy_(1, m, h[:, :, :top + left])
+                above = torch.where(has_above, hist.index_select(1, above_at)[:, 0, :top], 0)
+                before = torch.where(has_before, hist.index_select(1, before_at)[:, 0, top:top + left], 0)
+                return torch.cat((above, before, h[:, 0, top + left:]), dim=-1)[:, None]
+
+        if image_pos is not None:
+            x = x + image_pos
 
         def attend(i, h):
             core, layout = self.spec.layers[i].attn.core, self.spec.layers[i].layout
@@ -541,8 +555,10 @@ def generate(model, text: torch.Tensor, *, filter_thres: float = 0.5, temperatur
             (default) takes a fresh seed from torch's global generator on each call, so repeated calls give
             new samples and ``torch.manual_seed`` makes them reproducible.
         compile: run each decode step as one ``torch.compile``-d graph (CPU only; the same codes as
-            the eager step). ``None`` (default): COMPILE_DEFAULT_DOC. A step that cannot be compiled
-            raises RuntimeError with ``True``; with ``None`` it warns and decodes eagerly.
+            the eager step). ``None`` (default): the eager step, since compiling costs far more
+            than it saves on one generation (once per process and model, shapes and sampling options;
+            bench/RESULTS.md), so ``True`` pays off for repeated generations. A step that cannot be
+            compiled raises RuntimeError.
 
     Returns:
         int64 ``(B, image_seq_len)`` image tokens on the model's device; ``model.vae.decode(codes)`` gives
