@@ -207,6 +207,8 @@ class Engine:
         RuntimeError if it cannot be compiled, None decodes eagerly then, with a
         :class:`CompileFallbackWarning`. ``progress``: a tqdm bar or None.
         """
+        if compile is not None and not isinstance(compile, bool):
+            raise ValueError(f"compile must be True, False or None, got {compile!r}")
         if cuda_graph and compile:
             raise ValueError("compile: a CUDA-graph step is not compiled as well; choose one")
         n_prime = 0 if primed is None else primed.shape[1]

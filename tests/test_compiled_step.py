@@ -71,10 +71,12 @@ def test_compile_argument_checks(model):
         generate_codes(model, text, compile="yes")
     with pytest.raises(ValueError, match="compile needs attention='sparse'"):
         generate_codes(model, text, compile=True, attention="dense")
+    engine = Engine(model, text, 1, text_len=5, seeds=torch.zeros(1, dtype=torch.int64),
+                    opts=SampleOptions(1.0, 1.0, 0, 1.0), guided=False, sample=sample)
     with pytest.raises(ValueError, match="compile: a CUDA-graph step"):
-        Engine(model, text, 1, text_len=5, seeds=torch.zeros(1, dtype=torch.int64),
-               opts=SampleOptions(1.0, 1.0, 0, 1.0), guided=False, sample=sample).decode(16, cuda_graph=True,
-                                                                                        compile=True)
+        engine.decode(16, cuda_graph=True, compile=True)
+    with pytest.raises(ValueError, match="compile must be"):
+        engine.decode(16, compile="yes")
 
 
 def test_compile_refused_on_the_reference_backend(model, monkeypatch):
