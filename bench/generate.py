@@ -6,6 +6,7 @@ prefix: the common fast baseline) and (b) recomputing the prefix every step (no 
     python bench/generate.py --quick               # tiny preset, full runs, seconds
     python bench/generate.py --device cuda --full  # GPU (CUDA graph for dalle_fast)
     python bench/generate.py --peer dalle_pytorch  # DALLE-pytorch generate_images vs the adapter (batch 4)
+    python bench/generate.py --compile             # also the sparse path with its decode step compiled
 
 dalle_fast and the dense baseline are timed on complete generations (a warm-up run, then the best
 of ``--repeat``). A complete no-cache run of the small preset on CPU takes about an hour, so unless
@@ -23,6 +24,12 @@ decode is left out of both), and one training step (forward + backward of the lo
 patched. Runs of the two sides alternate, the best of ``--repeat`` counts. Note that DALLE-pytorch
 1.6.6 hands its cache to the layers only when ``cond_scale != 1`` (``forward_with_cond_scale`` drops
 it otherwise), so ``--cfg-scale 1`` times its uncached path whatever ``use_cache`` says.
+
+``--compile`` (CPU) adds dalle_fast with its decode step compiled by ``torch.compile``
+(``compile=True``; the other dalle_fast rows run ``compile=False``): mode ``compiled`` next to
+``sparse``, or a compiled adapter next to the eager one with ``--peer``. Its first call compiles
+the step; that call's time less a compiled generation's is printed as the compile time (shorter
+when torch's on-disk compile cache already holds the graph, ``$TORCHINDUCTOR_CACHE_DIR``).
 """
 from __future__ import annotations
 
@@ -118,6 +125,15 @@ def _best_interleaved(fns, repeat, device):
     return best
 
 
+def _first_call(fn, device) -> float:
+    """Seconds of one call of ``fn`` (the first, which compiles)."""
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
+
+
 def peer_dalle_pytorch(args, device) -> dict:
     """DALLE-pytorch's generate_images(use_cache=True) and training step vs the dalle_fast adapter."""
     import dalle_fast.integrations.dalle_pytorch as dfp
@@ -148,11 +164,23 @@ def peer_dalle_pytorch(args, device) -> dict:
         model.generate_images(text.clone(), use_cache=True, **sampling)
 
     def ours():
-        dfp.generate(model, text, **sampling)
+        dfp.generate(model, text, compile=False, **sampling)
 
-    gen_theirs, gen_ours = _best_interleaved([theirs, ours], args.repeat, device)
+    def ours_compiled():
+        dfp.generate(model, text, compile=True, **sampling)
+
+    compile_s = None
+    if args.compile:
+        compile_s = _first_call(ours_compiled, device)
+        gen_theirs, gen_ours, gen_compiled = _best_interleaved([theirs, ours, ours_compiled], args.repeat, device)
+        compile_s -= gen_compiled
+    else:
+        (gen_theirs, gen_ours), gen_compiled = _best_interleaved([theirs, ours], args.repeat, device), None
     print(f"generate: DALLE-pytorch generate_images(use_cache=True) {gen_theirs:8.2f} s, "
           f"dalle_fast {gen_ours:6.2f} s: {gen_theirs / gen_ours:.1f}x")
+    if gen_compiled is not None:
+        print(f"generate: dalle_fast compiled step {gen_compiled:6.2f} s: {gen_theirs / gen_compiled:.1f}x "
+              f"DALLE-pytorch, {gen_ours / gen_compiled:.2f}x the eager step (compile {compile_s:.1f} s)")
 
     model.train()
     patched = dfp.patch(__import__("copy").deepcopy(model))
@@ -189,7 +217,9 @@ def peer_dalle_pytorch(args, device) -> dict:
             "sampling": sampling, "machine": machine(device), "repeat": args.repeat,
             "results": [
                 {"what": "generate", "dalle_pytorch_s": gen_theirs, "dalle_fast_s": gen_ours,
-                 "speedup": gen_theirs / gen_ours, "dalle_fast_tokens_per_s": images / gen_ours},
+                 "speedup": gen_theirs / gen_ours, "dalle_fast_tokens_per_s": images / gen_ours,
+                 "dalle_fast_compiled_s": gen_compiled, "compile_s": compile_s,
+                 "compiled_speedup": None if gen_compiled is None else gen_theirs / gen_compiled},
                 {"what": "train_step", "dalle_pytorch_s": train_theirs, "dalle_fast_s": train_ours,
                  "speedup": train_theirs / train_ours},
                 {"what": "attention_modules_fwd_bwd", "dalle_pytorch_s": attn_theirs, "dalle_fast_s": attn_ours,
@@ -212,10 +242,14 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=2, help="timings per measurement; the best counts")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out", help="directory (default: bench/out)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time dalle_fast with its decode step compiled (torch.compile; CPU)")
     p.add_argument("--peer", choices=["dalle_pytorch"], default=None,
                    help="compare with another codebase's generation and training step instead")
     args = p.parse_args(argv)
     check_cuda(p, args.device)
+    if args.compile and args.device != "cpu":
+        p.error("--compile: the compiled decode step runs on the CPU (CUDA captures a CUDA graph)")
     check_at_least(p, args, 1, "--batch", "-n", "--sample-steps", "--repeat", "--threads")
     check_finite(p, args, "--cfg-scale")
     modes = comma_list(p, "--modes", args.modes, ATTENTION_MODES)
@@ -244,11 +278,20 @@ def main(argv=None) -> int:
     # complete generations of the measured modes run in turn (after one warm-up each), so a change
     # in the machine's load hits them alike
     measured = [m for m in modes if args.full or m != "none"]
+    if args.compile:
+        modes, measured = modes + ["compiled"], measured + ["compiled"]
 
     def full_run(mode):
-        return lambda: generate_codes(model, text, args.n, attention=mode, seed=0, cfg_scale=args.cfg_scale)
+        if mode == "compiled":
+            return lambda: generate_codes(model, text, args.n, attention="sparse", seed=0, cfg_scale=args.cfg_scale,
+                                          compile=True)
+        return lambda: generate_codes(model, text, args.n, attention=mode, seed=0, cfg_scale=args.cfg_scale,
+                                      compile=False)
 
+    compile_s = _first_call(full_run("compiled"), device) if args.compile else None
     full_secs = dict(zip(measured, _best_interleaved([full_run(m) for m in measured], args.repeat, device)))
+    if args.compile:
+        compile_s -= full_secs["compiled"]
     for mode in modes:
         if mode in full_secs:
             secs, first, step = full_secs[mode], None, None
@@ -268,8 +311,14 @@ def main(argv=None) -> int:
         for other in ("dense", "none"):
             if other in base:
                 print(f"dalle_fast vs {other}: {base[other] / base['sparse']:.1f}x images/s")
+    if "compiled" in base:
+        for other in ("sparse", "dense", "none"):
+            if other in base:
+                print(f"dalle_fast compiled vs {other}: {base[other] / base['compiled']:.2f}x images/s")
+        print(f"compile time: {compile_s:.1f} s (first compiled call less a compiled generation)")
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"config": vars(args) | {"out": str(args.out), "dtype": str(dtype)}, "machine": machine(device),
+              "compile_s": compile_s,
               "model": {"preset": args.preset, "text_len": cfg.text_len, "image_size": cfg.image_size,
                         "depth": cfg.depth, "dim": cfg.dim, "heads": cfg.heads, "dim_head": cfg.dim_head},
               "results": rows}

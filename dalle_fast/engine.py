@@ -21,6 +21,8 @@ the sampler's error flags, priming and the CUDA-graph replay of the step.
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
@@ -31,7 +33,12 @@ from .masks import Layout
 from .ops import decode_attention, sparse_attention
 from .ops import sample as _sample
 
-__all__ = ["Engine", "KVCache", "SampleOptions", "StepModel", "draw"]
+__all__ = ["CompileFallbackWarning", "Engine", "KVCache", "SampleOptions", "StepModel", "draw", "resolve_compile"]
+
+
+class CompileFallbackWarning(UserWarning):
+    """``torch.compile`` could not compile the decode step and the default (``compile=None``)
+    decoded eagerly instead."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,29 @@ def draw(logits: torch.Tensor, rows: int, seeds: torch.Tensor, step, opts: Sampl
     return tokens
 
 
+def resolve_compile(compile: Optional[bool], device: torch.device, *, default: bool) -> Optional[bool]:
+    """``compile`` as :meth:`Engine.decode` takes it: True (compile, errors raise), None (compile,
+    falling back to eager with a warning) or False. ``default``: what ``compile=None`` means for the
+    caller's path where the step can be compiled (the CPU, the dalle_fast op backends)."""
+    if compile is not None and not isinstance(compile, bool):
+        raise ValueError(f"compile must be True, False or None, got {compile!r}")
+    from .ops.decode import _resolve as decode_backend
+    from .ops.sampling import _resolve as sample_backend
+    reference = [op for op, name in (("decode_attention", decode_backend(None, device)),
+                                     ("sample", sample_backend(None, device))) if name == "reference"]
+    if compile:
+        if device.type != "cpu":
+            raise ValueError(f"compile: the compiled decode step runs on the CPU, the model is on {device} "
+                             "(on CUDA the step is captured in a CUDA graph instead)")
+        if reference:
+            raise ValueError(f"compile: {' and '.join(reference)} would run on the 'reference' backend "
+                             "($DALLE_FAST_BACKEND), which reads the step on the host and cannot be compiled")
+        return True
+    if compile is None and default and device.type == "cpu" and not reference:
+        return None
+    return False
+
+
 class Engine:
     """Static caches, step state and the decode loop for ``P`` prompts x ``num_images`` candidates.
 
@@ -156,31 +186,50 @@ class Engine:
         self.step += 1
         self.host_pos += 1
 
+    def step_body(self) -> None:
+        """What :class:`_CompiledStep` compiles: :meth:`run_step` without the host position (the model's
+        ``decode_step`` gets ``index=None`` and must not need it), so one compiled graph serves every
+        position; ``logits`` is not kept."""
+        tok = self.tokens.repeat(2) if self.guided else self.tokens
+        logits = self.model.decode_step(tok, self.pos, None)
+        self.tokens.copy_(draw(logits, self.rows, self.seeds, self.step, self.opts, self.errors, self.sample))
+        self.pos += 1
+        self.step += 1
+
     def decode(self, image_tokens: int, primed: Optional[torch.Tensor] = None, *, cuda_graph: bool = False,
-               skip_primed_draws: bool = False, progress=None) -> torch.Tensor:
+               compile: Optional[bool] = False, skip_primed_draws: bool = False, progress=None) -> torch.Tensor:
         """Generate ``image_tokens`` codes per row -> ``(rows, image_tokens)`` int64.
 
         ``primed`` ``(rows, n)``: the first ``n`` codes are copied, not drawn (with ``skip_primed_draws``
-        their draws are not even made; otherwise a step always draws, so one captured graph serves every
-        position). ``cuda_graph``: capture the step once and replay it. ``progress``: a tqdm bar or None.
+        their draws are not even made, unless the step is captured or compiled: then a step always draws,
+        so one graph serves every position). ``cuda_graph``: capture the step once and replay it.
+        ``compile``: run the step compiled by ``torch.compile`` (:class:`_CompiledStep`); True raises a
+        RuntimeError if it cannot be compiled, None decodes eagerly then, with a
+        :class:`CompileFallbackWarning`. ``progress``: a tqdm bar or None.
         """
+        if compile is not None and not isinstance(compile, bool):
+            raise ValueError(f"compile must be True, False or None, got {compile!r}")
+        if cuda_graph and compile:
+            raise ValueError("compile: a CUDA-graph step is not compiled as well; choose one")
         n_prime = 0 if primed is None else primed.shape[1]
         codes = torch.empty(self.rows, image_tokens, dtype=torch.int64, device=self.tokens.device)
-        step = _GraphedStep(self) if cuda_graph else None
+        step = _GraphedStep(self) if cuda_graph else _CompiledStep(self, strict=bool(compile)) \
+            if compile or compile is None else None
         self.tokens.copy_(primed[:, 0] if n_prime else self.first())
         codes[:, 0] = self.tokens
         if progress is not None:
             progress.update(1)
-        for j in range(1, image_tokens):
-            if step is not None:
-                step()
-            else:
-                self.run_step(draw_next=not (skip_primed_draws and j < n_prime))
-            if j < n_prime:
-                self.tokens.copy_(primed[:, j])
-            codes[:, j] = self.tokens
-            if progress is not None:
-                progress.update(1)
+        with step.settings() if isinstance(step, _CompiledStep) else contextlib.nullcontext():
+            for j in range(1, image_tokens):
+                if step is not None:
+                    step()
+                else:
+                    self.run_step(draw_next=not (skip_primed_draws and j < n_prime))
+                if j < n_prime:
+                    self.tokens.copy_(primed[:, j])
+                codes[:, j] = self.tokens
+                if progress is not None:
+                    progress.update(1)
         return codes
 
     def close(self) -> None:
@@ -208,3 +257,60 @@ class _GraphedStep:
             with torch.cuda.graph(self.graph):
                 self.engine.run_step()  # recorded, not executed
         self.graph.replay()
+
+
+_COMPILED_BODY = None  # Engine.step_body under torch.compile, made once per process
+
+
+def _compiled_body():
+    global _COMPILED_BODY
+    if _COMPILED_BODY is None:
+        _COMPILED_BODY = torch.compile(Engine.step_body, fullgraph=True, dynamic=False)
+    return _COMPILED_BODY
+
+
+# Each new model, row count, dtype or set of sampling options is one more compiled graph of the same
+# function; more than dynamo's default of 8 is usual in a long-lived process. Past this limit the
+# call raises (torch's default would run the step eagerly without saying so).
+RECOMPILE_LIMIT = 64
+
+
+class _CompiledStep:
+    """``engine.step_body`` compiled with ``torch.compile(fullgraph=True, dynamic=False)``: the model's
+    decode step (every layer with its cached attention, the image logits), guidance and sampling as
+    one graph whose inputs are the engine's static tensors (tokens, pos, step counter, caches), all
+    updated in place on the device. The Python loop only calls it. The graph is compiled at the
+    first call and reused by later engines of the same model, shapes and options (torch's compile
+    cache); a generation with new ones compiles another.
+
+    ``strict``: a compile failure raises RuntimeError; otherwise it warns
+    (:class:`CompileFallbackWarning`) and the engine steps eagerly from then on (nothing of the
+    failed step has run)."""
+
+    def __init__(self, engine: Engine, strict: bool) -> None:
+        self.engine, self.strict, self.eager = engine, strict, False
+
+    @staticmethod
+    def settings():
+        """Dynamo's settings while the step runs (a recompilation can happen at any call): at most
+        ``RECOMPILE_LIMIT`` graphs, then an error instead of torch's silent eager fallback."""
+        from torch._dynamo import config
+        return config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True)
+
+    def __call__(self) -> None:
+        if self.eager:
+            self.engine.run_step()
+            return
+        from torch._dynamo import exc
+        try:
+            _compiled_body()(self.engine)
+        except (exc.TorchDynamoException, exc.FailOnRecompileLimitHit) as e:
+            what = (f"torch.compile could not compile the decode step of {type(self.engine.model).__name__} "
+                    f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})")
+            if self.strict:
+                raise RuntimeError(f"compile: {what}; pass compile=False to decode eagerly") from e
+            warnings.warn(f"{what}; decoding eagerly", CompileFallbackWarning, stacklevel=4)
+            self.eager = True
+            self.engine.run_step()
+            return
+        self.engine.host_pos += 1

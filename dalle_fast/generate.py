@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .engine import Engine, SampleOptions, draw
+from .engine import Engine, SampleOptions, draw, resolve_compile
 from .masks import _positive_int
 from .models.dalle import DALLE
 from .ops.decode import _resolve as _decode_backend
@@ -45,6 +45,8 @@ __all__ = ["ATTENTION_MODES", "Generation", "Pipeline", "generate_codes", "gener
            "teacher_forced_logits"]
 
 ATTENTION_MODES = ("sparse", "dense", "none")
+# what generate_codes(compile=None) does on the CPU (see its docstring)
+COMPILE_DEFAULT = False
 
 
 def _seeds(seed: int, seeds: torch.Tensor | None, rows: int, device: torch.device) -> torch.Tensor:
@@ -92,7 +94,8 @@ def _uncapturable_ops(device: torch.device) -> list[str]:
 def generate_codes(model: DALLE, text: torch.Tensor, num_images: int = 1, *, cfg_scale: float = 1.0,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                    seeds: torch.Tensor | None = None, prime: torch.Tensor | None = None, attention: str = "sparse",
-                   cuda_graph: bool | None = None, progress: bool = False) -> torch.Tensor:
+                   cuda_graph: bool | None = None, compile: bool | None = None,
+                   progress: bool = False) -> torch.Tensor:
     """Sample image codes for ``P`` captions x ``num_images`` candidates.
 
     Args:
@@ -110,6 +113,11 @@ def generate_codes(model: DALLE, text: torch.Tensor, num_images: int = 1, *, cfg
             full cache + masked dense attention) or ``none`` (recompute the prefix each step).
         cuda_graph: capture the decode step in a CUDA graph (default: on CUDA with ``sparse``, unless
             ``$DALLE_FAST_BACKEND=reference`` puts the decode ops on the host-syncing reference backend).
+        compile: run each decode step as one ``torch.compile``-d graph (CPU, ``sparse``; the same codes
+            as the eager step). ``None`` (default): the eager step, since compiling costs far more
+            than it saves on one generation (once per process and model, shapes and sampling options;
+            bench/RESULTS.md), so ``True`` pays off for repeated generations. A step that cannot be
+            compiled raises RuntimeError.
         progress: show a progress bar.
 
     Returns:
@@ -144,6 +152,9 @@ def generate_codes(model: DALLE, text: torch.Tensor, num_images: int = 1, *, cfg
     if use_graph and uncapturable:
         raise ValueError(f"cuda_graph: {' and '.join(uncapturable)} would run on the 'reference' backend "
                          "($DALLE_FAST_BACKEND), which syncs with the host and cannot be captured")
+    use_compile = resolve_compile(compile, dev, default=COMPILE_DEFAULT and attention == "sparse")
+    if compile and attention != "sparse":
+        raise ValueError(f"compile needs attention='sparse', got {attention!r}")
     bar = tqdm(total=S2, disable=not progress, desc="generate", unit="tok")
 
     if attention == "none":
@@ -167,7 +178,7 @@ def generate_codes(model: DALLE, text: torch.Tensor, num_images: int = 1, *, cfg
     engine = Engine(model, _prompts(model, text, guided), num_images, text_len=cfg.text_len, seeds=seeds, opts=opts,
                     guided=guided, dense=attention == "dense", sample=sample)
     try:
-        codes = engine.decode(S2, primed, cuda_graph=use_graph, progress=bar)
+        codes = engine.decode(S2, primed, cuda_graph=use_graph, compile=use_compile, progress=bar)
     finally:
         engine.close()
     bar.close()

@@ -64,6 +64,17 @@ def test_bench_generate_quick(tmp_path):
     assert all(r["images_per_s"] > 0 for r in result["results"]) and "torch" in result["machine"]
 
 
+def test_bench_generate_times_the_compiled_step(tmp_path):
+    """--compile adds the sparse mode with its decode step compiled, and its compile time."""
+    import json
+    bench = _bench_generate()
+    assert bench.main(["--preset", "tiny", "--modes", "sparse", "--compile", "-n", "2", "--repeat", "1",
+                       "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "generate.json").read_text())
+    assert [r["mode"] for r in result["results"]] == ["sparse", "compiled"]
+    assert all(r["images_per_s"] > 0 for r in result["results"]) and result["compile_s"] is not None
+
+
 def test_bench_generate_estimates_the_uncached_mode(tmp_path):
     """Without --full the no-cache mode is estimated from a few sampled steps (with guidance here)."""
     import json

@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine import Engine, KVCache, SampleOptions
+from ..engine import Engine, KVCache, SampleOptions, resolve_compile
 from ..masks import Layout
 from ..nn.functional import vocab_slice_cross_entropy
 from ..ops import sparse_attention
@@ -520,23 +520,41 @@ class _StepModel:
         return self.image_logits(self._run(x, shift, attend)[:, -1])
 
     # -- one image token per row
-    def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, index: int) -> torch.Tensor:
-        """Feed image token ``m = index - T`` of every row (``tokens (rows,)``) -> image logits ``(rows, V)``
-        of code ``m + 1``. The token shift and rotary embeddings read the host position ``index``."""
+    def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, index: Optional[int] = None) -> torch.Tensor:
+        """Feed image token ``m = pos - T`` of every row (``tokens (rows,)``) -> image logits ``(rows, V)``
+        of code ``m + 1``. The token shift, image position and rotary embeddings slice at the host
+        position ``index``; with ``index=None`` (the compiled step) they index with ``pos`` on the
+        device instead, so one graph serves every position."""
         model, T, S = self.model, self.spec.text_len, self.spec.image_size
-        m = index - T
-        x = model.image_emb(tokens)[:, None]
-        if self.image_pos is not None:
-            x = x + self.image_pos[:, m:m + 1]
-        freqs = None if self.freqs is None else self.freqs[:, index:index + 1]
         top, left = self.top, self.left
+        x = model.image_emb(tokens)[:, None]
+        if index is not None:
+            m = index - T
+            image_pos = None if self.image_pos is None else self.image_pos[:, m:m + 1]
+            freqs = None if self.freqs is None else self.freqs[:, index:index + 1]
 
-        def shift(i, j, h):  # image: a quarter from the token above, a quarter from the token to the left
-            hist = self.history[i][j]
-            hist[:, m] = h[:, 0, :top + left]
-            above = hist[:, m - S, :top] if m >= S else h.new_zeros(h.shape[0], top)
-            before = hist[:, m - 1, top:top + left] if m % S else h.new_zeros(h.shape[0], left)
-            return torch.cat((above, before, h[:, 0, top + left:]), dim=-1)[:, None]
+            def shift(i, j, h):  # image: a quarter from the token above, a quarter from the token to the left
+                hist = self.history[i][j]
+                hist[:, m] = h[:, 0, :top + left]
+                above = hist[:, m - S, :top] if m >= S else h.new_zeros(h.shape[0], top)
+                before = hist[:, m - 1, top:top + left] if m % S else h.new_zeros(h.shape[0], left)
+                return torch.cat((above, before, h[:, 0, top + left:]), dim=-1)[:, None]
+        else:
+            m = (pos - T).reshape(1)  # (1,) int64 on the device
+            image_pos = None if self.image_pos is None else self.image_pos.index_select(1, m)
+            freqs = None if self.freqs is None else self.freqs.index_select(1, pos.reshape(1))
+            has_above, has_before = m >= S, m % S != 0  # (1,) bool: the neighbour exists
+            above_at, before_at = (m - S).clamp(min=0), (m - 1).clamp(min=0)
+
+            def shift(i, j, h):  # the same, the neighbours gathered and zeroed where absent
+                hist = self.history[i][j]
+                hist.index_copy_(1, m, h[:, :, :top + left])
+                above = torch.where(has_above, hist.index_select(1, above_at)[:, 0, :top], 0)
+                before = torch.where(has_before, hist.index_select(1, before_at)[:, 0, top:top + left], 0)
+                return torch.cat((above, before, h[:, 0, top + left:]), dim=-1)[:, None]
+
+        if image_pos is not None:
+            x = x + image_pos
 
         def attend(i, h):
             core, layout = self.spec.layers[i].attn.core, self.spec.layers[i].layout
@@ -544,6 +562,10 @@ class _StepModel:
             return _merge(core, self.caches[i].decode(q, k, v, pos, index, layout, scale=core.scale))
 
         return self.image_logits(self._run(x, shift, attend)[:, 0])
+
+
+# what generate(compile=None) does on the CPU (see its docstring)
+COMPILE_DEFAULT = False
 
 
 def _text_ids(model, text: torch.Tensor) -> torch.Tensor:
@@ -556,7 +578,7 @@ def _text_ids(model, text: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def generate(model, text: torch.Tensor, *, filter_thres: float = 0.5, temperature: float = 1.0,
              cond_scale: float = 1.0, img: Optional[torch.Tensor] = None, num_init_img_tokens: Optional[int] = None,
-             seed: Optional[int] = None) -> torch.Tensor:
+             seed: Optional[int] = None, compile: Optional[bool] = None) -> torch.Tensor:
     """Sample image tokens of a ``dalle_pytorch.DALLE`` (patched or not) with dalle_fast's KV cache.
 
     Args:
@@ -573,6 +595,11 @@ def generate(model, text: torch.Tensor, *, filter_thres: float = 0.5, temperatur
         seed: image ``b`` draws with seed ``seed + b`` (reproducible, independent of the batch); ``None``
             (default) takes a fresh seed from torch's global generator on each call, so repeated calls give
             new samples and ``torch.manual_seed`` makes them reproducible.
+        compile: run each decode step as one ``torch.compile``-d graph (CPU only; the same codes as
+            the eager step). ``None`` (default): the eager step, since compiling costs far more
+            than it saves on one generation (once per process and model, shapes and sampling options;
+            bench/RESULTS.md), so ``True`` pays off for repeated generations. A step that cannot be
+            compiled raises RuntimeError.
 
     Returns:
         int64 ``(B, image_seq_len)`` image tokens on the model's device; ``model.vae.decode(codes)`` gives
@@ -585,6 +612,7 @@ def generate(model, text: torch.Tensor, *, filter_thres: float = 0.5, temperatur
         raise ValueError(f"model: a {str(p.dtype).replace('torch.', '')} model cannot generate with dalle_fast's "
                          "cached decode, whose kernels take float32, bfloat16 and float16; convert the model "
                          "(model.float()) or use its own generate_images")
+    use_compile = resolve_compile(compile, device, default=COMPILE_DEFAULT)
     L, S2 = model.text_seq_len, model.image_seq_len
     if not isinstance(text, torch.Tensor) or text.dim() != 2 or text.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"text must be an int64 (batch, text_seq_len) tensor, got "
@@ -636,7 +664,7 @@ def generate(model, text: torch.Tensor, *, filter_thres: float = 0.5, temperatur
         engine = Engine(_StepModel(model, spec), ids, 1, text_len=spec.text_len, seeds=seeds, opts=opts,
                         guided=guided, sample=sample)
         try:  # primed tokens are copied, not drawn
-            codes = engine.decode(S2, primed, skip_primed_draws=True)
+            codes = engine.decode(S2, primed, skip_primed_draws=True, compile=use_compile)
         finally:
             engine.close()
     finally:
