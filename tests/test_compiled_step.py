@@ -156,3 +156,24 @@ def test_adapter_compiled_codes_equal_eager():
     assert len(set(eager.flatten().tolist())) > 4
     with pytest.raises(ValueError, match="compile must be"):
         dfp.generate(m, text, compile=1, **kw)
+
+
+@pytest.mark.parametrize("options", [dict(reversible=True, attn_types=("full", "axial_row")),
+                                     dict(shared_attn_ids=(0, 0), shared_ff_ids=(0, 0), attn_types=("full",))],
+                         ids=["reversible", "shared-layers"])
+def test_adapter_compiled_codes_equal_eager_for_reversible_and_shared_layers(options):
+    """The reversible recurrence and layers sharing one module (a KV cache per layer position) in
+    the compiled step."""
+    import dalle_fast.integrations.dalle_pytorch as dfp
+    try:
+        dp = dfp.import_dalle_pytorch(stand_ins=True)
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        pytest.skip(f"dalle-pytorch cannot be imported ({e})")
+    torch.manual_seed(0)
+    vae = dp.DiscreteVAE(image_size=16, num_layers=2, num_tokens=32, codebook_dim=16, hidden_dim=8)
+    m = dp.DALLE(dim=32, vae=vae, num_text_tokens=64, text_seq_len=8, depth=2, heads=2, dim_head=16,
+                 **options).eval()
+    text = torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(2))
+    eager = dfp.generate(m, text, seed=3, cond_scale=3.0, compile=False)
+    compiled = dfp.generate(m, text, seed=3, cond_scale=3.0, compile=True)
+    assert torch.equal(compiled, eager) and len(set(eager.flatten().tolist())) > 4
