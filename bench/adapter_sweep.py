@@ -10,7 +10,8 @@ on the same weights, text and sampling options (the VAE decode is left out of bo
 run in turn after a warm-up each; the best of ``--repeat`` counts. DALLE-pytorch 1.6.6 uses its
 cache only where ``cond_scale != 1`` and only in its ``full`` layers: the ``full-cfg3`` rows time it
 with the cache working, the others its uncached path. Prints one table (configuration, DALLE-pytorch
-seconds, adapter seconds, ratio) and writes ``--out``/adapter_sweep.json with the machine.
+seconds, adapter seconds, ratio; with ``--compile`` also the adapter with its compiled decode step,
+its compile time excluded: a warm-up call compiles) and writes ``--out``/adapter_sweep.json.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def best_interleaved(fns, repeat: int):
     return best
 
 
-def run_one(dalle_pytorch, dfp, name, spec, repeat):
+def run_one(dalle_pytorch, dfp, name, spec, repeat, compiled=False):
     model_kw, vae_kw, batch, cond_scale = spec
     torch.manual_seed(0)
     vae = dalle_pytorch.DiscreteVAE(codebook_dim=64, hidden_dim=16, **vae_kw)
@@ -83,14 +84,22 @@ def run_one(dalle_pytorch, dfp, name, spec, repeat):
     def ours():
         dfp.generate(model, text, seed=0, **sampling)
 
-    t_theirs, t_ours = best_interleaved([theirs, ours], repeat)
+    def ours_compiled():
+        dfp.generate(model, text, seed=0, compile=True, **sampling)
+
+    fns = [theirs, ours] + ([ours_compiled] if compiled else [])
+    t_theirs, t_ours, *t_comp = best_interleaved(fns, repeat)
     s = model.transformer.image_fmap_size
     row = {"config": name, "dim": model_kw["dim"], "depth": model_kw["depth"], "heads": model_kw["heads"],
            "dim_head": model_kw["dim_head"], "text_seq_len": model_kw["text_seq_len"],
            "num_text_tokens": model_kw["num_text_tokens"], "image_tokens": f"{s}x{s}",
            "image_vocab": vae_kw["num_tokens"], "attn_types": ",".join(model_kw["attn_types"]), "batch": batch,
            "cond_scale": cond_scale, "dalle_pytorch_s": t_theirs, "adapter_s": t_ours, "ratio": t_theirs / t_ours}
-    print(f"{name:28s} {t_theirs:9.2f} s {t_ours:8.2f} s {t_theirs / t_ours:7.1f}x", flush=True)
+    extra = ""
+    if compiled:
+        row.update(adapter_compiled_s=t_comp[0], ratio_compiled=t_theirs / t_comp[0])
+        extra = f" {t_comp[0]:8.2f} s {t_theirs / t_comp[0]:7.1f}x"
+    print(f"{name:28s} {t_theirs:9.2f} s {t_ours:8.2f} s {t_theirs / t_ours:7.1f}x{extra}", flush=True)
     return row
 
 
@@ -100,6 +109,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=None, help="comma-separated configuration names")
     p.add_argument("--repeat", type=int, default=1, help="timings per side after the warm-up; the best counts")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="also time the adapter with compile=True")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out", help="directory (default: bench/out)")
     args = p.parse_args(argv)
     check_at_least(p, args, 1, "--repeat", "--threads")
@@ -115,11 +125,12 @@ def main(argv=None) -> int:
     import dalle_fast.integrations.dalle_pytorch as dfp
     dalle_pytorch = dfp.import_dalle_pytorch(stand_ins=True)
     print(f"# {machine('cpu')}; DALLE-pytorch {dalle_pytorch.__version__}; best of {args.repeat} after a warm-up")
-    print(f"{'configuration':28s} {'DALLE-pytorch':>11s} {'adapter':>10s} {'ratio':>8s}")
-    rows = [run_one(dalle_pytorch, dfp, name, spec, args.repeat) for name, spec in sweep.items()]
+    print(f"{'configuration':28s} {'DALLE-pytorch':>11s} {'adapter':>10s} {'ratio':>8s}"
+          + (f" {'compiled':>10s} {'ratio':>8s}" if args.compile else ""))
+    rows = [run_one(dalle_pytorch, dfp, name, spec, args.repeat, args.compile) for name, spec in sweep.items()]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "adapter_sweep.json").write_text(json.dumps(
-        {"machine": machine("cpu"), "dalle_pytorch": dalle_pytorch.__version__, "repeat": args.repeat,
+        {"machine": machine("cpu"), "dalle_pytorch": dalle_pytorch.__version__, "repeat": args.repeat, "threads": args.threads,
          "rows": rows}, indent=2))
     return 0
 
