@@ -130,16 +130,21 @@ def test_recompile_limit_raises(model, monkeypatch):
         generate_codes(model, text, 3, seed=0, temperature=0.8, top_k=7, compile=True)  # other options: new graph
 
 
-def test_adapter_compiled_codes_equal_eager():
-    """A DALLE-pytorch model with token shift and rotary embeddings (the step indexes them on the
-    device), guidance and top-k sampling."""
+def _dalle_pytorch_and_vae():
+    """(the adapter module, the dalle_pytorch package, a seeded tiny DiscreteVAE); skips without the package."""
     import dalle_fast.integrations.dalle_pytorch as dfp
     try:
         dp = dfp.import_dalle_pytorch(stand_ins=True)
     except ImportError as e:  # pragma: no cover - depends on the environment
         pytest.skip(f"dalle-pytorch cannot be imported ({e})")
     torch.manual_seed(0)
-    vae = dp.DiscreteVAE(image_size=16, num_layers=2, num_tokens=32, codebook_dim=16, hidden_dim=8)
+    return dfp, dp, dp.DiscreteVAE(image_size=16, num_layers=2, num_tokens=32, codebook_dim=16, hidden_dim=8)
+
+
+def test_adapter_compiled_codes_equal_eager():
+    """A DALLE-pytorch model with token shift and rotary embeddings (the step indexes them on the
+    device), guidance and top-k sampling."""
+    dfp, dp, vae = _dalle_pytorch_and_vae()
     m = dp.DALLE(dim=32, vae=vae, num_text_tokens=50, text_seq_len=6, depth=3, heads=2, dim_head=16,
                  attn_types=("full", "axial_row", "conv_like"), shift_tokens=True, rotary_emb=True).eval()
     with torch.no_grad():
@@ -164,13 +169,7 @@ def test_adapter_compiled_codes_equal_eager():
 def test_adapter_compiled_codes_equal_eager_for_reversible_and_shared_layers(options):
     """The reversible recurrence and layers sharing one module (a KV cache per layer position) in
     the compiled step."""
-    import dalle_fast.integrations.dalle_pytorch as dfp
-    try:
-        dp = dfp.import_dalle_pytorch(stand_ins=True)
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        pytest.skip(f"dalle-pytorch cannot be imported ({e})")
-    torch.manual_seed(0)
-    vae = dp.DiscreteVAE(image_size=16, num_layers=2, num_tokens=32, codebook_dim=16, hidden_dim=8)
+    dfp, dp, vae = _dalle_pytorch_and_vae()
     m = dp.DALLE(dim=32, vae=vae, num_text_tokens=64, text_seq_len=8, depth=2, heads=2, dim_head=16,
                  **options).eval()
     text = torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(2))
