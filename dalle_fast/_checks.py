@@ -14,7 +14,7 @@ import torch
 from .masks import Layout
 
 __all__ = ["KERNEL_DTYPES", "TRITON_DTYPES", "TRITON_HEAD_DIMS", "CUDA_HEAD_DIMS", "CPU_MAX_HEAD_DIM",
-           "MAX_SCALE", "number", "tensor", "same_device", "check_scale", "check_qkv", "dtype_names"]
+           "MAX_SCALE", "number", "int64", "tensor", "same_device", "check_scale", "check_qkv", "dtype_names"]
 
 #: dtypes of the C++ kernels (cpu and cuda backends: sparse attention, decode, sampling); they
 #: compute in float32
@@ -48,6 +48,18 @@ def number(name: str, value) -> float:
         return float(value)
     except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several elements
         raise ValueError(f"{name} must be a number, got {type(value).__name__}") from None
+    except OverflowError:
+        raise ValueError(f"{name} must be a number within float range, got {value!r}") from None
+
+
+def int64(name: str, value) -> int:
+    """``value`` as an int; ValueError naming ``name`` unless it is an int (not a bool) in int64's
+    range, what the ops' integer arguments hold."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {type(value).__name__}")
+    if not -2**63 <= value < 2**63:
+        raise ValueError(f"{name} must be within int64, got {value}")
+    return value
 
 
 def tensor(name: str, value, optional: bool = False):

@@ -338,3 +338,18 @@ def test_cuda_signed_zeros_tiny_temperature_and_wide_range():
     assert set(tok.tolist()) == {0, 1} and torch.equal(tok.cpu(), cpu)
     with pytest.raises(ValueError, match="vocab_range"):
         dalle_fast.sample(torch.zeros(1, (1 << 24) + 1, device="cuda"), seeds=s[:1], step=st0)
+
+
+def test_integers_beyond_int64_are_value_errors_naming_the_argument():
+    """The wrapper coerces Python ints to the op's int64 arguments: one out of range is a
+    ValueError naming it, not the dispatcher's type error."""
+    x, s = torch.randn(2, 10), torch.arange(2)
+    for kw, name in ((dict(vocab_range=(0, 2**70)), "vocab_range"), (dict(vocab_range=(-2**70, 5)), "vocab_range"),
+                     (dict(top_k=-2**70), "top_k"), (dict(step=2**64), "step")):
+        with pytest.raises(ValueError, match=name):
+            dalle_fast.sample(x, seeds=s, **{"step": 0, **kw})
+    assert dalle_fast.sample(x, seeds=s, step=0, top_k=2**70).shape == (2,)  # keeps every token
+    layout = dalle_fast.Layout("row", 4, 3)
+    q = torch.randn(1, 1, layout.seq_len, 8)
+    with pytest.raises(ValueError, match="scale must be a number within float range"):
+        dalle_fast.sparse_attention(q, q, q, layout, scale=2**2000)

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import reference
-from .._checks import KERNEL_DTYPES, number, same_device, tensor
+from .._checks import KERNEL_DTYPES, int64, number, same_device, tensor
 from ._backend import OPS, resolve_backend, select
 
 __all__ = ["sample", "check_error_flags"]
@@ -99,7 +99,7 @@ def sample(logits: torch.Tensor, *, seeds: torch.Tensor, step, temperature: floa
     if isinstance(step, bool):
         raise ValueError("step must be an int64 tensor or an int, got bool")
     if isinstance(step, int):
-        step = torch.tensor(step, dtype=torch.int64, device=logits.device)
+        step = torch.tensor(int64("step", step), dtype=torch.int64, device=logits.device)
     step = tensor("step", step)
     same_device("logits", (("logits", logits), ("seeds", seeds), ("step", step), ("uncond_logits", uncond_logits)))
     temperature, top_p = number("temperature", temperature), number("top_p", top_p)
@@ -107,15 +107,14 @@ def sample(logits: torch.Tensor, *, seeds: torch.Tensor, step, temperature: floa
     if isinstance(top_k, bool) or not isinstance(top_k, int):
         raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
     V = logits.shape[-1] if logits.dim() else 0
+    top_k = int64("top_k", min(top_k, V) if top_k >= 0 else top_k)  # keeping V tokens keeps all
     if vocab_range is None:
         vocab_range = (0, V)
     try:
         lo, hi = vocab_range
     except (TypeError, ValueError):
         raise ValueError(f"vocab_range must be a pair (lo, hi), got {vocab_range!r}") from None
-    if isinstance(lo, bool) or isinstance(hi, bool) or not isinstance(lo, int) or not isinstance(hi, int):
-        raise ValueError(f"vocab_range must be a pair of ints, got {vocab_range!r}")
-    top_k = min(top_k, V) if top_k >= 0 else top_k  # keeping V tokens keeps all (a huge int fits the op's int64)
+    lo, hi = int64("vocab_range", lo), int64("vocab_range", hi)
     if logits.dtype == torch.float64:  # the kernels compute in float32
         logits = logits.float()
         if uncond_logits is not None and uncond_logits.dtype == torch.float64:
