@@ -25,7 +25,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+try:  # the installed package, else a checkout with an in-place build
+    import dalle_fast  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _util import check_at_least, machine  # noqa: E402
