@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from .masks import Layout
-from .ops import decode_attention, sparse_attention
+from .ops import decode_attention, resolve_backend, sparse_attention
 from .ops import sample as _sample
 
-__all__ = ["CompileFallbackWarning", "Engine", "KVCache", "SampleOptions", "StepModel", "draw", "resolve_compile"]
+__all__ = ["CompileFallbackWarning", "Engine", "KVCache", "SampleOptions", "StepModel", "draw", "reference_step_ops",
+           "resolve_compile"]
 
 
 class CompileFallbackWarning(UserWarning):
@@ -116,16 +117,20 @@ def draw(logits: torch.Tensor, rows: int, seeds: torch.Tensor, step, opts: Sampl
     return tokens
 
 
+def reference_step_ops(device: torch.device) -> list[str]:
+    """The decode-step ops that would run on the ``reference`` backend on ``device`` (forced by
+    ``$DALLE_FAST_BACKEND``): they read the step on the host, so the step can be neither captured
+    in a CUDA graph nor compiled."""
+    return [op for op in ("decode_attention", "sample") if resolve_backend(None, device, op=op) == "reference"]
+
+
 def resolve_compile(compile: Optional[bool], device: torch.device, *, default: bool) -> Optional[bool]:
     """``compile`` as :meth:`Engine.decode` takes it: True (compile, errors raise), None (compile,
     falling back to eager with a warning) or False. ``default``: what ``compile=None`` means for the
     caller's path where the step can be compiled (the CPU, the dalle_fast op backends)."""
     if compile is not None and not isinstance(compile, bool):
         raise ValueError(f"compile must be True, False or None, got {compile!r}")
-    from .ops.decode import _resolve as decode_backend
-    from .ops.sampling import _resolve as sample_backend
-    reference = [op for op, name in (("decode_attention", decode_backend(None, device)),
-                                     ("sample", sample_backend(None, device))) if name == "reference"]
+    reference = reference_step_ops(device)
     if compile:
         if device.type != "cpu":
             raise ValueError(f"compile: the compiled decode step runs on the CPU, the model is on {device} "
@@ -174,27 +179,27 @@ class Engine:
         """Code 0 of every row, from the prefill's last text position."""
         return draw(self.first_logits, self.rows, self.seeds, 0, self.opts, self.errors, self.sample)
 
-    def run_step(self, draw_next: bool = True) -> None:
-        """Feed ``tokens`` at ``pos``, draw the next code into ``tokens`` (unless ``draw_next`` is False),
-        advance ``pos`` and ``step``."""
+    def _feed(self, index: Optional[int], draw_next: bool = True) -> torch.Tensor:
+        """Feed ``tokens`` at ``pos`` (host position ``index``, or None), draw the next code into
+        ``tokens`` (unless ``draw_next`` is False), advance ``pos`` and ``step``; returns the logits."""
         tok = self.tokens.repeat(2) if self.guided else self.tokens
-        self.logits = self.model.decode_step(tok, self.pos, self.host_pos)  # (rows [x2], V)
+        logits = self.model.decode_step(tok, self.pos, index)  # (rows [x2], V)
         if draw_next:
-            self.tokens.copy_(draw(self.logits, self.rows, self.seeds, self.step, self.opts, self.errors,
-                                   self.sample))
+            self.tokens.copy_(draw(logits, self.rows, self.seeds, self.step, self.opts, self.errors, self.sample))
         self.pos += 1
         self.step += 1
+        return logits
+
+    def run_step(self, draw_next: bool = True) -> None:
+        """One eager (or CUDA-graph captured) step: :meth:`_feed` at the host position, which advances."""
+        self.logits = self._feed(self.host_pos, draw_next)
         self.host_pos += 1
 
     def step_body(self) -> None:
-        """What :class:`_CompiledStep` compiles: :meth:`run_step` without the host position (the model's
+        """What :class:`_CompiledStep` compiles: :meth:`_feed` without the host position (the model's
         ``decode_step`` gets ``index=None`` and must not need it), so one compiled graph serves every
-        position; ``logits`` is not kept."""
-        tok = self.tokens.repeat(2) if self.guided else self.tokens
-        logits = self.model.decode_step(tok, self.pos, None)
-        self.tokens.copy_(draw(logits, self.rows, self.seeds, self.step, self.opts, self.errors, self.sample))
-        self.pos += 1
-        self.step += 1
+        position; the logits are not kept."""
+        self._feed(None)
 
     def decode(self, image_tokens: int, primed: Optional[torch.Tensor] = None, *, cuda_graph: bool = False,
                compile: Optional[bool] = False, skip_primed_draws: bool = False, progress=None) -> torch.Tensor:

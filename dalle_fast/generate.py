@@ -34,11 +34,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .engine import Engine, SampleOptions, draw, resolve_compile
+from .engine import Engine, SampleOptions, draw, reference_step_ops, resolve_compile
 from .masks import _positive_int
 from .models.dalle import DALLE
-from .ops.decode import _resolve as _decode_backend
-from .ops.sampling import _resolve as _sample_backend
 from .ops.sampling import check_error_flags, sample
 
 __all__ = ["ATTENTION_MODES", "Generation", "Pipeline", "generate_codes", "generate_images", "load_pipeline",
@@ -84,10 +82,7 @@ def _uncapturable_ops(device: torch.device) -> list[str]:
     """The decode-step ops that would run on the ``reference`` backend on ``device`` (forced by
     ``$DALLE_FAST_BACKEND``): its ``sample`` reads ``step`` on the host, so a CUDA graph cannot
     capture the step; the default then decodes without one."""
-    if device.type != "cuda":
-        return []
-    return [op for op, name in (("decode_attention", _decode_backend(None, device)),
-                                ("sample", _sample_backend(None, device))) if name == "reference"]
+    return reference_step_ops(device) if device.type == "cuda" else []
 
 
 @torch.no_grad()

@@ -166,8 +166,8 @@ class DallePytorchAttention(nn.Module):
 
     Shapes: ``x (batch, n, dim) -> (batch, n, dim)`` with ``n <= layout.seq_len - 1`` (DALLE-pytorch
     never feeds the last image token); float32/bfloat16/float16 on CPU (or CUDA with the triton
-    backend), float64 through dalle_fast's reference attention. ``rotary_pos_emb`` is the transformer's ``(1, >= n, rot)`` buffer, passed by
-    DALLE-pytorch's layer routing.
+    backend), float64 through dalle_fast's reference attention. ``rotary_pos_emb`` is the transformer's
+    ``(1, >= n, rot)`` buffer, passed by DALLE-pytorch's layer routing.
     """
 
     def __init__(self, original: nn.Module, layout: Layout):
