@@ -32,6 +32,10 @@ TORCH_LIBRARY(dalle_fast, m) {
   m.def(
       "sample(Tensor logits, Tensor seeds, Tensor step, Tensor? uncond_logits, float cfg_scale, "
       "float temperature, int top_k, float top_p, int vocab_lo, int vocab_hi) -> (Tensor, Tensor)");
+  // The decode step's linear layers (csrc/cpu/linear.h): weight (N, K) packed once into column
+  // panels (ceil(N / 16), K, 16); then x (..., K) -> x @ weight^T + bias (..., N), float32, CPU.
+  m.def("pack_linear_weight(Tensor weight) -> Tensor");
+  m.def("packed_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
   // Test hooks of csrc/common/decode_index.h: the key positions of one decode query, and the
   // largest key count over a layout.
   m.def("_decode_key_positions(int pos, int kind, int text_len, int image_size, int kernel_size, "

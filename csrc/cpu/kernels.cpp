@@ -9,7 +9,7 @@ namespace CPU_CAPABILITY {
 
 const Kernels& kernels() {
   static constexpr Kernels table{&sparse_attention_forward, &sparse_attention_backward, &decode_attention,
-                                 &sample};
+                                 &sample, &packed_linear};
   return table;
 }
 

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "cpu/decode.h"
+#include "cpu/linear.h"
 #include "cpu/sparse_attention.h"
 
 namespace dalle_fast {
@@ -21,6 +22,8 @@ struct Kernels {
   void (*decode_attention)(const DecodeArgs& a);
   void (*sample)(const SampleParams& p, const float* cond, const float* uncond, const int64_t* seeds,
                  int64_t step, int64_t* tokens, int32_t* errors);
+  // linear.h
+  void (*packed_linear)(const LinearArgs& a);
 };
 
 // One table per compiled instruction set (AVX2 and AVX512 on x86-64 only).
@@ -40,6 +43,7 @@ void sparse_attention_backward(const Schedule& s, const AttnProblem& p, const Bw
 void decode_attention(const DecodeArgs& a);
 void sample(const SampleParams& p, const float* cond, const float* uncond, const int64_t* seeds, int64_t step,
             int64_t* tokens, int32_t* errors);
+void packed_linear(const LinearArgs& a);
 }  // namespace CPU_CAPABILITY
 #endif
 

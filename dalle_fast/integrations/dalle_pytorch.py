@@ -80,8 +80,7 @@ from torch import nn
 from ..engine import Engine, KVCache, SampleOptions, resolve_compile
 from ..masks import Layout
 from ..nn.functional import vocab_slice_cross_entropy
-from ..ops import sparse_attention
-from ..ops import check_error_flags, sample
+from ..ops import LinearPack, check_error_flags, sample, sparse_attention
 
 __all__ = ["DallePytorchAttention", "generate", "generate_images", "import_dalle_pytorch", "is_patched", "layouts",
            "patch", "unpatch"]
@@ -141,21 +140,37 @@ def _package():
 # ---------------------------------------------------------------------------------------------
 # the attention stand-in
 # ---------------------------------------------------------------------------------------------
-def _project(core: nn.Module, x: torch.Tensor, freqs: Optional[torch.Tensor]):
+def _project(core: nn.Module, x: torch.Tensor, freqs: Optional[torch.Tensor], to_qkv=None):
     """``x (B, n, dim)`` -> q, k, v ``(B, heads, n, dim_head)`` with DALLE-pytorch's rotary embedding
-    ``freqs (1, n, rot)`` applied to all three (as its attention modules do)."""
+    ``freqs (1, n, rot)`` applied to all three (as its attention modules do). ``to_qkv``: the packed
+    ``core.to_qkv`` of a decode step, or None."""
     b, n, _ = x.shape
-    qkv = core.to_qkv(x).view(b, n, 3, core.heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, n, D)
+    qkv = (core.to_qkv if to_qkv is None else to_qkv)(x).view(b, n, 3, core.heads, -1).permute(2, 0, 3, 1, 4)
     if freqs is not None:
         from rotary_embedding_torch import apply_rotary_emb  # DALLE-pytorch's own dependency
         qkv = apply_rotary_emb(freqs, qkv)
     return qkv.unbind(0)
 
 
-def _merge(core: nn.Module, out: torch.Tensor) -> torch.Tensor:
-    """``out (B, heads, n, dim_head)`` -> ``to_out`` of the heads concatenated, ``(B, n, dim)``."""
+def _merge(core: nn.Module, out: torch.Tensor, to_out=None) -> torch.Tensor:
+    """``out (B, heads, n, dim_head)`` -> ``to_out`` (or the packed ``to_out`` of a decode step) of the
+    heads concatenated, ``(B, n, dim)``."""
     b, h, n, d = out.shape
-    return core.to_out(out.transpose(1, 2).reshape(b, n, h * d))
+    return (core.to_out if to_out is None else to_out)(out.transpose(1, 2).reshape(b, n, h * d))
+
+
+class _Packed:
+    """A decode step's ``nn.Linear``, or ``nn.Sequential`` of them and parameter-free modules (dropout,
+    GEGLU), run with each linear layer's weight packed (:class:`dalle_fast.ops.LinearPack`)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        parts = list(module) if isinstance(module, nn.Sequential) else [module]
+        self.parts = [LinearPack.of(m) if isinstance(m, nn.Linear) else m for m in parts]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        for part in self.parts:
+            x = part(x)
+        return x
 
 
 class DallePytorchAttention(nn.Module):
@@ -463,7 +478,7 @@ class _StepModel:
         self.half = _split_sizes(dim, 2)[0]
         self.top, self.left = _split_sizes(dim, 4)[:2]
         S2 = spec.image_size ** 2
-        self.history = self.caches = None
+        self.history = self.caches = self.packs = None
         head = model.to_logits[1]
         n_text = model.num_text_tokens
         self.head_w, self.head_b = head.weight[n_text:], None if head.bias is None else head.bias[n_text:]
@@ -479,26 +494,43 @@ class _StepModel:
         self.history = [[torch.zeros(rows, S2, self.top + self.left, device=self.device, dtype=self.dtype)
                          if branch.shift else None for branch in (layer.attn, layer.ff)]
                         for layer in self.spec.layers]
+        # the decode step's linear layers on packed weights (CPU, float32): per layer to_qkv, to_out and
+        # the feed-forward net, then the head's image columns
+        self.packs = None
+        if LinearPack.serves(self.device, self.dtype):
+            made = {}  # shared layers (shared_attn_ids / shared_ff_ids) share their packs
+
+            def pack(module):
+                if id(module) not in made:
+                    made[id(module)] = _Packed(module)
+                return made[id(module)]
+
+            self.packs = ([(pack(layer.attn.core.to_qkv), pack(layer.attn.core.to_out), pack(layer.ff.core.net))
+                           for layer in self.spec.layers], LinearPack(self.head_w, self.head_b))
 
     def clear_caches(self) -> None:
-        self.history = self.caches = None
+        self.history = self.caches = self.packs = None
 
-    def image_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Last hidden state ``(rows, dim)`` -> image-token logits ``(rows, num_image_tokens)`` float32."""
+    def image_logits(self, h: torch.Tensor, head=None) -> torch.Tensor:
+        """Last hidden state ``(rows, dim)`` -> image-token logits ``(rows, num_image_tokens)`` float32
+        (``head``: the packed image columns of a decode step, or None)."""
         if self.model.stable:
             h = self.model.norm_by_max(h)
-        return F.linear(self.model.to_logits[0](h), self.head_w, self.head_b).float()
+        h = self.model.to_logits[0](h)
+        return (F.linear(h, self.head_w, self.head_b) if head is None else head(h)).float()
 
-    def _run(self, x, shift, attend):
+    def _run(self, x, shift, attend, ff=None):
+        """The layers over ``x``; ``ff(i, h)``: layer ``i``'s feed-forward (default: its module)."""
+        ff = ff or (lambda i, h: self.spec.layers[i].ff.core(h))
         if self.spec.reversible:  # DALLE-pytorch's ReversibleSequence (its forward, as in eval)
             x1 = x2 = x
             for i, layer in enumerate(self.spec.layers):
                 x1 = x1 + layer.attn.delta(x2, lambda h: shift(i, 0, h), lambda h: attend(i, h))
-                x2 = x2 + layer.ff.delta(x1, lambda h: shift(i, 1, h), layer.ff.core)
+                x2 = x2 + layer.ff.delta(x1, lambda h: shift(i, 1, h), lambda h: ff(i, h))
             return torch.stack((x1, x2)).mean(dim=0)
         for i, layer in enumerate(self.spec.layers):
             x = layer.attn.run(x, lambda h: shift(i, 0, h), lambda h: attend(i, h))
-            x = layer.ff.run(x, lambda h: shift(i, 1, h), layer.ff.core)
+            x = layer.ff.run(x, lambda h: shift(i, 1, h), lambda h: ff(i, h))
         return x
 
     # -- prefill: the prompts' text, once per prompt
@@ -556,12 +588,18 @@ class _StepModel:
         if image_pos is not None:
             x = x + image_pos
 
+        packs = self.packs
+
         def attend(i, h):
             core, layout = self.spec.layers[i].attn.core, self.spec.layers[i].layout
-            q, k, v = _project(core, h, freqs)
-            return _merge(core, self.caches[i].decode(q, k, v, pos, index, layout, scale=core.scale))
+            to_qkv, to_out = (None, None) if packs is None else packs[0][i][:2]
+            q, k, v = _project(core, h, freqs, to_qkv)
+            return _merge(core, self.caches[i].decode(q, k, v, pos, index, layout, scale=core.scale), to_out)
 
-        return self.image_logits(self._run(x, shift, attend)[:, 0])
+        if packs is None:
+            return self.image_logits(self._run(x, shift, attend)[:, 0])
+        h = self._run(x, shift, attend, lambda i, h: packs[0][i][2](h))
+        return self.image_logits(h[:, 0], packs[1])
 
 
 # what generate(compile=None) does on the CPU (see its docstring)

@@ -40,6 +40,7 @@ from torch import nn
 from ..engine import KVCache
 from ..masks import KINDS, Layout, _int_at_least, _positive_int, paper_schedule
 from ..nn.attention import SparseAttention
+from ..ops import LinearPack
 from ..nn.functional import vocab_slice_cross_entropy
 
 
@@ -190,10 +191,19 @@ class Block(nn.Module):
         return self.attn.layout
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None,
-                index: int | None = None) -> torch.Tensor:
-        """``cache``/``pos``/``index``: as :meth:`dalle_fast.nn.SparseAttention.forward` (generation)."""
-        x = x + self.attn(self.norm1(x), cache, pos, index)
-        return x + self.mlp(self.norm2(x))
+                index: int | None = None, packs: Sequence[LinearPack] | None = None) -> torch.Tensor:
+        """``cache``/``pos``/``index``: as :meth:`dalle_fast.nn.SparseAttention.forward` (generation);
+        ``packs``: :meth:`step_packs` for a decode step, or None."""
+        if packs is None:
+            x = x + self.attn(self.norm1(x), cache, pos, index)
+            return x + self.mlp(self.norm2(x))
+        x = x + self.attn(self.norm1(x), cache, pos, index, packs[:2])
+        return x + packs[3](self.mlp[1](packs[2](self.norm2(x))))
+
+    def step_packs(self) -> tuple[LinearPack, ...]:
+        """The block's linear layers packed for a decode step: to_qkv, to_out, mlp in, mlp out."""
+        return (LinearPack.of(self.attn.to_qkv), LinearPack.of(self.attn.to_out), LinearPack.of(self.mlp[0]),
+                LinearPack.of(self.mlp[2]))
 
 
 class DALLE(nn.Module):
@@ -218,6 +228,7 @@ class DALLE(nn.Module):
             nn.init.normal_(p, std=0.02)
         self.register_buffer("pad_ids", torch.arange(cfg.text_len - 1) + cfg.pad_base, persistent=False)
         self.caches: list[KVCache] | None = None  # generation caches (setup_caches), one per layer
+        self.packs: tuple | None = None  # the decode step's packed linear layers (setup_caches), or None
 
     # -- input checks ----------------------------------------------------------------------------
     def check_text(self, text: torch.Tensor, name: str = "text", *, sync: bool = True) -> None:
@@ -277,11 +288,12 @@ class DALLE(nn.Module):
         return x
 
     def hidden(self, x: torch.Tensor, caches: Sequence[KVCache] | None = None, pos: torch.Tensor | None = None,
-               index: int | None = None) -> torch.Tensor:
+               index: int | None = None, packs: Sequence | None = None) -> torch.Tensor:
         """Run the blocks and the final norm; with ``caches`` (one per layer) a prefill (``pos`` None)
-        or a decode step at ``pos``, as :meth:`dalle_fast.nn.SparseAttention.forward`."""
+        or a decode step at ``pos``, as :meth:`dalle_fast.nn.SparseAttention.forward` (``packs``: each
+        block's :meth:`Block.step_packs`, or None)."""
         for i, block in enumerate(self.blocks):
-            x = block(x, None if caches is None else caches[i], pos, index)
+            x = block(x, None if caches is None else caches[i], pos, index, None if packs is None else packs[i])
         return self.norm(x)
 
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -300,9 +312,16 @@ class DALLE(nn.Module):
         (``dense``: the full-cache baseline instead of shared text + image-only caches)."""
         cfg = self.config
         self.caches = [KVCache(prompt_index, cfg.text_len, cfg.image_tokens, dense) for _ in self.blocks]
+        # the fast path's decode step runs its linear layers on packed weights (CPU, float32); the
+        # dense baseline keeps torch's nn.Linear, as a plain static-cache decoder has
+        self.packs = None
+        if not dense and LinearPack.serves(self.head.weight.device, self.head.weight.dtype):
+            tv = cfg.text_vocab
+            self.packs = ([block.step_packs() for block in self.blocks],
+                          LinearPack(self.head.weight[tv:], self.head.bias[tv:]))
 
     def clear_caches(self) -> None:
-        self.caches = None
+        self.caches = self.packs = None
 
     def prefill(self, text: torch.Tensor) -> torch.Tensor:
         """Captions ``(P, T - 1)`` (unchecked, int64) -> image logits ``(P, image_vocab)`` of the last text
@@ -314,8 +333,10 @@ class DALLE(nn.Module):
         """Image tokens ``(rows,)`` at position ``pos`` (0-dim int64 device tensor; ``index`` the same on
         the host, read only by the dense baseline) -> image logits ``(rows, image_vocab)`` of ``pos + 1``."""
         x = self.embed_image(tokens[:, None], pos - self.config.text_len)
-        h = self.hidden(x, self._step_caches(), pos, index)
-        return self.image_logits(h[:, 0])
+        packs = getattr(self, "packs", None)  # (absent on models pickled before the packs)
+        if packs is None:
+            return self.image_logits(self.hidden(x, self._step_caches(), pos, index)[:, 0])
+        return packs[1](self.hidden(x, self._step_caches(), pos, index, packs[0])[:, 0])
 
     def _step_caches(self) -> list[KVCache]:
         caches = getattr(self, "caches", None)  # (absent on models pickled before the step API)

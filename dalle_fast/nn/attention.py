@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..masks import Layout, _positive_int
-from ..ops import sparse_attention
+from ..ops import LinearPack, sparse_attention
 
 
 class SparseAttention(nn.Module):
@@ -40,21 +40,23 @@ class SparseAttention(nn.Module):
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=bias)
         self.to_out = nn.Linear(heads * dim_head, dim, bias=bias)
 
-    def qkv(self, x: torch.Tensor):
-        """Projects ``x (B, N, dim)`` to q, k, v, each ``(B, heads, N, dim_head)``."""
+    def qkv(self, x: torch.Tensor, proj: Optional[LinearPack] = None):
+        """Projects ``x (B, N, dim)`` to q, k, v, each ``(B, heads, N, dim_head)`` (with ``proj``, the
+        packed ``to_qkv`` of a decode step)."""
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.to_qkv.in_features:
             got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be (batch, seq, dim = {self.to_qkv.in_features}), got {got}")
         b, n, _ = x.shape
-        qkv = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head)
+        qkv = (self.to_qkv if proj is None else proj)(x).view(b, n, 3, self.heads, self.dim_head)
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
     def forward(self, x: torch.Tensor, cache=None, pos: Optional[torch.Tensor] = None,
-                index: Optional[int] = None) -> torch.Tensor:
+                index: Optional[int] = None, packs: Optional[tuple[LinearPack, LinearPack]] = None) -> torch.Tensor:
         """``x (B, N, dim)``. With a :class:`dalle_fast.engine.KVCache` ``cache`` (generation): ``pos``
         None is the prefill of the prompts' text, else one token per row at position ``pos`` (0-dim
-        int64 device tensor; ``index`` is the same position on the host)."""
-        q, k, v = self.qkv(x)
+        int64 device tensor; ``index`` is the same position on the host). ``packs``: ``to_qkv`` and
+        ``to_out`` packed for a decode step (:class:`dalle_fast.ops.LinearPack`), or None."""
+        q, k, v = self.qkv(x, None if packs is None else packs[0])
         if cache is None:
             out = sparse_attention(q, k, v, self.layout, backend=self.backend)
         elif pos is None:
@@ -62,7 +64,7 @@ class SparseAttention(nn.Module):
         else:
             out = cache.decode(q, k, v, pos, index, self.layout)
         b, h, n, d = out.shape
-        return self.to_out(out.transpose(1, 2).reshape(b, n, h * d))
+        return (self.to_out if packs is None else packs[1])(out.transpose(1, 2).reshape(b, n, h * d))
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, dim_head={self.dim_head}, layout={self.layout}"

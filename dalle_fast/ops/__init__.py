@@ -3,7 +3,8 @@
 Modules, each importing only those before it (and masks, reference, _checks below the op layer):
 ``_backend`` (the C++ extension, the backends and what each serves, dispatch, the autograd helper),
 ``_triton`` (the triton backend's custom ops), ``attention`` (sparse_attention), ``decode``
-(decode_attention), ``sampling`` (sample). This module only re-exports.
+(decode_attention), ``sampling`` (sample), ``linear`` (the decode step's packed linear layers).
+This module only re-exports.
 """
 
 from .._checks import CPU_MAX_HEAD_DIM, CUDA_HEAD_DIMS, MAX_SCALE, TRITON_HEAD_DIMS, check_scale  # noqa: F401
@@ -12,7 +13,9 @@ from ._triton import kernels as triton_kernels
 from ._triton import triton_available
 from .attention import computed_pairs, sparse_attention
 from .decode import decode_attention
+from .linear import LinearPack
 from .sampling import check_error_flags, sample  # noqa: F401
 
-__all__ = ["sparse_attention", "decode_attention", "sample", "BACKENDS", "resolve_backend", "computed_pairs",
+__all__ = ["sparse_attention", "decode_attention", "sample", "LinearPack", "BACKENDS", "resolve_backend",
+           "computed_pairs",
            "CPU_MAX_HEAD_DIM", "CUDA_HEAD_DIMS", "TRITON_HEAD_DIMS", "triton_available", "triton_kernels"]
