@@ -22,7 +22,11 @@ the sampler's error flags, priming and the CUDA-graph replay of the step.
 from __future__ import annotations
 
 import contextlib
+import math
+import os
+import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
@@ -33,8 +37,8 @@ from .masks import Layout
 from .ops import decode_attention, resolve_backend, sparse_attention
 from .ops import sample as _sample
 
-__all__ = ["CompileFallbackWarning", "Engine", "KVCache", "SampleOptions", "StepModel", "draw", "reference_step_ops",
-           "resolve_compile"]
+__all__ = ["CompileFallbackWarning", "Engine", "KVCache", "SampleOptions", "StepModel", "compile_after",
+           "draw", "reference_step_ops", "resolve_compile"]
 
 
 class CompileFallbackWarning(UserWarning):
@@ -124,10 +128,11 @@ def reference_step_ops(device: torch.device) -> list[str]:
     return [op for op in ("decode_attention", "sample") if resolve_backend(None, device, op=op) == "reference"]
 
 
-def resolve_compile(compile: Optional[bool], device: torch.device, *, default: bool) -> Optional[bool]:
-    """``compile`` as :meth:`Engine.decode` takes it: True (compile, errors raise), None (compile,
-    falling back to eager with a warning) or False. ``default``: what ``compile=None`` means for the
-    caller's path where the step can be compiled (the CPU, the dalle_fast op backends)."""
+def resolve_compile(compile: Optional[bool], device: torch.device, *, default: bool):
+    """``compile`` as the generate functions take it -> what :meth:`Engine.decode` takes: True
+    (compile, errors raise), False, or ``"auto"`` for ``compile=None`` where the step can be compiled
+    (the CPU, the dalle_fast op backends, and ``default``: the caller's path has a compiled step):
+    eager until compiling pays off (:func:`compile_after`)."""
     if compile is not None and not isinstance(compile, bool):
         raise ValueError(f"compile must be True, False or None, got {compile!r}")
     reference = reference_step_ops(device)
@@ -140,8 +145,35 @@ def resolve_compile(compile: Optional[bool], device: torch.device, *, default: b
                              "($DALLE_FAST_BACKEND), which reads the step on the host and cannot be compiled")
         return True
     if compile is None and default and device.type == "cpu" and not reference:
-        return None
+        return "auto"
     return False
+
+
+#: seconds of eager decoding after which ``compile="auto"`` compiles (``$DALLE_FAST_COMPILE_AFTER``)
+COMPILE_AFTER_DEFAULT = 30.0
+
+
+def compile_after() -> float:
+    """How many seconds a process decodes one model with the same rows, options and length eagerly
+    before ``compile="auto"`` (the generate functions' default on the CPU) compiles its step:
+    ``$DALLE_FAST_COMPILE_AFTER`` (seconds, ``0`` = at once, ``inf`` = never), default 30, about what
+    a compile costs on the CPU (15-30 s, bench/RESULTS.md). This is the ski-rental rule: a single
+    generation never waits for a compile, and repeated ones spend at most about twice the
+    time of the better choice in hindsight."""
+    raw = os.environ.get("DALLE_FAST_COMPILE_AFTER", "").strip()
+    if not raw:
+        return COMPILE_AFTER_DEFAULT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:
+        raise ValueError(f"$DALLE_FAST_COMPILE_AFTER must be a number of seconds >= 0 (or inf), got {raw!r}")
+    return value
+
+
+# owner module -> {(rows, guided, options, image tokens, primed): eager decode seconds so far}
+_EAGER_SECONDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class Engine:
@@ -202,7 +234,7 @@ class Engine:
         self._feed(None)
 
     def decode(self, image_tokens: int, primed: Optional[torch.Tensor] = None, *, cuda_graph: bool = False,
-               compile: Optional[bool] = False, skip_primed_draws: bool = False, progress=None) -> torch.Tensor:
+               compile=False, owner=None, skip_primed_draws: bool = False, progress=None) -> torch.Tensor:
         """Generate ``image_tokens`` codes per row -> ``(rows, image_tokens)`` int64.
 
         ``primed`` ``(rows, n)``: the first ``n`` codes are copied, not drawn (with ``skip_primed_draws``
@@ -210,10 +242,24 @@ class Engine:
         so one graph serves every position). ``cuda_graph``: capture the step once and replay it.
         ``compile``: run the step compiled by ``torch.compile`` (:class:`_CompiledStep`); True raises a
         RuntimeError if it cannot be compiled, None decodes eagerly then, with a
-        :class:`CompileFallbackWarning`. ``progress``: a tqdm bar or None.
+        :class:`CompileFallbackWarning`; ``"auto"``: as None once ``owner`` (default: the model; the
+        module whose weights the step reads) has been decoded eagerly for :func:`compile_after`
+        seconds with these rows, options and length, else eagerly (timed). ``progress``: a tqdm bar or None.
         """
-        if compile is not None and not isinstance(compile, bool):
-            raise ValueError(f"compile must be True, False or None, got {compile!r}")
+        if compile is not None and not isinstance(compile, bool) and compile != "auto":
+            raise ValueError(f"compile must be True, False, None or 'auto', got {compile!r}")
+        timed = None
+        if compile == "auto":
+            owner = self.model if owner is None else owner
+            key = (self.rows, self.guided, self.opts, image_tokens, primed is not None)
+            try:
+                spent = _EAGER_SECONDS.setdefault(owner, {})
+            except TypeError:  # an owner that cannot be weakly referenced: no record, eager
+                spent = {}
+            if spent.get(key, 0.0) >= compile_after():
+                compile = None
+            else:
+                compile, timed = False, (spent, key, time.perf_counter())
         if cuda_graph and compile:
             raise ValueError("compile: a CUDA-graph step is not compiled as well; choose one")
         n_prime = 0 if primed is None else primed.shape[1]
@@ -235,6 +281,9 @@ class Engine:
                 codes[:, j] = self.tokens
                 if progress is not None:
                     progress.update(1)
+        if timed is not None:
+            spent, key, start = timed
+            spent[key] = spent.get(key, 0.0) + time.perf_counter() - start
         return codes
 
     def close(self) -> None:

@@ -43,8 +43,6 @@ __all__ = ["ATTENTION_MODES", "Generation", "Pipeline", "generate_codes", "gener
            "teacher_forced_logits"]
 
 ATTENTION_MODES = ("sparse", "dense", "none")
-# what generate_codes(compile=None) does on the CPU (see its docstring)
-COMPILE_DEFAULT = False
 
 
 def _seeds(seed: int, seeds: torch.Tensor | None, rows: int, device: torch.device) -> torch.Tensor:
@@ -109,10 +107,12 @@ def generate_codes(model: DALLE, text: torch.Tensor, num_images: int = 1, *, cfg
         cuda_graph: capture the decode step in a CUDA graph (default: on CUDA with ``sparse``, unless
             ``$DALLE_FAST_BACKEND=reference`` puts the decode ops on the host-syncing reference backend).
         compile: run each decode step as one ``torch.compile``-d graph (CPU, ``sparse``; the same codes
-            as the eager step). ``None`` (default): the eager step, since compiling costs far more
-            than it saves on one generation (once per process and model, shapes and sampling options;
-            bench/RESULTS.md), so ``True`` pays off for repeated generations. A step that cannot be
-            compiled raises RuntimeError.
+            as the eager step). ``None`` (default): the eager step until this process has decoded the model
+            eagerly with the same rows, options and length for ``$DALLE_FAST_COMPILE_AFTER`` seconds
+            (default 30, about a compile's cost), then the compiled step (falling back to the eager one
+            with a ``CompileFallbackWarning`` if it cannot be compiled): one generation never waits for
+            a compile, repeated ones get the compiled step (bench/RESULTS.md). ``True``: compile at
+            once; a step that cannot be compiled raises RuntimeError. ``False``: always eager.
         progress: show a progress bar.
 
     Returns:
@@ -147,7 +147,7 @@ def generate_codes(model: DALLE, text: torch.Tensor, num_images: int = 1, *, cfg
     if use_graph and uncapturable:
         raise ValueError(f"cuda_graph: {' and '.join(uncapturable)} would run on the 'reference' backend "
                          "($DALLE_FAST_BACKEND), which syncs with the host and cannot be captured")
-    use_compile = resolve_compile(compile, dev, default=COMPILE_DEFAULT and attention == "sparse")
+    use_compile = resolve_compile(compile, dev, default=attention == "sparse")
     if compile and attention != "sparse":
         raise ValueError(f"compile needs attention='sparse', got {attention!r}")
     bar = tqdm(total=S2, disable=not progress, desc="generate", unit="tok")

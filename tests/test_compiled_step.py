@@ -58,11 +58,33 @@ def test_compiled_with_priming(model):
 
 
 def test_the_default_is_the_eager_step(model):
-    """compile=None (the default) runs the eager step on the CPU: no graph is compiled."""
+    """compile=None (the default) runs the eager step on the CPU at first: no graph is compiled."""
     text = torch.randint(0, 35, (1, 4))
     before = _graphs()
     generate_codes(model, text, 2, seed=0, temperature=0.5)  # options no compiled graph has had
     assert _graphs() == before
+
+
+def test_the_default_compiles_once_eager_decoding_has_cost_a_compile(model, monkeypatch):
+    """compile=None: eager until the process has decoded this model, rows and options eagerly for
+    $DALLE_FAST_COMPILE_AFTER seconds, then compiled (the same codes)."""
+    text = torch.randint(0, 35, (1, 4), generator=torch.Generator().manual_seed(4))
+    opts = dict(seed=3, temperature=0.6, top_k=5)  # options no other test compiles
+    monkeypatch.setenv("DALLE_FAST_COMPILE_AFTER", "1e-9")
+    before = _graphs()
+    first = generate_codes(model, text, 2, **opts)  # nothing decoded eagerly yet: eager, timed
+    assert _graphs() == before
+    second = generate_codes(model, text, 2, **opts)  # past the threshold: compiled
+    assert _graphs() == before + 1
+    assert torch.equal(first, second)
+    assert torch.equal(generate_codes(model, text, 3, **opts)[:, :2], first)  # 3 rows: eager again
+    assert _graphs() == before + 1
+    monkeypatch.setenv("DALLE_FAST_COMPILE_AFTER", "inf")
+    assert torch.equal(generate_codes(model, text, 2, **opts), first)  # never compiles: eager
+    for bad in ("-1", "soon", "nan"):
+        monkeypatch.setenv("DALLE_FAST_COMPILE_AFTER", bad)
+        with pytest.raises(ValueError, match=r"\$DALLE_FAST_COMPILE_AFTER must be a number of seconds"):
+            generate_codes(model, text, 2, **opts)
 
 
 def test_compile_argument_checks(model):

@@ -23,7 +23,7 @@ namespace cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-constexpr int64_t CHUNK_ITEMS = 4;  // work items taken at once
+constexpr int64_t CHUNK_ITEMS = 4;  // work items taken at once, at most (fewer when items are few)
 constexpr int64_t GROUP_ROWS = 32;  // rows per work item that share one prompt's text caches
 
 // A work item: one head and up to GROUP_ROWS rows. With shared text caches the rows of an item
@@ -80,6 +80,9 @@ void run(const DecodeArgs& a) {
   const int64_t n_items = static_cast<int64_t>(items.size());
   const int64_t m_max = grouped ? GROUP_ROWS : 1;
   const int64_t n_threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_items));
+  // each thread takes a few chunks: with 4 items (4 heads x 16 rows of one prompt) and chunks of
+  // CHUNK_ITEMS the first thread took them all
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(CHUNK_ITEMS, n_items / (4 * n_threads)));
   std::atomic<int64_t> next{0};
   at::parallel_for(0, n_threads, 1, [&](int64_t, int64_t) {
     Buffer scores(static_cast<size_t>(m_max * max_keys));
@@ -89,9 +92,9 @@ void run(const DecodeArgs& a) {
     Buffer qt(grouped ? static_cast<size_t>(D * m_max) : 0);
     Buffer st(grouped ? static_cast<size_t>(m_max * max_keys) : 0);
     for (;;) {
-    const int64_t begin = next.fetch_add(CHUNK_ITEMS, std::memory_order_relaxed);
+    const int64_t begin = next.fetch_add(chunk, std::memory_order_relaxed);
     if (begin >= n_items) break;
-    const int64_t end = std::min(n_items, begin + CHUNK_ITEMS);
+    const int64_t end = std::min(n_items, begin + chunk);
     for (int64_t it = begin; it < end; ++it) {
       const Item& item = items[it];
       const int64_t h = item.head, m = item.count;

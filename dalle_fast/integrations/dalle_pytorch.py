@@ -602,10 +602,6 @@ class _StepModel:
         return self.image_logits(h[:, 0], packs[1])
 
 
-# what generate(compile=None) does on the CPU (see its docstring)
-COMPILE_DEFAULT = False
-
-
 def _text_ids(model, text: torch.Tensor) -> torch.Tensor:
     """DALLE-pytorch's text preprocessing: padding 0 -> unique per-position ids, <bos> (0) prepended."""
     L = model.text_seq_len
@@ -634,10 +630,12 @@ def generate(model, text: torch.Tensor, *, filter_thres: float = 0.5, temperatur
             (default) takes a fresh seed from torch's global generator on each call, so repeated calls give
             new samples and ``torch.manual_seed`` makes them reproducible.
         compile: run each decode step as one ``torch.compile``-d graph (CPU only; the same codes as
-            the eager step). ``None`` (default): the eager step, since compiling costs far more
-            than it saves on one generation (once per process and model, shapes and sampling options;
-            bench/RESULTS.md), so ``True`` pays off for repeated generations. A step that cannot be
-            compiled raises RuntimeError.
+            the eager step). ``None`` (default): the eager step until this process has decoded the model
+            eagerly with the same rows, options and length for ``$DALLE_FAST_COMPILE_AFTER`` seconds
+            (default 30, about a compile's cost), then the compiled step (falling back to the eager one
+            with a ``CompileFallbackWarning`` if it cannot be compiled): one generation never waits for
+            a compile, repeated ones get the compiled step (bench/RESULTS.md). ``True``: compile at
+            once; a step that cannot be compiled raises RuntimeError. ``False``: always eager.
 
     Returns:
         int64 ``(B, image_seq_len)`` image tokens on the model's device; ``model.vae.decode(codes)`` gives
@@ -650,7 +648,7 @@ def generate(model, text: torch.Tensor, *, filter_thres: float = 0.5, temperatur
         raise ValueError(f"model: a {str(p.dtype).replace('torch.', '')} model cannot generate with dalle_fast's "
                          "cached decode, whose kernels take float32, bfloat16 and float16; convert the model "
                          "(model.float()) or use its own generate_images")
-    use_compile = resolve_compile(compile, device, default=COMPILE_DEFAULT)
+    use_compile = resolve_compile(compile, device, default=True)
     L, S2 = model.text_seq_len, model.image_seq_len
     if not isinstance(text, torch.Tensor) or text.dim() != 2 or text.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"text must be an int64 (batch, text_seq_len) tensor, got "
@@ -702,7 +700,7 @@ def generate(model, text: torch.Tensor, *, filter_thres: float = 0.5, temperatur
         engine = Engine(_StepModel(model, spec), ids, 1, text_len=spec.text_len, seeds=seeds, opts=opts,
                         guided=guided, sample=sample)
         try:  # primed tokens are copied, not drawn
-            codes = engine.decode(S2, primed, skip_primed_draws=True, compile=use_compile)
+            codes = engine.decode(S2, primed, skip_primed_draws=True, compile=use_compile, owner=model)
         finally:
             engine.close()
     finally:
