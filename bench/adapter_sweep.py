@@ -85,7 +85,7 @@ def run_one(dalle_pytorch, dfp, name, spec, repeat, compiled=False):
         model.generate_images(text.clone(), use_cache=True, **sampling)
 
     def ours():
-        dfp.generate(model, text, seed=0, **sampling)
+        dfp.generate(model, text, seed=0, compile=False, **sampling)
 
     def ours_compiled():
         dfp.generate(model, text, seed=0, compile=True, **sampling)

@@ -25,6 +25,9 @@ patched. Runs of the two sides alternate, the best of ``--repeat`` counts. Note 
 1.6.6 hands its cache to the layers only when ``cond_scale != 1`` (``forward_with_cond_scale`` drops
 it otherwise), so ``--cfg-scale 1`` times its uncached path whatever ``use_cache`` says.
 
+``--no-graph`` (CUDA) adds mode ``nograph``: dalle_fast's sparse path with ``cuda_graph=False``
+(every step launched from Python) next to ``sparse`` (the step captured once and replayed).
+
 ``--compile`` (CPU) adds dalle_fast with its decode step compiled by ``torch.compile``
 (``compile=True``; the other dalle_fast rows run ``compile=False``): mode ``compiled`` next to
 ``sparse``, or a compiled adapter next to the eager one with ``--peer``. Its first call compiles
@@ -244,12 +247,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out", help="directory (default: bench/out)")
     p.add_argument("--compile", action="store_true",
                    help="also time dalle_fast with its decode step compiled (torch.compile; CPU)")
+    p.add_argument("--no-graph", action="store_true",
+                   help="also time dalle_fast on CUDA without its CUDA graph (mode nograph: the eager step)")
     p.add_argument("--peer", choices=["dalle_pytorch"], default=None,
                    help="compare with another codebase's generation and training step instead")
     args = p.parse_args(argv)
     check_cuda(p, args.device)
     if args.compile and args.device != "cpu":
         p.error("--compile: the compiled decode step runs on the CPU (CUDA captures a CUDA graph)")
+    if args.no_graph and args.device != "cuda":
+        p.error("--no-graph: the CUDA graph is captured on CUDA only")
     check_at_least(p, args, 1, "--batch", "-n", "--sample-steps", "--repeat", "--threads")
     check_finite(p, args, "--cfg-scale")
     modes = comma_list(p, "--modes", args.modes, ATTENTION_MODES)
@@ -280,8 +287,13 @@ def main(argv=None) -> int:
     measured = [m for m in modes if args.full or m != "none"]
     if args.compile:
         modes, measured = modes + ["compiled"], measured + ["compiled"]
+    if args.no_graph:
+        modes, measured = modes + ["nograph"], measured + ["nograph"]
 
     def full_run(mode):
+        if mode == "nograph":
+            return lambda: generate_codes(model, text, args.n, attention="sparse", seed=0, cfg_scale=args.cfg_scale,
+                                          cuda_graph=False)
         if mode == "compiled":
             return lambda: generate_codes(model, text, args.n, attention="sparse", seed=0, cfg_scale=args.cfg_scale,
                                           compile=True)
@@ -311,6 +323,8 @@ def main(argv=None) -> int:
         for other in ("dense", "none"):
             if other in base:
                 print(f"dalle_fast vs {other}: {base[other] / base['sparse']:.1f}x images/s")
+    if "nograph" in base and "sparse" in base:
+        print(f"dalle_fast with CUDA graph vs without: {base['nograph'] / base['sparse']:.2f}x images/s")
     if "compiled" in base:
         for other in ("sparse", "dense", "none"):
             if other in base:

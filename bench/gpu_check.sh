@@ -16,7 +16,8 @@
 #                    ncu is found ($NCU, PATH, /usr/local/cuda/bin); skipped with the reason otherwise
 #   decide_summary   bench/gpu_decide.py: the deciding table, $OUT/decide.json
 # Part 2, the rest: build with the CUDA sources, import, bench/attention.py forward + backward
-# through the op, bench/host_overhead.py, bench/decode.py / bench/sampling.py --quick (if present),
+# through the op, bench/generate.py (small preset, 1 x 16, with and without the CUDA graph),
+# bench/host_overhead.py, bench/decode.py / bench/sampling.py --quick (if present),
 # the GPU tests (one pytest run per file), bench/kernel_resources.py (static, this Triton).
 # Last: the benchmark CSVs, the step table, and the deciding table again (with what part 2 added).
 # Every step runs under `timeout`, a failed step does not stop the others, and the script exits
@@ -145,6 +146,8 @@ step bench_attention 150 "$PY" bench/attention.py "${SHAPE[@]}" --modes fwdbwd -
   --triton-path portable,hopper --out "$OUT/attention"
 
 # host time per call with real launches, tiny problem (dalle_fast vs SDPA causal)
+step bench_generate 150 "$PY" bench/generate.py --device cuda --preset small -n 16 --modes sparse --no-graph \
+    --repeat 2 --out "$OUT/generate"
 step bench_host_overhead 60 "$PY" bench/host_overhead.py --device cuda --calls 200 --rounds 5 \
   --out "$OUT/host_overhead.json"
 

@@ -69,8 +69,8 @@ NEEDS = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout
                            or sys.version_info < (3, 11), reason="needs bash, timeout and python -P (3.11)")
 
 DECIDING = ["env", "build_cpu", "decide_kernels", "decide_baselines", "decide_l2", "decide_ncu", "decide_summary"]
-STEPS = DECIDING + ["build", "import", "bench_attention", "bench_host_overhead", "bench_decode", "bench_sampling",
-                    "test_triton_attention", "test_decode_attention", "test_sample", "kernel_resources"]
+STEPS = DECIDING + ["build", "import", "bench_attention", "bench_generate", "bench_host_overhead", "bench_decode",
+                    "bench_sampling", "test_triton_attention", "test_decode_attention", "test_sample", "kernel_resources"]
 
 
 def _run_check(tmp_path, **extra):
@@ -130,7 +130,7 @@ def test_gpu_check_steps_pass_their_scripts_argument_checks(tmp_path):
 
 
 LOGS = {"decide_kernels": "attention.py", "decide_baselines": "attention.py", "decide_l2": "l2_bandwidth.py",
-        "bench_attention": "attention.py", "bench_host_overhead": "host_overhead.py", "bench_decode": "decode.py",
+        "bench_attention": "attention.py", "bench_generate": "generate.py", "bench_host_overhead": "host_overhead.py", "bench_decode": "decode.py",
         "bench_sampling": "sampling.py", "kernel_resources": "kernel_resources.py"}
 
 
