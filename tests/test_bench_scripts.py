@@ -53,6 +53,26 @@ def test_attention_bench_runs_on_cpu(tmp_path):
     assert line[4] == "-" and line[6] == "-" and line[8] == "-"
 
 
+def test_linear_bench_runs_on_cpu(tmp_path):
+    out = _run("linear.py", "--quick", "--rows", "3", "--isas", "all", "--threads", "1", "--out", str(tmp_path))
+    res = json.loads((tmp_path / "linear.json").read_text())
+    rows = res["results"]
+    assert [(r["rows"], r["in_features"], r["out_features"]) for r in rows] == \
+        [(3, 256, 768), (3, 256, 256)] * len({r["isa"] for r in rows})
+    assert {r["isa"] for r in rows} == set(dalle_fast_isas())
+    assert all(r["packed_us"] > 0 and r["torch_us"] > 0 and r["speedup_vs_torch"] > 0 for r in rows)
+    assert all(("onednn_us" in r) == res["meta"]["onednn"] for r in rows)
+    assert "packed_gflops" in out
+    r = subprocess.run([sys.executable, str(BENCH / "linear.py"), "--rows", "0"], env=_env(), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "--rows must be >= 1" in r.stderr
+
+
+def dalle_fast_isas():
+    import dalle_fast
+    return dalle_fast.available_cpu_isas()
+
+
 def test_l2_bandwidth_bench_runs_on_cpu(tmp_path):
     out = _run("l2_bandwidth.py", "--device", "cpu", "--sizes-mb", "0.25,2", "--out", str(tmp_path / "l2.json"))
     res = json.loads((tmp_path / "l2.json").read_text())

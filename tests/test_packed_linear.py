@@ -62,7 +62,8 @@ def test_module_and_serves():
     lin = torch.nn.Linear(33, 70)
     x = torch.randn(6, 33)
     assert max_err(LinearPack.of(lin)(x), lin(x)) < 1e-5
-    assert LinearPack.serves(torch.device("cpu"), torch.float32)
+    # the baseline build's kernel is correct (tested above) but slower than torch's GEMM: not used
+    assert LinearPack.serves(torch.device("cpu"), torch.float32) == (dalle_fast.cpu_isa() in ("avx2", "avx512"))
     assert not LinearPack.serves(torch.device("cpu"), torch.bfloat16)
     assert not LinearPack.serves(torch.device("meta"), torch.float32)
 

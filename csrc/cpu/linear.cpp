@@ -26,6 +26,7 @@ constexpr int MR = VEC == 16 ? 8 : 6;
 // over k runs in chunks of KC added up in out, so its rounding error grows with KC + K / KC, not K
 // (a single running sum over K = 2048 was 5x torch's error against float64).
 constexpr int64_t KC = 32;
+constexpr int64_t PREFETCH = 16;
 
 template <int R, int NV>
 void tile(const float* __restrict x, int64_t ldx, const float* __restrict a, const float* __restrict b,
@@ -36,6 +37,10 @@ void tile(const float* __restrict x, int64_t ldx, const float* __restrict a, con
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < NV; ++v) acc[r][v] = Vec(0.f);
     for (int64_t k = k0; k < k1; ++k) {
+      // one panel row is one cache line: ask for the line PREFETCH rows ahead of each stream (a weight
+      // larger than L2, like the head's 8192 columns, streams from L3 or memory)
+      __builtin_prefetch(a + (k + PREFETCH) * LINEAR_PANEL);
+      if constexpr (NV == 2) __builtin_prefetch(b + (k + PREFETCH) * LINEAR_PANEL);
       Vec w[NV];
       w[0] = Vec::loadu(a + k * LINEAR_PANEL);
       if constexpr (NV == 2) w[1] = Vec::loadu(b + k * LINEAR_PANEL);

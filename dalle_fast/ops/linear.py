@@ -2,8 +2,9 @@
 panels, then ``x @ weight.T + bias`` for the step's few rows by the C++ kernel (csrc/cpu/linear.cpp).
 
 At the step's shapes (rows = the generation's rows, 1 to a few dozen) torch's CPU GEMM reaches
-30-80 GFLOP/s on two cores; the packed kernel 100-200 (bench/RESULTS.md). Float32 on the CPU only:
-elsewhere the models call their ``nn.Linear`` as usual (:meth:`LinearPack.serves`).
+30-80 GFLOP/s on two cores; the packed kernel 100-200 (bench/RESULTS.md). Float32 on the CPU with
+the AVX2 or AVX-512 kernels: elsewhere the models call their ``nn.Linear`` as usual
+(:meth:`LinearPack.serves`).
 """
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ class LinearPack:
 
     @staticmethod
     def serves(device: torch.device, dtype: torch.dtype) -> bool:
-        """Whether the packed kernel serves a model on ``device`` in ``dtype`` (float32 on the CPU)."""
-        return device.type == "cpu" and dtype == torch.float32
+        """Whether the packed kernel serves a model on ``device`` in ``dtype``: float32 on the CPU with
+        the AVX2 or AVX-512 kernels active. The baseline build (SSE2 on x86-64, NEON on aarch64) computes
+        the same but was measured at 4-5 GFLOP/s on x86-64 (bench/RESULTS.md), far below torch's GEMM."""
+        return (device.type == "cpu" and dtype == torch.float32
+                and torch.ops.dalle_fast._cpu_isa() in ("avx2", "avx512"))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.dalle_fast.packed_linear(x, self.packed, self.bias, self.out_features)
