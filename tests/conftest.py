@@ -11,6 +11,15 @@ import dalle_fast
 # Keep CPU tests reproducible and cheap on small machines.
 torch.manual_seed(0)
 
+# torch's on-disk compile cache does not tell apart code compiled while $ATEN_CPU_CAPABILITY restricted
+# the CPU (as when an AVX-512 machine acts as an AVX2 one) from code compiled without it, and loading
+# one under the other gave NaN logits and crashes: one cache directory per capability.
+if os.environ.get("ATEN_CPU_CAPABILITY") and not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+    import getpass
+    import tempfile
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY']}")
+
 
 @pytest.fixture(autouse=True)
 def _private_tuning_cache(tmp_path_factory, monkeypatch):
