@@ -242,26 +242,28 @@ class Engine:
         so one graph serves every position). ``cuda_graph``: capture the step once and replay it.
         ``compile``: run the step compiled by ``torch.compile`` (:class:`_CompiledStep`); True raises a
         RuntimeError if it cannot be compiled, None decodes eagerly then, with a
-        :class:`CompileFallbackWarning`; ``"auto"``: as None once ``owner`` (default: the model; the
-        module whose weights the step reads) has been decoded eagerly for :func:`compile_after`
-        seconds with these rows, options and length, else eagerly (timed). ``progress``: a tqdm bar or None.
+        :class:`CompileFallbackWarning`; ``"auto"`` (CPU, no CUDA graph; else False): as None once
+        ``owner`` (default: the model; the module whose weights the step reads) has been decoded eagerly
+        for :func:`compile_after` seconds with these rows, options and length, else eagerly (timed); a
+        step that could not be compiled is not tried again. ``progress``: a tqdm bar or None.
         """
         if compile is not None and not isinstance(compile, bool) and compile != "auto":
             raise ValueError(f"compile must be True, False, None or 'auto', got {compile!r}")
-        timed = None
+        auto = None  # (record, key) of compile="auto"
         if compile == "auto":
-            owner = self.model if owner is None else owner
-            key = (self.rows, self.guided, self.opts, image_tokens, primed is not None)
-            try:
-                spent = _EAGER_SECONDS.setdefault(owner, {})
-            except TypeError:  # an owner that cannot be weakly referenced: no record, eager
-                spent = {}
-            if spent.get(key, 0.0) >= compile_after():
-                compile = None
-            else:
-                compile, timed = False, (spent, key, time.perf_counter())
+            compile = False
+            if self.tokens.device.type == "cpu" and not cuda_graph:
+                key = (self.rows, self.guided, self.opts, image_tokens, primed is not None)
+                try:
+                    record = _EAGER_SECONDS.setdefault(self.model if owner is None else owner, {})
+                except TypeError:  # an owner that cannot be weakly referenced: no record, eager
+                    record = {}
+                auto = record, key
+                if record.get(key, 0.0) >= compile_after():
+                    compile = None
         if cuda_graph and compile:
             raise ValueError("compile: a CUDA-graph step is not compiled as well; choose one")
+        start = time.perf_counter()
         n_prime = 0 if primed is None else primed.shape[1]
         codes = torch.empty(self.rows, image_tokens, dtype=torch.int64, device=self.tokens.device)
         step = _GraphedStep(self) if cuda_graph else _CompiledStep(self, strict=bool(compile)) \
@@ -281,9 +283,12 @@ class Engine:
                 codes[:, j] = self.tokens
                 if progress is not None:
                     progress.update(1)
-        if timed is not None:
-            spent, key, start = timed
-            spent[key] = spent.get(key, 0.0) + time.perf_counter() - start
+        if auto is not None:
+            record, key = auto
+            if step is None:
+                record[key] = record.get(key, 0.0) + time.perf_counter() - start
+            elif step.eager:  # the compile failed (and warned): stay eager for this key
+                record[key] = -math.inf
         return codes
 
     def close(self) -> None:

@@ -143,6 +143,20 @@ def test_compile_failure_with_the_default_warns_and_decodes_eagerly(model):
     assert torch.equal(fallback, eager)
 
 
+def test_auto_compile_that_fails_warns_once_then_stays_eager(model, monkeypatch):
+    import warnings
+    monkeypatch.setenv("DALLE_FAST_COMPILE_AFTER", "0")
+    breaking = _Breaking(model)
+    with torch.no_grad():
+        eager = _engine(model).decode(16)
+        with pytest.warns(CompileFallbackWarning, match="could not compile the decode step of _Breaking"):
+            first = _engine(model, breaking).decode(16, compile="auto")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CompileFallbackWarning)  # not tried again for this model and key
+            again = _engine(model, breaking).decode(16, compile="auto")
+    assert torch.equal(first, eager) and torch.equal(again, eager)
+
+
 def test_recompile_limit_raises(model, monkeypatch):
     """Past RECOMPILE_LIMIT graphs of the step the call raises instead of running eagerly unannounced."""
     text = torch.randint(0, 35, (2, 4))
