@@ -8,9 +8,18 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+# The benchmarks use the installed dalle_fast, else this checkout's (with an in-place build): each
+# script imports this module, from its own directory, before dalle_fast.
+try:
+    import dalle_fast  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def cpu_isas() -> str:

@@ -25,13 +25,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-try:  # the installed package, else a checkout with an in-place build
-    import dalle_fast  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(ROOT))
+# _util first: it makes the installed dalle_fast importable, else this checkout's
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from _util import check_at_least, machine  # noqa: E402
+
 
 MIX = ("full", "axial_row", "axial_col", "conv_like")
 

@@ -44,16 +44,13 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-try:  # the installed package, else a checkout with an in-place build
-    import dalle_fast
-except ImportError:
-    sys.path.insert(0, str(ROOT))
-    import dalle_fast  # noqa: E402
+# _util first: it makes the installed dalle_fast importable, else this checkout's
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import check_at_least, check_cuda, comma_list, cpu_isas  # noqa: E402
+import dalle_fast  # noqa: E402
 from dalle_fast import Layout  # noqa: E402
 from dalle_fast.ops import computed_pairs  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import check_at_least, check_cuda, comma_list, cpu_isas  # noqa: E402
 
 MODES = ("fwd", "bwd", "fwdbwd")
 #: modes run without --modes: on CUDA every mode the GPU speed targets are stated for (backward alone

@@ -19,13 +19,10 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+# _util first: it makes the installed dalle_fast importable, else this checkout's
 sys.path.insert(0, HERE)
-try:  # the installed package, else a checkout with an in-place build
-    import dalle_fast  # noqa: E402
-except ImportError:
-    sys.path.insert(0, ROOT)
-    import dalle_fast  # noqa: E402
 from _util import check_at_least, check_cuda, machine, print_table, timeit, write_results  # noqa: E402
+import dalle_fast  # noqa: E402
 from dalle_fast.ops import CUDA_HEAD_DIMS  # noqa: E402
 
 

@@ -48,17 +48,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-try:  # the installed package, else a checkout with an in-place build
-    import dalle_fast  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(ROOT))
+# _util first: it makes the installed dalle_fast importable, else this checkout's
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import check_at_least, check_cuda, check_finite, comma_list  # noqa: E402
 
 from dalle_fast import sample  # noqa: E402
 from dalle_fast.generate import ATTENTION_MODES, generate_codes  # noqa: E402
 from dalle_fast.models.dalle import DALLE, DALLEConfig  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import check_at_least, check_cuda, check_finite, comma_list  # noqa: E402
 
 
 def _sync(device):

@@ -29,17 +29,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-try:
-    import dalle_fast
-except ImportError:
-    sys.path.insert(0, str(ROOT))
-    import dalle_fast  # noqa: E402
-from dalle_fast import Layout  # noqa: E402
-from dalle_fast import ops  # noqa: E402
-
+# _util first: it makes the installed dalle_fast importable, else this checkout's
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import check_at_least, check_cuda, machine  # noqa: E402
+import dalle_fast  # noqa: E402
+from dalle_fast import Layout  # noqa: E402
+from dalle_fast import ops  # noqa: E402
 
 
 class _Stub:

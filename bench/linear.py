@@ -21,14 +21,11 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+# _util first: it makes the installed dalle_fast importable, else this checkout's
 sys.path.insert(0, HERE)
-try:  # the installed package, else a checkout with an in-place build
-    import dalle_fast  # noqa: E402
-except ImportError:
-    sys.path.insert(0, ROOT)
-    import dalle_fast  # noqa: E402
-from dalle_fast.ops import LinearPack  # noqa: E402
 from _util import machine, print_table, timeit, write_results  # noqa: E402
+import dalle_fast  # noqa: E402
+from dalle_fast.ops import LinearPack  # noqa: E402
 
 # (in_features, out_features) of a dim-256 model's decode step: qkv, out, MLP in/out (x4), GEGLU in
 # (x8), the head's 8192 image columns

@@ -16,13 +16,10 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+# _util first: it makes the installed dalle_fast importable, else this checkout's
 sys.path.insert(0, HERE)
-try:  # the installed package, else a checkout with an in-place build
-    import dalle_fast  # noqa: E402
-except ImportError:
-    sys.path.insert(0, ROOT)
-    import dalle_fast  # noqa: E402
 from _util import check_cuda, machine, print_table, timeit, write_results  # noqa: E402
+import dalle_fast  # noqa: E402
 
 CONFIGS = {  # name -> (top_k, top_p)
     "topk256+topp0.95": (256, 0.95),

@@ -120,3 +120,16 @@ def test_native_decode_step_with_packs():
         ours, plain = _decode_logits(model, text, True), _decode_logits(model, text, False)
     assert model.packs is None
     assert max_err(ours, plain) <= 1e-5 * plain.abs().max().item()
+
+
+def test_pack_module_runs_sequentials_with_packed_linears():
+    from dalle_fast.ops import pack_module
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Linear(12, 40), torch.nn.GELU(), torch.nn.Dropout(0.0), torch.nn.Linear(40, 7))
+    x = torch.randn(5, 12)
+    packed = pack_module(net)
+    assert [type(p).__name__ for p in packed.parts] == ["LinearPack", "GELU", "Dropout", "LinearPack"]
+    assert max_err(packed(x), net(x)) <= 1e-5
+    assert isinstance(pack_module(net[0]), LinearPack)
+    with pytest.raises(ValueError, match="module must be an nn.Linear or nn.Sequential, got GELU"):
+        pack_module(torch.nn.GELU())

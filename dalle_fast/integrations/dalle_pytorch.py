@@ -80,7 +80,7 @@ from torch import nn
 from ..engine import Engine, KVCache, SampleOptions, resolve_compile
 from ..masks import Layout
 from ..nn.functional import vocab_slice_cross_entropy
-from ..ops import LinearPack, check_error_flags, sample, sparse_attention
+from ..ops import LinearPack, check_error_flags, pack_module, sample, sparse_attention
 
 __all__ = ["DallePytorchAttention", "generate", "generate_images", "import_dalle_pytorch", "is_patched", "layouts",
            "patch", "unpatch"]
@@ -157,20 +157,6 @@ def _merge(core: nn.Module, out: torch.Tensor, to_out=None) -> torch.Tensor:
     heads concatenated, ``(B, n, dim)``."""
     b, h, n, d = out.shape
     return (core.to_out if to_out is None else to_out)(out.transpose(1, 2).reshape(b, n, h * d))
-
-
-class _Packed:
-    """A decode step's ``nn.Linear``, or ``nn.Sequential`` of them and parameter-free modules (dropout,
-    GEGLU), run with each linear layer's weight packed (:class:`dalle_fast.ops.LinearPack`)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        parts = list(module) if isinstance(module, nn.Sequential) else [module]
-        self.parts = [LinearPack.of(m) if isinstance(m, nn.Linear) else m for m in parts]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        for part in self.parts:
-            x = part(x)
-        return x
 
 
 class DallePytorchAttention(nn.Module):
@@ -502,7 +488,7 @@ class _StepModel:
 
             def pack(module):
                 if id(module) not in made:
-                    made[id(module)] = _Packed(module)
+                    made[id(module)] = pack_module(module)
                 return made[id(module)]
 
             self.packs = ([(pack(layer.attn.core.to_qkv), pack(layer.attn.core.to_out), pack(layer.ff.core.net))

@@ -40,7 +40,7 @@ from torch import nn
 from ..engine import KVCache
 from ..masks import KINDS, Layout, _int_at_least, _positive_int, paper_schedule
 from ..nn.attention import SparseAttention
-from ..ops import LinearPack
+from ..ops import LinearPack, pack_module
 from ..nn.functional import vocab_slice_cross_entropy
 
 
@@ -191,19 +191,18 @@ class Block(nn.Module):
         return self.attn.layout
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None,
-                index: int | None = None, packs: Sequence[LinearPack] | None = None) -> torch.Tensor:
+                index: int | None = None, packs: Sequence | None = None) -> torch.Tensor:
         """``cache``/``pos``/``index``: as :meth:`dalle_fast.nn.SparseAttention.forward` (generation);
         ``packs``: :meth:`step_packs` for a decode step, or None."""
         if packs is None:
             x = x + self.attn(self.norm1(x), cache, pos, index)
             return x + self.mlp(self.norm2(x))
         x = x + self.attn(self.norm1(x), cache, pos, index, packs[:2])
-        return x + packs[3](self.mlp[1](packs[2](self.norm2(x))))
+        return x + packs[2](self.norm2(x))
 
-    def step_packs(self) -> tuple[LinearPack, ...]:
-        """The block's linear layers packed for a decode step: to_qkv, to_out, mlp in, mlp out."""
-        return (LinearPack.of(self.attn.to_qkv), LinearPack.of(self.attn.to_out), LinearPack.of(self.mlp[0]),
-                LinearPack.of(self.mlp[2]))
+    def step_packs(self) -> tuple:
+        """The block's to_qkv, to_out and mlp with their linear layers packed for a decode step."""
+        return pack_module(self.attn.to_qkv), pack_module(self.attn.to_out), pack_module(self.mlp)
 
 
 class DALLE(nn.Module):

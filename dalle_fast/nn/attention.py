@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..masks import Layout, _positive_int
-from ..ops import LinearPack, sparse_attention
+from ..ops import sparse_attention
 
 
 class SparseAttention(nn.Module):
@@ -40,7 +40,7 @@ class SparseAttention(nn.Module):
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=bias)
         self.to_out = nn.Linear(heads * dim_head, dim, bias=bias)
 
-    def qkv(self, x: torch.Tensor, proj: Optional[LinearPack] = None):
+    def qkv(self, x: torch.Tensor, proj=None):
         """Projects ``x (B, N, dim)`` to q, k, v, each ``(B, heads, N, dim_head)`` (with ``proj``, the
         packed ``to_qkv`` of a decode step)."""
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.to_qkv.in_features:
@@ -51,11 +51,11 @@ class SparseAttention(nn.Module):
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
     def forward(self, x: torch.Tensor, cache=None, pos: Optional[torch.Tensor] = None,
-                index: Optional[int] = None, packs: Optional[tuple[LinearPack, LinearPack]] = None) -> torch.Tensor:
+                index: Optional[int] = None, packs=None) -> torch.Tensor:
         """``x (B, N, dim)``. With a :class:`dalle_fast.engine.KVCache` ``cache`` (generation): ``pos``
         None is the prefill of the prompts' text, else one token per row at position ``pos`` (0-dim
         int64 device tensor; ``index`` is the same position on the host). ``packs``: ``to_qkv`` and
-        ``to_out`` packed for a decode step (:class:`dalle_fast.ops.LinearPack`), or None."""
+        ``to_out`` packed for a decode step (:func:`dalle_fast.ops.pack_module`), or None."""
         q, k, v = self.qkv(x, None if packs is None else packs[0])
         if cache is None:
             out = sparse_attention(q, k, v, self.layout, backend=self.backend)

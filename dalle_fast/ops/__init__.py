@@ -13,9 +13,9 @@ from ._triton import kernels as triton_kernels
 from ._triton import triton_available
 from .attention import computed_pairs, sparse_attention
 from .decode import decode_attention
-from .linear import LinearPack
+from .linear import LinearPack, pack_module
 from .sampling import check_error_flags, sample  # noqa: F401
 
-__all__ = ["sparse_attention", "decode_attention", "sample", "LinearPack", "BACKENDS", "resolve_backend",
-           "computed_pairs",
+__all__ = ["sparse_attention", "decode_attention", "sample", "LinearPack", "pack_module", "BACKENDS",
+           "resolve_backend", "computed_pairs",
            "CPU_MAX_HEAD_DIM", "CUDA_HEAD_DIMS", "TRITON_HEAD_DIMS", "triton_available", "triton_kernels"]

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["LinearPack"]
+__all__ = ["LinearPack", "pack_module"]
 
 PANEL = 16  # columns per panel (csrc/cpu/linear.h)
 
@@ -55,3 +55,23 @@ class LinearPack:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.dalle_fast.packed_linear(x, self.packed, self.bias, self.out_features)
+
+
+class _PackedModule:
+    def __init__(self, parts) -> None:
+        self.parts = parts
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        for part in self.parts:
+            x = part(x)
+        return x
+
+
+def pack_module(module: nn.Module):
+    """An ``nn.Linear``, or an ``nn.Sequential`` of them and parameter-free modules (activations,
+    dropout, GEGLU), as a callable that runs it with each linear layer packed (:class:`LinearPack`)."""
+    if isinstance(module, nn.Linear):
+        return LinearPack.of(module)
+    if not isinstance(module, nn.Sequential):
+        raise ValueError(f"module must be an nn.Linear or nn.Sequential, got {type(module).__name__}")
+    return _PackedModule([LinearPack.of(m) if isinstance(m, nn.Linear) else m for m in module])
