@@ -99,7 +99,7 @@ def _decode_logits(model, text, packed: bool):
     """Image logits of the prefill and three decode steps, the steps with or without packs."""
     rows = 3
     model.setup_caches(torch.zeros(rows, dtype=torch.int64))
-    assert (model.packs is not None) == LinearPack.serves(torch.device("cpu"), torch.float32)
+    assert model.packs is not None
     if not packed:
         model.packs = None
     out = [model.prefill(text).expand(rows, -1)]
@@ -113,6 +113,8 @@ def _decode_logits(model, text, packed: bool):
 
 def test_native_decode_step_with_packs():
     from dalle_fast.models.dalle import DALLE, DALLEConfig
+    if not LinearPack.serves(torch.device("cpu"), torch.float32):
+        pytest.skip("the decode step packs its linear layers with the AVX2 / AVX-512 kernels only")
     torch.manual_seed(0)
     model = DALLE(DALLEConfig.preset("tiny")).eval()
     text = torch.randint(0, model.config.text_vocab, (1, model.config.text_len - 1))
