@@ -78,6 +78,53 @@ def timeit(fn, device: str, min_time: float = 0.2, reps: int = 5) -> float:
     return statistics.median(times)
 
 
+#: calls captured in one CUDA graph: enough that one replay lasts about GRAPH_REPLAY_MS (judged by the
+#: through-the-op time, which is at least the kernel time), at most GRAPH_MAX_CALLS
+GRAPH_REPLAY_MS, GRAPH_MAX_CALLS, GRAPH_DEFAULT_CALLS = 2.0, 64, 8
+
+
+def graph_time_ms(fn, repeats: int, op_ms: float | None = None, setup=None) -> float:
+    """Kernel-only ms per call of ``fn`` on CUDA: a number of calls captured in one CUDA graph (no
+    host work remains: the launches were recorded at capture), each of ``repeats`` replays timed
+    with CUDA events, the median replay divided by the calls (as ``triton.testing.do_bench_cudagraph``).
+    The calls run back to back as in the through-the-op timing, so what the previous call left in L2
+    is there for the next; gaps between the kernels of a replay are counted. ``setup`` (a backward's
+    retained forward) runs on the capture stream first and on the default stream afterwards. Raises
+    where ``fn`` cannot be captured (a host synchronisation inside, an unsupported library call)."""
+    calls = (max(1, min(GRAPH_MAX_CALLS, math.ceil(GRAPH_REPLAY_MS / op_ms))) if op_ms
+             else GRAPH_DEFAULT_CALLS)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(stream):
+            if setup is not None:  # bwd: the retained forward on the capture stream
+                setup()
+            for _ in range(2):  # warm up on the capture stream (lazily created per-stream state)
+                fn()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(calls):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(repeats)]
+        for start, end in events:
+            start.record()
+            graph.replay()
+            end.record()
+        torch.cuda.synchronize()
+        return statistics.median(start.elapsed_time(end) for start, end in events) / calls
+    finally:
+        del graph
+        if setup is not None:  # the retained forward back on the default stream
+            try:
+                setup()
+            except Exception:  # noqa: BLE001 - the caller reports the failure that led here
+                pass
+
+
 def print_table(rows, columns):
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 # _util first: it makes the installed dalle_fast importable, else this checkout's
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import check_at_least, check_cuda, comma_list, cpu_isas  # noqa: E402
+from _util import GRAPH_REPLAY_MS, check_at_least, check_cuda, comma_list, cpu_isas, graph_time_ms  # noqa: E402,F401
 import dalle_fast  # noqa: E402
 from dalle_fast import Layout  # noqa: E402
 from dalle_fast.ops import computed_pairs  # noqa: E402
@@ -344,53 +344,8 @@ def time_cases(cases, device, warmup, repeats, failed=None):
 
 
 # ------------------------------------------------------------------------------------ kernel-only time
-#: calls captured in one CUDA graph: enough that one replay lasts about GRAPH_REPLAY_MS (judged by the
-#: through-the-op time, which is at least the kernel time), at most GRAPH_MAX_CALLS
-GRAPH_REPLAY_MS, GRAPH_MAX_CALLS, GRAPH_DEFAULT_CALLS = 2.0, 64, 8
 #: calls recorded by the profiler for a kernel time or a per-kernel split
 PROFILE_CALLS = 10
-
-
-def graph_time_ms(case, repeats: int, op_ms: Optional[float] = None) -> float:
-    """Kernel-only ms per call of ``case`` on CUDA: a number of calls captured in one CUDA graph (no
-    host work remains: the launches were recorded at capture), each of ``repeats`` replays timed
-    with CUDA events, the median replay divided by the calls (as ``triton.testing.do_bench_cudagraph``).
-    The calls run back to back as in the through-the-op timing, so what the previous call left in L2
-    is there for the next; gaps between the kernels of a replay are counted. Raises where the case
-    cannot be captured (a host synchronisation inside, an unsupported library call)."""
-    fn, setup = case[0], (case[2] if len(case) > 2 else None)
-    calls = (max(1, min(GRAPH_MAX_CALLS, math.ceil(GRAPH_REPLAY_MS / op_ms))) if op_ms
-             else GRAPH_DEFAULT_CALLS)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.stream(stream):
-            if setup is not None:  # bwd: the retained forward on the capture stream
-                setup()
-            for _ in range(2):  # warm up on the capture stream (lazily created per-stream state)
-                fn()
-        torch.cuda.synchronize()
-        with torch.cuda.graph(graph, stream=stream):
-            for _ in range(calls):
-                fn()
-        graph.replay()
-        torch.cuda.synchronize()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(repeats)]
-        for start, end in events:
-            start.record()
-            graph.replay()
-            end.record()
-        torch.cuda.synchronize()
-        return statistics.median(start.elapsed_time(end) for start, end in events) / calls
-    finally:
-        del graph
-        if setup is not None:  # the retained forward back on the default stream
-            try:
-                setup()
-            except Exception:  # noqa: BLE001 - the caller reports the failure that led here
-                pass
 
 
 def gpu_event_times(events, calls: int) -> dict:
@@ -437,7 +392,7 @@ def time_kernels(cases, op_ms, repeats: int, split=()):
         r = dict(kernel_ms=None, kernel_method=None, kernel_split=None)
         times = None
         try:
-            r["kernel_ms"] = graph_time_ms(case, repeats, op_ms.get(name))
+            r["kernel_ms"] = graph_time_ms(case.fn, repeats, op_ms.get(name), setup=case.setup)
             r["kernel_method"] = "cuda graph"
         except Exception as e:  # noqa: BLE001 - any failure to capture falls back to the profiler
             why = _why(e)

@@ -327,7 +327,7 @@ def test_graph_time_ms_replays_a_captured_graph(monkeypatch):
         monkeypatch.setattr(torch.cuda, name, obj)
     case = bench.Case(lambda: log.append(("fn", state["stream"], state["capturing"])), 1,
                       lambda: log.append(("setup", state["stream"], state["capturing"])))
-    ms = bench.graph_time_ms(case, repeats=5, op_ms=0.25)
+    ms = bench.graph_time_ms(case.fn, repeats=5, op_ms=0.25, setup=case.setup)
     calls = math.ceil(bench.GRAPH_REPLAY_MS / 0.25)
     assert ms == pytest.approx(0.03 + 0.01 / calls)
     assert log == ([("setup", "side", False)] + [("fn", "side", False)] * 2 + [("fn", "side", True)] * calls
@@ -339,8 +339,39 @@ def test_graph_time_ms_replays_a_captured_graph(monkeypatch):
         if state["capturing"]:
             raise RuntimeError("operation not permitted when stream is capturing")
     with pytest.raises(RuntimeError, match="capturing"):
-        bench.graph_time_ms(bench.Case(fails, 1, lambda: log.append(state["stream"])), repeats=3)
+        bench.graph_time_ms(fails, repeats=3, setup=lambda: log.append(state["stream"]))
     assert log == ["side", "default"]
+
+
+def test_decode_kernel_columns(monkeypatch):
+    """bench/decode.py's kernel-only columns: us from the CUDA-graph time sized by the op's time,
+    GB/s and % of HBM from the bytes; a case that cannot be captured gets None (and a message)
+    instead of ending the run; the data sheet's bandwidth is found by the card's name."""
+    spec = importlib.util.spec_from_file_location("bench_decode", BENCH / "decode.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    seen = []
+
+    def graph(fn, repeats, op_ms=None, setup=None):
+        seen.append((fn.__name__, op_ms))
+        if fn.__name__ == "sdpa":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return 0.02  # ms
+
+    def case(name):
+        def fn():
+            pass
+        fn.__name__ = name
+        return fn
+
+    monkeypatch.setattr(bench, "graph_time_ms", graph)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    cols = bench.kernel_times(dict(ours=(case("ours"), 40e-6, 60_000_000), sdpa=(case("sdpa"), 90e-6, None)), 4.0)
+    assert seen == [("ours", pytest.approx(0.04)), ("sdpa", pytest.approx(0.09))]
+    assert cols == dict(ours_kernel_us=20.0, ours_kernel_GBps=3000.0, ours_hbm_pct=75.0, sdpa_kernel_us=None)
+    assert "ours_hbm_pct" not in bench.kernel_times(dict(ours=(case("ours"), 40e-6, 1000)), None)
+    assert bench.hbm_tbs("NVIDIA H200") == 4.8 and bench.hbm_tbs("NVIDIA H100 80GB HBM3") == 3.35
+    assert bench.hbm_tbs("NVIDIA GeForce RTX 4090") is None
 
 
 def test_time_kernels_method_per_provider(monkeypatch):
@@ -349,8 +380,8 @@ def test_time_kernels_method_per_provider(monkeypatch):
     the names asked (the dalle_fast rows)."""
     bench = _bench_attention()
 
-    def graph(case, repeats, op_ms=None):
-        if case.fn.__name__ in ("flex", "broken"):
+    def graph(fn, repeats, op_ms=None, setup=None):
+        if fn.__name__ in ("flex", "broken"):
             raise RuntimeError("operation not permitted when stream is capturing")
         return 0.04
 
@@ -558,6 +589,7 @@ _BAD_ARGS = [  # (script, flag named in the error, the bad arguments)
     pytest.param("kernel_resources.py", "--head-dims", ["--head-dims", "48"], marks=_TRITON),
     ("decode.py", "--candidates", ["--candidates", "0"]),
     ("decode.py", "--heads", ["--heads", "-2"]),
+    ("decode.py", "--hbm-tbs", ["--hbm-tbs", "0"]),
     pytest.param("decode.py", "--device cuda", ["--device", "cuda"], marks=_NO_CUDA),
     pytest.param("sampling.py", "--device cuda", ["--device", "cuda"], marks=_NO_CUDA),
     ("generate.py", "--sample-steps", ["--modes", "none", "--sample-steps", "0"]),
