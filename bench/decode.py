@@ -69,6 +69,23 @@ def kernel_times(cases, peak_tbs):
     return out
 
 
+def hbm_lines(rows):
+    """One line per kind for the largest batch at the last position: the kernel-only time and share
+    of HBM bandwidth of the plain and the shared-text call (rows without kernel columns: none)."""
+    timed = [r for r in rows if r.get("ours_kernel_us") is not None]
+    if not timed:
+        return []
+    B, last = max(r["batch"] for r in timed), max(r["pos"] for r in timed)
+    lines = []
+    for r in timed:
+        if r["batch"] == B and r["pos"] == last:
+            parts = [f"{name} {r[f'{name}_kernel_us']} us, {r[f'{name}_kernel_GBps']} GB/s"
+                     + (f" = {r[f'{name}_hbm_pct']}% of HBM" if r.get(f"{name}_hbm_pct") is not None else "")
+                     for name in ("ours", "shared") if r.get(f"{name}_kernel_us") is not None]
+            lines.append(f"decode attention kernel, B={B}, {r['kind']} at position {last}: " + "; ".join(parts))
+    return lines
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -151,6 +168,8 @@ def main(argv=None):
     print(f"H={H} D={D} T={T} S={S}; shared = best-of-{args.candidates} rows sharing the text caches"
           + (f"; *_kernel_*: CUDA-graph replays, *_hbm_pct of {peak} TB/s" if dev == "cuda" else ""))
     print_table(rows, list(rows[0].keys()))
+    for line in hbm_lines(rows):
+        print(line)
     write_results(args.out, "decode", rows, {"machine": machine(dev), "device": dev, "quick": args.quick,
                                              "heads": H, "head_dim": D, "text_len": T, "image_size": S,
                                              "hbm_tbs": peak})

@@ -203,6 +203,7 @@ for name in decide_kernels bench_attention; do
   }
 done
 [[ -f "$OUT/bench_host_overhead.log" ]] && { echo "--- host overhead"; tail -n 11 "$OUT/bench_host_overhead.log"; }
+grep -hE "^decode attention kernel|with CUDA graph vs without" "$OUT/bench_decode.log" "$OUT/bench_generate.log" 2>/dev/null
 [[ -f "$OUT/decide_l2.log" ]] && { echo "--- read bandwidth (GB/s)"; grep -v '^# wrote' "$OUT/decide_l2.log" | tail -n 12; }
 echo
 echo "dalle_fast GPU check: $(date -u +%Y-%m-%dT%H:%MZ), total $(($(date +%s) - T0))s, outputs in $OUT"

@@ -63,15 +63,13 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_new, c
   const int64_t max_keys = max_decode_keys(L);
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int splits = cuda::decode_num_splits(info.B * info.H, max_keys, sms);
-  // launch limits of the grid (rows, key splits, heads) (decode_attention.cu): gridDim.x <= 2^31 - 1,
-  // y and z <= 65535; the combine kernel's grid is batch * heads blocks
+  // launch limits of the grid (rows, key splits <= 64, heads) (decode_attention.cu): gridDim.x <= 2^31 - 1,
+  // z <= 65535; the combine kernel's grid is batch * heads blocks
   TORCH_CHECK_VALUE(info.H <= 65535, "dalle_fast.decode_attention (cuda): q must have at most 65535 heads, got ", info.H,
                     " (use the cpu backend)");
   TORCH_CHECK_VALUE(info.B * info.H <= std::numeric_limits<int32_t>::max(),
                     "dalle_fast.decode_attention (cuda): batch * heads must be at most 2^31 - 1, got ", info.B, " * ",
                     info.H);
-  TORCH_CHECK_VALUE(splits <= 65535, "dalle_fast.decode_attention (cuda): the layout's longest key list (", max_keys,
-                    " keys) needs ", splits, " key splits, more than the 65535 a launch can hold");
   at::Tensor part_o, part_lse;
   if (splits > 1) {
     part_o = at::empty({info.B, info.H, splits, info.D}, q.options().dtype(at::kFloat));
@@ -115,7 +113,6 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_new, c
   p.part_o = splits > 1 ? part_o.data_ptr<float>() : nullptr;
   p.part_lse = splits > 1 ? part_lse.data_ptr<float>() : nullptr;
   p.num_splits = splits;
-  p.keys_per_split = static_cast<int>((max_keys + splits - 1) / splits);
   cuda::launch_decode_attention(p, at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

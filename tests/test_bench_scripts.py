@@ -372,6 +372,13 @@ def test_decode_kernel_columns(monkeypatch):
     assert "ours_hbm_pct" not in bench.kernel_times(dict(ours=(case("ours"), 40e-6, 1000)), None)
     assert bench.hbm_tbs("NVIDIA H200") == 4.8 and bench.hbm_tbs("NVIDIA H100 80GB HBM3") == 3.35
     assert bench.hbm_tbs("NVIDIA GeForce RTX 4090") is None
+    rows = [dict(kind=k, batch=b, pos=p, ours_kernel_us=20.0, ours_kernel_GBps=3000.0, ours_hbm_pct=62.5,
+                 shared_kernel_us=None, shared_kernel_GBps=None) for k in ("row", "col") for b in (1, 64)
+            for p in (256, 1279)]
+    assert bench.hbm_lines(rows) == [
+        "decode attention kernel, B=64, row at position 1279: ours 20.0 us, 3000.0 GB/s = 62.5% of HBM",
+        "decode attention kernel, B=64, col at position 1279: ours 20.0 us, 3000.0 GB/s = 62.5% of HBM"]
+    assert bench.hbm_lines([dict(kind="row", batch=16, pos=3, ours_us=1.0)]) == []
 
 
 def test_time_kernels_method_per_provider(monkeypatch):

@@ -93,6 +93,58 @@ DF_HOST_DEVICE DecodeKeys decode_keys(const LayoutParams& L, int64_t pos) {
   return d;
 }
 
+// Unsigned 32-bit division by a divisor fixed at construction (1 <= d < 2^31), for dividends
+// n < 2^31: one high multiply, an add and a shift (Granlund-Montgomery, round-up variant) instead of
+// a 64-bit division routine per key in the decode kernel's inner loop.
+struct FastDivU32 {
+  uint32_t d, mul, shift;
+
+  DF_HOST_DEVICE explicit FastDivU32(uint32_t divisor) : d(divisor), mul(0), shift(0) {
+    while ((uint64_t(1) << shift) < divisor) ++shift;  // ceil(log2(d))
+    mul = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << shift) - divisor)) / divisor + 1);
+  }
+  DF_HOST_DEVICE uint32_t div(uint32_t n) const {
+#if defined(__CUDA_ARCH__)
+    const uint32_t t = __umulhi(n, mul);
+#else
+    const uint32_t t = static_cast<uint32_t>((uint64_t(n) * mul) >> 32);
+#endif
+    return (t + n) >> shift;  // t <= n < 2^31: no overflow
+  }
+};
+
+// DecodeKeys::position with 32-bit index math (positions are below 2^31: layout_checks.h), for the
+// inner loop of a kernel that computes one key's position per load.
+struct FastDecodeKeys {
+  DecodeKeys k;
+  FastDivU32 width;
+
+  DF_HOST_DEVICE explicit FastDecodeKeys(const DecodeKeys& keys)
+      : k(keys), width(static_cast<uint32_t>(keys.width)) {}
+  DF_HOST_DEVICE int64_t position(int64_t j) const {
+    if (j < k.n_text) return j;
+    const uint32_t i = static_cast<uint32_t>(j - k.n_text);
+    const uint32_t r = width.div(i), c = i - r * width.d;
+    return k.text_len + k.base + static_cast<int64_t>(r) * k.row_stride + static_cast<int64_t>(c) * k.col_stride;
+  }
+};
+
+// Key range [begin, end) that split `split` of a launch with `num_splits` splits (flash-decoding)
+// takes from a query's list of n keys. The plan is chosen per query, from its own n: it uses
+// e = min(num_splits, ceil(n / min_keys)) splits of n / e keys each (sizes differ by at most one),
+// and splits >= e are empty. A launch sizes num_splits for the layout's longest list, so a query
+// with a shorter one (an early position of `full`, a top row of `col`) still spreads its keys
+// evenly over its blocks instead of leaving most of them empty and one doing a full share.
+struct KeyRange {
+  int64_t begin, end;
+};
+
+DF_HOST_DEVICE KeyRange decode_split(int64_t n, int64_t num_splits, int64_t split, int64_t min_keys) {
+  const int64_t used = df_max64(1, df_min64(num_splits, (n + min_keys - 1) / min_keys));
+  if (split >= used) return KeyRange{n, n};
+  return KeyRange{split * n / used, (split + 1) * n / used};
+}
+
 // Upper bound of decode_keys(L, pos).total() over all positions of the layout (exact maximum for
 // every kind); sizes split-K work partitions on the host without knowing the device-side pos.
 inline int64_t max_decode_keys(const LayoutParams& L) {

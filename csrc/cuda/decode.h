@@ -37,11 +37,11 @@ struct DecodeParams {
   void* out;                          // (B, H, D) contiguous, q's dtype
   float* part_o;                      // (B, H, num_splits, D) when num_splits > 1
   float* part_lse;                    // (B, H, num_splits), log2 units
-  int num_splits;
-  int keys_per_split;
+  int num_splits;                     // splits of the launch; each query uses as many as its list needs
 };
 
-// Number of key splits for a launch (flash-decoding): enough blocks to fill `sm_count` SMs.
+// Number of key splits for a launch (flash-decoding): enough blocks to fill `sm_count` SMs, for the
+// layout's longest key list (a query with a shorter list uses fewer: decode_split).
 int decode_num_splits(int64_t batch_heads, int64_t max_keys, int sm_count);
 
 void launch_decode_attention(const DecodeParams& p, cudaStream_t stream);

@@ -1,13 +1,15 @@
 // CUDA decode attention (flash-decoding over the allowed keys only).
 //
 // decode_kernel: grid (B, splits, H), blockIdx.x = row fastest so the candidates of one prompt
-// (adjacent rows) read the same shared text keys back to back from L2. Each block takes the
-// contiguous range [split * keys_per_split, ...) of the query's key list (decode_index.h, O(1)
-// per key), loads every key / value row once with 16-byte vector loads (TPK threads per row,
-// coalesced), keeps the log2-domain scores of its range in shared memory (two passes: K then V),
-// and writes either the final output (one split) or a partial (o, lse) pair. The new key/value
-// is written to the cache by split 0 and read from k_new / v_new by whichever block owns the
-// query's own key (the last one), so there is no read-after-write race between blocks.
+// (adjacent rows) read the same shared text keys back to back from L2. Each block takes a
+// contiguous range of the query's key list (decode_index.h: keys in O(1) each; the range from
+// decode_split, sized by the query's own list, so every split the query uses gets an equal share)
+// and makes one pass over it: each group of TPK threads loads the K and V rows of DECODE_UNROLL
+// keys at once with 16-byte vector loads (coalesced) and folds them into a running online softmax
+// (log2 domain) in registers; the groups merge through shared memory at the end. The block writes
+// either the final output (one split) or a partial (o, lse) pair. The new key/value is written to
+// the cache by split 0 and read from k_new / v_new by whichever block owns the query's own key (the
+// last one), so there is no read-after-write race between blocks.
 // Traffic: the allowed K and V rows once each, q / k_new / v_new once, partials 4 * (D + 1) bytes
 // per split. decode_combine_kernel: one block per (row, head) merges the splits' partials.
 #include <cuda_bf16.h>
@@ -23,10 +25,9 @@ namespace cuda {
 namespace {
 
 constexpr int DECODE_THREADS = 128;
-constexpr int DECODE_UNROLL = 4;          // key rows in flight per thread group and pass
+constexpr int DECODE_UNROLL = 4;          // keys (K and V rows) in flight per thread group
 constexpr int MIN_KEYS_PER_SPLIT = 64;
 constexpr int MAX_SPLITS = 64;
-constexpr int MAX_KEYS_PER_SPLIT = 8192;  // 32 KiB of scores in shared memory
 constexpr float LOG2E = 1.4426950408889634f;
 
 template <typename T>
@@ -76,31 +77,15 @@ struct Vec<__half> {
   __device__ __forceinline__ static void store(__half* p, float x) { *p = __float2half_rn(x); }
 };
 
-__device__ __forceinline__ float block_reduce(float v, bool is_max, float* red) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float w = __shfl_xor_sync(0xffffffffu, v, o);
-    v = is_max ? fmaxf(v, w) : v + w;
-  }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  v = red[0];
-  for (int i = 1; i < DECODE_THREADS / 32; ++i) v = is_max ? fmaxf(v, red[i]) : v + red[i];
-  return v;
-}
-
 template <typename T, int D>
 __global__ void __launch_bounds__(DECODE_THREADS) decode_kernel(const DecodeParams p) {
   using V = Vec<T>;
   constexpr int VEC = V::N;
   constexpr int TPK = D / VEC;                 // threads per key row (4..32, a power of two)
-  constexpr int KPI = DECODE_THREADS / TPK;    // key rows per block iteration
+  constexpr int KPI = DECODE_THREADS / TPK;    // thread groups = key rows per block iteration
   constexpr int STEP = KPI * DECODE_UNROLL;
-  extern __shared__ float scores[];
   __shared__ float red_acc[KPI][D];
-  __shared__ float red[32];
+  __shared__ float red_m[KPI], red_l[KPI];
 
   const int b = blockIdx.x, split = blockIdx.y, h = blockIdx.z;
   const int tid = threadIdx.x, g = tid / TPK, lane = tid % TPK;
@@ -120,10 +105,10 @@ __global__ void __launch_bounds__(DECODE_THREADS) decode_kernel(const DecodePara
     if (p.num_splits > 1 && tid == 0) p.part_lse[row * p.num_splits + split] = 0.f;
     return;
   }
-  const DecodeKeys dk = decode_keys(L, pos);
-  const int64_t n = dk.total();
-  const int64_t j0 = static_cast<int64_t>(split) * p.keys_per_split;
-  const int64_t j1 = min(n, j0 + p.keys_per_split);
+  const FastDecodeKeys dk(decode_keys(L, pos));
+  const int64_t n = dk.k.total();
+  const KeyRange range = decode_split(n, p.num_splits, split, MIN_KEYS_PER_SPLIT);
+  const int64_t j0 = range.begin, j1 = range.end;
   T* kc = static_cast<T*>(p.k_cache) + b * p.kc_s0 + h * p.kc_s1;
   T* vc = static_cast<T*>(p.v_cache) + b * p.vc_s0 + h * p.vc_s1;
   const T* kn = static_cast<const T*>(p.k_new) + row * D;
@@ -136,7 +121,7 @@ __global__ void __launch_bounds__(DECODE_THREADS) decode_kernel(const DecodePara
       reinterpret_cast<uint4*>(vc + slot * p.vc_s2)[tid - TPK] = reinterpret_cast<const uint4*>(vn)[tid - TPK];
     }
   }
-  if (j0 >= j1) {  // empty split (row at an earlier position than the layout's longest list)
+  if (j0 >= j1) {  // a split this query does not use (its key list is shorter than the layout's longest)
     for (int d = tid; d < D; d += DECODE_THREADS) p.part_o[(row * p.num_splits + split) * D + d] = 0.f;
     if (tid == 0) p.part_lse[row * p.num_splits + split] = -INFINITY;
     return;
@@ -147,12 +132,19 @@ __global__ void __launch_bounds__(DECODE_THREADS) decode_kernel(const DecodePara
     tk = static_cast<const T*>(p.text_k) + prompt * p.tk_s0 + h * p.tk_s1;
     tv = static_cast<const T*>(p.text_v) + prompt * p.tv_s0 + h * p.tv_s1;
   }
-  // row pointer of key j (K or V)
-  auto row_ptr = [&](int64_t j, bool value) -> const T* {
-    if (j == n - 1) return value ? vn : kn;  // the query's own key: not read back from the cache
-    if (j < dk.n_text && shared_text) return value ? tv + j * p.tv_s2 : tk + j * p.tk_s2;
-    const int64_t s = dk.position(j) - p.cache_offset;
-    return value ? vc + s * p.vc_s2 : kc + s * p.kc_s2;
+  // offsets (in elements) of key j's K and V rows from their bases (kn/vn, the text or the image cache)
+  auto key_rows = [&](int64_t j, const T*& kr, const T*& vr) {
+    if (j == n - 1) {  // the query's own key: not read back from the cache
+      kr = kn;
+      vr = vn;
+    } else if (j < dk.k.n_text && shared_text) {
+      kr = tk + j * p.tk_s2;
+      vr = tv + j * p.tv_s2;
+    } else {
+      const int64_t s = dk.position(j) - p.cache_offset;
+      kr = kc + s * p.kc_s2;
+      vr = vc + s * p.vc_s2;
+    }
   };
 
   float qf[VEC];
@@ -163,75 +155,88 @@ __global__ void __launch_bounds__(DECODE_THREADS) decode_kernel(const DecodePara
 #pragma unroll
     for (int e = 0; e < VEC; ++e) qf[e] *= qs;
   }
-  // pass 1: scores of keys [j0, j1)
-  for (int64_t base = j0; base < j1; base += STEP) {
-    uint4 raw[DECODE_UNROLL];
-#pragma unroll
-    for (int u = 0; u < DECODE_UNROLL; ++u) {
-      const int64_t j = base + u * KPI + g;
-      raw[u] = j < j1 ? reinterpret_cast<const uint4*>(row_ptr(j, false))[lane] : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int u = 0; u < DECODE_UNROLL; ++u) {
-      float kf[VEC];
-      V::to_float(raw[u], kf);
-      float s = 0.f;
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) s = fmaf(qf[e], kf[e], s);
-#pragma unroll
-      for (int o = TPK / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-      const int64_t j = base + u * KPI + g;
-      if (lane == 0 && j < j1) scores[j - j0] = s;
-    }
-  }
-  __syncthreads();
-  const int cnt = static_cast<int>(j1 - j0);
-  float m = -INFINITY;
-  for (int i = tid; i < cnt; i += DECODE_THREADS) m = fmaxf(m, scores[i]);
-  m = block_reduce(m, true, red);
-  float l = 0.f;
-  for (int i = tid; i < cnt; i += DECODE_THREADS) {
-    const float e = exp2f(scores[i] - m);
-    scores[i] = e;
-    l += e;
-  }
-  l = block_reduce(l, false, red);  // its leading __syncthreads also publishes scores[]
-  // pass 2: weighted values
-  float acc[VEC];
+  // One pass over keys [j0, j1): group g takes keys j0 + g, j0 + g + KPI, ...; the K and V rows of
+  // DECODE_UNROLL keys are loaded together, then folded into the group's running (m, l, acc) in the
+  // log2 domain (online softmax). The loop bounds are the same for every thread, so the shuffles
+  // below always have the whole warp.
+  float m = -INFINITY, l = 0.f, acc[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) acc[e] = 0.f;
   for (int64_t base = j0; base < j1; base += STEP) {
-    uint4 raw[DECODE_UNROLL];
+    uint4 kraw[DECODE_UNROLL], vraw[DECODE_UNROLL];
 #pragma unroll
     for (int u = 0; u < DECODE_UNROLL; ++u) {
       const int64_t j = base + u * KPI + g;
-      raw[u] = j < j1 ? reinterpret_cast<const uint4*>(row_ptr(j, true))[lane] : make_uint4(0, 0, 0, 0);
+      if (j < j1) {
+        const T* kr;
+        const T* vr;
+        key_rows(j, kr, vr);
+        kraw[u] = reinterpret_cast<const uint4*>(kr)[lane];
+        vraw[u] = reinterpret_cast<const uint4*>(vr)[lane];
+      } else {
+        kraw[u] = make_uint4(0, 0, 0, 0);
+        vraw[u] = make_uint4(0, 0, 0, 0);
+      }
     }
+    float s[DECODE_UNROLL];
+    float m_new = m;
 #pragma unroll
     for (int u = 0; u < DECODE_UNROLL; ++u) {
-      const int64_t j = base + u * KPI + g;
-      const float w = j < j1 ? scores[j - j0] : 0.f;
+      float kf[VEC];
+      V::to_float(kraw[u], kf);
+      float dot = 0.f;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) dot = fmaf(qf[e], kf[e], dot);
+#pragma unroll
+      for (int o = TPK / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+      s[u] = base + u * KPI + g < j1 ? dot : -INFINITY;
+      m_new = fmaxf(m_new, s[u]);
+    }
+    // a group with no key yet keeps m = -inf; exponentiate against 0 then, so nothing is NaN
+    const float m_ref = m_new == -INFINITY ? 0.f : m_new;
+    const float c = exp2f(m - m_ref);
+    l *= c;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[e] *= c;
+#pragma unroll
+    for (int u = 0; u < DECODE_UNROLL; ++u) {
+      const float w = exp2f(s[u] - m_ref);
       float vf[VEC];
-      V::to_float(raw[u], vf);
+      V::to_float(vraw[u], vf);
+      l += w;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) acc[e] = fmaf(w, vf[e], acc[e]);
     }
+    m = m_new;
   }
-#pragma unroll
-  for (int e = 0; e < VEC; ++e) red_acc[g][lane * VEC + e] = acc[e];
+  // merge the groups: M = max_g m_g (finite: group 0 holds key j0), each scaled by 2^(m_g - M)
+  if (lane == 0) {
+    red_m[g] = m;
+    red_l[g] = l;
+  }
   __syncthreads();
-  const float inv = 1.f / l;
-  for (int d = tid; d < D; d += DECODE_THREADS) {
-    float s = 0.f;
+  float M = red_m[0];
 #pragma unroll
-    for (int i = 0; i < KPI; ++i) s += red_acc[i][d];
+  for (int i = 1; i < KPI; ++i) M = fmaxf(M, red_m[i]);
+  const float c = exp2f(m - M);
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) red_acc[g][lane * VEC + e] = acc[e] * c;
+  __syncthreads();
+  float l_all = 0.f;
+#pragma unroll
+  for (int i = 0; i < KPI; ++i) l_all = fmaf(red_l[i], exp2f(red_m[i] - M), l_all);
+  const float inv = 1.f / l_all;
+  for (int d = tid; d < D; d += DECODE_THREADS) {
+    float o = 0.f;
+#pragma unroll
+    for (int i = 0; i < KPI; ++i) o += red_acc[i][d];
     if (p.num_splits == 1) {
-      V::store(static_cast<T*>(p.out) + row * D + d, s * inv);
+      V::store(static_cast<T*>(p.out) + row * D + d, o * inv);
     } else {
-      p.part_o[(row * p.num_splits + split) * D + d] = s * inv;
+      p.part_o[(row * p.num_splits + split) * D + d] = o * inv;
     }
   }
-  if (p.num_splits > 1 && tid == 0) p.part_lse[row * p.num_splits + split] = m + log2f(l);
+  if (p.num_splits > 1 && tid == 0) p.part_lse[row * p.num_splits + split] = M + log2f(l_all);
 }
 
 // One block of D threads per (row, head): out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M).
@@ -256,8 +261,7 @@ __global__ void decode_combine_kernel(const DecodeParams p) {
 template <typename T, int D>
 void launch_typed(const DecodeParams& p, cudaStream_t stream) {
   const dim3 grid(p.batch, p.num_splits, p.heads);
-  const size_t smem = static_cast<size_t>(p.keys_per_split) * sizeof(float);
-  decode_kernel<T, D><<<grid, DECODE_THREADS, smem, stream>>>(p);
+  decode_kernel<T, D><<<grid, DECODE_THREADS, 0, stream>>>(p);
   if (p.num_splits > 1) {
     decode_combine_kernel<T, D><<<p.batch * p.heads, D, 0, stream>>>(p);
   }
@@ -280,7 +284,6 @@ int decode_num_splits(int64_t batch_heads, int64_t max_keys, int sm_count) {
   int64_t splits = (target_blocks + batch_heads - 1) / std::max<int64_t>(batch_heads, 1);
   splits = std::min<int64_t>(splits, (max_keys + MIN_KEYS_PER_SPLIT - 1) / MIN_KEYS_PER_SPLIT);
   splits = std::min<int64_t>(splits, MAX_SPLITS);
-  splits = std::max<int64_t>(splits, (max_keys + MAX_KEYS_PER_SPLIT - 1) / MAX_KEYS_PER_SPLIT);
   return static_cast<int>(std::max<int64_t>(splits, 1));
 }
 
