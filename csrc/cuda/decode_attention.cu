@@ -25,6 +25,7 @@ namespace cuda {
 namespace {
 
 constexpr int DECODE_THREADS = 128;
+constexpr int DECODE_BLOCKS_PER_SM = 8;   // resident blocks the launch plan counts on (<= 64 registers)
 constexpr int DECODE_UNROLL = 4;          // keys (K and V rows) in flight per thread group
 constexpr int MIN_KEYS_PER_SPLIT = 64;
 constexpr int MAX_SPLITS = 64;
@@ -78,7 +79,7 @@ struct Vec<__half> {
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(DECODE_THREADS) decode_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(DECODE_THREADS, DECODE_BLOCKS_PER_SM) decode_kernel(const DecodeParams p) {
   using V = Vec<T>;
   constexpr int VEC = V::N;
   constexpr int TPK = D / VEC;                 // threads per key row (4..32, a power of two)
@@ -280,7 +281,7 @@ void launch_dim(const DecodeParams& p, cudaStream_t stream) {
 }  // namespace
 
 int decode_num_splits(int64_t batch_heads, int64_t max_keys, int sm_count) {
-  const int64_t target_blocks = static_cast<int64_t>(sm_count) * 8;
+  const int64_t target_blocks = static_cast<int64_t>(sm_count) * DECODE_BLOCKS_PER_SM;
   int64_t splits = (target_blocks + batch_heads - 1) / std::max<int64_t>(batch_heads, 1);
   splits = std::min<int64_t>(splits, (max_keys + MIN_KEYS_PER_SPLIT - 1) / MIN_KEYS_PER_SPLIT);
   splits = std::min<int64_t>(splits, MAX_SPLITS);
