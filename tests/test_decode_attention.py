@@ -372,6 +372,26 @@ def test_cuda_split_k_many_rows_and_shared_text(B):
 
 
 @pytest.mark.gpu
+def test_cuda_split_plan_per_query():
+    """Each query spreads its own key list over the launch's splits (decode_split): one launch with a
+    row at every 3rd position of a 260-key `full` layout (1 to 260 keys, most rows using fewer splits
+    than the launch has), and single rows (the most splits) of a 1028-key one at list lengths around
+    the 64-key share."""
+    short, long = Layout("full", 4, 16), Layout("full", 4, 32)
+    H, D = 2, 32
+    cases = [(short, list(range(0, short.seq_len, 3)) + [short.seq_len - 1])]
+    cases += [(long, [p]) for p in (0, 3, 62, 63, 64, 127, 128, 129, 700, long.seq_len - 1)]
+    for layout, pos_list in cases:
+        pos = torch.tensor(pos_list)
+        q, k, v = problem(layout, len(pos_list), H, D, torch.float32, seed=12 + len(pos_list))
+        qs, ks, vs = step_inputs(q, k, v, pos)
+        kc, vc = caches_for(k, v, pos)
+        out = dalle_fast.decode_attention(qs.cuda(), ks.cuda(), vs.cuda(), kc.cuda(), vc.cuda(), pos.cuda(), layout)
+        ref_rows, terr = torch_error(q, k, v, layout, list(enumerate(pos_list)), torch.float32)
+        check_rows(out.cpu(), ref_rows, terr)
+
+
+@pytest.mark.gpu
 def test_cuda_bad_pos_gives_nan_without_sync():
     layout = Layout("row", 8, 4)
     q = torch.randn(2, 2, 1, 32, device="cuda")
