@@ -386,6 +386,23 @@ def original_codes(model, text, **kw):
     return seen[0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rot,dim_head", [(10, 16), (16, 16)])
+def test_decode_step_rotary_is_rotary_embedding_torchs_bit_for_bit(rot, dim_head, dtype):
+    """The decode step's rotary embedding (tables made once per generation) gives the same bits as
+    rotary_embedding_torch's apply_rotary_emb, which DALLE-pytorch calls, on q/k/v of a step."""
+    from rotary_embedding_torch import apply_rotary_emb
+
+    g = torch.Generator().manual_seed(3)
+    freqs = (torch.randn(1, 40, rot, generator=g) * 30).to(dtype)
+    qkv = torch.randn(3, 2, 4, 1, dim_head, generator=g).to(dtype)
+    cos, sin = dfp._rotary_tables(freqs)
+    for index in (0, 17, 39):
+        want = apply_rotary_emb(freqs[:, index:index + 1], qkv)
+        got = dfp._apply_rotary(qkv, cos[:, index:index + 1], sin[:, index:index + 1])
+        assert got.dtype == want.dtype == dtype and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("name", ["mix", "mix_stable_sandwich", "mix_no_shift", "optimize_for_inference",
                                   "shared_input_output_emb", "shared_layers", "shared_sparse_layers", "reversible"])
 def test_greedy_generation_equals_generate_images(name):

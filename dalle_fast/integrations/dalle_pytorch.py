@@ -140,16 +140,41 @@ def _package():
 # ---------------------------------------------------------------------------------------------
 # the attention stand-in
 # ---------------------------------------------------------------------------------------------
-def _project(core: nn.Module, x: torch.Tensor, freqs: Optional[torch.Tensor], to_qkv=None):
+def _project(core: nn.Module, x: torch.Tensor, freqs: Optional[torch.Tensor], to_qkv=None, rotary=None):
     """``x (B, n, dim)`` -> q, k, v ``(B, heads, n, dim_head)`` with DALLE-pytorch's rotary embedding
     ``freqs (1, n, rot)`` applied to all three (as its attention modules do). ``to_qkv``: the packed
-    ``core.to_qkv`` of a decode step, or None."""
+    ``core.to_qkv`` of a decode step, or None. ``rotary``: instead of ``freqs``, its ``(cos, sin)``
+    tables from :func:`_rotary_tables` at the step's position."""
     b, n, _ = x.shape
     qkv = (core.to_qkv if to_qkv is None else to_qkv)(x).view(b, n, 3, core.heads, -1).permute(2, 0, 3, 1, 4)
-    if freqs is not None:
+    if rotary is not None:
+        qkv = _apply_rotary(qkv, *rotary)
+    elif freqs is not None:
         from rotary_embedding_torch import apply_rotary_emb  # DALLE-pytorch's own dependency
         qkv = apply_rotary_emb(freqs, qkv)
     return qkv.unbind(0)
+
+
+def _rotary_tables(freqs: torch.Tensor):
+    """``freqs (1, N, rot)`` -> ``(cos, sin)`` tables for :func:`_apply_rotary`, the sine's even
+    features negated (rotate_half's sign), computed once per generation instead of per step."""
+    sign = torch.ones(freqs.shape[-1], dtype=freqs.dtype, device=freqs.device)
+    sign[0::2] = -1
+    return freqs.cos(), freqs.sin() * sign
+
+
+def _apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """rotary_embedding_torch's ``apply_rotary_emb(freqs, t)`` (start 0, scale 1) from the tables of
+    :func:`_rotary_tables`: ``t * cos + rotate_half(t) * sin`` on the first ``rot`` features, where
+    rotate_half maps the pairs ``(a, b)`` to ``(-b, a)``; the pair swap with the sign folded into
+    ``sin`` gives the same products, so the same bits, in about a third of the ops."""
+    rot = cos.shape[-1]
+    mid = t[..., :rot]
+    swapped = mid.unflatten(-1, (rot // 2, 2)).flip(-1).flatten(-2)
+    out = mid * cos + swapped * sin
+    if rot < t.shape[-1]:
+        out = torch.cat((out, t[..., rot:]), dim=-1)
+    return out.to(t.dtype)
 
 
 def _merge(core: nn.Module, out: torch.Tensor, to_out=None) -> torch.Tensor:
@@ -458,6 +483,7 @@ class _StepModel:
     def __init__(self, model, spec: _Spec):
         self.model, self.spec = model, spec
         self.freqs = model.transformer.pos_emb  # (1, T + S*S, rot) or None
+        self.rotary = None if self.freqs is None else _rotary_tables(self.freqs)
         p = next(model.parameters())
         dim = model.to_logits[0].normalized_shape[0]
         self.dim, self.device, self.dtype = dim, p.device, p.dtype
@@ -549,7 +575,7 @@ class _StepModel:
         if index is not None:
             m = index - T
             image_pos = None if self.image_pos is None else self.image_pos[:, m:m + 1]
-            freqs = None if self.freqs is None else self.freqs[:, index:index + 1]
+            rotary = None if self.rotary is None else tuple(r[:, index:index + 1] for r in self.rotary)
 
             def shift(i, j, h):  # image: a quarter from the token above, a quarter from the token to the left
                 hist = self.history[i][j]
@@ -560,7 +586,7 @@ class _StepModel:
         else:
             m = (pos - T).reshape(1)  # (1,) int64 on the device
             image_pos = None if self.image_pos is None else self.image_pos.index_select(1, m)
-            freqs = None if self.freqs is None else self.freqs.index_select(1, pos.reshape(1))
+            rotary = None if self.rotary is None else tuple(r.index_select(1, pos.reshape(1)) for r in self.rotary)
             has_above, has_before = m >= S, m % S != 0  # (1,) bool: the neighbour exists
             above_at, before_at = (m - S).clamp(min=0), (m - 1).clamp(min=0)
 
@@ -579,7 +605,7 @@ class _StepModel:
         def attend(i, h):
             core, layout = self.spec.layers[i].attn.core, self.spec.layers[i].layout
             to_qkv, to_out = (None, None) if packs is None else packs[0][i][:2]
-            q, k, v = _project(core, h, freqs, to_qkv)
+            q, k, v = _project(core, h, None, to_qkv, rotary)
             return _merge(core, self.caches[i].decode(q, k, v, pos, index, layout, scale=core.scale), to_out)
 
         if packs is None:
