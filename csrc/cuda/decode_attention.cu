@@ -133,7 +133,7 @@ __global__ void __launch_bounds__(DECODE_THREADS, DECODE_BLOCKS_PER_SM) decode_k
     tk = static_cast<const T*>(p.text_k) + prompt * p.tk_s0 + h * p.tk_s1;
     tv = static_cast<const T*>(p.text_v) + prompt * p.tv_s0 + h * p.tv_s1;
   }
-  // offsets (in elements) of key j's K and V rows from their bases (kn/vn, the text or the image cache)
+  // the K and V rows of key j: k_new / v_new for the query's own key, else the text or the image cache
   auto key_rows = [&](int64_t j, const T*& kr, const T*& vr) {
     if (j == n - 1) {  // the query's own key: not read back from the cache
       kr = kn;
