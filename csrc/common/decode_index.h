@@ -145,6 +145,31 @@ DF_HOST_DEVICE KeyRange decode_split(int64_t n, int64_t num_splits, int64_t spli
   return KeyRange{split * n / used, (split + 1) * n / used};
 }
 
+// Splits per query of a flash-decoding launch over `batch_heads` queries whose longest key list has
+// `max_keys` keys, on a GPU that holds `slots` blocks at once (SMs x resident blocks per SM). Each
+// split's block takes ceil(max_keys / s) keys; the blocks run in ceil(batch_heads * s / slots)
+// waves. The time is modelled as waves x (keys per block + min_keys / 2 for a block's fixed work:
+// its launch, q, the merges, the partial it writes) and the fewest splits of least time are chosen,
+// at most ceil(max_keys / min_keys) and `max_splits`. A last, partly filled wave costs as much as a
+// full one, so filling the GPU "at least once" (ceil(slots / batch_heads) splits) often adds a wave
+// (B=64 x 16 heads on 132 SMs: 2 splits, two waves, where 1 split is one wave and no merge kernel).
+inline int64_t decode_plan_splits(int64_t batch_heads, int64_t max_keys, int64_t slots, int64_t min_keys,
+                                  int64_t max_splits) {
+  batch_heads = df_max64(batch_heads, 1);
+  slots = df_max64(slots, 1);
+  const int64_t most = df_max64(1, df_min64(max_splits, (max_keys + min_keys - 1) / min_keys));
+  int64_t best = 1, best_cost = -1;
+  for (int64_t s = 1; s <= most; ++s) {
+    const int64_t waves = (batch_heads * s + slots - 1) / slots;
+    const int64_t cost = waves * ((max_keys + s - 1) / s + min_keys / 2);
+    if (best_cost < 0 || cost < best_cost) {
+      best = s;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
 // Upper bound of decode_keys(L, pos).total() over all positions of the layout (exact maximum for
 // every kind); sizes split-K work partitions on the host without knowing the device-side pos.
 inline int64_t max_decode_keys(const LayoutParams& L) {

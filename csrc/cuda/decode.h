@@ -40,8 +40,8 @@ struct DecodeParams {
   int num_splits;                     // splits of the launch; each query uses as many as its list needs
 };
 
-// Number of key splits for a launch (flash-decoding): enough blocks to fill `sm_count` SMs, for the
-// layout's longest key list (a query with a shorter list uses fewer: decode_split).
+// Number of key splits for a launch (flash-decoding), for the layout's longest key list on
+// `sm_count` SMs (decode_plan_splits; a query with a shorter list uses fewer: decode_split).
 int decode_num_splits(int64_t batch_heads, int64_t max_keys, int sm_count);
 
 void launch_decode_attention(const DecodeParams& p, cudaStream_t stream);

@@ -281,11 +281,8 @@ void launch_dim(const DecodeParams& p, cudaStream_t stream) {
 }  // namespace
 
 int decode_num_splits(int64_t batch_heads, int64_t max_keys, int sm_count) {
-  const int64_t target_blocks = static_cast<int64_t>(sm_count) * DECODE_BLOCKS_PER_SM;
-  int64_t splits = (target_blocks + batch_heads - 1) / std::max<int64_t>(batch_heads, 1);
-  splits = std::min<int64_t>(splits, (max_keys + MIN_KEYS_PER_SPLIT - 1) / MIN_KEYS_PER_SPLIT);
-  splits = std::min<int64_t>(splits, MAX_SPLITS);
-  return static_cast<int>(std::max<int64_t>(splits, 1));
+  return static_cast<int>(decode_plan_splits(batch_heads, max_keys, static_cast<int64_t>(sm_count) * DECODE_BLOCKS_PER_SM,
+                                             MIN_KEYS_PER_SPLIT, MAX_SPLITS));
 }
 
 void launch_decode_attention(const DecodeParams& p, cudaStream_t stream) {

@@ -1,7 +1,7 @@
 // Test of the CUDA decode kernel's index math (csrc/common/decode_index.h), on the host: the 32-bit
 // division by an invariant divisor against `/`, the key positions it computes against
-// DecodeKeys::position for every kind and position of several layouts, and the per-query split
-// plan (every key in exactly one split, equal shares, unused splits empty).
+// DecodeKeys::position for every kind and position of several layouts, the per-query split plan
+// (every key in exactly one split, equal shares, unused splits empty) and the launch's split count.
 #include <cstdint>
 #include <cstdio>
 #include <random>
@@ -94,8 +94,34 @@ static int check_positions_and_splits() {
   return failures;
 }
 
+// The launch plan: (batch * heads, longest list, slots) -> splits, worked out by hand from the model
+// (132 SMs x 8 blocks = 1056 slots).
+static int check_plan() {
+  struct Case {
+    int64_t rows, keys, slots, want;
+  };
+  const Case cases[] = {
+      {1, 1280, 1056, 20},    // one query: as many 64-key splits as its list has
+      {16, 289, 1056, 5},     {128, 1280, 1056, 8},  // one wave: 1024 blocks of 160 keys (9 splits: two)
+      {256, 289, 1056, 4},    {512, 1280, 1056, 2},  {1024, 289, 1056, 1},  // one wave, no merge
+      {1100, 289, 1056, 3},   // 1100 blocks would be two waves of 289 keys; 3300 of 97 are four
+      {2048, 1280, 1056, 1},  {4096, 289, 1056, 1},  {8, 40, 1056, 1},      // short lists: one split
+      {1, 100000, 1056, 64},  // at most max_splits
+  };
+  int failures = 0;
+  for (const Case& c : cases) {
+    const int64_t got = decode_plan_splits(c.rows, c.keys, c.slots, 64, 64);
+    if (got != c.want) {
+      ++failures;
+      std::printf("decode_plan_splits(%lld rows, %lld keys, %lld slots) = %lld, want %lld\n", (long long)c.rows,
+                  (long long)c.keys, (long long)c.slots, (long long)got, (long long)c.want);
+    }
+  }
+  return failures;
+}
+
 int main() {
-  const int failures = check_fast_div() + check_positions_and_splits();
+  const int failures = check_fast_div() + check_positions_and_splits() + check_plan();
   std::printf("dalle_fast_decode_index: %d failures\n", failures);
   return failures == 0 ? 0 : 1;
 }
