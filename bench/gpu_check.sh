@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # GPU check of dalle_fast on a fresh GPU machine (torch, triton, nvcc; no internet needed).
 #
-# Part 1, the deciding run, first and in priority order, so that its first minutes answer the
-# questions about the Triton kernels (old: the portable path; new: the hopper path):
+# Part 1, the decode path first (the open GPU targets), so that its first minutes build the CUDA
+# sources and answer whether the CUDA decode kernel is right and how fast decoding is:
 #   env              GPU, driver, versions
-#   build_cpu        the CPU extension only (what `import dalle_fast` needs; skipped when it imports)
+#   build, import    build with the CUDA sources (if it fails: build_cpu, the CPU extension only,
+#                    so that the Triton steps still run), then import
+#   test_decode_attention  the CUDA decode kernel against the CPU one and float64 (pytest)
+#   bench_decode     bench/decode.py --quick: through the op and kernel-only, % of HBM at B=64
+#   bench_generate   bench/generate.py: small preset, 1 x 16, with and without the CUDA graph
+#   test_sample, bench_sampling   the CUDA sampling kernel, its benchmark
+# Part 2, the deciding run of the Triton attention kernels (old: the portable path; new: hopper):
 #   decide_kernels   bench/attention.py: kernel-only (CUDA graph) and through-the-op time of both
 #                    Triton paths, forward and backward, per kind (row, col, conv, full = the plain
 #                    causal mask, equal work with SDPA is_causal=True), SDPA causal, and the time per
@@ -15,11 +21,10 @@
 #   decide_ncu       Nsight Compute speed-of-light of the forward kernels (bench/ncu_forward.py), when
 #                    ncu is found ($NCU, PATH, /usr/local/cuda/bin); skipped with the reason otherwise
 #   decide_summary   bench/gpu_decide.py: the deciding table, $OUT/decide.json
-# Part 2, the rest: build with the CUDA sources, import, bench/attention.py forward + backward
-# through the op, bench/generate.py (small preset, 1 x 16, with and without the CUDA graph),
-# bench/host_overhead.py, bench/decode.py / bench/sampling.py --quick (if present),
-# the GPU tests (one pytest run per file), bench/kernel_resources.py (static, this Triton).
-# Last: the benchmark CSVs, the step table, and the deciding table again (with what part 2 added).
+# Part 3, the rest: bench/attention.py forward + backward through the op, bench/host_overhead.py,
+# the Triton attention tests, bench/kernel_resources.py (static, this Triton).
+# Last: the benchmark tables, the decode and generation lines, the step table, and the deciding
+# table again (with what part 3 added).
 # Every step runs under `timeout`, a failed step does not stop the others, and the script exits
 # non-zero if any step failed. The whole run is capped at DALLE_FAST_CHECK_BUDGET seconds (default
 # 460, under 8 minutes on one H100 or H200); steps that find the budget spent are skipped. Logs and
@@ -96,18 +101,59 @@ skip() {  # skip NAME REASON
   echo "=== $1: skipped ($2)"
 }
 
-# ===== part 1: the deciding run =================================================================
+# ===== part 1: the decode path =================================================================
 step env 60 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvcc --version | tail -n 2; \
   $PY -c 'import sys, torch, triton; print(\"python\", sys.version.split()[0]); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda); print(\"triton\", triton.__version__); print(\"gpu\", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))'"
 
-# the deciding run needs torch, triton and an importable dalle_fast: the CPU extension builds in a
-# fraction of the full build's time (part 2 rebuilds it with the CUDA sources)
-if "$PY" -c "import dalle_fast._C" >/dev/null 2>&1; then
-  skip build_cpu "dalle_fast._C imports"
-else
+# the CUDA build; if it fails and no extension imports, the CPU extension alone (what `import
+# dalle_fast` and the Triton steps need) builds in a fraction of the time
+step build 240 "$PY" setup.py build_ext --inplace
+if [[ "${RESULTS[-1]}" != PASS ]] && ! "$PY" -c "import dalle_fast._C" >/dev/null 2>&1; then
   step build_cpu 150 env DALLE_FAST_SKIP_CUDA=1 "$PY" setup.py build_ext --inplace
 fi
+step import 60 "$PY" -c "import dalle_fast, torch; import dalle_fast._C; print('dalle_fast', dalle_fast.__version__, 'ok on', torch.cuda.get_device_name(0))"
 
+# GPU tests, one run per file (slow tests excluded): the files with GPU tests; the rest of the
+# suite is CPU-only and runs in CI. The decode and sampling files run in part 1, the others in part 3.
+GPU_TESTS="${GPU_TESTS:-tests/test_decode_attention.py tests/test_sample.py tests/test_triton_attention.py}"
+PART1_TESTS="tests/test_decode_attention.py tests/test_sample.py"
+# On some CUDA images (torch 2.11 with g++ 13.3 among them) any C++ extension op that raises a c10::Error
+# (even a five-line TORCH_CHECK op built with load_inline) kills the process with SIGSEGV. Probe
+# for that and, where it happens, deselect the tests of C++ error paths (they pass on CPU in CI).
+DESELECT="not slow"
+if ! "$PY" -c "
+import torch, dalle_fast
+q = torch.zeros(1, 1, 4, 8)
+try:
+    torch.ops.dalle_fast.sparse_attention_fwd(q, q, q, 99, 1, 1, 1, 1, 1.0)
+except RuntimeError:
+    pass" >/dev/null 2>&1; then
+  echo "NOTE: C++ exceptions crash this python environment; deselecting C++ error-path tests"
+  DESELECT_K="not bad_inputs_raise and not test_errors"
+fi
+gpu_test() {  # gpu_test FILE: one pytest run of FILE on the GPU
+  local name="test_$(basename "$1" .py | sed 's/^test_//')"
+  [[ -e "$1" ]] || return 0
+  step "$name" 240 "$PY" -m pytest "$1" -q -x -m "$DESELECT" ${DESELECT_K:+-k "$DESELECT_K"} -p no:cacheprovider
+}
+bench_if_present() {  # bench_if_present NAME: bench/NAME.py --device cuda --quick, when present
+  if [[ -f "bench/$1.py" ]]; then
+    step "bench_$1" 90 "$PY" "bench/$1.py" --device cuda --quick --out "$OUT/$1"
+  else
+    skip "bench_$1" "bench/$1.py not present"
+  fi
+}
+
+[[ " $GPU_TESTS " == *" tests/test_decode_attention.py "* ]] && gpu_test tests/test_decode_attention.py
+# decode attention through the op and kernel-only (CUDA graph), % of HBM at B=64
+bench_if_present decode
+# the whole generation loop: small preset, 1 x 16, with and without its CUDA graph
+step bench_generate 150 "$PY" bench/generate.py --device cuda --preset small -n 16 --modes sparse --no-graph \
+    --repeat 2 --out "$OUT/generate"
+[[ " $GPU_TESTS " == *" tests/test_sample.py "* ]] && gpu_test tests/test_sample.py
+bench_if_present sampling
+
+# ===== part 2: the deciding run of the Triton attention ==========================================
 step decide_kernels 150 "$PY" bench/attention.py "${SHAPE[@]}" --modes fwd,bwd --providers dalle_fast,sdpa_causal \
   --triton-path portable,hopper --kernel-split --out "$OUT/decide_kernels"
 step decide_baselines 120 "$PY" bench/attention.py "${SHAPE[@]}" --modes fwd,bwd \
@@ -136,51 +182,16 @@ else
 fi
 step decide_summary 30 "$PY" bench/gpu_decide.py --dir "$OUT"
 
-# ===== part 2: build, GPU tests and the rest =====================================================
-step build 240 "$PY" setup.py build_ext --inplace
-step import 60 "$PY" -c "import dalle_fast, torch; import dalle_fast._C; print('dalle_fast', dalle_fast.__version__, 'ok on', torch.cuda.get_device_name(0))"
-
+# ===== part 3: the rest ==========================================================================
 # forward + backward through the op (what a user's training step sees), every provider; forward and
-# backward alone were measured in part 1
+# backward alone were measured in part 2
 step bench_attention 150 "$PY" bench/attention.py "${SHAPE[@]}" --modes fwdbwd --quick-flex \
   --triton-path portable,hopper --out "$OUT/attention"
-
 # host time per call with real launches, tiny problem (dalle_fast vs SDPA causal)
-step bench_generate 150 "$PY" bench/generate.py --device cuda --preset small -n 16 --modes sparse --no-graph \
-    --repeat 2 --out "$OUT/generate"
 step bench_host_overhead 60 "$PY" bench/host_overhead.py --device cuda --calls 200 --rounds 5 \
   --out "$OUT/host_overhead.json"
-
-# decode / sampling benchmarks (when present)
-for b in decode sampling; do
-  if [[ -f "bench/$b.py" ]]; then
-    step "bench_$b" 90 "$PY" "bench/$b.py" --device cuda --quick --out "$OUT/$b"
-  else
-    skip "bench_$b" "bench/$b.py not present"
-  fi
-done
-
-# GPU tests, one run per file (slow tests excluded): the files with GPU tests; the rest of the
-# suite is CPU-only and runs in CI
-GPU_TESTS="${GPU_TESTS:-tests/test_triton_attention.py tests/test_decode_attention.py tests/test_sample.py}"
-# On some CUDA images (torch 2.11 with g++ 13.3 among them) any C++ extension op that raises a c10::Error
-# (even a five-line TORCH_CHECK op built with load_inline) kills the process with SIGSEGV. Probe
-# for that and, where it happens, deselect the tests of C++ error paths (they pass on CPU in CI).
-DESELECT="not slow"
-if ! "$PY" -c "
-import torch, dalle_fast
-q = torch.zeros(1, 1, 4, 8)
-try:
-    torch.ops.dalle_fast.sparse_attention_fwd(q, q, q, 99, 1, 1, 1, 1, 1.0)
-except RuntimeError:
-    pass" >/dev/null 2>&1; then
-  echo "NOTE: C++ exceptions crash this python environment; deselecting C++ error-path tests"
-  DESELECT_K="not bad_inputs_raise and not test_errors"
-fi
 for f in $GPU_TESTS; do
-  [[ -e "$f" ]] || continue
-  name="test_$(basename "$f" .py | sed 's/^test_//')"
-  step "$name" 240 "$PY" -m pytest "$f" -q -x -m "$DESELECT" ${DESELECT_K:+-k "$DESELECT_K"} -p no:cacheprovider
+  [[ " $PART1_TESTS " == *" $f "* ]] || gpu_test "$f"
 done
 
 # static sm_90a resources with this machine's Triton (registers, spills, pipeline buffer depth of
@@ -188,7 +199,7 @@ done
 # differently): last, so it only uses what the budget leaves
 step kernel_resources 60 "$PY" bench/kernel_resources.py --kinds row,col,conv --defaults-only
 
-# summary: the benchmark tables, the step table, then the deciding table (with part 2's numbers) --
+# summary: the benchmark tables, the step table, then the deciding table (with part 3's numbers) --
 for name in decide_kernels decide_baselines bench_attention; do
   log="$OUT/$name.log"
   [[ -f "$log" ]] && grep -qE '^kind +mode +provider' "$log" && {

@@ -1,7 +1,7 @@
 """bench/gpu_check.sh, the one script a lent GPU machine runs, run here on CPU with a stand-in for
 Python: every step's command line must be one its script accepts (argparse, pytest's selection);
-the deciding run comes first, in its order, and ends in the deciding table (decide.json), which is
-also printed last."""
+the decode path comes first (the CUDA build, the decode tests and benchmarks), then the deciding
+run in its order, which ends in the deciding table (decide.json), also printed last."""
 
 import json
 
@@ -68,9 +68,10 @@ raise SystemExit(f"argcheck: {script} parsed no arguments")
 NEEDS = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None
                            or sys.version_info < (3, 11), reason="needs bash, timeout and python -P (3.11)")
 
-DECIDING = ["env", "build_cpu", "decide_kernels", "decide_baselines", "decide_l2", "decide_ncu", "decide_summary"]
-STEPS = DECIDING + ["build", "import", "bench_attention", "bench_generate", "bench_host_overhead", "bench_decode",
-                    "bench_sampling", "test_triton_attention", "test_decode_attention", "test_sample", "kernel_resources"]
+DECODE = ["env", "build", "import", "test_decode_attention", "bench_decode", "bench_generate", "test_sample",
+          "bench_sampling"]
+DECIDING = ["decide_kernels", "decide_baselines", "decide_l2", "decide_ncu", "decide_summary"]
+STEPS = DECODE + DECIDING + ["bench_attention", "bench_host_overhead", "test_triton_attention", "kernel_resources"]
 
 
 def _run_check(tmp_path, **extra):
@@ -105,14 +106,14 @@ def test_gpu_check_steps_pass_their_scripts_argument_checks(tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 0 and "GPU check: all steps passed" in r.stdout, out[-4000:]
     assert list(table) == STEPS, out[-4000:]
-    skipped = {"build_cpu": "SKIP(dalle_fast._C imports)", "decide_ncu": "SKIP(ncu not found)"}
+    skipped = {"decide_ncu": "SKIP(ncu not found)"}
     assert table == {s: skipped.get(s, "PASS") for s in STEPS}, out[-4000:]
     for log, script in LOGS.items():  # each bench step reached its script's parser
         assert f"argcheck ok: bench/{script}" in (tmp_path / "out" / f"{log}.log").read_text(), log
     for test in ("triton_attention", "decode_attention", "sample"):  # and each test step selects tests
         log = (tmp_path / "out" / f"test_{test}.log").read_text()
         assert re.search(r"\b[1-9]\d* tests? collected", log), log[-2000:]
-    # the deciding run first, in priority order, then the CUDA build and the rest
+    # the CUDA build and the decode path first, then the deciding run in priority order, then the rest
     attention = [c for c in calls if c.startswith("bench/attention.py")]
     kernels, baselines, fwdbwd = attention
     for c in attention:
@@ -122,9 +123,11 @@ def test_gpu_check_steps_pass_their_scripts_argument_checks(tmp_path):
     assert "--triton-path portable,hopper" in kernels and "--kernel-split" in kernels
     assert "--modes fwd,bwd" in baselines and "flex128,flex64" in baselines and "dalle_fast" not in baselines
     assert "--modes fwdbwd" in fwdbwd and "--triton-path portable,hopper" in fwdbwd
-    first = [c.split()[0] for c in calls if c.startswith(("bench/", "setup.py"))]
-    assert first[:5] == ["bench/attention.py", "bench/attention.py", "bench/l2_bandwidth.py", "bench/gpu_decide.py",
-                         "setup.py"], first
+    first = [c.split()[0] for c in calls if c.startswith(("bench/", "setup.py")) and "DALLE_FAST_SKIP" not in c]
+    assert first[:8] == ["setup.py", "bench/decode.py", "bench/generate.py", "bench/sampling.py", "bench/attention.py",
+                         "bench/attention.py", "bench/l2_bandwidth.py", "bench/gpu_decide.py"], first
+    generate = next(c for c in calls if c.startswith("bench/generate.py"))
+    assert "--no-graph" in generate and "--preset small" in generate and "--device cuda" in generate
     assert [c for c in calls if c.startswith("setup.py DALLE_FAST")] == ["setup.py DALLE_FAST_SKIP_CUDA="]  # the CUDA build
     _check_deciding_table(tmp_path, r.stdout)
 
@@ -150,19 +153,21 @@ def _check_deciding_table(tmp_path, stdout):
 
 @NEEDS
 def test_gpu_check_goes_on_after_a_failed_step(tmp_path):
-    """Without a built extension the CPU part is built first (DALLE_FAST_SKIP_CUDA=1); a failed
-    build (both builds fail here) stops no other step; with ncu present the forward is profiled."""
+    """A failed CUDA build with no extension to import is followed by the CPU build alone
+    (DALLE_FAST_SKIP_CUDA=1); a failed build (both fail here) stops no other step; with ncu present
+    the forward is profiled."""
     r, table, calls = _run_check(tmp_path, SHIM_FAIL="build", SHIM_NO_EXT="1", NCU="ncu-shim",
                                  GPU_TESTS="tests/test_sample.py")
     assert r.returncode == 1 and "GPU check: FAILED" in r.stdout, (r.stdout + r.stderr)[-4000:]
     assert table["build_cpu"] == table["build"] == "FAIL(rc=7)"
     assert all(table[s] == "PASS" for s in table if s not in ("build_cpu", "build")) and "bench_attention" in table
     assert "test_sample" in table and "test_triton_attention" not in table
-    assert [c for c in calls if c.startswith("setup.py DALLE_FAST")] == ["setup.py DALLE_FAST_SKIP_CUDA=1",
-                                                              "setup.py DALLE_FAST_SKIP_CUDA="]
+    assert [c for c in calls if c.startswith("setup.py DALLE_FAST")] == ["setup.py DALLE_FAST_SKIP_CUDA=",
+                                                              "setup.py DALLE_FAST_SKIP_CUDA=1"]
     ncu = next(c for c in calls if c.startswith("ncu "))
     for option in ("--profile-from-start off", "--section SpeedOfLight", "--csv", "--page details",
                    "regex:^(_fwd_hopper|_attn_fwd)"):
         assert option in ncu, ncu
     assert "argcheck ok: bench/ncu_forward.py" in (tmp_path / "out" / "decide_ncu.log").read_text()
-    assert list(table).index("decide_ncu") < list(table).index("build")
+    steps = list(table)
+    assert steps[:3] == ["env", "build", "build_cpu"] and steps.index("bench_decode") < steps.index("decide_ncu")
