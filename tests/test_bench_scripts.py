@@ -381,6 +381,45 @@ def test_decode_kernel_columns(monkeypatch):
     assert bench.hbm_lines([dict(kind="row", batch=16, pos=3, ours_us=1.0)]) == []
 
 
+def _bench_module(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cuda_resources_parses_ptxas():
+    """bench/cuda_resources.py reads ptxas -v's report per entry function (a kernel without a
+    spill line keeps zeros; registers are the first "Used" line of each entry)."""
+    res = _bench_module("cuda_resources")
+    text = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_Z1aPf' for 'sm_90a'
+ptxas info    : Function properties for _Z1aPf
+    16 bytes stack frame, 20 bytes spill stores, 32 bytes spill loads
+ptxas info    : Used 64 registers, used 1 barriers, 16 bytes cumulative stack size, 2288 bytes smem
+ptxas info    : Compile time = 1.0 ms
+ptxas info    : Compiling entry function '_Z1bv' for 'sm_90a'
+ptxas info    : Used 31 registers, used 0 barriers
+"""
+    assert res.parse_ptxas(text) == [
+        dict(kernel="_Z1aPf", arch="sm_90a", registers=64, spill_stores=20, spill_loads=32, stack=16, smem=2288),
+        dict(kernel="_Z1bv", arch="sm_90a", registers=31, spill_stores=0, spill_loads=0, stack=0, smem=0)]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"), reason="needs nvcc")
+def test_cuda_decode_kernel_does_not_spill(tmp_path):
+    """The CUDA decode kernels compiled for sm_90a with the extension's flags: no spills, and at most
+    the 64 registers per thread that 8 resident blocks of 128 threads allow (the launch plan's
+    assumption, decode_plan_splits)."""
+    _run("cuda_resources.py", "--sources", "decode_attention", "--json", str(tmp_path / "r.json"), timeout=900)
+    rows = json.loads((tmp_path / "r.json").read_text())
+    decode = [r for r in rows if "decode_kernel<" in r["name"]]
+    assert len(decode) == 9 and len(rows) == 18  # 3 dtypes x 3 head dims, each with its merge kernel
+    for r in rows:
+        assert r["spill_stores"] == r["spill_loads"] == 0 and r["stack"] == 0, r
+    assert all(r["registers"] <= 64 for r in decode), decode
+
+
 def test_time_kernels_method_per_provider(monkeypatch):
     """Each CUDA case gets a kernel-only time by CUDA graph, or by the profiler where capture fails
     (the reason in a note), or none when both fail; the per-kernel split comes from the profiler for
@@ -549,6 +588,7 @@ _NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the erro
 # small valid arguments the bad one is appended to (argparse keeps the last value of a flag), so
 # that a script still ignoring the bad value would only run a tiny problem
 _SMALL = {
+    "cuda_resources.py": [],
     "attention.py": ["--device", "cpu", "--kinds", "row", "--modes", "fwd", "--providers", "sdpa_mask", "--batch", "1",
                      "--heads", "1", "--head-dim", "8", "--text-len", "4", "--image-size", "2", "--repeats", "1",
                      "--warmup", "0"],
@@ -597,6 +637,7 @@ _BAD_ARGS = [  # (script, flag named in the error, the bad arguments)
     ("decode.py", "--candidates", ["--candidates", "0"]),
     ("decode.py", "--heads", ["--heads", "-2"]),
     ("decode.py", "--hbm-tbs", ["--hbm-tbs", "0"]),
+    ("cuda_resources.py", "--sources", ["--sources", "decode_attention,foo"]),
     pytest.param("decode.py", "--device cuda", ["--device", "cuda"], marks=_NO_CUDA),
     pytest.param("sampling.py", "--device cuda", ["--device", "cuda"], marks=_NO_CUDA),
     ("generate.py", "--sample-steps", ["--modes", "none", "--sample-steps", "0"]),
@@ -622,7 +663,7 @@ _BAD_ARGS = [  # (script, flag named in the error, the bad arguments)
 def test_bench_scripts_refuse_bad_arguments(script, flag, bad, tmp_path):
     """A bad command-line argument ends in argparse's error (exit code 2, one line naming the flag),
     not in a traceback, a run on a default in its place, or a run that reports nonsense."""
-    out = [] if script in ("schedule_model.py", "kernel_resources.py") else ["--out", str(tmp_path / "out")]
+    out = [] if script in ("schedule_model.py", "kernel_resources.py", "cuda_resources.py") else ["--out", str(tmp_path / "out")]
     if script == "gpu_decide.py":  # its --out is a file
         out = ["--out", str(tmp_path / "out" / "decide.json")]
     r = subprocess.run([sys.executable, str(BENCH / script), *_SMALL[script], *out, *bad], env=_env(),
