@@ -23,7 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 # _util first: it makes the installed dalle_fast importable, else this checkout's
 sys.path.insert(0, HERE)
-from _util import machine, print_table, timeit, write_results  # noqa: E402
+from _util import check_at_least, machine, print_table, timeit, write_results  # noqa: E402
 import dalle_fast  # noqa: E402
 from dalle_fast.ops import LinearPack  # noqa: E402
 
@@ -60,14 +60,13 @@ def main(argv=None):
         ap.error(f"--rows must be >= 1, got {args.rows!r}")
     if args.isas not in ("best", "all"):
         ap.error(f"--isas must be 'best' or 'all', got {args.isas!r}")
+    check_at_least(ap, args, 1, "--threads")
     if args.threads is not None:
-        if args.threads < 1:
-            ap.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     shapes, rows_list = (SHAPES[:2], rows_list[:1]) if args.quick else (SHAPES, rows_list)
     isas = dalle_fast.available_cpu_isas() if args.isas == "all" else [dalle_fast.cpu_isa()]
     make_onednn = onednn()
-    print(f"{machine('cpu')}, {torch.get_num_threads()} threads")
+    print(machine("cpu"))
     g = torch.Generator().manual_seed(0)
     results = []
     for isa in isas:

@@ -132,6 +132,10 @@ def test_pack_module_runs_sequentials_with_packed_linears():
     packed = pack_module(net)
     assert [type(p).__name__ for p in packed.parts] == ["LinearPack", "GELU", "Dropout", "LinearPack"]
     assert max_err(packed(x), net(x)) <= 1e-5
+    net.eval()  # dropout is the identity then, and left out
+    packed = pack_module(net)
+    assert [type(p).__name__ for p in packed.parts] == ["LinearPack", "GELU", "LinearPack"]
+    assert max_err(packed(x), net(x)) <= 1e-5
     assert isinstance(pack_module(net[0]), LinearPack)
     with pytest.raises(ValueError, match="module must be an nn.Linear or nn.Sequential, got GELU"):
         pack_module(torch.nn.GELU())

@@ -139,8 +139,13 @@ struct KeyRange {
   int64_t begin, end;
 };
 
+// Splits a list of n keys takes: one per min_keys keys (rounded up), at least 1, at most `cap`.
+DF_HOST_DEVICE int64_t splits_for_keys(int64_t n, int64_t cap, int64_t min_keys) {
+  return df_max64(1, df_min64(cap, (n + min_keys - 1) / min_keys));
+}
+
 DF_HOST_DEVICE KeyRange decode_split(int64_t n, int64_t num_splits, int64_t split, int64_t min_keys) {
-  const int64_t used = df_max64(1, df_min64(num_splits, (n + min_keys - 1) / min_keys));
+  const int64_t used = splits_for_keys(n, num_splits, min_keys);
   if (split >= used) return KeyRange{n, n};
   return KeyRange{split * n / used, (split + 1) * n / used};
 }
@@ -157,7 +162,7 @@ inline int64_t decode_plan_splits(int64_t batch_heads, int64_t max_keys, int64_t
                                   int64_t max_splits) {
   batch_heads = df_max64(batch_heads, 1);
   slots = df_max64(slots, 1);
-  const int64_t most = df_max64(1, df_min64(max_splits, (max_keys + min_keys - 1) / min_keys));
+  const int64_t most = splits_for_keys(max_keys, max_splits, min_keys);
   int64_t best = 1, best_cost = -1;
   for (int64_t s = 1; s <= most; ++s) {
     const int64_t waves = (batch_heads * s + slots - 1) / slots;

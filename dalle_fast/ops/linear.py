@@ -69,9 +69,11 @@ class _PackedModule:
 
 def pack_module(module: nn.Module):
     """An ``nn.Linear``, or an ``nn.Sequential`` of them and parameter-free modules (activations,
-    dropout, GEGLU), as a callable that runs it with each linear layer packed (:class:`LinearPack`)."""
+    dropout, GEGLU), as a callable that runs it with each linear layer packed (:class:`LinearPack`).
+    Dropout in eval mode is the identity and is left out (a module call per step saved)."""
     if isinstance(module, nn.Linear):
         return LinearPack.of(module)
     if not isinstance(module, nn.Sequential):
         raise ValueError(f"module must be an nn.Linear or nn.Sequential, got {type(module).__name__}")
-    return _PackedModule([LinearPack.of(m) if isinstance(m, nn.Linear) else m for m in module])
+    return _PackedModule([LinearPack.of(m) if isinstance(m, nn.Linear) else m for m in module
+                          if not (isinstance(m, nn.Dropout) and not m.training)])
