@@ -9,17 +9,10 @@
 #include "cpu/decode.h"
 #include "cpu/dispatch.h"
 #include "decode_checks.h"
+#include "decode_cpu_args.h"
 
 namespace dalle_fast {
 namespace {
-
-cpu::CacheRef cache_ref(const at::Tensor& t) {
-  return cpu::CacheRef{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
-}
-
-int cpu_dtype(at::ScalarType t) {
-  return t == at::kFloat ? cpu::kF32 : (t == at::kBFloat16 ? cpu::kBF16 : cpu::kF16);
-}
 
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
                                 at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& pos,
@@ -27,36 +20,10 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_new, co
                                 const c10::optional<at::Tensor>& prompt_index, int64_t kind, int64_t text_len,
                                 int64_t image_size, int64_t kernel_size, int64_t dilation, double scale) {
   const LayoutParams L = decode_layout(kind, text_len, image_size, kernel_size, dilation);
-  const DecodeInfo info = check_decode(q, k_new, v_new, k_cache, v_cache, pos, text_k, text_v, prompt_index, L);
-  TORCH_CHECK_VALUE(q.device().is_cpu(), "dalle_fast.decode_attention (cpu): tensors must be on the CPU, got ", q.device());
-  check_scale("dalle_fast.decode_attention", scale);
-  const at::Tensor pc = pos.contiguous();  // checked and read by the kernel: the same memory
-  check_decode_values(pc, prompt_index, info, L);
-  const at::Tensor qc = q.contiguous(), kc = k_new.contiguous(), vc = v_new.contiguous();
-  const at::Tensor pi = info.shared ? prompt_index->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({info.B, info.H, 1, info.D}, q.options().dtype(at::kFloat));
-  cpu::DecodeArgs a{};
-  a.dtype = cpu_dtype(q.scalar_type());
-  a.batch = info.B;
-  a.heads = info.H;
-  a.head_dim = info.D;
-  a.q = qc.data_ptr();
-  a.k_new = kc.data_ptr();
-  a.v_new = vc.data_ptr();
-  a.k_cache = cache_ref(k_cache);
-  a.v_cache = cache_ref(v_cache);
-  a.cache_offset = info.cache_offset;
-  if (info.shared) {
-    a.text_k = cache_ref(*text_k);
-    a.text_v = cache_ref(*text_v);
-    a.prompt_index = pi.data_ptr<int64_t>();
-  }
-  a.pos = pc.data_ptr<int64_t>();
-  a.pos_stride = pc.dim() == 0 ? 0 : 1;
-  a.layout = L;
-  a.scale = static_cast<float>(scale);
-  a.out = out.data_ptr<float>();
-  if (info.B * info.H > 0) cpu::kernels().decode_attention(a);
+  CpuDecodeCall c = prepare_cpu_decode(q, k_new, v_new, k_cache, v_cache, pos, text_k, text_v, prompt_index, L, scale);
+  at::Tensor out = at::empty({c.info.B, c.info.H, 1, c.info.D}, q.options().dtype(at::kFloat));
+  c.args.out = out.data_ptr<float>();
+  if (c.info.B * c.info.H > 0) cpu::kernels().decode_attention(c.args);
   return out.to(q.scalar_type());
 }
 

@@ -34,6 +34,26 @@ TORCH_LIBRARY(dalle_fast, m) {
       "float temperature, int top_k, float top_p, int vocab_lo, int vocab_hi) -> (Tensor, Tensor)");
   // The decode step's linear layers (csrc/cpu/linear.h): weight (N, K) packed once into column
   // panels (ceil(N / 16), K, 16); then x (..., K) -> x @ weight^T + bias (..., N), float32, CPU.
+  // One residual branch of a CPU decode step (csrc/decode_branch_cpu_impl.cpp), float32, x and
+  // residual (rows, dim) or (rows, 1, dim): residual + layer_scale * norm_out(core(shift(norm(x)))),
+  // norm_out only with norm_out=True, layer_scale and the biases optional. shift_history (rows,
+  // >= S*S, shift_top + shift_left) given: DALLE-pytorch's image token shift at m = pos - text_len
+  // (written in place). Attention core: qkv_packed (pack_linear_weight of (3 * heads * D, dim)), the
+  // rotary tables (positions, rot) of cos and sign-folded sin on q, k and v, decode_attention on the
+  // caches (its arguments), out_packed. MLP core: w1_packed (hidden or 2 * hidden with geglu), GELU
+  // or GEGLU, w2_packed. pos: image positions only.
+  m.def(
+      "decode_attention_branch(Tensor x, Tensor residual, Tensor? norm_weight, Tensor? norm_bias, float norm_eps, "
+      "bool norm_out, Tensor? norm_out_weight, Tensor? norm_out_bias, float norm_out_eps, Tensor? layer_scale, "
+      "Tensor(c!)? shift_history, int shift_top, int shift_left, Tensor qkv_packed, Tensor? qkv_bias, int heads, "
+      "Tensor? rotary_cos, Tensor? rotary_sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor pos, "
+      "Tensor? text_k_cache, Tensor? text_v_cache, Tensor? prompt_index, int kind, int text_len, int image_size, "
+      "int kernel_size, int dilation, float scale, Tensor out_packed, Tensor? out_bias) -> Tensor");
+  m.def(
+      "decode_mlp_branch(Tensor x, Tensor residual, Tensor? norm_weight, Tensor? norm_bias, float norm_eps, "
+      "bool norm_out, Tensor? norm_out_weight, Tensor? norm_out_bias, float norm_out_eps, Tensor? layer_scale, "
+      "Tensor(c!)? shift_history, int shift_top, int shift_left, Tensor pos, int text_len, int image_size, "
+      "Tensor w1_packed, Tensor? b1, int hidden, bool geglu, Tensor w2_packed, Tensor? b2) -> Tensor");
   m.def("pack_linear_weight(Tensor weight) -> Tensor");
   m.def("packed_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
   // Test hooks of csrc/common/decode_index.h: the key positions of one decode query, and the

@@ -306,3 +306,26 @@ def test_cuda_generation_with_the_reference_backend_forced(model, monkeypatch):
     assert codes.shape == (1, 2, 4, 4) and 0 <= int(codes.min()) and int(codes.max()) < m.config.image_vocab
     with pytest.raises(ValueError, match="cuda_graph: decode_attention and sample .*reference"):
         generate_codes(m, text, 2, cuda_graph=True)
+
+
+def test_eager_cpu_step_runs_one_op_per_branch(model, monkeypatch):
+    """On the CPU in float32 with the packed kernels, the eager decode step runs each block as the two
+    branch ops (dalle_fast.ops.branch); its logits equal the module path's within float32 rounding."""
+    from dalle_fast.models.dalle import Block
+    from dalle_fast.ops.branch import AttentionBranch
+    if not AttentionBranch.serves(torch.device("cpu"), torch.float32):
+        pytest.skip("the packed kernels do not serve this CPU instruction set")
+    text = torch.randint(0, 40, (3, 4), generator=torch.Generator().manual_seed(2))
+    codes = torch.randint(0, 24, (3, 4, 4), generator=torch.Generator().manual_seed(3))
+    calls = []
+    real = torch.ops.dalle_fast.decode_attention_branch
+    monkeypatch.setattr(torch.ops.dalle_fast, "decode_attention_branch", lambda *a: calls.append(1) or real(*a),
+                        raising=False)
+    fused = teacher_forced_logits(model, text, codes)
+    assert len(calls) == len(model.blocks) * 15  # every block at each of the 15 decode steps
+    monkeypatch.setattr(Block, "step_branches", lambda self, packs, cache: None)
+    modules = teacher_forced_logits(model, text, codes)
+    assert len(calls) == len(model.blocks) * 15
+    scale = modules.abs().max().item()
+    assert (fused - modules).abs().max().item() <= 1e-4 * scale
+    assert torch.equal(fused[:, 0], modules[:, 0])  # the prefill's logits: the same path

@@ -610,6 +610,34 @@ def test_constructor_option_sweep(name):
     close(cached, logits64[:, T:, V:], logits_pt[:, T:, V:], f"{name} cached image logits")
 
 
+@pytest.mark.parametrize("name", ["dalle_defaults", "all_kinds", "rotary_emb_false", "shift_tokens_false",
+                                  "sandwich_norm", "dropouts_in_eval", "shared_attn_ids", "reversible"])
+def test_eager_cpu_step_runs_one_op_per_branch(name, monkeypatch):
+    """On the CPU in float32 with the packed kernels, generate's eager step runs each layer as the two
+    branch ops (dalle_fast.ops.branch), with the same logits as the modules' path within float32
+    rounding; a model in training mode with active dropout keeps the modules' path."""
+    from dalle_fast.ops.branch import AttentionBranch
+    if not AttentionBranch.serves(torch.device("cpu"), torch.float32):
+        pytest.skip("the packed kernels do not serve this CPU instruction set")
+    model = make_model(**SWEEP[name])
+    text, image = batch(text_len=model.text_seq_len, image_tokens=model.image_seq_len)
+    fused = cached_image_logits(model, text, image)
+    made = []
+    real = dfp._StepModel._branches
+    monkeypatch.setattr(dfp._StepModel, "_branches", lambda self: made.append(real(self)) or None)
+    modules = cached_image_logits(model, text, image)
+    assert made and made[0] is not None and len(made[0]) == len(dfp._inspect(model).layers)
+    assert (fused - modules).abs().max().item() <= 1e-4 * modules.abs().max().item(), name
+    assert torch.equal(fused[:, 0], modules[:, 0])
+    if name == "dropouts_in_eval":  # training mode: dropout is drawn by the modules, not the branch ops
+        spec = dfp._inspect(model)
+        step = dfp._StepModel(model.train(), spec)
+        made.clear()
+        step.setup_caches(torch.arange(2))
+        assert made == [None]
+        model.eval()
+
+
 @pytest.mark.parametrize("name", sorted(SWEEP_REFUSED))
 def test_constructor_option_sweep_refusals(name, monkeypatch):
     deepspeed_stand_in(monkeypatch)

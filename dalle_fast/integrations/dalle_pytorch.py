@@ -81,6 +81,7 @@ from ..engine import Engine, KVCache, SampleOptions, resolve_compile
 from ..masks import Layout
 from ..nn.functional import vocab_slice_cross_entropy
 from ..ops import LinearPack, check_error_flags, pack_module, sample, sparse_attention
+from ..ops.branch import AttentionBranch, MlpBranch
 
 __all__ = ["DallePytorchAttention", "generate", "generate_images", "import_dalle_pytorch", "is_patched", "layouts",
            "patch", "unpatch"]
@@ -490,7 +491,7 @@ class _StepModel:
         self.half = _split_sizes(dim, 2)[0]
         self.top, self.left = _split_sizes(dim, 4)[:2]
         S2 = spec.image_size ** 2
-        self.history = self.caches = self.packs = None
+        self.history = self.caches = self.packs = self.branches = None
         head = model.to_logits[1]
         n_text = model.num_text_tokens
         self.head_w, self.head_b = head.weight[n_text:], None if head.bias is None else head.bias[n_text:]
@@ -519,9 +520,42 @@ class _StepModel:
 
             self.packs = ([(pack(layer.attn.core.to_qkv), pack(layer.attn.core.to_out), pack(layer.ff.core.net))
                            for layer in self.spec.layers], LinearPack(self.head_w, self.head_b))
+        self.branches = self._branches() if self.packs is not None and AttentionBranch.serves(
+            self.device, self.dtype) else None
+
+    def _branches(self):
+        """Per layer the (attention, feed-forward) branch ops of the eager step (:mod:`dalle_fast.ops.branch`),
+        or None where a part is not what they compute (then the step runs the modules)."""
+        _, tr, _, _ = _package()
+        out = []
+        for i, layer in enumerate(self.spec.layers):
+            to_qkv, to_out, net = self.packs[0][i]
+            to_out = _one_linear(to_out)
+            parts = getattr(net, "parts", ())
+            if not (isinstance(to_qkv, LinearPack) and to_out is not None and len(parts) == 3
+                    and isinstance(parts[0], LinearPack) and type(parts[1]) is tr.GEGLU
+                    and isinstance(parts[2], LinearPack)):
+                return None
+            ends = []
+            for j, branch in enumerate((layer.attn, layer.ff)):
+                norm_out = branch.prenorm.norm_out
+                ends.append(dict(dim=self.dim, norm=branch.prenorm.norm,
+                                 norm_out=None if isinstance(norm_out, nn.Identity) else norm_out,
+                                 layer_scale=branch.layer_scale.scale,
+                                 shift=(self.history[i][j], self.top, self.left) if branch.shift else None))
+            core = layer.attn.core
+            try:
+                out.append((AttentionBranch(**ends[0], to_qkv=to_qkv, heads=core.heads,
+                                            rotary=None if self.rotary is None else tuple(r[0] for r in self.rotary),
+                                            cache=self.caches[i], layout=layer.layout, scale=core.scale, to_out=to_out),
+                            MlpBranch(**ends[1], w1=parts[0], w2=parts[2], geglu=True, text_len=self.spec.text_len,
+                                      image_size=self.spec.image_size)))
+            except ValueError:
+                return None
+        return out
 
     def clear_caches(self) -> None:
-        self.history = self.caches = self.packs = None
+        self.history = self.caches = self.packs = self.branches = None
 
     def image_logits(self, h: torch.Tensor, head=None) -> torch.Tensor:
         """Last hidden state ``(rows, dim)`` -> image-token logits ``(rows, num_image_tokens)`` float32
@@ -601,6 +635,18 @@ class _StepModel:
             x = x + image_pos
 
         packs = self.packs
+        if index is not None and packs is not None and self.branches is not None:  # one op per branch (CPU, float32)
+            if self.spec.reversible:
+                x1 = x2 = x
+                for attn, ff in self.branches:
+                    x1 = attn(x2, x1, pos)
+                    x2 = ff(x1, x2, pos)
+                x = torch.stack((x1, x2)).mean(dim=0)
+            else:
+                for attn, ff in self.branches:
+                    x = attn(x, x, pos)
+                    x = ff(x, x, pos)
+            return self.image_logits(x[:, 0], packs[1])
 
         def attend(i, h):
             core, layout = self.spec.layers[i].attn.core, self.spec.layers[i].layout
@@ -612,6 +658,14 @@ class _StepModel:
             return self.image_logits(self._run(x, shift, attend)[:, 0])
         h = self._run(x, shift, attend, lambda i, h: packs[0][i][2](h))
         return self.image_logits(h[:, 0], packs[1])
+
+
+def _one_linear(packed) -> Optional[LinearPack]:
+    """The LinearPack of a packed ``nn.Linear`` or of a packed Sequential holding only one, else None."""
+    if isinstance(packed, LinearPack):
+        return packed
+    parts = getattr(packed, "parts", ())
+    return parts[0] if len(parts) == 1 and isinstance(parts[0], LinearPack) else None
 
 
 def _text_ids(model, text: torch.Tensor) -> torch.Tensor:

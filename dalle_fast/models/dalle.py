@@ -41,6 +41,7 @@ from ..engine import KVCache
 from ..masks import KINDS, Layout, _int_at_least, _positive_int, paper_schedule
 from ..nn.attention import SparseAttention
 from ..ops import LinearPack, pack_module
+from ..ops.branch import AttentionBranch, MlpBranch
 from ..nn.functional import vocab_slice_cross_entropy
 
 
@@ -204,6 +205,24 @@ class Block(nn.Module):
         """The block's to_qkv, to_out and mlp with their linear layers packed for a decode step."""
         return pack_module(self.attn.to_qkv), pack_module(self.attn.to_out), pack_module(self.mlp)
 
+    def step_branches(self, packs: tuple, cache: KVCache):
+        """The block as two branch ops of a decode step (:mod:`dalle_fast.ops.branch`) on its
+        :meth:`step_packs` and ``cache``, or None where the block is not what they compute (a forced
+        attention backend, an approximate GELU, dropout)."""
+        to_qkv, to_out, mlp = packs
+        parts = getattr(mlp, "parts", ())
+        if (self.attn.backend not in (None, "cpu") or len(parts) != 3 or type(parts[1]) is not nn.GELU
+                or parts[1].approximate != "none"):
+            return None
+        dim = self.norm1.normalized_shape[0]
+        try:
+            return (AttentionBranch(dim=dim, norm=self.norm1, to_qkv=to_qkv, heads=self.attn.heads, cache=cache,
+                                    layout=self.layout, to_out=to_out),
+                    MlpBranch(dim=dim, norm=self.norm2, w1=parts[0], w2=parts[2], geglu=False,
+                              text_len=self.layout.text_len, image_size=self.layout.image_size))
+        except ValueError:
+            return None
+
 
 class DALLE(nn.Module):
     """Decoder-only text-to-image transformer.
@@ -313,14 +332,17 @@ class DALLE(nn.Module):
         self.caches = [KVCache(prompt_index, cfg.text_len, cfg.image_tokens, dense) for _ in self.blocks]
         # the fast path's decode step runs its linear layers on packed weights (CPU, float32); the
         # dense baseline keeps torch's nn.Linear, as a plain static-cache decoder has
-        self.packs = None
+        self.packs = self.branches = None
         if not dense and LinearPack.serves(self.head.weight.device, self.head.weight.dtype):
             tv = cfg.text_vocab
             self.packs = ([block.step_packs() for block in self.blocks],
                           LinearPack(self.head.weight[tv:], self.head.bias[tv:]))
+            if AttentionBranch.serves(self.head.weight.device, self.head.weight.dtype):
+                branches = [block.step_branches(p, c) for block, p, c in zip(self.blocks, self.packs[0], self.caches)]
+                self.branches = None if any(b is None for b in branches) else branches
 
     def clear_caches(self) -> None:
-        self.caches = self.packs = None
+        self.caches = self.packs = self.branches = None
 
     def prefill(self, text: torch.Tensor) -> torch.Tensor:
         """Captions ``(P, T - 1)`` (unchecked, int64) -> image logits ``(P, image_vocab)`` of the last text
@@ -333,6 +355,12 @@ class DALLE(nn.Module):
         the host, read only by the dense baseline) -> image logits ``(rows, image_vocab)`` of ``pos + 1``."""
         x = self.embed_image(tokens[:, None], pos - self.config.text_len)
         packs = getattr(self, "packs", None)  # (absent on models pickled before the packs)
+        branches = getattr(self, "branches", None)
+        if branches is not None and packs is not None and index is not None:  # eager CPU step: one op per branch
+            for attn, mlp in branches:
+                x = attn(x, x, pos)
+                x = mlp(x, x, pos)
+            return packs[1](self.norm(x)[:, 0])
         if packs is None:
             return self.image_logits(self.hidden(x, self._step_caches(), pos, index)[:, 0])
         return packs[1](self.hidden(x, self._step_caches(), pos, index, packs[0])[:, 0])
