@@ -66,6 +66,10 @@ class StepModel(Protocol):
 
     def clear_caches(self) -> None: ...
 
+    # optional: after setup_caches, not None when the eager step runs each residual branch as one op
+    # (dalle_fast.ops.branch); compile="auto" then stays eager, the faster step (bench/RESULTS.md)
+    branches: Optional[list]
+
 
 class KVCache:
     """One attention layer's static cache for ``rows`` sequences.
@@ -245,14 +249,15 @@ class Engine:
         :class:`CompileFallbackWarning`; ``"auto"`` (CPU, no CUDA graph; else False): as None once
         ``owner`` (default: the model; the module whose weights the step reads) has been decoded eagerly
         for :func:`compile_after` seconds with these rows, options and length, else eagerly (timed); a
-        step that could not be compiled is not tried again. ``progress``: a tqdm bar or None.
+        step that could not be compiled is not tried again; always eagerly when the model's eager step
+        runs its branches as one op each (``model.branches``), which is faster than the compiled step. ``progress``: a tqdm bar or None.
         """
         if compile is not None and not isinstance(compile, bool) and compile != "auto":
             raise ValueError(f"compile must be True, False, None or 'auto', got {compile!r}")
         auto = None  # (record, key) of compile="auto"
         if compile == "auto":
             compile = False
-            if self.tokens.device.type == "cpu" and not cuda_graph:
+            if self.tokens.device.type == "cpu" and not cuda_graph and getattr(self.model, "branches", None) is None:
                 key = (self.rows, self.guided, self.opts, image_tokens, primed is not None)
                 try:
                     record = _EAGER_SECONDS.setdefault(self.model if owner is None else owner, {})

@@ -65,7 +65,32 @@ def test_the_default_is_the_eager_step(model):
     assert _graphs() == before
 
 
-def test_the_default_compiles_once_eager_decoding_has_cost_a_compile(model, monkeypatch):
+@pytest.fixture
+def modules_step(monkeypatch):
+    """The eager step runs the blocks' modules, not the branch ops (as on CPUs the packed kernels do not
+    serve): the compile=None policy applies."""
+    from dalle_fast.models.dalle import Block
+    monkeypatch.setattr(Block, "step_branches", lambda self, packs, cache: None)
+
+
+def test_the_default_stays_eager_where_the_eager_step_runs_the_branch_ops(model, monkeypatch):
+    """Where the eager step runs one op per branch (faster than the compiled step), compile=None never
+    compiles, however long the process has decoded eagerly."""
+    from dalle_fast.ops.branch import AttentionBranch
+    if not AttentionBranch.serves(torch.device("cpu"), torch.float32):
+        pytest.skip("the packed kernels do not serve this CPU instruction set")
+    text = torch.randint(0, 35, (1, 4), generator=torch.Generator().manual_seed(4))
+    opts = dict(seed=3, temperature=0.7, top_k=4)
+    monkeypatch.setenv("DALLE_FAST_COMPILE_AFTER", "0")
+    before = _graphs()
+    first = generate_codes(model, text, 2, **opts)
+    assert torch.equal(generate_codes(model, text, 2, **opts), first)
+    assert _graphs() == before
+    assert torch.equal(generate_codes(model, text, 2, compile=True, **opts), first)  # asked for: compiled
+    assert _graphs() == before + 1
+
+
+def test_the_default_compiles_once_eager_decoding_has_cost_a_compile(model, monkeypatch, modules_step):
     """compile=None: eager until the process has decoded this model, rows and options eagerly for
     $DALLE_FAST_COMPILE_AFTER seconds, then compiled (the same codes)."""
     text = torch.randint(0, 35, (1, 4), generator=torch.Generator().manual_seed(4))
@@ -143,7 +168,7 @@ def test_compile_failure_with_the_default_warns_and_decodes_eagerly(model):
     assert torch.equal(fallback, eager)
 
 
-def test_auto_compile_that_fails_warns_once_then_stays_eager(model, monkeypatch):
+def test_auto_compile_that_fails_warns_once_then_stays_eager(model, monkeypatch, modules_step):
     import warnings
     monkeypatch.setenv("DALLE_FAST_COMPILE_AFTER", "0")
     breaking = _Breaking(model)

@@ -25,6 +25,9 @@ namespace {
 
 constexpr int64_t CHUNK_ITEMS = 4;  // work items taken at once, at most (fewer when items are few)
 constexpr int64_t GROUP_ROWS = 32;  // rows per work item that share one prompt's text caches
+// the text part of an item is two GEMMs from this many rows on; below, dot products per row (the
+// GEMM's call and kernel lookup cost more than a few rows' dot products over the text keys)
+constexpr int64_t GEMM_MIN_ROWS = 4;
 
 // A work item: one head and up to GROUP_ROWS rows. With shared text caches the rows of an item
 // share their prompt and text-key count, and for float32 the text part of all of them is two GEMMs
@@ -89,6 +92,7 @@ void run(const DecodeArgs& a) {
     Buffer qf(static_cast<size_t>(m_max * D)), acc(static_cast<size_t>(m_max * D));
     Buffer sums(static_cast<size_t>(m_max));
     std::vector<uint8_t> nan_row(static_cast<size_t>(m_max));
+    bool used_gemm = false;
     Buffer qt(grouped ? static_cast<size_t>(D * m_max) : 0);
     Buffer st(grouped ? static_cast<size_t>(m_max * max_keys) : 0);
     for (;;) {
@@ -100,7 +104,8 @@ void run(const DecodeArgs& a) {
       const int64_t h = item.head, m = item.count;
       const int64_t b0 = order[item.first];
       // text keys done by GEMM for the whole item (grouped) or per row below
-      const int64_t gemm_text = grouped ? n_text[b0] : 0;
+      const int64_t gemm_text = grouped && m >= GEMM_MIN_ROWS ? n_text[b0] : 0;
+      used_gemm = used_gemm || gemm_text > 0;
       const T* tk0 = nullptr;
       const T* tv0 = nullptr;
       if (shared) {
@@ -177,7 +182,7 @@ void run(const DecodeArgs& a) {
       }
     }
     }
-    if (grouped) at::native::cpublas::brgemm_release(false);
+    if (used_gemm) at::native::cpublas::brgemm_release(false);
   });
 }
 
