@@ -24,6 +24,7 @@ constexpr int RADIX_BITS = 8;
 constexpr int RADIX_BINS = 1 << RADIX_BITS;
 constexpr int TOPK_BITS = 12;  // first-level bucket bits of the top-k select
 constexpr int64_t TOPK_BINS = int64_t(1) << TOPK_BITS;
+constexpr int64_t SERIAL_ELEMENTS = 16384;  // rows x vocabulary below which one thread draws them all
 
 struct Scratch {
   std::vector<float> x;
@@ -103,7 +104,15 @@ void sample_row(const SampleParams& p, const float* cond, const float* uncond, i
   // 2. C1: top-k by threshold (k-th largest key) and an index cutoff among ties
   uint32_t tau_k = NEG_INF_KEY + 1;  // every finite key
   int64_t cut_k = n;                  // ties at tau_k admitted up to this index (inclusive)
-  if (p.top_k > 0 && p.top_k < finite) {
+  if (p.top_k > 0 && p.top_k < finite && n <= TOPK_BINS) {
+    // k-th largest key of a small vocabulary: nth_element over the finite keys (zeroing and scanning
+    // the histogram below would cost more than the row)
+    s.sel.clear();
+    for (int64_t i = 0; i < n; ++i)
+      if (key[i] != NEG_INF_KEY) s.sel.push_back(key[i]);
+    std::nth_element(s.sel.begin(), s.sel.begin() + (p.top_k - 1), s.sel.end(), std::greater<uint32_t>());
+    tau_k = s.sel[p.top_k - 1];
+  } else if (p.top_k > 0 && p.top_k < finite) {
     // k-th largest key: a count histogram of the top TOPK_BITS key bits finds its bucket, then
     // nth_element runs over that bucket only
     s.hist.assign(TOPK_BINS, 0);
@@ -117,6 +126,8 @@ void sample_row(const SampleParams& p, const float* cond, const float* uncond, i
     const int64_t r = p.top_k - above - 1;  // rank inside the bucket
     std::nth_element(s.sel.begin(), s.sel.begin() + r, s.sel.end(), std::greater<uint32_t>());
     tau_k = s.sel[r];
+  }
+  if (p.top_k > 0 && p.top_k < finite) {
     int64_t gt = 0;
     for (int64_t i = 0; i < n; ++i) gt += key[i] > tau_k;
     int64_t need = p.top_k - gt;  // >= 1 ties admitted, in index order
@@ -178,16 +189,23 @@ void sample_row(const SampleParams& p, const float* cond, const float* uncond, i
 
 void sample(const SampleParams& p, const float* cond, const float* uncond, const int64_t* seeds,
             int64_t step, int64_t* tokens, int32_t* errors) {
-  // rows pulled dynamically (load balance on busy machines)
-  const int64_t n_threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), p.batch));
+  // rows pulled dynamically (load balance on busy machines); a small call on the calling thread
+  // (waking a pool thread costs more than a few short rows)
+  const int64_t n_threads = p.batch * (p.hi - p.lo) < SERIAL_ELEMENTS
+                                ? 1
+                                : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), p.batch));
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, n_threads, 1, [&](int64_t, int64_t) {
+  auto rows = [&](int64_t, int64_t) {
     Scratch s;
     for (int64_t b = next.fetch_add(1); b < p.batch; b = next.fetch_add(1)) {
       sample_row(p, cond + b * p.vocab, p.guided ? uncond + b * p.vocab : nullptr, seeds[b], step,
                  tokens + b, errors + b, s);
     }
-  });
+  };
+  if (n_threads == 1)
+    rows(0, 1);
+  else
+    at::parallel_for(0, n_threads, 1, rows);
 }
 
 }  // namespace CPU_CAPABILITY
