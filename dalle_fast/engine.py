@@ -250,7 +250,8 @@ class Engine:
         ``owner`` (default: the model; the module whose weights the step reads) has been decoded eagerly
         for :func:`compile_after` seconds with these rows, options and length, else eagerly (timed); a
         step that could not be compiled is not tried again; always eagerly when the model's eager step
-        runs its branches as one op each (``model.branches``), which is faster than the compiled step. ``progress``: a tqdm bar or None.
+        runs its branches as one op each (``model.branches``), which is faster than the compiled step.
+        ``progress``: a tqdm bar or None.
         """
         if compile is not None and not isinstance(compile, bool) and compile != "auto":
             raise ValueError(f"compile must be True, False, None or 'auto', got {compile!r}")
