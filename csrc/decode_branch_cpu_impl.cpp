@@ -3,9 +3,10 @@
 // decode_attention on the layer's caches, packed to_out) or the feed-forward net (packed linear,
 // GELU or GEGLU, packed linear). At the decode step's shapes (a few rows of a few hundred features)
 // each of the ~25 torch ops a branch takes from Python costs 3-10 us of dispatch and allocation,
-// several times its arithmetic; here a branch is one call. The linear layers and the attention run
-// the per-ISA kernels (cpu/kernels.h); the norms, the token shift, the rotary embedding and the
-// activation are loops over the step's few rows. Float32 only (the packed kernels' type).
+// several times its arithmetic; here a branch is one call. The linear layers (packed weights: the
+// per-ISA kernel; plain weights: torch's GEMM) and the attention run the kernels (cpu/kernels.h); the
+// norms, the token shift, the rotary embedding and the activation are loops over the step's few rows.
+// Float32 only.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -161,29 +162,53 @@ void token_shift(float* h, int64_t rows, int64_t dim, const Shift& s, const std:
   }
 }
 
-// A packed linear layer (pack_linear_weight) of in_features K and out_features N.
+// A linear layer of in_features K and out_features N: a weight packed by pack_linear_weight (the
+// per-ISA kernel, AVX2 / AVX-512), or the plain (N, K) weight (torch's GEMM: the baseline ISA, where
+// the packed kernel is slower than torch's).
 struct Linear {
   const float* packed = nullptr;
+  at::Tensor weight, bias_t;  // plain weight and its bias (undefined when packed / absent)
   const float* bias = nullptr;
   int64_t K = 0, N = 0;
 };
 
-Linear linear_arg(const char* op, const char* name, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
+Linear linear_arg(const char* op, const char* name, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                   int64_t K, int64_t N) {
-  TORCH_CHECK_VALUE(packed.device().is_cpu() && packed.scalar_type() == at::kFloat && packed.dim() == 3 &&
-                        packed.size(1) == K && packed.size(2) == cpu::LINEAR_PANEL && packed.is_contiguous() && N > 0 &&
-                        packed.size(0) == (N + cpu::LINEAR_PANEL - 1) / cpu::LINEAR_PANEL,
-                    op, ": ", name, " must be a contiguous float32 CPU weight of ", K, " in and ", N,
-                    " out features packed by pack_linear_weight, got ", packed.scalar_type(), " shape ", packed.sizes());
   Linear l;
-  l.packed = packed.data_ptr<float>();
+  if (weight.dim() == 2) {
+    TORCH_CHECK_VALUE(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.size(0) == N &&
+                          weight.size(1) == K && N > 0,
+                      op, ": ", name, " must be a float32 CPU weight (", N, ", ", K,
+                      ") or that weight packed by pack_linear_weight, got ", weight.scalar_type(), " shape ",
+                      weight.sizes());
+    l.weight = weight;
+  } else {
+    TORCH_CHECK_VALUE(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.dim() == 3 &&
+                          weight.size(1) == K && weight.size(2) == cpu::LINEAR_PANEL && weight.is_contiguous() &&
+                          N > 0 && weight.size(0) == (N + cpu::LINEAR_PANEL - 1) / cpu::LINEAR_PANEL,
+                      op, ": ", name, " must be a contiguous float32 CPU weight of ", K, " in and ", N,
+                      " out features packed by pack_linear_weight (or the plain (", N, ", ", K, ") weight), got ",
+                      weight.scalar_type(), " shape ", weight.sizes());
+    l.packed = weight.data_ptr<float>();
+  }
   l.bias = vector_arg(op, (std::string(name) + " bias").c_str(), bias, N);
+  if (l.bias) l.bias_t = *bias;
   l.K = K;
   l.N = N;
   return l;
 }
 
 void linear(const Linear& l, const float* x, int64_t rows, float* out) {
+  if (rows <= 0) return;
+  if (!l.packed) {  // plain weight: out = x W^T (+ bias) by torch's GEMM, in place
+    const at::Tensor xt = at::from_blob(const_cast<float*>(x), {rows, l.K}, at::kFloat);
+    at::Tensor ot = at::from_blob(out, {rows, l.N}, at::kFloat);
+    if (l.bias)
+      at::addmm_out(ot, l.bias_t, xt, l.weight.t());
+    else
+      at::mm_out(ot, xt, l.weight.t());
+    return;
+  }
   cpu::LinearArgs a{};
   a.M = rows;
   a.K = l.K;
@@ -194,7 +219,7 @@ void linear(const Linear& l, const float* x, int64_t rows, float* out) {
   a.bias = l.bias;
   a.out = out;
   a.ldo = l.N;
-  if (rows > 0) cpu::kernels().packed_linear(a);
+  cpu::kernels().packed_linear(a);
 }
 
 // The branch's ends: the input norm, and ``residual + layer_scale * norm_out(y)`` into out.

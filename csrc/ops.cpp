@@ -38,10 +38,10 @@ TORCH_LIBRARY(dalle_fast, m) {
   // residual (rows, dim) or (rows, 1, dim): residual + layer_scale * norm_out(core(shift(norm(x)))),
   // norm_out only with norm_out=True, layer_scale and the biases optional. shift_history (rows,
   // >= S*S, shift_top + shift_left) given: DALLE-pytorch's image token shift at m = pos - text_len
-  // (written in place). Attention core: qkv_packed (pack_linear_weight of (3 * heads * D, dim)), the
-  // rotary tables (positions, rot) of cos and sign-folded sin on q, k and v, decode_attention on the
-  // caches (its arguments), out_packed. MLP core: w1_packed (hidden or 2 * hidden with geglu), GELU
-  // or GEGLU, w2_packed. pos: image positions only.
+  // (written in place). Attention core: qkv_packed (pack_linear_weight of the (3 * heads * D, dim)
+  // weight, or that weight itself), the rotary tables (positions, rot) of cos and sign-folded sin on
+  // q, k and v, decode_attention on the caches (its arguments), out_packed. MLP core: w1_packed (hidden
+  // or 2 * hidden outputs with geglu), GELU or GEGLU, w2_packed. pos: image positions only.
   m.def(
       "decode_attention_branch(Tensor x, Tensor residual, Tensor? norm_weight, Tensor? norm_bias, float norm_eps, "
       "bool norm_out, Tensor? norm_out_weight, Tensor? norm_out_bias, float norm_out_eps, Tensor? layer_scale, "

@@ -114,14 +114,26 @@ def _attention_reference(c, dtype):
     return _ends(y, to(c["res"][:, 0]), c["post"], to(c["scale"]))[:, None], k, v, hist
 
 
-def _attention_op(c):
+def _layer(w, b, packed):
+    """The linear layer a branch takes: packed (LinearPack, the per-ISA kernel) or an nn.Linear."""
+    if packed:
+        return LinearPack(w, b)
+    layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        if b is not None:
+            layer.bias.copy_(b)
+    return layer
+
+
+def _attention_op(c, packed=True):
     k, v, hist = c["k"].clone(), c["v"].clone(), None if c["hist"] is None else c["hist"].clone()
     branch = AttentionBranch(
         dim=c["x"].shape[-1], norm=c["pre"], norm_out=c["post"], layer_scale=c["scale"],
-        shift=None if hist is None else (hist, c["top"], c["left"]), to_qkv=LinearPack(c["w_qkv"], c["b_qkv"]),
+        shift=None if hist is None else (hist, c["top"], c["left"]), to_qkv=_layer(c["w_qkv"], c["b_qkv"], packed),
         heads=c["heads"], rotary=None if c["cos"] is None else (c["cos"], c["sin_signed"]),
         cache=_Cache(k, v, c["tk"], c["tv"], c["prompt_index"]), layout=c["layout"],
-        to_out=LinearPack(c["w_out"], c["b_out"]))
+        to_out=_layer(c["w_out"], c["b_out"], packed))
     return branch(c["x"], c["res"], c["pos"]), k, v, hist
 
 
@@ -145,9 +157,10 @@ CASES = [  # rows, dim, heads, D, rot
 ]
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
 @pytest.mark.parametrize("rows,dim,heads,D,rot", CASES)
 @pytest.mark.parametrize("kind", ["full", "axial_row", "axial_col", "conv_like"])
-def test_attention_branch_matches_float64(rows, dim, heads, D, rot, kind):
+def test_attention_branch_matches_float64(rows, dim, heads, D, rot, kind, packed):
     # image positions: the first, the end of the first image row, a row start, an interior one, the last
     for i, m in enumerate((0, S - 1, S, S + 2, S * S - 1)):
         for shift, norm_out, layer_scale, bias in ((True, True, True, True), (False, False, False, False),
@@ -157,8 +170,8 @@ def test_attention_branch_matches_float64(rows, dim, heads, D, rot, kind):
                 pos = torch.tensor([T + (m + r) % (S * S) for r in range(rows)])
             c = _attention_case(rows, dim, heads, D, rot, kind, pos, shift=shift, norm_out=norm_out,
                                 layer_scale=layer_scale, bias=bias, seed=rows * 1000 + dim + m)
-            _check(_attention_op(c), c, _attention_reference,
-                   f"{kind} rows={rows} dim={dim} H={heads} D={D} rot={rot} m={m} shift={shift} "
+            _check(_attention_op(c, packed), c, _attention_reference,
+                   f"{kind} packed={packed} rows={rows} dim={dim} H={heads} D={D} rot={rot} m={m} shift={shift} "
                    f"norm_out={norm_out} scale={layer_scale} bias={bias}")
 
 
@@ -193,17 +206,18 @@ def _mlp_reference(c, dtype):
     return _ends(y, to(c["res"][:, 0]), c["post"], to(c["scale"]))[:, None], None, None, hist
 
 
-def _mlp_op(c):
+def _mlp_op(c, packed=True):
     hist = None if c["hist"] is None else c["hist"].clone()
     branch = MlpBranch(dim=c["x"].shape[-1], norm=c["pre"], norm_out=c["post"], layer_scale=c["scale"],
-                       shift=None if hist is None else (hist, c["top"], c["left"]), w1=LinearPack(c["w1"], c["b1"]),
-                       w2=LinearPack(c["w2"], c["b2"]), geglu=c["geglu"], text_len=T, image_size=S)
+                       shift=None if hist is None else (hist, c["top"], c["left"]), w1=_layer(c["w1"], c["b1"], packed),
+                       w2=_layer(c["w2"], c["b2"], packed), geglu=c["geglu"], text_len=T, image_size=S)
     return branch(c["x"], c["res"], c["pos"]), None, None, hist
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
 @pytest.mark.parametrize("geglu", [True, False])
 @pytest.mark.parametrize("rows,dim,hidden", [(1, 24, 40), (3, 33, 17), (8, 64, 256)])
-def test_mlp_branch_matches_float64(rows, dim, hidden, geglu):
+def test_mlp_branch_matches_float64(rows, dim, hidden, geglu, packed):
     for m in (0, S - 1, S, S * S - 1):
         for shift, norm_out, layer_scale, bias in ((True, True, True, True), (False, False, False, False),
                                                    (True, False, False, True)):
@@ -211,8 +225,8 @@ def test_mlp_branch_matches_float64(rows, dim, hidden, geglu):
                                                                                for r in range(rows)])
             c = _mlp_case(rows, dim, hidden, geglu, pos, shift=shift, norm_out=norm_out, layer_scale=layer_scale,
                           bias=bias, seed=rows * 100 + dim + m)
-            _check(_mlp_op(c), c, _mlp_reference,
-                   f"rows={rows} dim={dim} hidden={hidden} geglu={geglu} m={m} shift={shift} norm_out={norm_out} "
+            _check(_mlp_op(c, packed), c, _mlp_reference,
+                   f"packed={packed} rows={rows} dim={dim} hidden={hidden} geglu={geglu} m={m} shift={shift} norm_out={norm_out} "
                    f"scale={layer_scale} bias={bias}")
 
 
@@ -242,6 +256,8 @@ def _raw_attention_args(c, **change):
     (dict(shift_top=30, shift_left=20), "shift_top and shift_left"),
     (dict(heads=2), "heads must be"),
     (dict(qkv_packed=torch.zeros(3, 40, 16)), "qkv_packed must be"),
+    (dict(qkv_packed=torch.zeros(108, 41)), "qkv_packed must be a float32 CPU weight"),
+    (dict(out_packed=torch.zeros(40, 36, dtype=torch.float64)), "out_packed must be a float32 CPU weight"),
     (dict(qkv_bias=torch.zeros(5)), "qkv_packed bias must be"),
     (dict(out_packed=torch.zeros(3, 40, 16)), "out_packed must be"),
     (dict(rotary_sin=None), "rotary_cos and rotary_sin go together"),
@@ -294,6 +310,9 @@ def test_branch_construction_refuses_other_norms():
     with pytest.raises(ValueError, match="nn.LayerNorm"):
         MlpBranch(dim=8, norm=torch.nn.RMSNorm(8), w1=pack, w2=LinearPack(torch.randn(8, 12)), geglu=True,
                   text_len=T, image_size=S)
+    with pytest.raises(ValueError, match="w2 must be a LinearPack or an nn.Linear"):
+        MlpBranch(dim=8, norm=torch.nn.LayerNorm(8), w1=pack, w2=torch.randn(8, 12), geglu=True, text_len=T,
+                  image_size=S)
     with pytest.raises(ValueError, match="3 x heads"):
         AttentionBranch(dim=8, norm=torch.nn.LayerNorm(8), to_qkv=LinearPack(torch.randn(25, 8)), heads=2,
                         cache=None, layout=Layout("full", text_len=T, image_size=S),

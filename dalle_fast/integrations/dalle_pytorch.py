@@ -520,22 +520,25 @@ class _StepModel:
 
             self.packs = ([(pack(layer.attn.core.to_qkv), pack(layer.attn.core.to_out), pack(layer.ff.core.net))
                            for layer in self.spec.layers], LinearPack(self.head_w, self.head_b))
-        self.branches = self._branches() if self.packs is not None and AttentionBranch.serves(
-            self.device, self.dtype) else None
+        self.branches = self._branches() if AttentionBranch.serves(self.device, self.dtype) else None
 
     def _branches(self):
-        """Per layer the (attention, feed-forward) branch ops of the eager step (:mod:`dalle_fast.ops.branch`),
-        or None where a part is not what they compute (then the step runs the modules)."""
+        """Per layer the (attention, feed-forward) branch ops of the eager step (:mod:`dalle_fast.ops.branch`)
+        on the packs (or, without packs, the modules' linear layers), or None where a part is not what
+        they compute (then the step runs the modules)."""
         _, tr, _, _ = _package()
         out = []
         for i, layer in enumerate(self.spec.layers):
-            to_qkv, to_out, net = self.packs[0][i]
-            to_out = _one_linear(to_out)
-            parts = getattr(net, "parts", ())
-            if not (isinstance(to_qkv, LinearPack) and to_out is not None and len(parts) == 3
-                    and isinstance(parts[0], LinearPack) and type(parts[1]) is tr.GEGLU
-                    and isinstance(parts[2], LinearPack)):
+            core = layer.attn.core
+            to_qkv, to_out, net = self.packs[0][i] if self.packs is not None else (core.to_qkv, core.to_out,
+                                                                                 layer.ff.core.net)
+            qkv_parts, out_parts, parts = _step_parts(to_qkv), _step_parts(to_out), _step_parts(net)
+            linear = (LinearPack, nn.Linear)
+            if not (len(qkv_parts) == 1 and isinstance(qkv_parts[0], linear) and len(out_parts) == 1
+                    and isinstance(out_parts[0], linear) and len(parts) == 3 and isinstance(parts[0], linear)
+                    and type(parts[1]) is tr.GEGLU and isinstance(parts[2], linear)):
                 return None
+            to_qkv, to_out = qkv_parts[0], out_parts[0]
             ends = []
             for j, branch in enumerate((layer.attn, layer.ff)):
                 norm_out = branch.prenorm.norm_out
@@ -543,7 +546,6 @@ class _StepModel:
                                  norm_out=None if isinstance(norm_out, nn.Identity) else norm_out,
                                  layer_scale=branch.layer_scale.scale,
                                  shift=(self.history[i][j], self.top, self.left) if branch.shift else None))
-            core = layer.attn.core
             try:
                 out.append((AttentionBranch(**ends[0], to_qkv=to_qkv, heads=core.heads,
                                             rotary=None if self.rotary is None else tuple(r[0] for r in self.rotary),
@@ -635,7 +637,7 @@ class _StepModel:
             x = x + image_pos
 
         packs = self.packs
-        if index is not None and packs is not None and self.branches is not None:  # one op per branch (CPU, float32)
+        if index is not None and self.branches is not None:  # one op per branch (CPU, float32)
             if self.spec.reversible:
                 x1 = x2 = x
                 for attn, ff in self.branches:
@@ -646,7 +648,7 @@ class _StepModel:
                 for attn, ff in self.branches:
                     x = attn(x, x, pos)
                     x = ff(x, x, pos)
-            return self.image_logits(x[:, 0], packs[1])
+            return self.image_logits(x[:, 0], None if packs is None else packs[1])
 
         def attend(i, h):
             core, layout = self.spec.layers[i].attn.core, self.spec.layers[i].layout
@@ -660,12 +662,15 @@ class _StepModel:
         return self.image_logits(h[:, 0], packs[1])
 
 
-def _one_linear(packed) -> Optional[LinearPack]:
-    """The LinearPack of a packed ``nn.Linear`` or of a packed Sequential holding only one, else None."""
-    if isinstance(packed, LinearPack):
-        return packed
-    parts = getattr(packed, "parts", ())
-    return parts[0] if len(parts) == 1 and isinstance(parts[0], LinearPack) else None
+def _step_parts(module) -> list:
+    """What a decode step runs of ``module``: the parts of a packed module (:func:`pack_module`), or of
+    an ``nn.Sequential`` without its eval-mode dropout (the identity; as ``pack_module`` leaves it
+    out), or ``[module]``."""
+    if hasattr(module, "parts"):
+        return list(module.parts)
+    if isinstance(module, nn.Sequential):
+        return [m for m in module if not (isinstance(m, nn.Dropout) and not m.training)]
+    return [module]
 
 
 def _text_ids(model, text: torch.Tensor) -> torch.Tensor:

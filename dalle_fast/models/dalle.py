@@ -205,12 +205,12 @@ class Block(nn.Module):
         """The block's to_qkv, to_out and mlp with their linear layers packed for a decode step."""
         return pack_module(self.attn.to_qkv), pack_module(self.attn.to_out), pack_module(self.mlp)
 
-    def step_branches(self, packs: tuple, cache: KVCache):
-        """The block as two branch ops of a decode step (:mod:`dalle_fast.ops.branch`) on its
-        :meth:`step_packs` and ``cache``, or None where the block is not what they compute (a forced
-        attention backend, an approximate GELU, dropout)."""
-        to_qkv, to_out, mlp = packs
-        parts = getattr(mlp, "parts", ())
+    def step_branches(self, cache: KVCache, packs: tuple | None = None):
+        """The block as two branch ops of a decode step (:mod:`dalle_fast.ops.branch`) on ``cache`` and
+        its :meth:`step_packs` (None: its own linear layers), or None where the block is not what they
+        compute (a forced attention backend, an approximate GELU)."""
+        to_qkv, to_out, mlp = packs if packs is not None else (self.attn.to_qkv, self.attn.to_out, self.mlp)
+        parts = list(getattr(mlp, "parts", mlp))  # the packed module's parts or the Sequential's modules
         if (self.attn.backend not in (None, "cpu") or len(parts) != 3 or type(parts[1]) is not nn.GELU
                 or parts[1].approximate != "none"):
             return None
@@ -333,13 +333,16 @@ class DALLE(nn.Module):
         # the fast path's decode step runs its linear layers on packed weights (CPU, float32); the
         # dense baseline keeps torch's nn.Linear, as a plain static-cache decoder has
         self.packs = self.branches = None
-        if not dense and LinearPack.serves(self.head.weight.device, self.head.weight.dtype):
+        dev, dt = self.head.weight.device, self.head.weight.dtype
+        if not dense and LinearPack.serves(dev, dt):
             tv = cfg.text_vocab
             self.packs = ([block.step_packs() for block in self.blocks],
                           LinearPack(self.head.weight[tv:], self.head.bias[tv:]))
-            if AttentionBranch.serves(self.head.weight.device, self.head.weight.dtype):
-                branches = [block.step_branches(p, c) for block, p, c in zip(self.blocks, self.packs[0], self.caches)]
-                self.branches = None if any(b is None for b in branches) else branches
+        # and each block as two branch ops (CPU, float32), on the packs where there are some
+        if not dense and AttentionBranch.serves(dev, dt):
+            packs = self.packs[0] if self.packs is not None else [None] * len(self.blocks)
+            branches = [block.step_branches(c, p) for block, c, p in zip(self.blocks, self.caches, packs)]
+            self.branches = None if any(b is None for b in branches) else branches
 
     def clear_caches(self) -> None:
         self.caches = self.packs = self.branches = None
@@ -356,11 +359,12 @@ class DALLE(nn.Module):
         x = self.embed_image(tokens[:, None], pos - self.config.text_len)
         packs = getattr(self, "packs", None)  # (absent on models pickled before the packs)
         branches = getattr(self, "branches", None)
-        if branches is not None and packs is not None and index is not None:  # eager CPU step: one op per branch
+        if branches is not None and index is not None:  # eager CPU step: one op per branch
             for attn, mlp in branches:
                 x = attn(x, x, pos)
                 x = mlp(x, x, pos)
-            return packs[1](self.norm(x)[:, 0])
+            h = self.norm(x)[:, 0]
+            return self.image_logits(h) if packs is None else packs[1](h)
         if packs is None:
             return self.image_logits(self.hidden(x, self._step_caches(), pos, index)[:, 0])
         return packs[1](self.hidden(x, self._step_caches(), pos, index, packs[0])[:, 0])
