@@ -36,12 +36,13 @@ const float* vector_arg(const char* op, const char* name, const c10::optional<at
   return t->data_ptr<float>();
 }
 
-Norm norm_arg(const char* op, const char* name, const c10::optional<at::Tensor>& w,
-              const c10::optional<at::Tensor>& b, double eps, int64_t dim) {
+// ``name``: the argument prefix (norm / norm_out); its three arguments are named in full for the errors
+Norm norm_arg(const char* op, const char* name, const char* weight_name, const char* bias_name,
+              const c10::optional<at::Tensor>& w, const c10::optional<at::Tensor>& b, double eps, int64_t dim) {
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op, ": ", name, "_eps must be finite and >= 0, got ", eps);
   Norm n;
-  n.weight = vector_arg(op, (std::string(name) + "_weight").c_str(), w, dim);
-  n.bias = vector_arg(op, (std::string(name) + "_bias").c_str(), b, dim);
+  n.weight = vector_arg(op, weight_name, w, dim);
+  n.bias = vector_arg(op, bias_name, b, dim);
   n.eps = static_cast<float>(eps);
   return n;
 }
@@ -172,8 +173,8 @@ struct Linear {
   int64_t K = 0, N = 0;
 };
 
-Linear linear_arg(const char* op, const char* name, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                  int64_t K, int64_t N) {
+Linear linear_arg(const char* op, const char* name, const char* bias_name, const at::Tensor& weight,
+                  const c10::optional<at::Tensor>& bias, int64_t K, int64_t N) {
   Linear l;
   if (weight.dim() == 2) {
     TORCH_CHECK_VALUE(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.size(0) == N &&
@@ -191,7 +192,7 @@ Linear linear_arg(const char* op, const char* name, const at::Tensor& weight, co
                       weight.scalar_type(), " shape ", weight.sizes());
     l.packed = weight.data_ptr<float>();
   }
-  l.bias = vector_arg(op, (std::string(name) + " bias").c_str(), bias, N);
+  l.bias = vector_arg(op, bias_name, bias, N);
   if (l.bias) l.bias_t = *bias;
   l.K = K;
   l.N = N;
@@ -209,17 +210,7 @@ void linear(const Linear& l, const float* x, int64_t rows, float* out) {
       at::mm_out(ot, xt, l.weight.t());
     return;
   }
-  cpu::LinearArgs a{};
-  a.M = rows;
-  a.K = l.K;
-  a.N = l.N;
-  a.x = x;
-  a.ldx = l.K;
-  a.packed = l.packed;
-  a.bias = l.bias;
-  a.out = out;
-  a.ldo = l.N;
-  cpu::kernels().packed_linear(a);
+  cpu::kernels().packed_linear(cpu::LinearArgs{rows, l.K, l.N, x, l.K, l.packed, l.bias, out, l.N});
 }
 
 // The branch's ends: the input norm, and ``residual + layer_scale * norm_out(y)`` into out.
@@ -234,9 +225,11 @@ Ends ends_arg(const char* op, int64_t dim, const c10::optional<at::Tensor>& norm
               const c10::optional<at::Tensor>& norm_out_weight, const c10::optional<at::Tensor>& norm_out_bias,
               double norm_out_eps, const c10::optional<at::Tensor>& layer_scale) {
   Ends e;
-  e.norm = norm_arg(op, "norm", norm_weight, norm_bias, norm_eps, dim);
+  e.norm = norm_arg(op, "norm", "norm_weight", "norm_bias", norm_weight, norm_bias, norm_eps, dim);
   e.has_norm_out = norm_out;
-  if (norm_out) e.norm_out = norm_arg(op, "norm_out", norm_out_weight, norm_out_bias, norm_out_eps, dim);
+  if (norm_out)
+    e.norm_out = norm_arg(op, "norm_out", "norm_out_weight", "norm_out_bias", norm_out_weight, norm_out_bias,
+                          norm_out_eps, dim);
   e.layer_scale = vector_arg(op, "layer_scale", layer_scale, dim);
   return e;
 }
@@ -275,8 +268,8 @@ at::Tensor decode_attention_branch_cpu(
   TORCH_CHECK_VALUE(heads > 0 && k_cache.size(1) == heads, op, ": heads must be k_cache's size(1) = ",
                     k_cache.size(1), ", got ", heads);
   const int64_t H = heads, D = k_cache.size(3), B = r.rows;
-  const Linear qkv = linear_arg(op, "qkv_packed", qkv_packed, qkv_bias, r.dim, 3 * H * D);
-  const Linear to_out = linear_arg(op, "out_packed", out_packed, out_bias, H * D, r.dim);
+  const Linear qkv = linear_arg(op, "qkv_packed", "qkv_bias", qkv_packed, qkv_bias, r.dim, 3 * H * D);
+  const Linear to_out = linear_arg(op, "out_packed", "out_bias", out_packed, out_bias, H * D, r.dim);
   const Shift shift = shift_arg(op, shift_history, shift_top, shift_left, B, r.dim, image_size);
   // rotary tables (positions, rot): cos and the sine with the pairs' sign folded in (even features negated)
   const bool rotary = rotary_cos.has_value() && rotary_cos->defined();
@@ -361,8 +354,8 @@ at::Tensor decode_mlp_branch_cpu(const at::Tensor& x, const at::Tensor& residual
   TORCH_CHECK_VALUE(text_len >= 1 && image_size >= 1, op, ": text_len and image_size must be >= 1, got ", text_len,
                     " and ", image_size);
   const int64_t B = r.rows;
-  const Linear l1 = linear_arg(op, "w1_packed", w1_packed, b1, r.dim, geglu ? 2 * hidden : hidden);
-  const Linear l2 = linear_arg(op, "w2_packed", w2_packed, b2, hidden, r.dim);
+  const Linear l1 = linear_arg(op, "w1_packed", "b1", w1_packed, b1, r.dim, geglu ? 2 * hidden : hidden);
+  const Linear l2 = linear_arg(op, "w2_packed", "b2", w2_packed, b2, hidden, r.dim);
   const Shift shift = shift_arg(op, shift_history, shift_top, shift_left, B, r.dim, image_size);
   std::vector<int64_t> p;
   if (shift.hist) p = image_positions(op, pos, B, text_len, image_size);

@@ -613,12 +613,12 @@ def test_constructor_option_sweep(name):
 @pytest.mark.parametrize("name", ["dalle_defaults", "all_kinds", "rotary_emb_false", "shift_tokens_false",
                                   "sandwich_norm", "dropouts_in_eval", "shared_attn_ids", "reversible"])
 def test_eager_cpu_step_runs_one_op_per_branch(name, monkeypatch):
-    """On the CPU in float32 with the packed kernels, generate's eager step runs each layer as the two
+    """On the CPU in float32 (every instruction set), generate's eager step runs each layer as the two
     branch ops (dalle_fast.ops.branch), with the same logits as the modules' path within float32
     rounding; a model in training mode with active dropout keeps the modules' path."""
     from dalle_fast.ops.branch import AttentionBranch
     if not AttentionBranch.serves(torch.device("cpu"), torch.float32):
-        pytest.skip("the packed kernels do not serve this CPU instruction set")
+        pytest.skip("decode_attention is forced off the cpu backend ($DALLE_FAST_BACKEND)")
     model = make_model(**SWEEP[name])
     text, image = batch(text_len=model.text_seq_len, image_tokens=model.image_seq_len)
     fused = cached_image_logits(model, text, image)

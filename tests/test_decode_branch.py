@@ -258,7 +258,7 @@ def _raw_attention_args(c, **change):
     (dict(qkv_packed=torch.zeros(3, 40, 16)), "qkv_packed must be"),
     (dict(qkv_packed=torch.zeros(108, 41)), "qkv_packed must be a float32 CPU weight"),
     (dict(out_packed=torch.zeros(40, 36, dtype=torch.float64)), "out_packed must be a float32 CPU weight"),
-    (dict(qkv_bias=torch.zeros(5)), "qkv_packed bias must be"),
+    (dict(qkv_bias=torch.zeros(5)), "qkv_bias must be"),
     (dict(out_packed=torch.zeros(3, 40, 16)), "out_packed must be"),
     (dict(rotary_sin=None), "rotary_cos and rotary_sin go together"),
     (dict(rotary_cos=torch.zeros(T + S * S, 14), rotary_sin=torch.zeros(T + S * S, 14)), "rotary_cos must be"),
@@ -288,7 +288,7 @@ def test_attention_branch_bad_arguments_raise_and_write_nothing(change, match):
     (dict(w2_packed=torch.zeros(2, 30, 16)), "w2_packed must be"),
     (dict(pos=torch.tensor(2)), "pos must be an image position"),
     (dict(shift_history=torch.zeros(4, S * S, 20)), "shift_history must be"),
-    (dict(b2=torch.zeros(3)), "w2_packed bias must be"),
+    (dict(b2=torch.zeros(3)), "b2 must be"),
 ])
 def test_mlp_branch_bad_arguments_raise_and_write_nothing(change, match):
     c = _mlp_case(3, 40, 24, True, torch.tensor(T + 3), shift=True, norm_out=False, layer_scale=False, bias=True,

@@ -82,6 +82,7 @@ from ..masks import Layout
 from ..nn.functional import vocab_slice_cross_entropy
 from ..ops import LinearPack, check_error_flags, pack_module, sample, sparse_attention
 from ..ops.branch import AttentionBranch, MlpBranch
+from ..ops.linear import step_parts
 
 __all__ = ["DallePytorchAttention", "generate", "generate_images", "import_dalle_pytorch", "is_patched", "layouts",
            "patch", "unpatch"]
@@ -532,7 +533,7 @@ class _StepModel:
             core = layer.attn.core
             to_qkv, to_out, net = self.packs[0][i] if self.packs is not None else (core.to_qkv, core.to_out,
                                                                                  layer.ff.core.net)
-            qkv_parts, out_parts, parts = _step_parts(to_qkv), _step_parts(to_out), _step_parts(net)
+            qkv_parts, out_parts, parts = step_parts(to_qkv), step_parts(to_out), step_parts(net)
             linear = (LinearPack, nn.Linear)
             if not (len(qkv_parts) == 1 and isinstance(qkv_parts[0], linear) and len(out_parts) == 1
                     and isinstance(out_parts[0], linear) and len(parts) == 3 and isinstance(parts[0], linear)
@@ -660,17 +661,6 @@ class _StepModel:
             return self.image_logits(self._run(x, shift, attend)[:, 0])
         h = self._run(x, shift, attend, lambda i, h: packs[0][i][2](h))
         return self.image_logits(h[:, 0], packs[1])
-
-
-def _step_parts(module) -> list:
-    """What a decode step runs of ``module``: the parts of a packed module (:func:`pack_module`), or of
-    an ``nn.Sequential`` without its eval-mode dropout (the identity; as ``pack_module`` leaves it
-    out), or ``[module]``."""
-    if hasattr(module, "parts"):
-        return list(module.parts)
-    if isinstance(module, nn.Sequential):
-        return [m for m in module if not (isinstance(m, nn.Dropout) and not m.training)]
-    return [module]
 
 
 def _text_ids(model, text: torch.Tensor) -> torch.Tensor:

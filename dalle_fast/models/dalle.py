@@ -42,6 +42,7 @@ from ..masks import KINDS, Layout, _int_at_least, _positive_int, paper_schedule
 from ..nn.attention import SparseAttention
 from ..ops import LinearPack, pack_module
 from ..ops.branch import AttentionBranch, MlpBranch
+from ..ops.linear import step_parts
 from ..nn.functional import vocab_slice_cross_entropy
 
 
@@ -210,7 +211,7 @@ class Block(nn.Module):
         its :meth:`step_packs` (None: its own linear layers), or None where the block is not what they
         compute (a forced attention backend, an approximate GELU)."""
         to_qkv, to_out, mlp = packs if packs is not None else (self.attn.to_qkv, self.attn.to_out, self.mlp)
-        parts = list(getattr(mlp, "parts", mlp))  # the packed module's parts or the Sequential's modules
+        parts = step_parts(mlp)
         if (self.attn.backend not in (None, "cpu") or len(parts) != 3 or type(parts[1]) is not nn.GELU
                 or parts[1].approximate != "none"):
             return None

@@ -55,19 +55,17 @@ def layer_norm_args(norm: nn.Module, dim: int):
     return w, b, float(norm.eps)
 
 
-class _Ends:
+def _ends(dim: int, norm: nn.Module, norm_out: Optional[nn.Module], layer_scale: Optional[torch.Tensor],
+          shift: Optional[Tuple[torch.Tensor, int, int]]) -> tuple:
     """The op arguments of a branch's ends: input norm, optional output norm (``None``: identity),
     optional layer scale ``(dim,)``, optional token shift ``(history, top, left)``."""
-
-    def __init__(self, dim: int, norm: nn.Module, norm_out: Optional[nn.Module], layer_scale: Optional[torch.Tensor],
-                 shift: Optional[Tuple[torch.Tensor, int, int]]) -> None:
-        pre = layer_norm_args(norm, dim)
-        post = None if norm_out is None else layer_norm_args(norm_out, dim)
-        if pre is None or (norm_out is not None and post is None):
-            raise ValueError("norm and norm_out must be nn.LayerNorm over the model's features")
-        scale = None if layer_scale is None else layer_scale.detach().reshape(-1).contiguous()
-        history, top, left = shift if shift is not None else (None, 0, 0)
-        self.args = (*pre, post is not None, *(post or (None, None, 0.0)), scale, history, top, left)
+    pre = layer_norm_args(norm, dim)
+    post = None if norm_out is None else layer_norm_args(norm_out, dim)
+    if pre is None or (norm_out is not None and post is None):
+        raise ValueError("norm and norm_out must be nn.LayerNorm over the model's features")
+    scale = None if layer_scale is None else layer_scale.detach().reshape(-1).contiguous()
+    history, top, left = shift if shift is not None else (None, 0, 0)
+    return (*pre, post is not None, *(post or (None, None, 0.0)), scale, history, top, left)
 
 
 class AttentionBranch:
@@ -87,7 +85,7 @@ class AttentionBranch:
         if n_qkv % (3 * heads):
             raise ValueError(f"to_qkv: out_features {n_qkv} is not 3 x heads = {3 * heads} x head_dim")
         head_dim = n_qkv // (3 * heads)
-        self.ends = _Ends(dim, norm, norm_out, layer_scale, shift).args
+        self.ends = _ends(dim, norm, norm_out, layer_scale, shift)
         self.qkv = (qkv_w, qkv_b, heads)
         self.rotary = (None, None) if rotary is None else tuple(t.contiguous() for t in rotary)
         self.cache = cache
@@ -119,7 +117,7 @@ class MlpBranch:
         w1_w, w1_b, n1 = _linear(w1, "w1")
         w2_w, w2_b, _ = _linear(w2, "w2")
         hidden = n1 // 2 if geglu else n1
-        self.ends = _Ends(dim, norm, norm_out, layer_scale, shift).args
+        self.ends = _ends(dim, norm, norm_out, layer_scale, shift)
         self.geometry = (text_len, image_size)
         self.net = (w1_w, w1_b, hidden, bool(geglu), w2_w, w2_b)
 

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["LinearPack", "pack_module"]
+__all__ = ["LinearPack", "pack_module", "step_parts"]
 
 PANEL = 16  # columns per panel (csrc/cpu/linear.h)
 
@@ -75,5 +75,14 @@ def pack_module(module: nn.Module):
         return LinearPack.of(module)
     if not isinstance(module, nn.Sequential):
         raise ValueError(f"module must be an nn.Linear or nn.Sequential, got {type(module).__name__}")
-    return _PackedModule([LinearPack.of(m) if isinstance(m, nn.Linear) else m for m in module
-                          if not (isinstance(m, nn.Dropout) and not m.training)])
+    return _PackedModule([LinearPack.of(m) if isinstance(m, nn.Linear) else m for m in step_parts(module)])
+
+
+def step_parts(module) -> list:
+    """What a decode step runs of ``module``, in order: the parts of a :func:`pack_module` result, the
+    modules of an ``nn.Sequential`` without its eval-mode dropout (the identity), or ``[module]``."""
+    if isinstance(module, _PackedModule):
+        return list(module.parts)
+    if isinstance(module, nn.Sequential):
+        return [m for m in module if not (isinstance(m, nn.Dropout) and not m.training)]
+    return [module]
