@@ -9,6 +9,9 @@
 #   test_decode_attention  the CUDA decode kernel against the CPU one and float64 (pytest)
 #   bench_decode     bench/decode.py --quick: through the op and kernel-only, % of HBM at B=64
 #   bench_generate   bench/generate.py: small preset, 1 x 16, with and without the CUDA graph
+#   test_generation  the generation loop captured in a CUDA graph gives the uncaptured step's codes
+#                    (native DALLE; the DALLE-pytorch adapter where `dalle_pytorch` imports: carry
+#                    its pure-Python packages and put them on PYTHONPATH), the generation GPU tests
 #   test_sample, bench_sampling   the CUDA sampling kernel, its benchmark
 # Part 2, the deciding run of the Triton attention kernels (old: the portable path; new: hopper):
 #   decide_kernels   bench/attention.py: kernel-only (CUDA graph) and through-the-op time of both
@@ -150,6 +153,10 @@ bench_if_present decode
 # the whole generation loop: small preset, 1 x 16, with and without its CUDA graph
 step bench_generate 150 "$PY" bench/generate.py --device cuda --preset small -n 16 --modes sparse --no-graph \
     --repeat 2 --out "$OUT/generate"
+# the same loop's codes with and without its graph, and the other GPU tests of generation (these
+# files' CPU tests run in CI)
+step test_generation 150 "$PY" -m pytest tests/test_graph_step.py tests/test_dalle_generate.py -q \
+    -m "gpu and not slow" ${DESELECT_K:+-k "$DESELECT_K"} -p no:cacheprovider
 [[ " $GPU_TESTS " == *" tests/test_sample.py "* ]] && gpu_test tests/test_sample.py
 bench_if_present sampling
 

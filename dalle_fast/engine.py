@@ -9,8 +9,9 @@ The step API (:class:`StepModel`, in the manner of gpt-fast) is what a model off
   last text position.
 - ``decode_step(tokens, pos, index)``: feed one image token per row at sequence position ``pos``
   (a 0-dim int64 device tensor, so the step can be captured in a CUDA graph; ``index`` is the same
-  position on the host, for paths that cannot be captured) and return the image logits ``(rows, V)``
-  of the next position.
+  position on the host, for paths that cannot be captured, and None in a captured or compiled step,
+  which must index with ``pos`` on the device) and return the image logits ``(rows, V)`` of the next
+  position.
 - ``clear_caches()``: drop the caches.
 
 :class:`dalle_fast.models.dalle.DALLE` implements it itself; the DALLE-pytorch adapter wraps its model
@@ -38,7 +39,7 @@ from .ops import decode_attention, resolve_backend, sparse_attention
 from .ops import sample as _sample
 
 __all__ = ["CompileFallbackWarning", "Engine", "KVCache", "SampleOptions", "StepModel", "compile_after",
-           "draw", "reference_step_ops", "resolve_compile"]
+           "draw", "reference_step_ops", "resolve_compile", "resolve_cuda_graph"]
 
 
 class CompileFallbackWarning(UserWarning):
@@ -153,6 +154,26 @@ def resolve_compile(compile: Optional[bool], device: torch.device, *, default: b
     return False
 
 
+def resolve_cuda_graph(cuda_graph: Optional[bool], device: torch.device, *, sparse: bool = True) -> bool:
+    """``cuda_graph`` as the generate functions take it -> whether :meth:`Engine.decode` captures the
+    step. ``None`` (default): on CUDA with the sparse KV-cache path (``sparse``), unless a decode op
+    would run on the ``reference`` backend (``$DALLE_FAST_BACKEND``), whose ``sample`` reads ``step``
+    on the host and cannot be captured; ``True`` where that holds, else a ValueError saying why."""
+    if cuda_graph is not None and not isinstance(cuda_graph, bool):
+        raise ValueError(f"cuda_graph must be True, False or None, got {cuda_graph!r}")
+    uncapturable = reference_step_ops(device) if device.type == "cuda" else []
+    if cuda_graph is None:
+        return device.type == "cuda" and sparse and not uncapturable
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph: the decode step is captured on CUDA only, the model is on {device}")
+    if cuda_graph and not sparse:
+        raise ValueError("cuda_graph needs attention='sparse' (the dense and uncached baselines are not captured)")
+    if cuda_graph and uncapturable:
+        raise ValueError(f"cuda_graph: {' and '.join(uncapturable)} would run on the 'reference' backend "
+                         "($DALLE_FAST_BACKEND), which syncs with the host and cannot be captured")
+    return cuda_graph
+
+
 #: seconds of eager decoding after which ``compile="auto"`` compiles (``$DALLE_FAST_COMPILE_AFTER``)
 COMPILE_AFTER_DEFAULT = 30.0
 
@@ -232,9 +253,9 @@ class Engine:
         self.host_pos += 1
 
     def step_body(self) -> None:
-        """What :class:`_CompiledStep` compiles: :meth:`_feed` without the host position (the model's
-        ``decode_step`` gets ``index=None`` and must not need it), so one compiled graph serves every
-        position; the logits are not kept."""
+        """What :class:`_CompiledStep` compiles and :class:`_GraphedStep` captures: :meth:`_feed` without
+        the host position (the model's ``decode_step`` gets ``index=None`` and must not need it), so one
+        graph serves every position; the logits are not kept."""
         self._feed(None)
 
     def decode(self, image_tokens: int, primed: Optional[torch.Tensor] = None, *, cuda_graph: bool = False,
@@ -302,26 +323,41 @@ class Engine:
         self.model.clear_caches()
 
 
+def _warm_up(body: Callable[[], None]) -> None:
+    """Run ``body`` once on a side stream, as CUDA graph capture wants (allocations, lazy inits)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        body()
+    torch.cuda.current_stream().wait_stream(stream)
+
+
+def _capture(body: Callable[[], None]) -> Callable[[], None]:
+    """``body`` captured in a CUDA graph (its Python runs once, here; its kernels are recorded, not
+    executed) -> the graph's replay."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph.replay
+
+
 class _GraphedStep:
-    """Capture ``engine.run_step`` once in a CUDA graph (after one eager warm-up step) and replay it."""
+    """Capture ``engine.step_body`` once in a CUDA graph (after one eager warm-up step of the same body)
+    and replay it. The body is the device-position step (the model's ``decode_step`` gets
+    ``index=None``): a captured host position would be replayed unchanged at every later position."""
 
     def __init__(self, engine: Engine) -> None:
-        self.engine, self.graph, self.eager_done = engine, None, False
+        self.engine, self.replay, self.warm = engine, None, False
 
     def __call__(self) -> None:
-        if self.graph is None and not self.eager_done:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self.engine.run_step()  # warm-up: a real step (allocations, lazy inits)
-            torch.cuda.current_stream().wait_stream(stream)
-            self.eager_done = True
-            return
-        if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.engine.run_step()  # recorded, not executed
-        self.graph.replay()
+        if not self.warm:
+            _warm_up(self.engine.step_body)  # a real step
+            self.warm = True
+        else:
+            if self.replay is None:
+                self.replay = _capture(self.engine.step_body)
+            self.replay()
+        self.engine.host_pos += 1
 
 
 _COMPILED_BODY = None  # Engine.step_body under torch.compile, made once per process

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .engine import Engine, SampleOptions, draw, reference_step_ops, resolve_compile
+from .engine import Engine, SampleOptions, draw, resolve_compile, resolve_cuda_graph
 from .masks import _positive_int
 from .models.dalle import DALLE
 from .ops.sampling import check_error_flags, sample
@@ -74,13 +74,6 @@ def _draw(logits: torch.Tensor, rows: int, seeds: torch.Tensor, step, opts: Samp
           errors: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`dalle_fast.engine.draw` with this module's ``sample``."""
     return draw(logits, rows, seeds, step, opts, errors, sample)
-
-
-def _uncapturable_ops(device: torch.device) -> list[str]:
-    """The decode-step ops that would run on the ``reference`` backend on ``device`` (forced by
-    ``$DALLE_FAST_BACKEND``): its ``sample`` reads ``step`` on the host, so a CUDA graph cannot
-    capture the step; the default then decodes without one."""
-    return reference_step_ops(device) if device.type == "cuda" else []
 
 
 @torch.no_grad()
@@ -139,14 +132,7 @@ def generate_codes(model: DALLE, text: torch.Tensor, num_images: int = 1, *, cfg
     opts = SampleOptions(float(cfg_scale), temperature, top_k, top_p)
     guided = opts.cfg_scale != 1.0
     S2 = cfg.image_tokens
-    uncapturable = _uncapturable_ops(dev)
-    use_graph = (dev.type == "cuda" and attention == "sparse" and not uncapturable) if cuda_graph is None \
-        else bool(cuda_graph)
-    if use_graph and (dev.type != "cuda" or attention != "sparse"):
-        raise ValueError("cuda_graph needs a CUDA model and attention='sparse'")
-    if use_graph and uncapturable:
-        raise ValueError(f"cuda_graph: {' and '.join(uncapturable)} would run on the 'reference' backend "
-                         "($DALLE_FAST_BACKEND), which syncs with the host and cannot be captured")
+    use_graph = resolve_cuda_graph(cuda_graph, dev, sparse=attention == "sparse")
     use_compile = resolve_compile(compile, dev, default=attention == "sparse")
     if compile and attention != "sparse":
         raise ValueError(f"compile needs attention='sparse', got {attention!r}")

@@ -284,16 +284,26 @@ def test_cuda_graph_off_when_the_reference_backend_is_forced(monkeypatch):
     which a CUDA graph cannot capture: the default then decodes without a graph and an explicit
     cuda_graph=True is refused by name (rather than failing inside CUDA's capture). Decided per device, so
     it is checked here on a CUDA device object without a GPU."""
-    import dalle_fast.generate as gen
+    from dalle_fast.engine import resolve_cuda_graph
 
-    cuda = torch.device("cuda")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.delenv("DALLE_FAST_BACKEND", raising=False)
-    assert gen._uncapturable_ops(cuda) == [] and gen._uncapturable_ops(torch.device("cpu")) == []
+    assert resolve_cuda_graph(None, cuda) and resolve_cuda_graph(True, cuda)
+    assert not resolve_cuda_graph(None, cpu) and not resolve_cuda_graph(None, cuda, sparse=False)
     monkeypatch.setenv("DALLE_FAST_BACKEND", "reference")
-    assert gen._uncapturable_ops(cuda) == ["decode_attention", "sample"]
-    assert gen._uncapturable_ops(torch.device("cpu")) == []
+    assert not resolve_cuda_graph(None, cuda)
+    with pytest.raises(ValueError, match="cuda_graph: decode_attention and sample would run on the 'reference'"):
+        resolve_cuda_graph(True, cuda)
+    assert not resolve_cuda_graph(None, cpu) and not resolve_cuda_graph(False, cuda)
     monkeypatch.setenv("DALLE_FAST_BACKEND", "triton")  # serves neither op: they keep their CUDA kernels
-    assert gen._uncapturable_ops(cuda) == []
+    assert resolve_cuda_graph(None, cuda)
+    for bad in ("yes", 1):
+        with pytest.raises(ValueError, match="cuda_graph must be True, False or None"):
+            resolve_cuda_graph(bad, cuda)
+    with pytest.raises(ValueError, match="cuda_graph: the decode step is captured on CUDA only"):
+        resolve_cuda_graph(True, cpu)
+    with pytest.raises(ValueError, match="cuda_graph needs attention='sparse'"):
+        resolve_cuda_graph(True, cuda, sparse=False)
 
 
 @pytest.mark.gpu

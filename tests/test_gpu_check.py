@@ -68,8 +68,8 @@ raise SystemExit(f"argcheck: {script} parsed no arguments")
 NEEDS = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None
                            or sys.version_info < (3, 11), reason="needs bash, timeout and python -P (3.11)")
 
-DECODE = ["env", "build", "import", "test_decode_attention", "bench_decode", "bench_generate", "test_sample",
-          "bench_sampling"]
+DECODE = ["env", "build", "import", "test_decode_attention", "bench_decode", "bench_generate", "test_generation",
+          "test_sample", "bench_sampling"]
 DECIDING = ["decide_kernels", "decide_baselines", "decide_l2", "decide_ncu", "decide_summary"]
 STEPS = DECODE + DECIDING + ["bench_attention", "bench_host_overhead", "test_triton_attention", "kernel_resources"]
 
@@ -110,7 +110,7 @@ def test_gpu_check_steps_pass_their_scripts_argument_checks(tmp_path):
     assert table == {s: skipped.get(s, "PASS") for s in STEPS}, out[-4000:]
     for log, script in LOGS.items():  # each bench step reached its script's parser
         assert f"argcheck ok: bench/{script}" in (tmp_path / "out" / f"{log}.log").read_text(), log
-    for test in ("triton_attention", "decode_attention", "sample"):  # and each test step selects tests
+    for test in ("triton_attention", "decode_attention", "generation", "sample"):  # and each test step selects tests
         log = (tmp_path / "out" / f"test_{test}.log").read_text()
         assert re.search(r"\b[1-9]\d* tests? collected", log), log[-2000:]
     # the CUDA build and the decode path first, then the deciding run in priority order, then the rest

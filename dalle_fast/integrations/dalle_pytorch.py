@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine import Engine, KVCache, SampleOptions, resolve_compile
+from ..engine import Engine, KVCache, SampleOptions, resolve_compile, resolve_cuda_graph
 from ..masks import Layout
 from ..nn.functional import vocab_slice_cross_entropy
 from ..ops import LinearPack, check_error_flags, pack_module, sample, sparse_attention
@@ -673,7 +673,8 @@ def _text_ids(model, text: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def generate(model, text: torch.Tensor, *, filter_thres: float = 0.5, temperature: float = 1.0,
              cond_scale: float = 1.0, img: Optional[torch.Tensor] = None, num_init_img_tokens: Optional[int] = None,
-             seed: Optional[int] = None, compile: Optional[bool] = None) -> torch.Tensor:
+             seed: Optional[int] = None, compile: Optional[bool] = None,
+             cuda_graph: Optional[bool] = None) -> torch.Tensor:
     """Sample image tokens of a ``dalle_pytorch.DALLE`` (patched or not) with dalle_fast's KV cache.
 
     Args:
@@ -697,6 +698,9 @@ def generate(model, text: torch.Tensor, *, filter_thres: float = 0.5, temperatur
             with a ``CompileFallbackWarning`` if it cannot be compiled): one generation never waits for
             a compile, repeated ones get the compiled step (bench/RESULTS.md). ``True``: compile at
             once; a step that cannot be compiled raises RuntimeError. ``False``: always eager.
+        cuda_graph: capture the decode step (every layer, guidance and sampling) once in a CUDA graph
+            and replay it for every image token (default: on CUDA, unless ``$DALLE_FAST_BACKEND=reference``
+            puts the decode ops on the host-syncing reference backend); the same codes as without.
 
     Returns:
         int64 ``(B, image_seq_len)`` image tokens on the model's device; ``model.vae.decode(codes)`` gives
@@ -710,6 +714,7 @@ def generate(model, text: torch.Tensor, *, filter_thres: float = 0.5, temperatur
                          "cached decode, whose kernels take float32, bfloat16 and float16; convert the model "
                          "(model.float()) or use its own generate_images")
     use_compile = resolve_compile(compile, device, default=True)
+    use_graph = resolve_cuda_graph(cuda_graph, device)
     L, S2 = model.text_seq_len, model.image_seq_len
     if not isinstance(text, torch.Tensor) or text.dim() != 2 or text.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"text must be an int64 (batch, text_seq_len) tensor, got "
@@ -761,7 +766,8 @@ def generate(model, text: torch.Tensor, *, filter_thres: float = 0.5, temperatur
         engine = Engine(_StepModel(model, spec), ids, 1, text_len=spec.text_len, seeds=seeds, opts=opts,
                         guided=guided, sample=sample)
         try:  # primed tokens are copied, not drawn
-            codes = engine.decode(S2, primed, skip_primed_draws=True, compile=use_compile, owner=model)
+            codes = engine.decode(S2, primed, skip_primed_draws=True, compile=use_compile, cuda_graph=use_graph,
+                                  owner=model)
         finally:
             engine.close()
     finally:
