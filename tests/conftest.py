@@ -69,3 +69,21 @@ def every_cpu_isa(request):
     """Runs a module's tests once per instruction set of the CPU kernels (pytestmark usefixtures)."""
     with dalle_fast.use_cpu_isa(request.param):
         yield request.param
+
+
+KINDS7 = ("full", "row", "col", "conv", "axial_row", "axial_col", "conv_like")
+#: a tiny DALLEConfig: 4-token captions, 4x4 image codes, 7 layers (one of each kind)
+MICRO = dict(text_vocab=40, image_vocab=24, text_len=5, image_size=4, dim=32, depth=7, heads=2, dim_head=16,
+             kinds=KINDS7, conv_kernel_size=3, conv_like_kernel_size=2)
+
+
+def micro_dalle(seed: int = 0, **config):
+    """A seeded ``DALLE`` of ``MICRO`` (updated by ``config``) in eval mode, with larger random weights
+    than the init (N(0, 0.3)), so that every layer visibly shapes the logits."""
+    from dalle_fast.models.dalle import DALLE, DALLEConfig
+    torch.manual_seed(seed)
+    m = DALLE(DALLEConfig(**{**MICRO, **config})).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    return m

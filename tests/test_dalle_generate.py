@@ -3,6 +3,8 @@ independence, priming, reranking, errors, and a tiny model that learns its capti
 import pytest
 import torch
 
+from conftest import KINDS7, MICRO, micro_dalle
+
 from dalle_fast.data.shapes import ShapesDataset
 from dalle_fast.generate import generate_codes, generate_images, load_pipeline, teacher_forced_logits
 from dalle_fast.models.clip import CLIP, CLIPConfig
@@ -12,36 +14,18 @@ from dalle_fast.tokenizer import Tokenizer
 from dalle_fast.train import TrainConfig, Trainer, dalle_loss
 
 torch.set_num_threads(1)
-KINDS7 = ("full", "row", "col", "conv", "axial_row", "axial_col", "conv_like")
-
-
-def micro(**kw):
-    base = dict(text_vocab=40, image_vocab=24, text_len=5, image_size=4, dim=32, depth=7, heads=2, dim_head=16,
-                kinds=KINDS7, conv_kernel_size=3, conv_like_kernel_size=2)
-    return DALLEConfig(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = DALLE(micro()).eval()
-    # larger random weights than the init, so that every layer visibly shapes the logits
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.3)
-    return m
+    return micro_dalle()
 
 
 @pytest.mark.parametrize("guided", [False, True])
 @pytest.mark.parametrize("attention", ["sparse", "dense"])
 @pytest.mark.parametrize("kind", KINDS7 + ("all",))
 def test_teacher_forced_cached_logits_equal_full_forward(kind, attention, guided):
-    torch.manual_seed(1)
-    cfg = micro(depth=7 if kind == "all" else 2, kinds=KINDS7 if kind == "all" else (kind, kind))
-    m = DALLE(cfg).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.3)
+    m = micro_dalle(1, **({} if kind == "all" else dict(depth=2, kinds=(kind, kind))))
     text, codes = torch.randint(0, 35, (3, 4)), torch.randint(0, 24, (3, 4, 4))
     ours = teacher_forced_logits(m, text, codes, guided=guided, attention=attention)
     with torch.no_grad():
@@ -172,7 +156,7 @@ class _Fixed(torch.utils.data.Dataset):
 
 def test_tiny_model_overfits_captions_and_generates_them():
     torch.manual_seed(0)
-    cfg = micro(depth=2, kinds=None, dim=64, heads=4, dim_head=16, caption_dropout=0.0)
+    cfg = DALLEConfig(**{**MICRO, **dict(depth=2, kinds=None, dim=64, heads=4, dim_head=16, caption_dropout=0.0)})
     text = torch.randint(0, 35, (4, 4))
     codes = torch.randint(0, 24, (4, 4, 4))
     tc = TrainConfig(steps=250, batch_size=8, lr=3e-3, warmup_steps=20, progress=False, seed=0, log_every=50,

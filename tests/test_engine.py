@@ -7,10 +7,9 @@ import torch
 import dalle_fast.engine as engine_mod
 from dalle_fast.engine import Engine, KVCache, SampleOptions
 from dalle_fast.generate import generate_codes
-from dalle_fast.models.dalle import DALLE, DALLEConfig
+from conftest import micro_dalle
 
 torch.set_num_threads(1)
-KINDS7 = ("full", "row", "col", "conv", "axial_row", "axial_col", "conv_like")
 
 
 def _dalle_pytorch():
@@ -24,14 +23,7 @@ def _dalle_pytorch():
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    cfg = DALLEConfig(text_vocab=40, image_vocab=24, text_len=5, image_size=4, dim=32, depth=7, heads=2, dim_head=16,
-                      kinds=KINDS7, conv_kernel_size=3, conv_like_kernel_size=2)
-    m = DALLE(cfg).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.3)
-    return m
+    return micro_dalle()
 
 
 @pytest.mark.parametrize("dense", [False, True])
